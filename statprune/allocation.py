@@ -1,0 +1,168 @@
+"""Global allocation: how many heads and neurons each layer keeps under one budget.
+
+Every layer's factorizations price each possible count (``errors[c]``: reconstruction error when
+keeping ``c`` units). Cutting along each block's lower convex hull of (cost, error) in order of
+increasing error per unit of cost saved minimizes the total weighted error for the cost removed
+(the Lagrangian solution); the last cut is refined to the largest count that still meets the
+budget. ``uniform`` keeps the same fraction of heads and neurons in every layer instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from statprune.errors import BudgetError
+from statprune.flops import LayerShape, dense_counts, total_cost
+
+
+@dataclass(frozen=True)
+class BlockCurve:
+    """Error of keeping each allowed count of one block (a layer's heads or its neurons)."""
+
+    layer: int
+    kind: str  # "heads" or "neurons"
+    counts: list[int]  # allowed counts, ascending, from 0 to the current width
+    errors: list[float]  # weighted error for each count (non-increasing)
+    costs: list[int]  # cost of the block at each count
+
+
+def allowed_neuron_counts(width: int, multiple: int = 1) -> list[int]:
+    """0, every multiple of ``multiple`` below ``width``, and ``width`` itself."""
+    return sorted({0, width, *range(multiple, width, multiple)})
+
+
+def _lower_hull(points: list[tuple[int, float, int]]) -> list[tuple[int, float, int]]:
+    """Lower convex hull of (cost, error, count) points sorted by cost ascending."""
+    hull: list[tuple[int, float, int]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (c1, e1, _), (c2, e2, _) = hull[-2], hull[-1]
+            # drop hull[-1] if it lies on or above the segment hull[-2] -> p
+            if (e2 - e1) * (p[0] - c1) >= (p[1] - e1) * (c2 - c1):
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate(
+    shapes: list[LayerShape],
+    curves: list[BlockCurve],
+    kind: str,
+    keep: float,
+    seq_len: int,
+    method: str = "greedy",
+) -> list[tuple[int, int]]:
+    """Per-layer ``(heads, neurons)`` kept so that the cost is at most ``keep`` × dense cost.
+
+    ``curves`` holds the prunable blocks (a block without a curve keeps its width).
+    """
+    if not 0.0 < keep <= 1.0:
+        raise BudgetError(f"budget {keep} is outside (0, 1]: give the fraction to keep, e.g. 0.6")
+    dense = dense_counts(shapes)
+    dense_cost = total_cost(shapes, dense, kind, seq_len)
+    target = keep * dense_cost
+    counts = [list(c) for c in dense]
+    slot = {"heads": 0, "neurons": 1}
+    floor = [list(c) for c in dense]
+    for curve in curves:
+        floor[curve.layer][slot[curve.kind]] = 0
+    floor_cost = total_cost(shapes, [tuple(c) for c in floor], kind, seq_len)
+    if floor_cost > target:
+        raise BudgetError(
+            f"cannot keep only {keep:.0%} of {kind}: removing every prunable unit still keeps "
+            f"{floor_cost / dense_cost:.1%}; raise the budget or allow more with --prune heads,neurons"
+        )
+    if keep >= 1.0:
+        return [tuple(c) for c in dense]
+
+    state = _Counts(curves, counts, slot, total_cost(shapes, dense, kind, seq_len))
+    if method == "uniform":
+        _allocate_uniform(curves, state, target)
+    elif method == "greedy":
+        _allocate_greedy(curves, state, target)
+    else:
+        raise ValueError(f"unknown allocation method {method!r}")
+    result = [tuple(c) for c in counts]
+    if all(h == 0 and n == 0 for h, n in result):
+        raise BudgetError(
+            f"budget {keep} would remove every head and neuron of the model; raise the budget"
+        )
+    return result
+
+
+class _Counts:
+    """Current per-layer counts and their total cost, updated incrementally."""
+
+    def __init__(self, curves: list[BlockCurve], counts: list[list[int]], slot: dict, cost: float):
+        self.counts, self.slot, self.cost = counts, slot, cost
+        self.block_cost = [dict(zip(c.counts, c.costs, strict=True)) for c in curves]
+
+    def set(self, ci: int, curve: BlockCurve, count: int) -> None:
+        idx = self.slot[curve.kind]
+        old = self.counts[curve.layer][idx]
+        self.cost += self.block_cost[ci][count] - self.block_cost[ci][old]
+        self.counts[curve.layer][idx] = count
+
+
+def _allocate_greedy(curves: list[BlockCurve], state: _Counts, target: float) -> None:
+    segments = []  # (slope, curve index, step, from_count, to_count)
+    for ci, curve in enumerate(curves):
+        points = sorted(zip(curve.costs, curve.errors, curve.counts, strict=True))
+        hull = _lower_hull(points)
+        # walk from the full width down: each step saves (cost) at the price of (error)
+        for j in range(len(hull) - 1, 0, -1):
+            (c_lo, e_lo, n_lo), (c_hi, e_hi, n_hi) = hull[j - 1], hull[j]
+            slope = (e_lo - e_hi) / max(c_hi - c_lo, 1e-30)
+            segments.append((slope, ci, len(hull) - j, n_hi, n_lo))
+    segments.sort(key=lambda s: (s[0], s[1], s[2]))
+    for _, ci, _, n_hi, n_lo in segments:
+        if state.cost <= target:
+            return
+        curve = curves[ci]
+        state.set(ci, curve, n_lo)
+        if state.cost <= target:
+            # refine: the largest allowed count in (n_lo, n_hi) that still meets the budget
+            for n in sorted((c for c in curve.counts if n_lo < c < n_hi), reverse=True):
+                state.set(ci, curve, n)
+                if state.cost <= target:
+                    return
+            state.set(ci, curve, n_lo)
+            return
+
+
+def _allocate_uniform(curves: list[BlockCurve], state: _Counts, target: float) -> None:
+    def apply(fraction: float) -> None:
+        for ci, curve in enumerate(curves):
+            allowed = [c for c in curve.counts if c <= fraction * curve.counts[-1] + 1e-9]
+            state.set(ci, curve, max(allowed) if allowed else 0)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        apply(mid)
+        if state.cost <= target:
+            lo = mid
+        else:
+            hi = mid
+    apply(lo)
+
+
+def curve_from_errors(
+    layer: int, kind: str, shape: LayerShape, errors: torch.Tensor, weight: float, cost_kind: str,
+    seq_len: int, multiple: int = 1,
+) -> BlockCurve:
+    """Build a block curve from an error curve indexed by count (heads per group or neurons)."""
+    if kind == "heads":
+        per_group = list(range(len(errors)))
+        counts = [r * shape.groups for r in per_group]
+        costs = [shape.cost(h, 0, cost_kind, seq_len) - shape.cost(0, 0, cost_kind, seq_len) for h in counts]
+        errs = [weight * float(errors[r]) for r in per_group]
+    else:
+        counts = allowed_neuron_counts(len(errors) - 1, multiple)
+        costs = [shape.cost(0, n, cost_kind, seq_len) - shape.cost(0, 0, cost_kind, seq_len) for n in counts]
+        errs = [weight * float(errors[n]) for n in counts]
+    return BlockCurve(layer=layer, kind=kind, counts=counts, errors=errs, costs=costs)

@@ -1,0 +1,154 @@
+"""Command-line interface: a thin layer over the Python API.
+
+User errors print one ``error: …`` line and exit 1; Ctrl-C exits 130 leaving no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from statprune.errors import ModelError, StatpruneError
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.6") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="statprune", description="Shrink trained transformers without retraining (STAT)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="remove heads and FFN neurons, correct the next layers")
+    c.add_argument("model", type=Path, help="Hugging Face model folder")
+    c.add_argument("--data", type=Path, required=True, help="calibration data: .txt, .jsonl, .csv or folder")
+    c.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    budget = c.add_argument_group("budget (give exactly one)")
+    budget.add_argument("--keep-flops", type=_fraction, help="fraction of attention+FFN FLOPs to keep")
+    budget.add_argument("--keep-params", type=_fraction, help="fraction of attention+FFN params to keep")
+    c.add_argument("--prune", default="heads,neurons", help="what may be removed: heads,neurons")
+    c.add_argument("--seq-len", type=_positive_int, default=128, help="max tokens per example (and FLOPs s)")
+    c.add_argument("--samples", type=_positive_int, default=512, help="calibration examples to draw")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=_positive_int, default=16)
+    c.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
+    c.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
+    c.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--activations", default="sequential", choices=["sequential", "original"],
+                   help="calibrate each layer on the pruned (sequential) or original upstream outputs")
+    c.add_argument("--allocation", default="greedy", choices=["greedy", "uniform"])
+    c.add_argument("--layer-weighting", default="residual", choices=["residual", "none"])
+    c.add_argument("--no-bias-compensation", action="store_true",
+                   help="do not let the next bias absorb the mean of removed units")
+    c.add_argument("--round-to", type=_positive_int, default=1, help="kept FFN widths are multiples of N")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("info", help="print the report of a compressed model")
+    i.add_argument("model", type=Path)
+    return parser
+
+
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    import statprune
+    from statprune.adapters import adapter_for
+    from statprune.calibration import read_examples
+    from statprune.compress import CompressionOptions, resolve_device
+    from statprune.persist import check_model_dir, check_output_dir
+
+    options = CompressionOptions(
+        keep_flops=args.keep_flops,
+        keep_params=args.keep_params,
+        prune=tuple(p.strip() for p in args.prune.split(",") if p.strip()),
+        seq_len=args.seq_len,
+        activations=args.activations,
+        bias_compensation=not args.no_bias_compensation,
+        allocation=args.allocation,
+        layer_weighting=args.layer_weighting,
+        round_to=args.round_to,
+        device=args.device,
+    )
+    options.validate()
+    resolve_device(args.device)
+    check_model_dir(args.model)
+    check_output_dir(args.out, args.overwrite, source=args.model)
+    try:
+        config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelError(f"cannot read {args.model / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    adapter_for(config)
+    texts = read_examples(args.data, text_field=args.text_field, pair_field=args.pair_field)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {args.model}: {str(exc).splitlines()[0]}") from None
+    model = statprune.load(args.model, dtype=getattr(torch, args.dtype))
+    fields = {f: getattr(options, f) for f in options.__dataclass_fields__}
+    model, report = statprune.compress(
+        model, tokenizer, texts, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+        inplace=True, progress=not args.quiet, **fields,
+    )
+    report.source_model = str(args.model.resolve())
+    out = statprune.save(model, args.out, tokenizer=tokenizer, report=report,
+                         overwrite=args.overwrite, source=args.model)
+    print(report.summary())
+    print(f"\nsaved to {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from statprune.persist import load_report
+
+    print(load_report(args.model).summary())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network at run time
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    commands = {"compress": _compress, "info": _info}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return commands[args.command](args)
+            finally:
+                for w in caught:
+                    if w.category.__module__.startswith("statprune"):
+                        print(f"warning: {w.message}", file=sys.stderr)
+    except StatpruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

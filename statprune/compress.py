@@ -1,0 +1,460 @@
+"""The STAT driver: walk the layers in order, stream statistics, allocate, prune and correct.
+
+1. Capture the inputs of the first layer for every calibration batch.
+2. Analysis pass: run each layer over the batches with hooks that stream the Gram matrices of
+   the head outputs (input of the attention output projection) and of the FFN neurons (input of
+   the down projection); factorize them into error curves; feed the outputs to the next layer.
+3. Allocate per-layer head and neuron counts under the global budget.
+4. Pruning pass: run each layer again (on the outputs of the already-pruned layers in
+   ``sequential`` mode, on the original activations in ``original`` mode), select the units,
+   fold the least-squares correction into the next projection, and slice the layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from statprune.adapters import ModelAdapter, adapter_for
+from statprune.allocation import BlockCurve, allocate, curve_from_errors
+from statprune.calibration import CalibrationBatch, count_tokens, sample_examples, tokenize_examples
+from statprune.errors import BudgetError, DataError, DeviceError, ModelError
+from statprune.flops import LayerShape, model_shapes, total_cost
+from statprune.linalg import GramAccumulator, fold_correction, interpolation_matrix
+from statprune.linalg import select_columns, select_heads
+from statprune.linalg.heads import HeadSelection, head_columns
+from statprune.linalg.interpolative import InterpolativeDecomposition
+from statprune.progress import progress_bar
+from statprune.report import CompressionReport, LayerReport
+from statprune.surgery import prune_heads, prune_neurons
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    """How to compress. Exactly one of ``keep_flops`` / ``keep_params`` is the budget."""
+
+    keep_flops: float | None = None
+    keep_params: float | None = None
+    prune: tuple[str, ...] = ("heads", "neurons")
+    seq_len: int = 128
+    activations: str = "sequential"  # "sequential" (pruned upstream) or "original"
+    bias_compensation: bool = True  # intercept: the next bias absorbs the mean of what is removed
+    allocation: str = "greedy"  # "greedy" (global, error per cost) or "uniform"
+    layer_weighting: str = "residual"  # normalize layer errors by residual-stream energy, or "none"
+    round_to: int = 1  # kept FFN widths are multiples of this
+    device: str = "auto"
+    gram_dtype: str = "float32"  # precision of each batch's Gram product (sums are float64)
+
+    def budget(self) -> tuple[str, float]:
+        if (self.keep_flops is None) == (self.keep_params is None):
+            raise BudgetError("give exactly one budget: --keep-flops F or --keep-params F")
+        kind, value = ("flops", self.keep_flops) if self.keep_flops is not None else ("params", self.keep_params)
+        if not 0.0 < float(value) <= 1.0:
+            raise BudgetError(f"budget {value} is outside (0, 1]: give the fraction to keep, e.g. 0.6")
+        return kind, float(value)
+
+    def validate(self) -> None:
+        self.budget()
+        unknown = set(self.prune) - {"heads", "neurons"}
+        if unknown or not self.prune:
+            raise BudgetError(f"--prune takes heads, neurons or both, not {','.join(self.prune)!r}")
+        if self.activations not in ("sequential", "original"):
+            raise ValueError(f"activations must be sequential or original, not {self.activations!r}")
+        if self.seq_len < 1 or self.round_to < 1:
+            raise ValueError("seq_len and round_to must be positive")
+
+
+@dataclass
+class _LayerStats:
+    """Streamed statistics of one layer over the calibration batches."""
+
+    heads: GramAccumulator | None
+    neurons: GramAccumulator | None
+    energy: float = 0.0  # Σ ‖h‖² of the layer input over real tokens
+    tokens: int = 0
+
+
+@dataclass
+class _Calibration:
+    """Layer inputs for every batch: hidden states plus the other call arguments."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+    masks: list[torch.Tensor]
+    examples: int = 0
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _Captured(Exception):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(param).all():
+            raise ModelError(f"model weight {name} contains NaN or Inf; fix or re-export the checkpoint")
+
+
+def _to(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _capture_inputs(
+    model: nn.Module, adapter: ModelAdapter, batches: Sequence[CalibrationBatch], device: torch.device
+) -> _Calibration:
+    first = adapter.layers(model.base_model)[0]
+    store: dict = {}
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store["hidden"], store["args"], store["kwargs"] = hidden, tuple(args[1:]), kwargs
+        raise _Captured
+
+    calib = _Calibration(hidden=[], args=[], kwargs=[], masks=[])
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    model_device = next(model.parameters()).device
+    try:
+        for batch in progress_bar(batches, desc="capture inputs"):
+            inputs = _to(batch.inputs, model_device)
+            if adapter.is_decoder:
+                inputs["use_cache"] = False
+            try:
+                model(**inputs)
+            except _Captured:
+                pass
+            else:
+                raise ModelError("the model never called its first transformer layer")
+            calib.hidden.append(store["hidden"].detach().to(device))
+            calib.args.append(_to(store["args"], device))
+            calib.kwargs.append(_to(store["kwargs"], device))
+            calib.masks.append(batch.token_mask.to(device))
+    finally:
+        handle.remove()
+    calib.tokens = count_tokens(batches)
+    calib.examples = sum(int(b.token_mask.shape[0]) for b in batches)
+    return calib
+
+
+def _run_layer(
+    layer: nn.Module,
+    calib: _Calibration,
+    inputs: list[torch.Tensor],
+    stats: _LayerStats | None,
+    hooks: dict[str, GramAccumulator],
+) -> list[torch.Tensor]:
+    """Run one layer over every batch; stream the hooked activations into the accumulators."""
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for path, acc in hooks.items():
+        def pre_hook(module, args, acc=acc):
+            x = args[0]
+            acc.add_batch(x.reshape(-1, x.shape[-1])[current["mask"]])
+
+        handles.append(layer.get_submodule(path).register_forward_pre_hook(pre_hook))
+    outputs = []
+    try:
+        for hidden, args, kwargs, mask in zip(inputs, calib.args, calib.kwargs, calib.masks, strict=True):
+            current["mask"] = mask.reshape(-1)
+            if stats is not None:
+                real = hidden.reshape(-1, hidden.shape[-1])[current["mask"]].double()
+                stats.energy += float((real * real).sum())
+                stats.tokens += int(real.shape[0])
+            out = _layer_output(layer(hidden, *args, **kwargs))
+            if not torch.isfinite(out).all():
+                raise ModelError("activations became NaN or Inf; try --dtype float32")
+            outputs.append(out)
+    except FloatingPointError as exc:
+        raise ModelError(f"{exc}; try --dtype float32") from None
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+def _collect(
+    adapter: ModelAdapter,
+    layer: nn.Module,
+    calib: _Calibration,
+    inputs: list[torch.Tensor],
+    options: CompressionOptions,
+    device: torch.device,
+) -> tuple[_LayerStats, list[torch.Tensor]]:
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    dtype = getattr(torch, options.gram_dtype)
+    stats = _LayerStats(
+        heads=GramAccumulator(attn.n_heads * attn.head_dim, device, dtype)
+        if "heads" in options.prune and attn.n_heads
+        else None,
+        neurons=GramAccumulator(ffn.width, device, dtype)
+        if "neurons" in options.prune and ffn.width
+        else None,
+    )
+    hooks = {}
+    if stats.heads is not None:
+        hooks[attn.o] = stats.heads
+    if stats.neurons is not None:
+        hooks[ffn.output] = stats.neurons
+    outputs = _run_layer(layer, calib, inputs, stats, hooks)
+    return stats, outputs
+
+
+def _head_selection(adapter, layer, stats: _LayerStats, centered: bool) -> HeadSelection:
+    attn = adapter.attention(layer)
+    gram = stats.heads.finish().second_moment(centered)
+    w_o = layer.get_submodule(attn.o).weight.detach()
+    return select_heads(gram, w_o, attn.n_heads, attn.head_dim, attn.groups)
+
+
+def _neuron_selection(adapter, layer, stats: _LayerStats, centered: bool) -> InterpolativeDecomposition:
+    ffn = adapter.ffn(layer)
+    gram = stats.neurons.finish().second_moment(centered)
+    w = layer.get_submodule(ffn.output).weight.detach().double()
+    return select_columns(gram, scale=torch.linalg.vector_norm(w, dim=0))
+
+
+def _correct(
+    layer: nn.Module, out_path: str, stats, kept: torch.Tensor, dropped: torch.Tensor, centered: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares interpolation of the dropped columns, folded into the next projection."""
+    finished = stats.finish()
+    gram = finished.second_moment(centered)
+    out = layer.get_submodule(out_path)
+    interp = interpolation_matrix(gram, kept, dropped)
+    bias = getattr(out, "bias", None)
+    return fold_correction(
+        out.weight.detach(), None if bias is None else bias.detach(), kept, dropped, interp,
+        mean=finished.mean if centered else None,
+    )
+
+
+def _relative(errors: torch.Tensor, index: int) -> float:
+    total = float(errors[0])
+    return float(errors[index]) / total if total > 0 else 0.0
+
+
+def compress(
+    model: nn.Module,
+    tokenizer=None,
+    data: Sequence[str] | Sequence[tuple[str, str]] | Iterable[CalibrationBatch] | None = None,
+    *,
+    keep_flops: float | None = None,
+    keep_params: float | None = None,
+    samples: int = 512,
+    seed: int = 0,
+    batch_size: int = 16,
+    inplace: bool = False,
+    progress: bool = True,
+    **option_overrides,
+) -> tuple[nn.Module, CompressionReport]:
+    """Compress a transformers model with STAT; returns the pruned model and its report.
+
+    ``data`` is a list of strings (or (text, pair) tuples), tokenized with ``tokenizer``, or an
+    iterable of ``CalibrationBatch`` (see ``statprune.calibration.batches_from_tensors``). Other
+    keyword arguments are ``CompressionOptions`` fields. The input model is copied unless
+    ``inplace``.
+    """
+    options = CompressionOptions(keep_flops=keep_flops, keep_params=keep_params, **option_overrides)
+    options.validate()
+    kind, budget = options.budget()
+    adapter = adapter_for(model.config)
+    device = resolve_device(options.device)
+    check_finite_weights(model)
+    batches = _prepare_batches(tokenizer, data, samples, seed, options.seq_len, batch_size)
+    start = time.perf_counter()
+    if not inplace:
+        model = copy.deepcopy(model)
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    base = model.base_model
+    with torch.no_grad(), progress_bar.enabled(progress):
+        shapes = model_shapes(adapter, base)
+        _check_enough_tokens(shapes, count_tokens(batches))
+        calib = _capture_inputs(model, adapter, batches, device)
+        curves, weights = _analyse(adapter, base, calib, shapes, options, kind)
+        counts = allocate(shapes, curves, kind, budget, options.seq_len, options.allocation)
+        layer_reports, ops = _prune(adapter, base, calib, counts, options)
+    model.config.statprune_ops = list(getattr(model.config, "statprune_ops", None) or []) + ops
+    model.train(was_training)
+    report = _report(adapter, model, shapes, counts, layer_reports, options, calib, kind, budget, start)
+    return model, report
+
+
+def _prepare_batches(tokenizer, data, samples, seed, seq_len, batch_size) -> list[CalibrationBatch]:
+    if data is None:
+        raise DataError("no calibration data given: pass a list of texts or tokenized batches")
+    items = list(data)
+    if not items:
+        raise DataError("calibration data is empty: give a few hundred representative examples")
+    if all(isinstance(x, CalibrationBatch) for x in items):
+        return items
+    if tokenizer is None:
+        raise DataError("texts were given without a tokenizer; pass the model's tokenizer")
+    chosen = sample_examples(items, samples, seed)
+    batches = tokenize_examples(tokenizer, chosen, seq_len=seq_len, batch_size=batch_size)
+    if not batches:
+        raise DataError("no calibration example produced any token")
+    return batches
+
+
+def _check_enough_tokens(shapes: list[LayerShape], tokens: int) -> None:
+    widest = max(max(s.n_heads * s.head_dim, s.ffn_width) for s in shapes)
+    if tokens < widest:
+        raise DataError(
+            f"calibration data has only {tokens} tokens; a meaningful factorization needs at least "
+            f"{widest} (the widest layer) — give more or longer examples"
+        )
+
+
+def _analyse(adapter, base, calib, shapes, options, kind):
+    """Analysis pass on the original model: error curves of every prunable block."""
+    centered = options.bias_compensation
+    curves: list[BlockCurve] = []
+    weights: list[float] = []
+    inputs = calib.hidden
+    layers = adapter.layers(base)
+    for i in progress_bar(range(len(layers)), desc="analyse layers"):
+        layer = layers[i]
+        stats, outputs = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
+        weight = 1.0
+        if options.layer_weighting == "residual":
+            weight = stats.tokens / max(stats.energy, 1e-30)  # 1 / mean ‖h‖²
+        weights.append(weight)
+        if stats.heads is not None:
+            errors = _head_selection(adapter, layer, stats, centered).errors
+            curves.append(curve_from_errors(i, "heads", shapes[i], errors, weight, kind, options.seq_len))
+        if stats.neurons is not None:
+            errors = _neuron_selection(adapter, layer, stats, centered).errors
+            curves.append(
+                curve_from_errors(
+                    i, "neurons", shapes[i], errors, weight, kind, options.seq_len, options.round_to
+                )
+            )
+        inputs = outputs
+    return curves, weights
+
+
+def _prune(adapter, base, calib, counts, options) -> tuple[list[LayerReport], list[dict]]:
+    """Pruning pass: re-collect statistics layer by layer, select, correct and slice."""
+    centered = options.bias_compensation
+    inputs = calib.hidden
+    layers = adapter.layers(base)
+    reports: list[LayerReport] = []
+    ops: list[dict] = []
+    for i in progress_bar(range(len(layers)), desc="prune layers"):
+        layer = layers[i]
+        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+        want_heads, want_neurons = counts[i]
+        stats, reference = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
+        kept_heads, attn_err = list(range(attn.n_heads)), 0.0
+        if stats.heads is not None and want_heads < attn.n_heads:
+            selection = _head_selection(adapter, layer, stats, centered)
+            per_group = want_heads // attn.groups
+            kept_heads, dropped_heads = selection.keep(per_group, attn.n_heads)
+            attn_err = _relative(selection.errors, per_group)
+            w, b = _correct(
+                layer, attn.o, stats.heads, head_columns(kept_heads, attn.head_dim),
+                head_columns(dropped_heads, attn.head_dim), centered,
+            )
+            ops += prune_heads(adapter, base, i, kept_heads, w, b)
+        kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
+        if stats.neurons is not None and want_neurons < ffn.width:
+            ident = _neuron_selection(adapter, layer, stats, centered)
+            kept_neurons, dropped = ident.keep(want_neurons)
+            ffn_err = _relative(ident.errors, want_neurons)
+            w, b = _correct(layer, ffn.output, stats.neurons, kept_neurons, dropped, centered)
+            ops += prune_neurons(adapter, base, i, kept_neurons, w, b)
+        del stats
+        outputs = _run_layer(layers[i], calib, inputs, None, {})
+        out_err = _output_error(outputs, reference, calib.masks)
+        reports.append(
+            LayerReport(
+                layer=i,
+                heads_total=attn.n_heads,
+                heads_kept=[int(h) for h in kept_heads],
+                neurons_total=ffn.width,
+                neurons_kept=[int(n) for n in kept_neurons],
+                attention_error=attn_err,
+                ffn_error=ffn_err,
+                output_error=out_err,
+            )
+        )
+        inputs = outputs if options.activations == "sequential" else reference
+    return reports, ops
+
+
+def _output_error(outputs, reference, masks) -> float:
+    num = den = 0.0
+    for out, ref, mask in zip(outputs, reference, masks, strict=True):
+        m = mask.reshape(-1)
+        o = out.reshape(-1, out.shape[-1])[m].double()
+        r = ref.reshape(-1, ref.shape[-1])[m].double()
+        num += float(((o - r) ** 2).sum())
+        den += float((r * r).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def _report(adapter, model, shapes, counts, layer_reports, options, calib, kind, budget, start):
+    import transformers
+
+    from statprune import __version__
+
+    after = model_shapes(adapter, model.base_model)
+    after_counts = [(s.n_heads, s.ffn_width) for s in after]
+    dense = [(s.n_heads, s.ffn_width) for s in shapes]
+    cost = {
+        k: (total_cost(shapes, dense, k, options.seq_len), total_cost(after, after_counts, k, options.seq_len))
+        for k in ("flops", "params")
+    }
+    return CompressionReport(
+        budget_kind=kind,
+        budget=budget,
+        flops_kept=cost["flops"][1] / cost["flops"][0],
+        params_kept=cost["params"][1] / cost["params"][0],
+        flops_before=cost["flops"][0],
+        flops_after=cost["flops"][1],
+        params_before=cost["params"][0],
+        params_after=cost["params"][1],
+        seq_len=options.seq_len,
+        calibration_examples=calib.examples,
+        calibration_tokens=calib.tokens,
+        options={k: v for k, v in asdict(options).items() if k not in ("keep_flops", "keep_params")},
+        seconds=round(time.perf_counter() - start, 3),
+        layers=layer_reports,
+        versions={
+            "statprune": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        architecture=type(model).__name__,
+    )

@@ -1,0 +1,182 @@
+"""Interpolative decomposition (ID) from a Gram matrix, and the next-layer correction.
+
+For an activation matrix ``Z`` (N x m) and next linear map ``W`` (d x m), the ID keeps k columns
+``S`` and represents the dropped columns ``D`` as ``Z[:, D] ≈ Z[:, S] T``. The pivots of a
+column-pivoted QR of ``Z`` equal those of a greedy pivoted Cholesky of ``G = ZᵀZ`` (with
+``R = Lᵀ``), so only the streamed Gram matrix is needed. ``T = G_SS⁻¹ G_SD`` is the least-squares
+interpolation and is folded into the next layer: ``W_new = W[:, S] + W[:, D] Tᵀ``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.linalg import lapack
+
+
+@dataclass(frozen=True)
+class InterpolativeDecomposition:
+    """Greedy column ordering of a Gram matrix and the error of every truncation.
+
+    ``order[:k]`` are the columns kept when keeping k; ``errors[k]`` is the squared Frobenius
+    residual ``‖Z[:, D] − Z[:, S] T‖²`` (in the scaled units used for pivoting) for that k, so
+    ``errors[0] = trace(G)`` and ``errors[m] = 0``.
+    """
+
+    order: torch.Tensor  # (m,) int64
+    errors: torch.Tensor  # (m + 1,) float64, non-increasing
+    rank: int
+
+    def keep(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept and dropped column indices (each sorted) when keeping ``k`` columns."""
+        kept = torch.sort(self.order[:k]).values
+        dropped = torch.sort(self.order[k:]).values
+        return kept, dropped
+
+
+def pivoted_cholesky(gram: torch.Tensor, rel_tol: float = 1e-13) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy (diagonal) pivoted Cholesky of a symmetric PSD matrix.
+
+    Returns ``(perm, factor)`` with ``gram[perm][:, perm] ≈ factor @ factor.T``; ``factor`` is
+    m x r lower-trapezoidal, r the numerical rank (stops when the largest residual diagonal is
+    below ``rel_tol · max(diag(gram))``). Uses LAPACK ``dpstrf`` on the CPU and a column-by-column
+    torch implementation elsewhere (torch has no pivoted QR or Cholesky on the GPU).
+    """
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(gram.shape)}")
+    m = gram.shape[0]
+    if m == 0:
+        return torch.zeros(0, dtype=torch.long), gram.new_zeros(0, 0)
+    gram = gram.to(torch.float64)
+    if gram.device.type == "cpu":
+        return _pivoted_cholesky_lapack(gram, rel_tol)
+    return _pivoted_cholesky_torch(gram, rel_tol)
+
+
+def _pivoted_cholesky_lapack(gram: torch.Tensor, rel_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    a = np.array(gram.numpy(), dtype=np.float64, order="F", copy=True)
+    max_diag = float(np.max(np.diag(a)))
+    if max_diag <= 0.0:
+        return torch.arange(gram.shape[0]), gram.new_zeros(gram.shape[0], 0)
+    c, piv, rank, info = lapack.dpstrf(a, tol=rel_tol * max_diag, lower=1, overwrite_a=1)
+    if info < 0:
+        raise RuntimeError(f"dpstrf failed with info={info}")
+    factor = np.tril(c[:, :rank])
+    return torch.from_numpy(piv.astype(np.int64) - 1), torch.from_numpy(np.ascontiguousarray(factor))
+
+
+def _pivoted_cholesky_torch(gram: torch.Tensor, rel_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    m = gram.shape[0]
+    residual = torch.diagonal(gram).clone()
+    tol = rel_tol * float(residual.max())
+    chosen = torch.zeros(m, dtype=torch.bool, device=gram.device)
+    columns = torch.zeros(m, m, dtype=torch.float64, device=gram.device)  # rows in original order
+    pivots: list[torch.Tensor] = []
+    for j in range(m):
+        masked = torch.where(chosen, torch.full_like(residual, -1.0), residual)
+        p = torch.argmax(masked)
+        if j % 32 == 0 and float(masked[p]) <= tol:
+            break
+        pivot_value = torch.clamp(masked[p], min=0.0)
+        col = gram[:, p] - columns[:, :j] @ columns[p, :j]
+        col = torch.where(pivot_value > tol, col / torch.sqrt(pivot_value.clamp(min=1e-300)), 0.0)
+        col = torch.where(chosen, torch.zeros_like(col), col)
+        columns[:, j] = col
+        residual = residual - col * col
+        chosen[p] = True
+        pivots.append(p)
+    # drop trailing columns that were below tolerance (they are zero)
+    rank = len(pivots)
+    piv = torch.stack(pivots) if pivots else torch.zeros(0, dtype=torch.long, device=gram.device)
+    norms = columns[:, :rank].abs().sum(dim=0)
+    rank = int((norms > 0).sum()) if rank else 0
+    piv = piv[:rank]
+    rest = torch.ones(m, dtype=torch.bool, device=gram.device)
+    rest[piv] = False
+    remaining = torch.nonzero(rest).flatten()
+    remaining = remaining[torch.argsort(residual[remaining], descending=True)]
+    perm = torch.cat([piv, remaining])
+    return perm.cpu(), columns[perm][:, :rank].contiguous()
+
+
+def select_columns(gram: torch.Tensor, scale: torch.Tensor | None = None) -> InterpolativeDecomposition:
+    """Order the columns of ``Z`` (given ``G = ZᵀZ``) by greedy pivoting.
+
+    ``scale[j]`` (e.g. ``‖W[:, j]‖`` of the next layer) weights column j so that the pivoting sees
+    the error after the next layer; the reported errors are in those scaled units.
+    """
+    g = gram.to(torch.float64)
+    if scale is not None:
+        s = scale.to(device=g.device, dtype=torch.float64)
+        g = g * s[:, None] * s[None, :]
+    perm, factor = pivoted_cholesky(g)
+    m = g.shape[0]
+    rank = factor.shape[1]
+    gains = (factor.cpu() ** 2).sum(dim=0)  # ‖L[:, j]‖² = error removed by adding pivot j
+    total = float(torch.diagonal(g).sum())
+    errors = torch.empty(m + 1, dtype=torch.float64)
+    errors[0] = total
+    errors[1 : rank + 1] = total - torch.cumsum(gains, dim=0)
+    errors[rank + 1 :] = errors[rank] if rank else total
+    errors = torch.clamp(errors, min=0.0)
+    # make non-increasing despite rounding in the cumulative sums
+    errors = torch.flip(torch.cummax(torch.flip(errors, [0]), dim=0).values, [0])
+    errors[m] = 0.0
+    return InterpolativeDecomposition(order=perm.cpu(), errors=errors, rank=rank)
+
+
+def interpolation_matrix(
+    gram: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor, ridge: float = 1e-12
+) -> torch.Tensor:
+    """Least-squares ``T = argmin ‖Z_D − Z_S T‖`` from the Gram matrix: ``T = G_SS⁻¹ G_SD``.
+
+    A tiny ridge (relative to the mean diagonal of ``G_SS``) keeps the solve stable when kept
+    columns are nearly collinear; it changes well-conditioned results only at rounding level.
+    """
+    g = gram.to(torch.float64)
+    kept = kept.to(g.device)
+    dropped = dropped.to(g.device)
+    k = kept.numel()
+    if k == 0 or dropped.numel() == 0:
+        return g.new_zeros(k, dropped.numel())
+    g_ss = g[kept][:, kept]
+    g_sd = g[kept][:, dropped]
+    scale = float(torch.diagonal(g_ss).mean())
+    if scale <= 0.0:
+        return g.new_zeros(k, dropped.numel())
+    eye = torch.eye(k, dtype=g.dtype, device=g.device)
+    for attempt in range(4):
+        chol, info = torch.linalg.cholesky_ex(g_ss + (ridge * 100**attempt) * scale * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(g_sd, chol)
+    return torch.linalg.lstsq(g_ss.cpu(), g_sd.cpu(), driver="gelsd").solution.to(g.device)
+
+
+def fold_correction(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kept: torch.Tensor,
+    dropped: torch.Tensor,
+    interp: torch.Tensor,
+    mean: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold the interpolation into the next layer ``y = W z + b``.
+
+    Returns ``(W[:, S] + W[:, D] Tᵀ, b')`` in float64. With ``mean`` (the intercept variant),
+    ``b' = b + W[:, D] (μ_D − Tᵀ μ_S)`` absorbs the mean of what the kept columns cannot explain;
+    then a bias is created even if the layer had none.
+    """
+    w = weight.to(torch.float64)
+    dev = w.device
+    kept, dropped = kept.to(dev), dropped.to(dev)
+    t = interp.to(dev, torch.float64)
+    w_kept, w_dropped = w[:, kept], w[:, dropped]
+    new_weight = w_kept + w_dropped @ t.T
+    new_bias = None if bias is None else bias.to(dev, torch.float64).clone()
+    if mean is not None:
+        mu = mean.to(dev, torch.float64)
+        shift = w_dropped @ (mu[dropped] - t.T @ mu[kept])
+        new_bias = shift if new_bias is None else new_bias + shift
+    return new_weight, new_bias

@@ -1,0 +1,120 @@
+"""Rebuild a statprune-compressed model on top of the stock transformers classes.
+
+A compressed model differs from its stock architecture only in module shapes: narrower linear
+layers, fewer heads, skipped sub-blocks. ``config.statprune_ops`` lists those changes as plain
+JSON; ``apply_ops`` replays them on a freshly built stock model, after which the saved weights
+load as usual. statprune itself uses this module, and copies it into every output directory so
+that ``AutoModel…from_pretrained(DIR, trust_remote_code=True)`` works where statprune is not
+installed: it must import nothing but torch and transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class EmptyAttention(nn.Module):
+    """Stands in for an attention block whose heads were all removed.
+
+    Returns a constant (its ``bias``, or zeros) of width ``out_features`` for every token, and
+    ``None`` attention weights, like the stock blocks' ``(output, weights)`` tuples. For decoders it
+    still records zero-head keys/values in the cache so that cache lengths stay right.
+    """
+
+    def __init__(self, out_features: int, bias: bool, head_dim: int = 0, layer_idx: int = 0):
+        super().__init__()
+        self.out_features = out_features
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        shape = (*hidden_states.shape[:-1], self.out_features)
+        out = hidden_states.new_zeros(shape)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and hasattr(cache, "update") and self.head_dim:
+            batch, seq = hidden_states.shape[0], hidden_states.shape[1]
+            empty = hidden_states.new_zeros(batch, 0, seq, self.head_dim)
+            cache.update(empty, empty, self.layer_idx)
+        return out, None
+
+
+class ArgumentSelector:
+    """Selects entries of one forward argument of a module, e.g. the per-head position bias
+    that an encoder computes once for all layers (MPNet) when this layer keeps fewer heads."""
+
+    def __init__(self, position: int, name: str, dim: int, index: list[int]):
+        self.position, self.name, self.dim, self.index = position, name, dim, list(index)
+
+    def _select(self, value: torch.Tensor) -> torch.Tensor:
+        return value.index_select(self.dim, torch.tensor(self.index, device=value.device))
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        if kwargs.get(self.name) is not None:
+            kwargs = {**kwargs, self.name: self._select(kwargs[self.name])}
+        elif len(args) > self.position and args[self.position] is not None:
+            args = (*args[: self.position], self._select(args[self.position]), *args[self.position + 1 :])
+        return args, kwargs
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (root.get_submodule(parent_path) if parent_path else root), name
+
+
+def _like(root: nn.Module) -> dict:
+    ref = next(iter(root.parameters()), None)
+    if ref is None:
+        return {}
+    return {"device": ref.device, "dtype": ref.dtype if ref.is_floating_point() else None}
+
+
+def apply_op(root: nn.Module, op: dict) -> nn.Module | None:
+    """Apply one structural change to ``root`` (the base model); returns the new module, if any."""
+    kind, path = op["op"], op["path"]
+    if kind == "linear":
+        parent, name = _parent(root, path)
+        module = nn.Linear(op["in"], op["out"], bias=op["bias"], **_like(root))
+        setattr(parent, name, module)
+        return module
+    if kind == "empty_attention":
+        parent, name = _parent(root, path)
+        module = EmptyAttention(op["out"], op["bias"], op.get("head_dim", 0), op.get("layer_idx", 0))
+        module.to(**_like(root))
+        setattr(parent, name, module)
+        return module
+    if kind == "attrs":
+        target = root.get_submodule(path)
+        for key, value in op["values"].items():
+            setattr(target, key, value)
+        return None
+    if kind == "select_argument":
+        target = root.get_submodule(path)
+        selector = ArgumentSelector(op["position"], op["name"], op["dim"], op["index"])
+        target.register_forward_pre_hook(selector.hook, with_kwargs=True)
+        return None
+    raise ValueError(f"unknown statprune op {kind!r}: this model needs a newer statprune")
+
+
+def apply_ops(root: nn.Module, ops: list[dict]) -> None:
+    """Replay every structural change, in order."""
+    for op in ops:
+        apply_op(root, op)
+
+
+class StatprunedMixin:
+    """Mixed into a stock transformers class: builds it, then applies ``config.statprune_ops``."""
+
+    def __init__(self, config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        apply_ops(self.base_model, list(getattr(config, "statprune_ops", None) or []))
+
+
+def statpruned_class(base: type) -> type:
+    """The subclass of a stock transformers class that rebuilds compressed models."""
+    return type(base.__name__, (StatprunedMixin, base), {"__module__": __name__})

@@ -1,0 +1,86 @@
+"""The compression report: what was kept, what it costs, how well it reconstructs.
+
+Saved as ``statprune.json`` beside the model and printed by ``statprune info``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    heads_total: int
+    heads_kept: list[int]
+    neurons_total: int
+    neurons_kept: list[int]
+    attention_error: float  # relative reconstruction error of the attention block (calibration)
+    ffn_error: float  # relative reconstruction error of the FFN block (calibration)
+    output_error: float  # ‖y_pruned − y‖ / ‖y‖ of the layer output on its calibration inputs
+
+
+@dataclass
+class CompressionReport:
+    """Everything ``statprune.json`` records about one compression run."""
+
+    budget_kind: str  # "flops" or "params"
+    budget: float
+    flops_kept: float
+    params_kept: float
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    seq_len: int
+    calibration_examples: int
+    calibration_tokens: int
+    options: dict[str, Any]
+    seconds: float
+    layers: list[LayerReport] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+    source_model: str | None = None
+    architecture: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        data = dict(data)
+        data["layers"] = [LayerReport(**layer) for layer in data.get("layers", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> CompressionReport:
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def summary(self) -> str:
+        """A human-readable table: sizes before/after and the per-layer counts."""
+        lines = [
+            f"budget        : keep {self.budget:.0%} of {self.budget_kind} (seq len {self.seq_len})",
+            f"FLOPs         : {self.flops_before / 1e9:.3f} G -> {self.flops_after / 1e9:.3f} G "
+            f"({self.flops_kept:.1%} kept)",
+            f"parameters    : {self.params_before / 1e6:.2f} M -> {self.params_after / 1e6:.2f} M "
+            f"({self.params_kept:.1%} kept; attention + FFN)",
+            f"calibration   : {self.calibration_examples} examples, {self.calibration_tokens} tokens",
+            f"options       : "
+            + ", ".join(f"{k}={v}" for k, v in self.options.items() if k != "device"),
+            f"time          : {self.seconds:.1f} s",
+            "",
+            "layer  heads kept  neurons kept   attn err   ffn err   layer out err",
+        ]
+        for lr in self.layers:
+            lines.append(
+                f"{lr.layer:>5}  {len(lr.heads_kept):>4} / {lr.heads_total:<4} "
+                f"{len(lr.neurons_kept):>6} / {lr.neurons_total:<6}"
+                f"{lr.attention_error:>9.4f} {lr.ffn_error:>9.4f} {lr.output_error:>14.4f}"
+            )
+        return "\n".join(lines)

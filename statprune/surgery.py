@@ -1,0 +1,102 @@
+"""Generic model surgery: slice a layer's projections to the kept heads or neurons.
+
+Each change is expressed as a JSON op (see ``modeling_statprune``) applied to the live model and
+recorded, so the saved model can be rebuilt from a stock architecture plus the op list.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from statprune.adapters.base import ModelAdapter
+from statprune.linalg.heads import head_columns
+from statprune.modeling_statprune import apply_op
+
+
+def _linear_op(
+    base: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None
+) -> dict:
+    op = {"op": "linear", "path": path, "in": weight.shape[1], "out": weight.shape[0], "bias": bias is not None}
+    module = apply_op(base, op)
+    with torch.no_grad():
+        module.weight.copy_(weight.to(module.weight.dtype))
+        if bias is not None:
+            module.bias.copy_(bias.to(module.bias.dtype))
+    return op
+
+
+def _slice_rows(base: nn.Module, path: str, rows: torch.Tensor) -> dict:
+    old = base.get_submodule(path)
+    rows = rows.to(old.weight.device)
+    bias = None if old.bias is None else old.bias.detach()[rows]
+    return _linear_op(base, path, old.weight.detach()[rows], bias)
+
+
+def prune_heads(
+    adapter: ModelAdapter,
+    base: nn.Module,
+    layer_index: int,
+    kept: list[int],
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor | None,
+) -> list[dict]:
+    """Keep the query heads ``kept`` of a layer; the output projection becomes ``out_weight``.
+
+    Key/value heads go with their query heads in multi-head attention and stay in grouped-query
+    attention (unless every head goes, which replaces the block by ``EmptyAttention``).
+    """
+    layer = adapter.layers(base)[layer_index]
+    lay = adapter.attention(layer)
+    prefix = adapter.layer_path(layer_index) + "."
+    ops: list[dict] = []
+    if not kept:
+        op = {
+            "op": "empty_attention",
+            "path": prefix + lay.block,
+            "out": adapter.hidden_size if lay.o_inside_block else 0,
+            "bias": lay.o_inside_block and out_bias is not None,
+            "head_dim": lay.head_dim if adapter.is_decoder else 0,
+            "layer_idx": layer_index,
+        }
+        if not lay.o_inside_block:
+            ops.append(_linear_op(base, prefix + lay.o, out_weight, out_bias))
+        module = apply_op(base, op)
+        if op["bias"]:
+            with torch.no_grad():
+                module.bias.copy_(out_bias.to(module.bias.dtype))
+        return [op, *ops]
+    cols = head_columns(kept, lay.head_dim)
+    ops.append(_slice_rows(base, prefix + lay.q, cols))
+    n_kv = lay.n_kv_heads
+    if not lay.grouped:
+        ops.append(_slice_rows(base, prefix + lay.k, cols))
+        ops.append(_slice_rows(base, prefix + lay.v, cols))
+        n_kv = len(kept)
+    ops.append(_linear_op(base, prefix + lay.o, out_weight, out_bias))
+    for path, values in adapter.head_attributes(len(kept), n_kv, lay.head_dim).items():
+        op = {"op": "attrs", "path": prefix + path, "values": values}
+        apply_op(base, op)
+        ops.append(op)
+    for selector in adapter.head_argument_selectors(kept):
+        op = {"op": "select_argument", **selector, "path": prefix + selector["path"]}
+        apply_op(base, op)
+        ops.append(op)
+    return ops
+
+
+def prune_neurons(
+    adapter: ModelAdapter,
+    base: nn.Module,
+    layer_index: int,
+    kept: torch.Tensor,
+    out_weight: torch.Tensor,
+    out_bias: torch.Tensor | None,
+) -> list[dict]:
+    """Keep the FFN neurons ``kept``; the down projection becomes ``out_weight``/``out_bias``."""
+    layer = adapter.layers(base)[layer_index]
+    lay = adapter.ffn(layer)
+    prefix = adapter.layer_path(layer_index) + "."
+    ops = [_slice_rows(base, prefix + path, kept) for path in lay.inputs]
+    ops.append(_linear_op(base, prefix + lay.output, out_weight, out_bias))
+    return ops

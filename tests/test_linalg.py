@@ -1,0 +1,192 @@
+"""The linear-algebra core, tested with plain matrices against dense references."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from statprune.linalg import (
+    GramAccumulator,
+    fold_correction,
+    interpolation_matrix,
+    pivoted_cholesky,
+    select_columns,
+    select_heads,
+)
+from statprune.linalg.heads import head_columns
+from statprune.linalg.interpolative import _pivoted_cholesky_torch
+
+
+def _random_z(n=400, m=24, seed=0, decay=True):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, m))
+    if decay:  # distinct column energies make the greedy pivot order well defined
+        z = z * np.linspace(3.0, 0.3, m)[None, :] + 0.5 * z[:, :1]
+    return torch.from_numpy(z)
+
+
+def test_gram_accumulator_matches_dense():
+    z = _random_z()
+    acc = GramAccumulator(z.shape[1], compute_dtype=torch.float64)
+    for chunk in torch.split(z, 37):
+        acc.add_batch(chunk)
+    stats = acc.finish()
+    assert stats.count == z.shape[0]
+    torch.testing.assert_close(stats.gram, z.T @ z)
+    centered = z - z.mean(dim=0)
+    torch.testing.assert_close(stats.second_moment(centered=True), centered.T @ centered)
+
+
+def test_gram_accumulator_rejects_non_finite():
+    acc = GramAccumulator(3)
+    with pytest.raises(FloatingPointError):
+        acc.add_batch(torch.tensor([[1.0, float("nan"), 0.0]]))
+
+
+@pytest.mark.parametrize("backend", ["lapack", "torch"])
+def test_pivots_match_scipy_pivoted_qr(backend):
+    z = _random_z(seed=1)
+    gram = z.T @ z
+    _, r_ref, piv_ref = scipy.linalg.qr(z.numpy(), mode="economic", pivoting=True)
+    if backend == "lapack":
+        perm, factor = pivoted_cholesky(gram)
+    else:
+        perm, factor = _pivoted_cholesky_torch(gram, 1e-13)
+    assert perm.tolist() == piv_ref.tolist()
+    # R = Lᵀ up to the signs of the rows of R
+    np.testing.assert_allclose(np.abs(factor.numpy().T), np.abs(r_ref), atol=1e-8)
+
+
+def test_error_curve_equals_qr_trailing_block():
+    z = _random_z(seed=2)
+    ident = select_columns(z.T @ z)
+    _, r, piv = scipy.linalg.qr(z.numpy(), mode="economic", pivoting=True)
+    assert ident.order.tolist() == piv.tolist()
+    for k in (0, 3, 10, 23, 24):
+        expected = np.linalg.norm(r[k:, k:]) ** 2
+        assert ident.errors[k].item() == pytest.approx(expected, rel=1e-8, abs=1e-8)
+
+
+def test_interpolation_residual_equals_error_curve():
+    z = _random_z(seed=3)
+    gram = z.T @ z
+    ident = select_columns(gram)
+    for k in (4, 12, 20):
+        kept, dropped = ident.keep(k)
+        t = interpolation_matrix(gram, kept, dropped)
+        residual = torch.linalg.norm(z[:, dropped] - z[:, kept] @ t) ** 2
+        assert residual.item() == pytest.approx(ident.errors[k].item(), rel=1e-6)
+
+
+def test_scaled_pivoting_prefers_columns_the_next_layer_sees():
+    z = _random_z(seed=4, decay=False)
+    scale = torch.ones(z.shape[1], dtype=torch.float64)
+    scale[7] = 100.0  # the next layer amplifies column 7: it must be picked first
+    ident = select_columns(z.T @ z, scale=scale)
+    assert ident.order[0].item() == 7
+
+
+def test_rank_deficient_duplicates_are_exact():
+    base = _random_z(n=300, m=10, seed=5)
+    z = torch.cat([base, base[:, [2, 5, 7]] * 1.0, base[:, :1] * -2.0], dim=1)  # 4 dependent cols
+    gram = z.T @ z
+    ident = select_columns(gram)
+    assert ident.rank == 10
+    assert ident.errors[10].item() < 1e-9 * ident.errors[0].item()
+    kept, dropped = ident.keep(10)
+    t = interpolation_matrix(gram, kept, dropped)
+    torch.testing.assert_close(z[:, kept] @ t, z[:, dropped], atol=1e-8, rtol=0)
+
+
+def test_fold_correction_reproduces_next_layer_output():
+    rng = np.random.default_rng(6)
+    base = torch.from_numpy(rng.standard_normal((200, 6)))
+    mix = torch.from_numpy(rng.standard_normal((6, 4)))
+    z = torch.cat([base, base @ mix + 3.0], dim=1)  # last 4 columns are affine in the first 6
+    w = torch.from_numpy(rng.standard_normal((5, 10)))
+    b = torch.from_numpy(rng.standard_normal(5))
+    y = z @ w.T + b
+    acc = GramAccumulator(10, compute_dtype=torch.float64)
+    acc.add_batch(z)
+    stats = acc.finish()
+    kept, dropped = torch.arange(6), torch.arange(6, 10)
+    # without the intercept the constant offset cannot be represented ...
+    t_plain = interpolation_matrix(stats.gram, kept, dropped)
+    w_plain, b_plain = fold_correction(w, b, kept, dropped, t_plain)
+    err_plain = torch.linalg.norm(z[:, kept] @ w_plain.T + b_plain - y)
+    # ... with it (centered Gram + bias absorption) the correction is exact
+    cov = stats.second_moment(centered=True)
+    t = interpolation_matrix(cov, kept, dropped)
+    w_new, b_new = fold_correction(w, b, kept, dropped, t, mean=stats.mean)
+    torch.testing.assert_close(z[:, kept] @ w_new.T + b_new, y, atol=1e-8, rtol=1e-8)
+    assert err_plain > 1e-3
+
+
+def test_fold_correction_removing_everything_leaves_mean_output():
+    z = _random_z(n=50, m=4, seed=7)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    w_new, b_new = fold_correction(
+        w, None, torch.zeros(0, dtype=torch.long), torch.arange(4), torch.zeros(0, 4), mean=z.mean(0)
+    )
+    assert w_new.shape == (3, 0)
+    torch.testing.assert_close(b_new, w @ z.mean(0))
+
+
+def _head_outputs(n, n_heads, head_dim, seed):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.standard_normal((n, n_heads * head_dim)))
+
+
+def test_select_heads_error_matches_dense_least_squares():
+    n_heads, head_dim = 5, 3
+    o = _head_outputs(300, n_heads, head_dim, seed=8)
+    o[:, :head_dim] *= 4.0  # head 0 carries most energy
+    w = torch.randn(7, n_heads * head_dim, dtype=torch.float64)
+    sel = select_heads(o.T @ o, w, n_heads, head_dim)
+    assert sel.order[0] == 0
+    assert sel.errors[0].item() == pytest.approx(torch.linalg.norm(o @ w.T).item() ** 2, rel=1e-9)
+    for r in range(n_heads + 1):
+        kept, dropped = sel.keep(r, n_heads)
+        kc, dc = head_columns(kept, head_dim), head_columns(dropped, head_dim)
+        if kc.numel():
+            t = torch.linalg.lstsq(o[:, kc], o[:, dc]).solution
+            approx = o[:, kc] @ t
+        else:
+            approx = torch.zeros_like(o[:, dc])
+        dense_error = torch.linalg.norm((o[:, dc] - approx) @ w[:, dc].T) ** 2
+        assert sel.errors[r].item() == pytest.approx(dense_error.item(), rel=1e-6, abs=1e-8)
+
+
+def test_select_heads_greedy_is_optimal_on_each_step():
+    n_heads, head_dim = 4, 2
+    o = _head_outputs(200, n_heads, head_dim, seed=9)
+    w = torch.randn(3, n_heads * head_dim, dtype=torch.float64)
+    sel = select_heads(o.T @ o, w, n_heads, head_dim)
+
+    def error(kept):
+        dropped = [h for h in range(n_heads) if h not in kept]
+        kc, dc = head_columns(sorted(kept), head_dim), head_columns(dropped, head_dim)
+        t = torch.linalg.lstsq(o[:, kc], o[:, dc]).solution
+        return (torch.linalg.norm((o[:, dc] - o[:, kc] @ t) @ w[:, dc].T) ** 2).item()
+
+    first = min(range(n_heads), key=lambda h: error([h]))
+    assert sel.order[0] == first
+
+
+def test_select_heads_duplicate_heads_are_free():
+    head_dim = 3
+    o = _head_outputs(200, 2, head_dim, seed=10)
+    o = torch.cat([o, o], dim=1)  # heads 2, 3 duplicate heads 0, 1
+    w = torch.randn(4, 4 * head_dim, dtype=torch.float64)
+    sel = select_heads(o.T @ o, w, 4, head_dim)
+    assert sel.errors[2].item() < 1e-9 * sel.errors[0].item()
+
+
+def test_select_heads_respects_groups():
+    o = _head_outputs(200, 6, 2, seed=11)
+    o[:, :4] *= 10.0  # heads 0 and 1 (both in group 0) dominate
+    w = torch.randn(3, 12, dtype=torch.float64)
+    sel = select_heads(o.T @ o, w, n_heads=6, head_dim=2, groups=2)
+    assert len(sel.errors) == 4  # 0..3 heads per group
+    kept, _ = sel.keep(1, 6)
+    assert len(kept) == 2 and {h // 3 for h in kept} == {0, 1}
