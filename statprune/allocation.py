@@ -55,16 +55,18 @@ def allocate(
     keep: float,
     seq_len: int,
     method: str = "greedy",
+    reserve: float = 0.0,
 ) -> list[tuple[int, int]]:
     """Per-layer ``(heads, neurons)`` kept so that the cost is at most ``keep`` × dense cost.
 
-    ``curves`` holds the prunable blocks (a block without a curve keeps its width).
+    ``curves`` holds the prunable blocks (a block without a curve keeps its width). ``reserve`` is
+    cost the pruning itself may add outside the curves (biases created by bias compensation).
     """
     if not 0.0 < keep <= 1.0:
         raise BudgetError(f"budget {keep} is outside (0, 1]: give the fraction to keep, e.g. 0.6")
     dense = dense_counts(shapes)
     dense_cost = total_cost(shapes, dense, kind, seq_len)
-    target = keep * dense_cost
+    target = keep * dense_cost - reserve
     counts = [list(c) for c in dense]
     slot = {"heads": 0, "neurons": 1}
     floor = [list(c) for c in dense]
@@ -84,6 +86,7 @@ def allocate(
         _allocate_uniform(curves, state, target)
     elif method == "greedy":
         _allocate_greedy(curves, state, target)
+        _refill(curves, state, target)
     else:
         raise ValueError(f"unknown allocation method {method!r}")
     result = [tuple(c) for c in counts]
@@ -132,6 +135,28 @@ def _allocate_greedy(curves: list[BlockCurve], state: _Counts, target: float) ->
                     return
             state.set(ci, curve, n_lo)
             return
+
+
+def _refill(curves: list[BlockCurve], state: _Counts, target: float) -> None:
+    """Spend the slack a coarse last cut left: add back the units that buy the most error
+    reduction per unit of cost, while the budget still holds."""
+    position = [c.counts.index(state.counts[c.layer][state.slot[c.kind]]) for c in curves]
+    while True:
+        best, best_gain = -1, 0.0
+        for ci, curve in enumerate(curves):
+            j = position[ci]
+            if j + 1 >= len(curve.counts):
+                continue
+            extra = curve.costs[j + 1] - curve.costs[j]
+            if state.cost + extra > target:
+                continue
+            gain = (curve.errors[j] - curve.errors[j + 1]) / max(extra, 1e-30)
+            if gain > best_gain:
+                best, best_gain = ci, gain
+        if best < 0:
+            return
+        position[best] += 1
+        state.set(best, curves[best], curves[best].counts[position[best]])
 
 
 def _allocate_uniform(curves: list[BlockCurve], state: _Counts, target: float) -> None:

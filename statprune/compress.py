@@ -44,6 +44,7 @@ class CompressionOptions:
     seq_len: int = 128
     activations: str = "sequential"  # "sequential" (pruned upstream) or "original"
     bias_compensation: bool = True  # intercept: the next bias absorbs the mean of what is removed
+    correction: bool = True  # fold the least-squares correction (False: plain removal, for ablations)
     allocation: str = "greedy"  # "greedy" (global, error per cost) or "uniform"
     layer_weighting: str = "residual"  # normalize layer errors by residual-stream energy, or "none"
     round_to: int = 1  # kept FFN widths are multiples of this
@@ -243,14 +244,18 @@ def _neuron_selection(adapter, layer, stats: _LayerStats, centered: bool) -> Int
 
 
 def _correct(
-    layer: nn.Module, out_path: str, stats, kept: torch.Tensor, dropped: torch.Tensor, centered: bool
+    layer: nn.Module, out_path: str, stats, kept: torch.Tensor, dropped: torch.Tensor,
+    options: CompressionOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares interpolation of the dropped columns, folded into the next projection."""
+    out = layer.get_submodule(out_path)
+    bias = getattr(out, "bias", None)
+    if not options.correction:
+        return out.weight.detach()[:, kept.to(out.weight.device)], None if bias is None else bias.detach()
+    centered = options.bias_compensation
     finished = stats.finish()
     gram = finished.second_moment(centered)
-    out = layer.get_submodule(out_path)
     interp = interpolation_matrix(gram, kept, dropped)
-    bias = getattr(out, "bias", None)
     return fold_correction(
         out.weight.detach(), None if bias is None else bias.detach(), kept, dropped, interp,
         mean=finished.mean if centered else None,
@@ -302,7 +307,10 @@ def compress(
         _check_enough_tokens(shapes, count_tokens(batches))
         calib = _capture_inputs(model, adapter, batches, device)
         curves, weights = _analyse(adapter, base, calib, shapes, options, kind)
-        counts = allocate(shapes, curves, kind, budget, options.seq_len, options.allocation)
+        counts = allocate(
+            shapes, curves, kind, budget, options.seq_len, options.allocation,
+            reserve=_bias_reserve(shapes, curves, kind, options),
+        )
         layer_reports, ops = _prune(adapter, base, calib, counts, options)
     model.config.statprune_ops = list(getattr(model.config, "statprune_ops", None) or []) + ops
     model.train(was_training)
@@ -364,6 +372,18 @@ def _analyse(adapter, base, calib, shapes, options, kind):
     return curves, weights
 
 
+def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str, options) -> int:
+    """Parameters that bias compensation may add (a bias on a pruned block that had none)."""
+    if kind != "params" or not options.bias_compensation or not options.correction:
+        return 0
+    reserve = 0
+    for curve in curves:
+        shape = shapes[curve.layer]
+        has_bias = shape.o_bias if curve.kind == "heads" else shape.ffn_out_bias
+        reserve += 0 if has_bias else shape.hidden
+    return reserve
+
+
 def _prune(adapter, base, calib, counts, options) -> tuple[list[LayerReport], list[dict]]:
     """Pruning pass: re-collect statistics layer by layer, select, correct and slice."""
     centered = options.bias_compensation
@@ -384,7 +404,7 @@ def _prune(adapter, base, calib, counts, options) -> tuple[list[LayerReport], li
             attn_err = _relative(selection.errors, per_group)
             w, b = _correct(
                 layer, attn.o, stats.heads, head_columns(kept_heads, attn.head_dim),
-                head_columns(dropped_heads, attn.head_dim), centered,
+                head_columns(dropped_heads, attn.head_dim), options,
             )
             ops += prune_heads(adapter, base, i, kept_heads, w, b)
         kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
@@ -392,7 +412,7 @@ def _prune(adapter, base, calib, counts, options) -> tuple[list[LayerReport], li
             ident = _neuron_selection(adapter, layer, stats, centered)
             kept_neurons, dropped = ident.keep(want_neurons)
             ffn_err = _relative(ident.errors, want_neurons)
-            w, b = _correct(layer, ffn.output, stats.neurons, kept_neurons, dropped, centered)
+            w, b = _correct(layer, ffn.output, stats.neurons, kept_neurons, dropped, options)
             ops += prune_neurons(adapter, base, i, kept_neurons, w, b)
         del stats
         outputs = _run_layer(layers[i], calib, inputs, None, {})
