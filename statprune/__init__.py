@@ -6,23 +6,40 @@ calibration activations, and corrects the next layer so the outputs barely move.
     model, report = statprune.compress(model, tokenizer, texts, keep_flops=0.6)
     statprune.save(model, "pruned/", tokenizer=tokenizer, report=report)
     model = statprune.load("pruned/")
+
+The heavy modules (torch, transformers) are imported on first use, so the command line answers
+Ctrl-C and ``--help`` at once.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from statprune.compress import CompressionOptions, compress  # noqa: E402
-from statprune.errors import StatpruneError  # noqa: E402
-from statprune.persist import load, load_report, save  # noqa: E402
-from statprune.report import CompressionReport, LayerReport  # noqa: E402
+_EXPORTS = {
+    "CompressionOptions": "statprune.driver",
+    "compress": "statprune.driver",
+    "StatpruneError": "statprune.errors",
+    "load": "statprune.persist",
+    "load_report": "statprune.persist",
+    "save": "statprune.persist",
+    "CompressionReport": "statprune.report",
+    "LayerReport": "statprune.report",
+}
 
-__all__ = [
-    "CompressionOptions",
-    "CompressionReport",
-    "LayerReport",
-    "StatpruneError",
-    "__version__",
-    "compress",
-    "load",
-    "load_report",
-    "save",
-]
+if TYPE_CHECKING:
+    from statprune.driver import CompressionOptions, compress
+    from statprune.errors import StatpruneError
+    from statprune.persist import load, load_report, save
+    from statprune.report import CompressionReport, LayerReport
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'statprune' has no attribute {name!r}")
+
+
+__all__ = [*_EXPORTS, "__version__"]

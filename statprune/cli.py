@@ -75,7 +75,7 @@ def _compress(args: argparse.Namespace) -> int:
     import statprune
     from statprune.adapters import adapter_for
     from statprune.calibration import read_examples
-    from statprune.compress import CompressionOptions, resolve_device
+    from statprune.driver import CompressionOptions, resolve_device
     from statprune.persist import check_model_dir, check_output_dir
 
     options = CompressionOptions(
@@ -91,6 +91,8 @@ def _compress(args: argparse.Namespace) -> int:
         device=args.device,
     )
     options.validate()
+    if args.quiet:  # also transformers' own bars ("Loading weights", "Writing model shards")
+        transformers.utils.logging.disable_progress_bar()
     resolve_device(args.device)
     check_model_dir(args.model)
     check_output_dir(args.out, args.overwrite, source=args.model)
@@ -129,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
     commands = {"compress": _compress, "info": _info}
     try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:

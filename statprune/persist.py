@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,6 +44,9 @@ def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> 
         raise OutputError(f"--out {out} is inside the input model folder; choose another folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a folder")
+    existing = next(p for p in out.parents if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"--out {out} cannot be created: {existing} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"--out {out} exists and is not empty; pass --overwrite or choose another")
 
@@ -76,11 +80,14 @@ def save(
     """Write a compressed model folder atomically; returns its path."""
     out = Path(out_dir).resolve()
     check_output_dir(out, overwrite, Path(source) if source else None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    created = [p for p in out.parents if not p.exists()]  # innermost first; removed on failure
+    tmp: Path | None = None
     config = model.config
     previous_map = getattr(config, "auto_map", None)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
         config.auto_map = _auto_map(model)
         config.architectures = [type(model).__name__]
         model.save_pretrained(tmp, safe_serialization=True)
@@ -90,13 +97,14 @@ def save(
         if report is not None:
             report.save(tmp / REPORT_FILE)
         _replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
+    except BaseException as exc:
+        _discard(tmp, created)
+        code = _io_errno(exc)
+        if code == errno.ENOSPC:
             raise OutputError(f"disk full while writing {out}; nothing was written — free space") from None
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}; nothing was written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if code is not None:
+            reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else os.strerror(code)
+            raise OutputError(f"cannot write {out}: {reason}; nothing was written") from None
         raise
     finally:
         if previous_map is None:
@@ -106,13 +114,54 @@ def save(
     return out
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _io_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write, or None if ``exc`` is not an I/O error (then it is a bug).
+
+    safetensors and tokenizers (Rust) report I/O errors, e.g. a full disk, not as ``OSError`` but
+    as ``SafetensorError`` / ``Exception`` whose message ends in "(os error N)".
+    """
+    if isinstance(exc, OSError):
+        return exc.errno or 0
+    if isinstance(exc, Exception) and (match := _RUST_OS_ERROR.search(str(exc))):
+        return int(match.group(1))
+    return None
+
+
+def _discard(tmp: Path | None, created: list[Path]) -> None:
+    """Remove the temporary folder and the parent folders ``save`` created."""
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace(tmp: Path, out: Path) -> None:
     """Move the finished temporary folder into place (renames are atomic on one filesystem)."""
     if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, trash / "old")
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
+        moved = False
+        try:
+            os.rename(out, trash / "old")
+            moved = True
+            os.rename(tmp, out)
+        except BaseException:
+            if moved:  # interrupted or failed between the renames: put the old folder back
+                os.rename(trash / "old", out)
+            raise
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, out)
 
@@ -151,6 +200,12 @@ def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
 
 def load_report(path: str | Path) -> CompressionReport:
     file = Path(path) / REPORT_FILE
+    if not Path(path).is_dir():
+        raise ModelError(f"model folder {path} does not exist")
     if not file.is_file():
         raise ModelError(f"{path} has no {REPORT_FILE}: it was not written by statprune")
-    return CompressionReport.load(file)
+    try:
+        return CompressionReport.load(file)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # bad JSON, missing fields
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{file} is not a valid statprune report ({reason}); compress again") from None

@@ -468,7 +468,11 @@ def _report(adapter, model, shapes, counts, layer_reports, options, calib, kind,
         seq_len=options.seq_len,
         calibration_examples=calib.examples,
         calibration_tokens=calib.tokens,
-        options={k: v for k, v in asdict(options).items() if k not in ("keep_flops", "keep_params")},
+        options={
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(options).items()
+            if k not in ("keep_flops", "keep_params")
+        },
         seconds=round(time.perf_counter() - start, 3),
         layers=layer_reports,
         versions={
