@@ -351,9 +351,7 @@ def write_lines(path: Path, lines: Iterable[str]) -> int:
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     rows = list(rows)
-    path.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-    )
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return len(rows)
 
 
@@ -679,8 +677,7 @@ def build_corpora(out: Path, work: Path) -> dict:
         words[key] = sum(len(s.split()) for s in lns)
         log(
             name,
-            f"{key}: {len(lns)} lines, {words[key]} words -> calib {len(calib)} / "
-            f"heldout {len(held)}",
+            f"{key}: {len(lns)} lines, {words[key]} words -> calib {len(calib)} / heldout {len(held)}",
         )
     return {
         "sources": sources,
@@ -838,8 +835,7 @@ def _worker_verify_encoder(folder: str) -> dict:
     sim_close, sim_far = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
     if not sim_close > sim_far:
         raise AssetError(
-            f"embeddings look wrong: sim(paraphrase)={sim_close:.3f} "
-            f"<= sim(unrelated)={sim_far:.3f}"
+            f"embeddings look wrong: sim(paraphrase)={sim_close:.3f} <= sim(unrelated)={sim_far:.3f}"
         )
     params = sum(p.numel() for p in model.parameters())
     cfg = _config_summary(model.config)
@@ -865,9 +861,7 @@ def _worker_convert_smollm2(gguf_path: str, out_dir: str) -> dict:
 
     gguf = Path(gguf_path)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     model.eval()
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

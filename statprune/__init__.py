@@ -42,4 +42,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'statprune' has no attribute {name!r}")
 
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "CompressionOptions",
+    "CompressionReport",
+    "LayerReport",
+    "StatpruneError",
+    "__version__",
+    "compress",
+    "load",
+    "load_report",
+    "save",
+]

@@ -91,9 +91,7 @@ def allocate(
         raise ValueError(f"unknown allocation method {method!r}")
     result = [tuple(c) for c in counts]
     if all(h == 0 and n == 0 for h, n in result):
-        raise BudgetError(
-            f"budget {keep} would remove every head and neuron of the model; raise the budget"
-        )
+        raise BudgetError(f"budget {keep} would remove every head and neuron of the model; raise the budget")
     return result
 
 
@@ -177,8 +175,14 @@ def _allocate_uniform(curves: list[BlockCurve], state: _Counts, target: float) -
 
 
 def curve_from_errors(
-    layer: int, kind: str, shape: LayerShape, errors: torch.Tensor, weight: float, cost_kind: str,
-    seq_len: int, multiple: int = 1,
+    layer: int,
+    kind: str,
+    shape: LayerShape,
+    errors: torch.Tensor,
+    weight: float,
+    cost_kind: str,
+    seq_len: int,
+    multiple: int = 1,
 ) -> BlockCurve:
     """Build a block curve from an error curve indexed by count (heads per group or neurons)."""
     if kind == "heads":

@@ -138,9 +138,7 @@ def _field_value(value: Any, where: str, field: str, flag: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     kind = _json_type(value)
-    raise DataError(
-        f"{where}: field {field!r} is {kind}, not text; fix it or choose another {flag}"
-    )
+    raise DataError(f"{where}: field {field!r} is {kind}, not text; fix it or choose another {flag}")
 
 
 def _missing_field(where: str, field: str, present: Iterable[str], flag: str) -> DataError:
@@ -210,9 +208,7 @@ def _read_csv(path: Path, text_field: str, pair_field: str | None) -> list[Any]:
             if (example := _pair(record, where, text_field, pair_field)) is not None:
                 examples.append(example)
     except csv.Error as e:
-        raise DataError(
-            f"{path} line {reader.line_num} is not valid CSV ({e}); check its quoting"
-        ) from e
+        raise DataError(f"{path} line {reader.line_num} is not valid CSV ({e}); check its quoting") from e
     finally:
         csv.field_size_limit(old_limit)
     return examples
@@ -325,9 +321,7 @@ def tokenize_examples(
 
     texts = [e[0] if isinstance(e, tuple) else e for e in examples]
     pairs = [e[1] for e in examples if isinstance(e, tuple)] if all(is_pair) else None
-    encoded = tokenizer(
-        texts, pairs, truncation=True, max_length=seq_len, padding=False, verbose=False
-    )
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=seq_len, padding=False, verbose=False)
     keys = ["input_ids"] + (["token_type_ids"] if "token_type_ids" in encoded else [])
     rows = [
         {k: list(encoded[k][i][:seq_len]) for k in keys}  # [:seq_len] in case truncation could not
@@ -344,9 +338,7 @@ def tokenize_examples(
         chunk = rows[start : start + batch_size]
         width = len(chunk[0]["input_ids"])
         inputs = {
-            k: torch.tensor(
-                [r[k] + [pad_values[k]] * (width - len(r[k])) for r in chunk], dtype=torch.long
-            )
+            k: torch.tensor([r[k] + [pad_values[k]] * (width - len(r[k])) for r in chunk], dtype=torch.long)
             for k in keys
         }
         inputs["attention_mask"] = torch.tensor(
@@ -376,8 +368,7 @@ def batches_from_tensors(
         extra = {k: v.reshape(1, -1) for k, v in extra.items()}
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise DataError(
-            "input_ids must be a non-empty (num_examples, seq) tensor, "
-            f"got shape {tuple(input_ids.shape)}"
+            f"input_ids must be a non-empty (num_examples, seq) tensor, got shape {tuple(input_ids.shape)}"
         )
     if input_ids.is_floating_point() or input_ids.is_complex():
         raise DataError(f"input_ids must hold integer token ids, got {input_ids.dtype}")

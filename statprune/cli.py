@@ -53,12 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
     c.add_argument("--device", default="auto", help="auto, cpu or cuda")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    c.add_argument("--activations", default="sequential", choices=["sequential", "original"],
-                   help="calibrate each layer on the pruned (sequential) or original upstream outputs")
+    c.add_argument(
+        "--activations",
+        default="sequential",
+        choices=["sequential", "original"],
+        help="calibrate each layer on the pruned (sequential) or original upstream outputs",
+    )
     c.add_argument("--allocation", default="greedy", choices=["greedy", "uniform"])
     c.add_argument("--layer-weighting", default="residual", choices=["residual", "none"])
-    c.add_argument("--no-bias-compensation", action="store_true",
-                   help="do not let the next bias absorb the mean of removed units")
+    c.add_argument(
+        "--no-bias-compensation",
+        action="store_true",
+        help="do not let the next bias absorb the mean of removed units",
+    )
     c.add_argument("--round-to", type=_positive_int, default=1, help="kept FFN widths are multiples of N")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -109,12 +116,20 @@ def _compress(args: argparse.Namespace) -> int:
     model = statprune.load(args.model, dtype=getattr(torch, args.dtype))
     fields = {f: getattr(options, f) for f in options.__dataclass_fields__}
     model, report = statprune.compress(
-        model, tokenizer, texts, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-        inplace=True, progress=not args.quiet, **fields,
+        model,
+        tokenizer,
+        texts,
+        samples=args.samples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        inplace=True,
+        progress=not args.quiet,
+        **fields,
     )
     report.source_model = str(args.model.resolve())
-    out = statprune.save(model, args.out, tokenizer=tokenizer, report=report,
-                         overwrite=args.overwrite, source=args.model)
+    out = statprune.save(
+        model, args.out, tokenizer=tokenizer, report=report, overwrite=args.overwrite, source=args.model
+    )
     print(report.summary())
     print(f"\nsaved to {out}")
     return 0

@@ -25,8 +25,13 @@ from statprune.allocation import BlockCurve, allocate, curve_from_errors
 from statprune.calibration import CalibrationBatch, count_tokens, sample_examples, tokenize_examples
 from statprune.errors import BudgetError, DataError, DeviceError, ModelError
 from statprune.flops import LayerShape, model_shapes, total_cost
-from statprune.linalg import GramAccumulator, fold_correction, interpolation_matrix
-from statprune.linalg import select_columns, select_heads
+from statprune.linalg import (
+    GramAccumulator,
+    fold_correction,
+    interpolation_matrix,
+    select_columns,
+    select_heads,
+)
 from statprune.linalg.heads import HeadSelection, head_columns
 from statprune.linalg.interpolative import InterpolativeDecomposition
 from statprune.progress import progress_bar
@@ -54,7 +59,9 @@ class CompressionOptions:
     def budget(self) -> tuple[str, float]:
         if (self.keep_flops is None) == (self.keep_params is None):
             raise BudgetError("give exactly one budget: --keep-flops F or --keep-params F")
-        kind, value = ("flops", self.keep_flops) if self.keep_flops is not None else ("params", self.keep_params)
+        kind, value = (
+            ("flops", self.keep_flops) if self.keep_flops is not None else ("params", self.keep_params)
+        )
         if not 0.0 < float(value) <= 1.0:
             raise BudgetError(f"budget {value} is outside (0, 1]: give the fraction to keep, e.g. 0.6")
         return kind, float(value)
@@ -177,6 +184,7 @@ def _run_layer(
     current: dict[str, torch.Tensor] = {}
     handles = []
     for path, acc in hooks.items():
+
         def pre_hook(module, args, acc=acc):
             x = args[0]
             acc.add_batch(x.reshape(-1, x.shape[-1])[current["mask"]])
@@ -244,7 +252,11 @@ def _neuron_selection(adapter, layer, stats: _LayerStats, centered: bool) -> Int
 
 
 def _correct(
-    layer: nn.Module, out_path: str, stats, kept: torch.Tensor, dropped: torch.Tensor,
+    layer: nn.Module,
+    out_path: str,
+    stats,
+    kept: torch.Tensor,
+    dropped: torch.Tensor,
     options: CompressionOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares interpolation of the dropped columns, folded into the next projection."""
@@ -257,7 +269,11 @@ def _correct(
     gram = finished.second_moment(centered)
     interp = interpolation_matrix(gram, kept, dropped)
     return fold_correction(
-        out.weight.detach(), None if bias is None else bias.detach(), kept, dropped, interp,
+        out.weight.detach(),
+        None if bias is None else bias.detach(),
+        kept,
+        dropped,
+        interp,
         mean=finished.mean if centered else None,
     )
 
@@ -306,9 +322,14 @@ def compress(
         shapes = model_shapes(adapter, base)
         _check_enough_tokens(shapes, count_tokens(batches))
         calib = _capture_inputs(model, adapter, batches, device)
-        curves, weights = _analyse(adapter, base, calib, shapes, options, kind)
+        curves, _weights = _analyse(adapter, base, calib, shapes, options, kind)
         counts = allocate(
-            shapes, curves, kind, budget, options.seq_len, options.allocation,
+            shapes,
+            curves,
+            kind,
+            budget,
+            options.seq_len,
+            options.allocation,
             reserve=_bias_reserve(shapes, curves, kind, options),
         )
         layer_reports, ops = _prune(adapter, base, calib, counts, options)
@@ -403,8 +424,12 @@ def _prune(adapter, base, calib, counts, options) -> tuple[list[LayerReport], li
             kept_heads, dropped_heads = selection.keep(per_group, attn.n_heads)
             attn_err = _relative(selection.errors, per_group)
             w, b = _correct(
-                layer, attn.o, stats.heads, head_columns(kept_heads, attn.head_dim),
-                head_columns(dropped_heads, attn.head_dim), options,
+                layer,
+                attn.o,
+                stats.heads,
+                head_columns(kept_heads, attn.head_dim),
+                head_columns(dropped_heads, attn.head_dim),
+                options,
             )
             ops += prune_heads(adapter, base, i, kept_heads, w, b)
         kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
@@ -453,7 +478,10 @@ def _report(adapter, model, shapes, counts, layer_reports, options, calib, kind,
     after_counts = [(s.n_heads, s.ffn_width) for s in after]
     dense = [(s.n_heads, s.ffn_width) for s in shapes]
     cost = {
-        k: (total_cost(shapes, dense, k, options.seq_len), total_cost(after, after_counts, k, options.seq_len))
+        k: (
+            total_cost(shapes, dense, k, options.seq_len),
+            total_cost(after, after_counts, k, options.seq_len),
+        )
         for k in ("flops", "params")
     }
     return CompressionReport(

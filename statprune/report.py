@@ -71,8 +71,7 @@ class CompressionReport:
             f"parameters    : {self.params_before / 1e6:.2f} M -> {self.params_after / 1e6:.2f} M "
             f"({self.params_kept:.1%} kept; attention + FFN)",
             f"calibration   : {self.calibration_examples} examples, {self.calibration_tokens} tokens",
-            f"options       : "
-            + ", ".join(f"{k}={v}" for k, v in self.options.items() if k != "device"),
+            "options       : " + ", ".join(f"{k}={v}" for k, v in self.options.items() if k != "device"),
             f"time          : {self.seconds:.1f} s",
             "",
             "layer  heads kept  neurons kept   attn err   ffn err   layer out err",

@@ -14,10 +14,14 @@ from statprune.linalg.heads import head_columns
 from statprune.modeling_statprune import apply_op
 
 
-def _linear_op(
-    base: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None
-) -> dict:
-    op = {"op": "linear", "path": path, "in": weight.shape[1], "out": weight.shape[0], "bias": bias is not None}
+def _linear_op(base: nn.Module, path: str, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    op = {
+        "op": "linear",
+        "path": path,
+        "in": weight.shape[1],
+        "out": weight.shape[0],
+        "bias": bias is not None,
+    }
     module = apply_op(base, op)
     with torch.no_grad():
         module.weight.copy_(weight.to(module.weight.dtype))

@@ -75,17 +75,38 @@ def build_tiny_model(family: str, seed: int = 0, task: str = "classify", **overr
 
     torch.manual_seed(seed)
     vocab = len(TINY_SPECIALS) + len(TINY_WORDS)
-    common = {"vocab_size": vocab, "num_hidden_layers": 2, "hidden_size": 32,
-              "num_attention_heads": 4, "intermediate_size": 64}
+    common = {
+        "vocab_size": vocab,
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+    }
     if family in DECODER_FAMILIES:
         config_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}[family]
-        config = config_cls(**{**common, "num_key_value_heads": 2, "max_position_embeddings": 128,
-                               "tie_word_embeddings": True, "pad_token_id": 0, **overrides})
+        config = config_cls(
+            **{
+                **common,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 128,
+                "tie_word_embeddings": True,
+                "pad_token_id": 0,
+                **overrides,
+            }
+        )
         cls = tf.AutoModelForCausalLM
     elif family == "distilbert":
-        config = tf.DistilBertConfig(vocab_size=vocab, n_layers=2, dim=32, n_heads=4, hidden_dim=64,
-                                     max_position_embeddings=128, num_labels=3, pad_token_id=0,
-                                     **overrides)
+        config = tf.DistilBertConfig(
+            vocab_size=vocab,
+            n_layers=2,
+            dim=32,
+            n_heads=4,
+            hidden_dim=64,
+            max_position_embeddings=128,
+            num_labels=3,
+            pad_token_id=0,
+            **overrides,
+        )
         cls = tf.AutoModelForSequenceClassification if task == "classify" else tf.AutoModel
     else:
         config_cls = {"bert": tf.BertConfig, "roberta": tf.RobertaConfig, "mpnet": tf.MPNetConfig}[family]

@@ -18,9 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_assets():
-    spec = importlib.util.spec_from_file_location(
-        "statprune_assets", ROOT / "scripts" / "assets.py"
-    )
+    spec = importlib.util.spec_from_file_location("statprune_assets", ROOT / "scripts" / "assets.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -84,10 +82,7 @@ def test_detokenize_quotes_clitics_and_currency():
     toks = _words("He said `` I ca n't pay $ 5 '' ; it 's 10 % off ( really ) .")
     assert assets.detokenize(toks) == "He said \"I can't pay $5\"; it's 10% off (really)."
     assert assets.detokenize(_words('a " b c " d " e " .')) == 'a "b c" d "e".'
-    assert (
-        assets.detokenize(_words("-LRB- x -RRB- the investors ' money"))
-        == "(x) the investors' money"
-    )
+    assert assets.detokenize(_words("-LRB- x -RRB- the investors ' money")) == "(x) the investors' money"
     assert assets.detokenize(_words("'' Neither was aware .")) == "Neither was aware."
     assert assets.detokenize([]) == ""
 
@@ -236,9 +231,7 @@ def test_convert_bin_to_safetensors_with_tied_weights(tmp_path):
     torch = pytest.importorskip("torch")
     safetensors_torch = pytest.importorskip("safetensors.torch")
     shared = torch.randn(4, 3)
-    torch.save(
-        {"emb.weight": shared, "head.weight": shared, "b": torch.zeros(2)}, tmp_path / "w.bin"
-    )
+    torch.save({"emb.weight": shared, "head.weight": shared, "b": torch.zeros(2)}, tmp_path / "w.bin")
     assert assets.convert_bin_to_safetensors(tmp_path / "w.bin", tmp_path / "m.safetensors") == 3
     back = safetensors_torch.load_file(str(tmp_path / "m.safetensors"))
     assert torch.equal(back["emb.weight"], shared)

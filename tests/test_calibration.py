@@ -76,9 +76,7 @@ def test_jsonl_pairs(tmp_path):
 
 def test_csv_bom_and_quoted_multiline_field(tmp_path):
     path = tmp_path / "data.csv"
-    path.write_bytes(
-        '\ufefftext,id\r\n"first ""quoted""\r\nspans lines",1\r\nplain,2\r\n,3\r\n'.encode()
-    )
+    path.write_bytes('\ufefftext,id\r\n"first ""quoted""\r\nspans lines",1\r\nplain,2\r\n,3\r\n'.encode())
     assert read_examples(path) == ['first "quoted"\r\nspans lines', "plain"]
 
 

@@ -29,8 +29,14 @@ from conftest import TINY_FAMILIES, build_tiny_model
 
 from statprune.cli import main
 
-SAVED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "statprune.json", "modeling_statprune.py")
+SAVED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "statprune.json",
+    "modeling_statprune.py",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -108,8 +114,7 @@ def calib(calib_file):
 
 
 def compress_args(model, data, out, *extra, budget=("--keep-flops", "0.6")):
-    return ("compress", model, "--data", data, *budget, "--out", out, "--quiet",
-            "--samples", "100", *extra)
+    return ("compress", model, "--data", data, *budget, "--out", out, "--quiet", "--samples", "100", *extra)
 
 
 # ---------------------------------------------------------------------------------- happy paths
@@ -120,8 +125,20 @@ def test_compress_then_info(family, tiny_model_dir, calib, tmp_path, capsys):
     model = tiny_model_dir(family)
     before = digest(model)
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, "compress", model, "--data", calib, "--keep-flops", "0.6",
-                            "--out", out, "--quiet", "--samples", "150")
+    code, stdout, err = run(
+        capsys,
+        "compress",
+        model,
+        "--data",
+        calib,
+        "--keep-flops",
+        "0.6",
+        "--out",
+        out,
+        "--quiet",
+        "--samples",
+        "150",
+    )
     assert code == 0, err
     assert err.strip() == "", "--quiet with enough data prints nothing on stderr"
     for name in SAVED_FILES:
@@ -148,7 +165,8 @@ def test_compress_then_info(family, tiny_model_dir, calib, tmp_path, capsys):
     for layer in report["layers"]:
         row = re.compile(
             rf"^\s*{layer['layer']}\s+{len(layer['heads_kept'])} / {layer['heads_total']}\s+"
-            rf"{len(layer['neurons_kept'])} / {layer['neurons_total']}\s", re.M
+            rf"{len(layer['neurons_kept'])} / {layer['neurons_total']}\s",
+            re.M,
         )
         assert row.search(info), info
 
@@ -173,8 +191,20 @@ def test_keep_params(bert, calib, tmp_path, capsys):
 def test_fewer_examples_than_samples_warns(bert, calib_file, tmp_path, capsys):
     model, before = bert
     out = tmp_path / "out"
-    code, _, err = run(capsys, "compress", model, "--data", calib_file(120), "--keep-flops", "0.6",
-                       "--out", out, "--quiet", "--samples", "500")
+    code, _, err = run(
+        capsys,
+        "compress",
+        model,
+        "--data",
+        calib_file(120),
+        "--keep-flops",
+        "0.6",
+        "--out",
+        out,
+        "--quiet",
+        "--samples",
+        "500",
+    )
     assert code == 0, err
     warning = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "only 120 calibration examples" in warning[0]
@@ -216,8 +246,11 @@ def test_info_errors(bert, tmp_path, capsys):
     assert "has no statprune.json" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("content", ['{"budget": 0.5', '{"budget": 0.5}', "[1, 2]", ""],
-                         ids=["truncated", "missing-fields", "not-an-object", "empty"])
+@pytest.mark.parametrize(
+    "content",
+    ['{"budget": 0.5', '{"budget": 0.5}', "[1, 2]", ""],
+    ids=["truncated", "missing-fields", "not-an-object", "empty"],
+)
 def test_info_corrupt_report(content, tmp_path, capsys):
     folder = tmp_path / "pruned"
     folder.mkdir()
@@ -244,8 +277,7 @@ def test_not_a_model_dir(calib, tmp_path, capsys):
     (folder / "readme.txt").write_text("hello")
     before = digest(folder)
     code, _, err = run(capsys, *compress_args(folder, calib, out))
-    assert_clean_failure(code, err, out, folder, before, "not a Hugging Face model folder",
-                         "config.json")
+    assert_clean_failure(code, err, out, folder, before, "not a Hugging Face model folder", "config.json")
 
 
 def test_unsupported_architecture(calib, tmp_path, capsys):
@@ -276,8 +308,9 @@ def test_nan_weight(tiny_model_dir, calib, tmp_path, capsys):
     before = digest(model)
     out = tmp_path / "out"
     code, _, err = run(capsys, *compress_args(model, calib, out))
-    assert_clean_failure(code, err, out, model, before, "NaN or Inf",
-                         "encoder.layer.1.intermediate.dense.weight")
+    assert_clean_failure(
+        code, err, out, model, before, "NaN or Inf", "encoder.layer.1.intermediate.dense.weight"
+    )
 
 
 # -------------------------------------------------------------------------------- bad data input
@@ -308,16 +341,17 @@ def test_data_not_utf8(bert, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("name", "content"),
-    [("data.csv", "label,sentence\n1,the cat sat\n0,the dog ran\n"),
-     ("data.jsonl", '{"sentence": "the cat sat"}\n{"sentence": "the dog ran"}\n')],
+    [
+        ("data.csv", "label,sentence\n1,the cat sat\n0,the dog ran\n"),
+        ("data.jsonl", '{"sentence": "the cat sat"}\n{"sentence": "the dog ran"}\n'),
+    ],
 )
 def test_structured_data_without_text_field(name, content, bert, tmp_path, capsys):
     model, before = bert
     out, data = tmp_path / "out", tmp_path / name
     data.write_text(content)
     code, _, err = run(capsys, *compress_args(model, data, out))
-    assert_clean_failure(code, err, out, model, before, "no field 'text'", "'sentence'",
-                         "--text-field")
+    assert_clean_failure(code, err, out, model, before, "no field 'text'", "'sentence'", "--text-field")
 
 
 def test_too_few_tokens(bert, tmp_path, capsys):
@@ -349,14 +383,14 @@ def test_budget_not_a_number(bert, calib, tmp_path, capsys):
     assert "Traceback" not in err and not out.exists() and digest(model) == before
 
 
-@pytest.mark.parametrize("budget", [(), ("--keep-flops", "0.6", "--keep-params", "0.6")],
-                         ids=["neither", "both"])
+@pytest.mark.parametrize(
+    "budget", [(), ("--keep-flops", "0.6", "--keep-params", "0.6")], ids=["neither", "both"]
+)
 def test_exactly_one_budget(budget, bert, calib, tmp_path, capsys):
     model, before = bert
     out = tmp_path / "out"
     code, _, err = run(capsys, *compress_args(model, calib, out, budget=budget))
-    assert_clean_failure(code, err, out, model, before, "exactly one budget", "--keep-flops",
-                         "--keep-params")
+    assert_clean_failure(code, err, out, model, before, "exactly one budget", "--keep-flops", "--keep-params")
 
 
 def test_budget_removing_everything(bert, calib, tmp_path, capsys):
@@ -369,10 +403,12 @@ def test_budget_removing_everything(bert, calib, tmp_path, capsys):
 def test_heads_only_cannot_meet_budget(bert, calib, tmp_path, capsys):
     model, before = bert
     out = tmp_path / "out"
-    code, _, err = run(capsys, *compress_args(model, calib, out, "--prune", "heads",
-                                              budget=("--keep-flops", "0.1")))
-    assert_clean_failure(code, err, out, model, before, "cannot keep only 10% of flops",
-                         "--prune heads,neurons")
+    code, _, err = run(
+        capsys, *compress_args(model, calib, out, "--prune", "heads", budget=("--keep-flops", "0.1"))
+    )
+    assert_clean_failure(
+        code, err, out, model, before, "cannot keep only 10% of flops", "--prune heads,neurons"
+    )
 
 
 # ---------------------------------------------------------------------------------- bad outputs
@@ -458,7 +494,8 @@ def _enospc_safetensors(monkeypatch):
 
     def serialize_file(*args, **kwargs):
         raise safetensors.SafetensorError(
-            "Error while serializing: I/O error: No space left on device (os error 28)")
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
 
     monkeypatch.setattr(safetensors.torch, "serialize_file", serialize_file)
 
@@ -473,8 +510,11 @@ def _enospc_tokenizer(monkeypatch):
     monkeypatch.setattr(tokenizers.Tokenizer, "save", save)
 
 
-@pytest.mark.parametrize("inject", [_enospc_write_text, _enospc_safetensors, _enospc_tokenizer],
-                         ids=["write_text", "safetensors", "tokenizer"])
+@pytest.mark.parametrize(
+    "inject",
+    [_enospc_write_text, _enospc_safetensors, _enospc_tokenizer],
+    ids=["write_text", "safetensors", "tokenizer"],
+)
 def test_disk_full(inject, bert, calib, tmp_path, capsys, monkeypatch):
     model, before = bert
     out = tmp_path / "new" / "nested" / "out"  # parents created by save are removed again
@@ -533,8 +573,7 @@ def test_interrupt_while_saving(bert, calib, tmp_path, capsys, monkeypatch):
     assert "saved to" not in stdout
 
 
-def test_interrupt_between_renames_restores_previous_output(bert, calib, tmp_path, capsys,
-                                                           monkeypatch):
+def test_interrupt_between_renames_restores_previous_output(bert, calib, tmp_path, capsys, monkeypatch):
     """--overwrite moves the old output aside, then the new one in: Ctrl-C in between."""
     model, before = bert
     out = tmp_path / "out"
@@ -581,9 +620,24 @@ def test_subprocess_user_error_exit_code(tmp_path):
     data.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [*_command(), "compress", str(model), "--data", str(data), "--keep-flops", "0.5",
-         "--out", str(out), "--quiet", "--samples", "50"],
-        capture_output=True, text=True, env=_env(), timeout=120,
+        [
+            *_command(),
+            "compress",
+            str(model),
+            "--data",
+            str(data),
+            "--keep-flops",
+            "0.5",
+            "--out",
+            str(out),
+            "--quiet",
+            "--samples",
+            "50",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines() == [
@@ -613,8 +667,9 @@ sys.exit(main(sys.argv[1:]))
 def test_ctrl_c_during_compression(tmp_path):
     from conftest import _build_tiny_tokenizer, tiny_texts
 
-    net = build_tiny_model("bert", hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                           num_attention_heads=8)
+    net = build_tiny_model(
+        "bert", hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8
+    )
     model = tmp_path / "big"
     net.save_pretrained(model)
     _build_tiny_tokenizer().save_pretrained(model)
@@ -623,9 +678,26 @@ def test_ctrl_c_during_compression(tmp_path):
     data.write_text("\n".join(tiny_texts(2000)) + "\n")
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _DRIVER, "compress", str(model), "--data", str(data),
-         "--keep-flops", "0.5", "--samples", "2000", "--out", str(out), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        [
+            sys.executable,
+            "-c",
+            _DRIVER,
+            "compress",
+            str(model),
+            "--data",
+            str(data),
+            "--keep-flops",
+            "0.5",
+            "--samples",
+            "2000",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
     )
     lines: list[str] = []
     started = threading.Event()

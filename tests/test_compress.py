@@ -1,5 +1,7 @@
 """End-to-end properties of STAT compression on tiny random-weight models of every family."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import DECODER_FAMILIES, TINY_FAMILIES, _build_tiny_tokenizer, build_tiny_model, tiny_texts
@@ -49,10 +51,8 @@ def _linear_params(model):
             block = layer.get_submodule(attn.block)
             total += 0 if block.bias is None else block.bias.numel()
         for path in paths:
-            try:
+            with contextlib.suppress(AttributeError):
                 total += sum(p.numel() for p in layer.get_submodule(path).parameters())
-            except AttributeError:
-                pass
     return total
 
 
@@ -235,7 +235,7 @@ def test_tokenized_batches_are_accepted():
     model = build_tiny_model("llama")
     ids = torch.randint(4, 19, (40, 20))
     batches = batches_from_tensors(ids, batch_size=8)
-    pruned, report = statprune.compress(model, data=batches, keep_params=0.6, progress=False)
+    _pruned, report = statprune.compress(model, data=batches, keep_params=0.6, progress=False)
     assert report.calibration_tokens == 800
     assert report.params_kept <= 0.6
 
@@ -244,9 +244,7 @@ def test_tokenized_batches_are_accepted():
 @pytest.mark.parametrize("bias_compensation", [True, False])
 def test_options_run_and_are_recorded(activations, bias_compensation):
     model = build_tiny_model("bert")
-    _, report = _compress(
-        model, keep_flops=0.6, activations=activations, bias_compensation=bias_compensation
-    )
+    _, report = _compress(model, keep_flops=0.6, activations=activations, bias_compensation=bias_compensation)
     assert report.options["activations"] == activations
     assert report.options["bias_compensation"] is bias_compensation
     assert all(0.0 <= lr.output_error < 1.0 for lr in report.layers)

@@ -43,7 +43,9 @@ def test_save_load_reproduces_outputs(family, tmp_path):
     torch.testing.assert_close(_logits(loaded, inputs), _logits(pruned, inputs), rtol=0, atol=1e-6)
     saved = json.loads((out / "statprune.json").read_text())
     assert saved["flops_kept"] == pytest.approx(report.flops_kept)
-    assert [len(layer["heads_kept"]) for layer in saved["layers"]] == [len(lr.heads_kept) for lr in report.layers]
+    assert [len(layer["heads_kept"]) for layer in saved["layers"]] == [
+        len(lr.heads_kept) for lr in report.layers
+    ]
     assert statprune.load_report(out).to_dict() == report.to_dict()
     assert {"config.json", "model.safetensors", "modeling_statprune.py", "statprune.json"} <= {
         p.name for p in out.iterdir()
@@ -78,7 +80,9 @@ def test_plain_transformers_loads_without_statprune(family, auto, tmp_path):
     torch.save(inputs, out / "inputs.pt")
     result = subprocess.run(
         [sys.executable, "-c", _PLAIN_TRANSFORMERS, str(out), auto],
-        capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -148,5 +152,7 @@ def test_compressing_a_compressed_model_again(family, tmp_path):
     )
     out2 = statprune.save(again, tmp_path / "twice", report=report2)
     inputs = _inputs(family)
-    torch.testing.assert_close(_logits(statprune.load(out2), inputs), _logits(again, inputs), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        _logits(statprune.load(out2), inputs), _logits(again, inputs), rtol=0, atol=1e-6
+    )
     assert report2.flops_before == report.flops_after

@@ -20,8 +20,7 @@ def adapter_for(config) -> ModelAdapter:
         if model_type in adapter.model_types:
             return adapter(config)
     raise ModelError(
-        f"unsupported architecture {model_type!r}; statprune supports: "
-        + ", ".join(SUPPORTED_MODEL_TYPES)
+        f"unsupported architecture {model_type!r}; statprune supports: " + ", ".join(SUPPORTED_MODEL_TYPES)
     )
 
 

@@ -30,9 +30,7 @@ class DistilBertAdapter(ModelAdapter):
         )
 
     def ffn(self, layer: nn.Module) -> FFNLayout:
-        return FFNLayout(
-            inputs=("ffn.lin1",), output="ffn.lin2", width=self.linear_width(layer, "ffn.lin1")
-        )
+        return FFNLayout(inputs=("ffn.lin1",), output="ffn.lin2", width=self.linear_width(layer, "ffn.lin1"))
 
     def head_attributes(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, dict]:
         return {"attention": {"n_heads": n_heads}}

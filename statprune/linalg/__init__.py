@@ -4,6 +4,7 @@ Nothing here knows about ``torch.nn`` modules: every function takes and returns 
 """
 
 from statprune.linalg.gram import GramAccumulator, GramStats
+from statprune.linalg.heads import HeadSelection, select_heads
 from statprune.linalg.interpolative import (
     InterpolativeDecomposition,
     fold_correction,
@@ -11,7 +12,6 @@ from statprune.linalg.interpolative import (
     pivoted_cholesky,
     select_columns,
 )
-from statprune.linalg.heads import HeadSelection, select_heads
 
 __all__ = [
     "GramAccumulator",

