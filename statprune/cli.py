@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from statprune.errors import ModelError, StatpruneError
+from statprune.evaluate import add_eval_parser, run_eval
 
 
 def _fraction(text: str) -> float:
@@ -67,11 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not let the next bias absorb the mean of removed units",
     )
     c.add_argument("--round-to", type=_positive_int, default=1, help="kept FFN widths are multiples of N")
+    c.add_argument("--checkpoint-dir", type=Path, help="save progress after every layer into this folder")
+    c.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
     i = sub.add_parser("info", help="print the report of a compressed model")
     i.add_argument("model", type=Path)
+    add_eval_parser(sub)
     return parser
 
 
@@ -124,6 +128,8 @@ def _compress(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         inplace=True,
         progress=not args.quiet,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
         **fields,
     )
     report.source_model = str(args.model.resolve())
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
-    commands = {"compress": _compress, "info": _info}
+    commands = {"compress": _compress, "info": _info, "eval": run_eval}
     try:
         from transformers.utils import logging as hf_logging
 

@@ -23,6 +23,7 @@ from torch import nn
 from statprune.adapters import ModelAdapter, adapter_for
 from statprune.allocation import BlockCurve, allocate, curve_from_errors
 from statprune.calibration import CalibrationBatch, count_tokens, sample_examples, tokenize_examples
+from statprune.checkpoint import Checkpoint, fingerprint
 from statprune.errors import BudgetError, DataError, DeviceError, ModelError
 from statprune.flops import LayerShape, model_shapes, total_cost
 from statprune.linalg import (
@@ -34,6 +35,7 @@ from statprune.linalg import (
 )
 from statprune.linalg.heads import HeadSelection, head_columns
 from statprune.linalg.interpolative import InterpolativeDecomposition
+from statprune.modeling_statprune import apply_ops
 from statprune.progress import progress_bar
 from statprune.report import CompressionReport, LayerReport
 from statprune.surgery import prune_heads, prune_neurons
@@ -295,6 +297,8 @@ def compress(
     batch_size: int = 16,
     inplace: bool = False,
     progress: bool = True,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
     **option_overrides,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress a transformers model with STAT; returns the pruned model and its report.
@@ -302,7 +306,8 @@ def compress(
     ``data`` is a list of strings (or (text, pair) tuples), tokenized with ``tokenizer``, or an
     iterable of ``CalibrationBatch`` (see ``statprune.calibration.batches_from_tensors``). Other
     keyword arguments are ``CompressionOptions`` fields. The input model is copied unless
-    ``inplace``.
+    ``inplace``. With ``checkpoint_dir`` progress is saved after every layer; ``resume`` continues
+    an interrupted run of the same job from there, with identical results.
     """
     options = CompressionOptions(keep_flops=keep_flops, keep_params=keep_params, **option_overrides)
     options.validate()
@@ -311,6 +316,10 @@ def compress(
     device = resolve_device(options.device)
     check_finite_weights(model)
     batches = _prepare_batches(tokenizer, data, samples, seed, options.seq_len, batch_size)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        job = fingerprint(model.config.to_json_string(), asdict(options), batches)
+        checkpoint = Checkpoint(checkpoint_dir, job, resume)
     start = time.perf_counter()
     if not inplace:
         model = copy.deepcopy(model)
@@ -322,7 +331,7 @@ def compress(
         shapes = model_shapes(adapter, base)
         _check_enough_tokens(shapes, count_tokens(batches))
         calib = _capture_inputs(model, adapter, batches, device)
-        curves, _weights = _analyse(adapter, base, calib, shapes, options, kind)
+        curves = _analyse(adapter, base, calib, shapes, options, kind, checkpoint)
         counts = allocate(
             shapes,
             curves,
@@ -332,7 +341,9 @@ def compress(
             options.allocation,
             reserve=_bias_reserve(shapes, curves, kind, options),
         )
-        layer_reports, ops = _prune(adapter, base, calib, counts, options)
+        layer_reports, ops = _prune(adapter, base, calib, counts, options, checkpoint)
+    if checkpoint is not None:
+        checkpoint.finish()
     model.config.statprune_ops = list(getattr(model.config, "statprune_ops", None) or []) + ops
     model.train(was_training)
     report = _report(adapter, model, shapes, counts, layer_reports, options, calib, kind, budget, start)
@@ -365,20 +376,22 @@ def _check_enough_tokens(shapes: list[LayerShape], tokens: int) -> None:
         )
 
 
-def _analyse(adapter, base, calib, shapes, options, kind):
+def _analyse(adapter, base, calib, shapes, options, kind, checkpoint) -> list[BlockCurve]:
     """Analysis pass on the original model: error curves of every prunable block."""
     centered = options.bias_compensation
     curves: list[BlockCurve] = []
-    weights: list[float] = []
-    inputs = calib.hidden
+    inputs, start = calib.hidden, 0
+    state = checkpoint.load("analyse", inputs[0].device) if checkpoint else None
+    if state is not None:
+        start, inputs = state.done + 1, state.inputs
+        curves = [BlockCurve(**c) for c in state.data["curves"]]
     layers = adapter.layers(base)
-    for i in progress_bar(range(len(layers)), desc="analyse layers"):
+    for i in progress_bar(range(start, len(layers)), desc="analyse layers"):
         layer = layers[i]
         stats, outputs = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
         weight = 1.0
         if options.layer_weighting == "residual":
             weight = stats.tokens / max(stats.energy, 1e-30)  # 1 / mean ‖h‖²
-        weights.append(weight)
         if stats.heads is not None:
             errors = _head_selection(adapter, layer, stats, centered).errors
             curves.append(curve_from_errors(i, "heads", shapes[i], errors, weight, kind, options.seq_len))
@@ -390,7 +403,9 @@ def _analyse(adapter, base, calib, shapes, options, kind):
                 )
             )
         inputs = outputs
-    return curves, weights
+        if checkpoint is not None:
+            checkpoint.save("analyse", i, {"curves": [asdict(c) for c in curves]}, inputs)
+    return curves
 
 
 def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str, options) -> int:
@@ -405,14 +420,21 @@ def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str,
     return reserve
 
 
-def _prune(adapter, base, calib, counts, options) -> tuple[list[LayerReport], list[dict]]:
+def _prune(adapter, base, calib, counts, options, checkpoint) -> tuple[list[LayerReport], list[dict]]:
     """Pruning pass: re-collect statistics layer by layer, select, correct and slice."""
     centered = options.bias_compensation
-    inputs = calib.hidden
+    inputs, start = calib.hidden, 0
     layers = adapter.layers(base)
     reports: list[LayerReport] = []
     ops: list[dict] = []
-    for i in progress_bar(range(len(layers)), desc="prune layers"):
+    state = checkpoint.load("prune", inputs[0].device) if checkpoint else None
+    if state is not None:
+        start, inputs, ops = state.done + 1, state.inputs, state.data["ops"]
+        reports = [LayerReport(**r) for r in state.data["reports"]]
+        apply_ops(base, ops)
+        for i in range(start):
+            checkpoint.restore_layer(i, layers[i])
+    for i in progress_bar(range(start, len(layers)), desc="prune layers"):
         layer = layers[i]
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         want_heads, want_neurons = counts[i]
@@ -455,6 +477,10 @@ def _prune(adapter, base, calib, counts, options) -> tuple[list[LayerReport], li
             )
         )
         inputs = outputs if options.activations == "sequential" else reference
+        if checkpoint is not None:
+            checkpoint.save_layer(i, layers[i])
+            data = {"ops": ops, "reports": [asdict(r) for r in reports]}
+            checkpoint.save("prune", i, data, inputs)
     return reports, ops
 
 

@@ -391,6 +391,24 @@ def _ordered_batches(tokenizer, examples, labels, seq_len, batch_size):
     return batches, ordered_labels, len(order)
 
 
+def _class_logits(model, inputs: dict[str, torch.Tensor], which: str) -> torch.Tensor:
+    """Float32 logits on the CPU. Decoder classifiers without ``config.pad_token_id`` refuse padded
+    batches (they cannot find each row's last token): those run one unpadded row at a time."""
+    import torch
+
+    try:
+        out = model(**_model_inputs(model, inputs)).logits
+    except ValueError as exc:
+        if "padding token" not in str(exc):
+            raise
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        rows = [{k: v[i : i + 1, :n] for k, v in inputs.items()} for i, n in enumerate(lengths)]
+        out = torch.cat([model(**_model_inputs(model, row)).logits for row in rows])
+    out = out.float()
+    _check_finite(out, which)
+    return out.cpu()
+
+
 def _evaluate_classify(model, reference, tokenizer, examples, labels, seq_len, batch_size) -> EvalResult:
     import torch
 
@@ -398,13 +416,9 @@ def _evaluate_classify(model, reference, tokenizer, examples, labels, seq_len, b
     batches, label_ids, count = _ordered_batches(tokenizer, examples, label_ids, seq_len, batch_size)
     logits, ref_logits = [], []
     for batch in batches:
-        out = model(**_model_inputs(model, batch.inputs)).logits.float()
-        _check_finite(out, "the model")
-        logits.append(out.cpu())
+        logits.append(_class_logits(model, batch.inputs, "the model"))
         if reference is not None:
-            ref = reference(**_model_inputs(reference, batch.inputs)).logits.float()
-            _check_finite(ref, "the reference model")
-            ref_logits.append(ref.cpu())
+            ref_logits.append(_class_logits(reference, batch.inputs, "the reference model"))
     result = EvalResult("classify", count, sum(b.num_tokens for b in batches))
     logit = torch.cat(logits)
     target = None if label_ids is None else torch.tensor(label_ids)

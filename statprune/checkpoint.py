@@ -1,0 +1,109 @@
+"""Resumable runs: progress saved after every layer, so a killed run continues where it stopped.
+
+A checkpoint folder holds ``meta.json`` (a fingerprint of the model config, options and
+calibration tokens: resuming a different job is refused), one JSON state per pass (``analyse``,
+``prune``: the last finished layer and what was decided so far), the inputs of the next layer
+(``inputs-<pass>-<layer>.safetensors``) and, for the pruning pass, the weights of every finished
+layer (``layer-<i>.safetensors``). Every file is written to a temporary name and renamed, and the
+state JSON is written last, so a kill at any instant leaves a consistent checkpoint. Tensors are
+stored with safetensors only; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from statprune.errors import OutputError
+
+
+def fingerprint(config_json: str, options: dict, batches) -> str:
+    """Identity of a compression job: same model config, options and calibration tokens."""
+    digest = hashlib.sha256(config_json.encode())
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+    for batch in batches:
+        for key in sorted(batch.inputs):
+            digest.update(key.encode())
+            digest.update(batch.inputs[key].contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class PassState:
+    """What a pass had finished: layers ``0 … done`` and the data it carries forward."""
+
+    done: int
+    data: dict
+    inputs: list[torch.Tensor]
+
+
+class Checkpoint:
+    """Progress of one compression job in a folder."""
+
+    def __init__(self, folder: str | Path, job: str, resume: bool) -> None:
+        self.folder = Path(folder)
+        meta = self.folder / "meta.json"
+        if meta.is_file():
+            if not resume:
+                raise OutputError(
+                    f"checkpoint folder {self.folder} holds an unfinished run; pass --resume to "
+                    "continue it or remove the folder"
+                )
+            if json.loads(meta.read_text()).get("job") != job:
+                raise OutputError(
+                    f"checkpoint in {self.folder} belongs to a different model, data or options; "
+                    "use another --checkpoint-dir or remove it"
+                )
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if any(self.folder.iterdir()):
+                raise OutputError(f"checkpoint folder {self.folder} is not empty and not a checkpoint")
+            self._write_json("meta.json", {"job": job})
+
+    def _write_json(self, name: str, data: dict) -> None:
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.folder / name)
+
+    def _write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = self.folder / f".{name}.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.folder / name)
+
+    def load(self, stage: str, device: torch.device) -> PassState | None:
+        """The saved state of a pass, or None if it has not finished a layer yet."""
+        file = self.folder / f"{stage}.json"
+        if not file.is_file():
+            return None
+        state = json.loads(file.read_text())
+        tensors = load_file(str(self.folder / state["inputs"]), device=str(device))
+        inputs = [tensors[str(i)] for i in range(len(tensors))]
+        return PassState(done=state["done"], data=state["data"], inputs=inputs)
+
+    def save(self, stage: str, layer: int, data: dict, inputs: list[torch.Tensor]) -> None:
+        """Record that ``layer`` of ``stage`` is finished; ``inputs`` feed the next layer."""
+        name = f"inputs-{stage}-{layer}.safetensors"
+        self._write_tensors(name, {str(i): t for i, t in enumerate(inputs)})
+        self._write_json(f"{stage}.json", {"done": layer, "data": data, "inputs": name})
+        for old in self.folder.glob(f"inputs-{stage}-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def save_layer(self, index: int, layer: nn.Module) -> None:
+        self._write_tensors(f"layer-{index}.safetensors", dict(layer.state_dict()))
+
+    def restore_layer(self, index: int, layer: nn.Module) -> None:
+        state = load_file(str(self.folder / f"layer-{index}.safetensors"))
+        layer.load_state_dict(state, strict=True)
+
+    def finish(self) -> None:
+        """The job completed: the checkpoint is no longer needed."""
+        shutil.rmtree(self.folder, ignore_errors=True)
