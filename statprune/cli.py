@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sequential", "original"],
         help="calibrate each layer on the pruned (sequential) or original upstream outputs",
     )
-    c.add_argument("--allocation", default="greedy", choices=["greedy", "uniform"])
+    c.add_argument("--allocation", default="auto", choices=["auto", "greedy", "uniform"],
+                   help="per-layer widths: greedy (global error per cost) or uniform; auto picks per method")
+    c.add_argument("--method", default="stat", choices=["stat", "magnitude", "wanda-sp", "flap"],
+                   help="stat (default) or a retraining-free baseline, for comparisons")
     c.add_argument("--layer-weighting", default="residual", choices=["residual", "none"])
     c.add_argument(
         "--no-bias-compensation",
@@ -97,6 +100,7 @@ def _compress(args: argparse.Namespace) -> int:
         activations=args.activations,
         bias_compensation=not args.no_bias_compensation,
         allocation=args.allocation,
+        method=args.method,
         layer_weighting=args.layer_weighting,
         round_to=args.round_to,
         device=args.device,

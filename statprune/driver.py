@@ -33,6 +33,7 @@ from statprune.linalg import (
     select_columns,
     select_heads,
 )
+from statprune.linalg.baselines import BASELINES, channel_scores, head_ranking, neuron_ranking
 from statprune.linalg.heads import HeadSelection, head_columns
 from statprune.linalg.interpolative import InterpolativeDecomposition
 from statprune.modeling_statprune import apply_ops
@@ -52,7 +53,8 @@ class CompressionOptions:
     activations: str = "sequential"  # "sequential" (pruned upstream) or "original"
     bias_compensation: bool = True  # intercept: the next bias absorbs the mean of what is removed
     correction: bool = True  # fold the least-squares correction (False: plain removal, for ablations)
-    allocation: str = "greedy"  # "greedy" (global, error per cost) or "uniform"
+    method: str = "stat"  # "stat", or a baseline: "magnitude", "wanda-sp", "flap"
+    allocation: str = "auto"  # "greedy" (global, error per cost), "uniform", or "auto" (per method)
     layer_weighting: str = "residual"  # normalize layer errors by residual-stream energy, or "none"
     round_to: int = 1  # kept FFN widths are multiples of this
     device: str = "auto"
@@ -68,11 +70,20 @@ class CompressionOptions:
             raise BudgetError(f"budget {value} is outside (0, 1]: give the fraction to keep, e.g. 0.6")
         return kind, float(value)
 
+    @property
+    def allocation_rule(self) -> str:
+        """``auto``: greedy for STAT and FLAP (adaptive), uniform for magnitude and Wanda-sp."""
+        if self.allocation != "auto":
+            return self.allocation
+        return "uniform" if self.method in ("magnitude", "wanda-sp") else "greedy"
+
     def validate(self) -> None:
         self.budget()
         unknown = set(self.prune) - {"heads", "neurons"}
         if unknown or not self.prune:
             raise BudgetError(f"--prune takes heads, neurons or both, not {','.join(self.prune)!r}")
+        if self.method not in ("stat", *BASELINES):
+            raise BudgetError(f"unknown method {self.method!r}; choose stat, {', '.join(BASELINES)}")
         if self.activations not in ("sequential", "original"):
             raise ValueError(f"activations must be sequential or original, not {self.activations!r}")
         if self.seq_len < 1 or self.round_to < 1:
@@ -239,18 +250,34 @@ def _collect(
     return stats, outputs
 
 
-def _head_selection(adapter, layer, stats: _LayerStats, centered: bool) -> HeadSelection:
+def _head_selection(adapter, layer, stats: _LayerStats, options: CompressionOptions) -> HeadSelection:
     attn = adapter.attention(layer)
-    gram = stats.heads.finish().second_moment(centered)
+    finished = stats.heads.finish()
     w_o = layer.get_submodule(attn.o).weight.detach()
-    return select_heads(gram, w_o, attn.n_heads, attn.head_dim, attn.groups)
+    if options.method == "stat":
+        gram = finished.second_moment(options.bias_compensation)
+        return select_heads(gram, w_o, attn.n_heads, attn.head_dim, attn.groups)
+    channel = channel_scores(options.method, finished, w_o)
+    if options.method == "magnitude":  # weight norms of each head's query rows and output columns
+        q_rows = layer.get_submodule(attn.q).weight.detach().double().cpu()
+        channel = channel * torch.linalg.vector_norm(q_rows, dim=1)
+    return head_ranking(
+        channel, attn.n_heads, attn.head_dim, attn.groups, standardize=options.method == "flap"
+    )
 
 
-def _neuron_selection(adapter, layer, stats: _LayerStats, centered: bool) -> InterpolativeDecomposition:
+def _neuron_selection(
+    adapter, layer, stats: _LayerStats, options: CompressionOptions
+) -> InterpolativeDecomposition:
     ffn = adapter.ffn(layer)
-    gram = stats.neurons.finish().second_moment(centered)
+    finished = stats.neurons.finish()
     w = layer.get_submodule(ffn.output).weight.detach().double()
-    return select_columns(gram, scale=torch.linalg.vector_norm(w, dim=0))
+    if options.method == "stat":
+        gram = finished.second_moment(options.bias_compensation)
+        return select_columns(gram, scale=torch.linalg.vector_norm(w, dim=0))
+    w_in = torch.cat([layer.get_submodule(p).weight.detach() for p in ffn.inputs], dim=1)
+    scores = channel_scores(options.method, finished, w, w_in)
+    return neuron_ranking(scores, standardize=options.method == "flap")
 
 
 def _correct(
@@ -264,12 +291,14 @@ def _correct(
     """Least-squares interpolation of the dropped columns, folded into the next projection."""
     out = layer.get_submodule(out_path)
     bias = getattr(out, "bias", None)
-    if not options.correction:
+    if not options.correction or options.method in ("magnitude", "wanda-sp"):
         return out.weight.detach()[:, kept.to(out.weight.device)], None if bias is None else bias.detach()
     centered = options.bias_compensation
     finished = stats.finish()
-    gram = finished.second_moment(centered)
-    interp = interpolation_matrix(gram, kept, dropped)
+    if options.method == "flap":  # bias compensation only: the bias absorbs the removed means
+        interp = torch.zeros(kept.numel(), dropped.numel(), dtype=torch.float64)
+    else:
+        interp = interpolation_matrix(finished.second_moment(centered), kept, dropped)
     return fold_correction(
         out.weight.detach(),
         None if bias is None else bias.detach(),
@@ -338,7 +367,7 @@ def compress(
             kind,
             budget,
             options.seq_len,
-            options.allocation,
+            options.allocation_rule,
             reserve=_bias_reserve(shapes, curves, kind, options),
         )
         layer_reports, ops = _prune(adapter, base, calib, counts, options, checkpoint)
@@ -378,7 +407,6 @@ def _check_enough_tokens(shapes: list[LayerShape], tokens: int) -> None:
 
 def _analyse(adapter, base, calib, shapes, options, kind, checkpoint) -> list[BlockCurve]:
     """Analysis pass on the original model: error curves of every prunable block."""
-    centered = options.bias_compensation
     curves: list[BlockCurve] = []
     inputs, start = calib.hidden, 0
     state = checkpoint.load("analyse", inputs[0].device) if checkpoint else None
@@ -390,13 +418,13 @@ def _analyse(adapter, base, calib, shapes, options, kind, checkpoint) -> list[Bl
         layer = layers[i]
         stats, outputs = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
         weight = 1.0
-        if options.layer_weighting == "residual":
+        if options.layer_weighting == "residual" and options.method == "stat":
             weight = stats.tokens / max(stats.energy, 1e-30)  # 1 / mean ‖h‖²
         if stats.heads is not None:
-            errors = _head_selection(adapter, layer, stats, centered).errors
+            errors = _head_selection(adapter, layer, stats, options).errors
             curves.append(curve_from_errors(i, "heads", shapes[i], errors, weight, kind, options.seq_len))
         if stats.neurons is not None:
-            errors = _neuron_selection(adapter, layer, stats, centered).errors
+            errors = _neuron_selection(adapter, layer, stats, options).errors
             curves.append(
                 curve_from_errors(
                     i, "neurons", shapes[i], errors, weight, kind, options.seq_len, options.round_to
@@ -410,7 +438,8 @@ def _analyse(adapter, base, calib, shapes, options, kind, checkpoint) -> list[Bl
 
 def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str, options) -> int:
     """Parameters that bias compensation may add (a bias on a pruned block that had none)."""
-    if kind != "params" or not options.bias_compensation or not options.correction:
+    plain = options.method in ("magnitude", "wanda-sp") or not options.correction
+    if kind != "params" or not options.bias_compensation or plain:
         return 0
     reserve = 0
     for curve in curves:
@@ -422,7 +451,6 @@ def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str,
 
 def _prune(adapter, base, calib, counts, options, checkpoint) -> tuple[list[LayerReport], list[dict]]:
     """Pruning pass: re-collect statistics layer by layer, select, correct and slice."""
-    centered = options.bias_compensation
     inputs, start = calib.hidden, 0
     layers = adapter.layers(base)
     reports: list[LayerReport] = []
@@ -441,7 +469,7 @@ def _prune(adapter, base, calib, counts, options, checkpoint) -> tuple[list[Laye
         stats, reference = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
         kept_heads, attn_err = list(range(attn.n_heads)), 0.0
         if stats.heads is not None and want_heads < attn.n_heads:
-            selection = _head_selection(adapter, layer, stats, centered)
+            selection = _head_selection(adapter, layer, stats, options)
             per_group = want_heads // attn.groups
             kept_heads, dropped_heads = selection.keep(per_group, attn.n_heads)
             attn_err = _relative(selection.errors, per_group)
@@ -456,7 +484,7 @@ def _prune(adapter, base, calib, counts, options, checkpoint) -> tuple[list[Laye
             ops += prune_heads(adapter, base, i, kept_heads, w, b)
         kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
         if stats.neurons is not None and want_neurons < ffn.width:
-            ident = _neuron_selection(adapter, layer, stats, centered)
+            ident = _neuron_selection(adapter, layer, stats, options)
             kept_neurons, dropped = ident.keep(want_neurons)
             ffn_err = _relative(ident.errors, want_neurons)
             w, b = _correct(layer, ffn.output, stats.neurons, kept_neurons, dropped, options)
@@ -526,7 +554,8 @@ def _report(adapter, model, shapes, counts, layer_reports, options, calib, kind,
             k: list(v) if isinstance(v, tuple) else v
             for k, v in asdict(options).items()
             if k not in ("keep_flops", "keep_params")
-        },
+        }
+        | {"allocation": options.allocation_rule},
         seconds=round(time.perf_counter() - start, 3),
         layers=layer_reports,
         versions={

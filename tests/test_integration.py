@@ -76,3 +76,18 @@ def test_minilm_at_60_percent_flops_keeps_embeddings(minilm, sentences, tmp_path
     torch.testing.assert_close(reloaded, small, rtol=0, atol=1e-5)
     n_small = sum(p.numel() for p in statprune.load(out).parameters())
     assert n_small < sum(p.numel() for p in model.parameters())
+
+
+def test_stat_beats_the_baselines_on_minilm(minilm, sentences):
+    _folder, model, tokenizer = minilm
+    calib, test = sentences
+    dense = _embed(model, tokenizer, test)
+    cosine = {}
+    for method in ("stat", "magnitude", "wanda-sp", "flap"):
+        pruned, report = statprune.compress(
+            model, tokenizer, calib, keep_flops=0.6, samples=256, method=method, progress=False
+        )
+        assert report.flops_kept <= 0.6
+        small = _embed(pruned, tokenizer, test)
+        cosine[method] = torch.nn.functional.cosine_similarity(small, dense).mean().item()
+    assert all(cosine["stat"] > cosine[m] for m in ("magnitude", "wanda-sp", "flap")), cosine

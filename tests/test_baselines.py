@@ -1,0 +1,65 @@
+"""Baseline rankings (magnitude, Wanda-sp, FLAP) against hand computations, and end to end."""
+
+import pytest
+import torch
+from conftest import DECODER_FAMILIES, _build_tiny_tokenizer, build_tiny_model, tiny_texts
+
+import statprune
+from statprune.linalg import GramAccumulator
+from statprune.linalg.baselines import channel_scores, head_ranking, neuron_ranking
+
+
+def _stats(z):
+    acc = GramAccumulator(z.shape[1], compute_dtype=torch.float64)
+    acc.add_batch(z)
+    return acc.finish()
+
+
+def test_channel_scores_match_their_definitions():
+    torch.manual_seed(0)
+    z = torch.randn(50, 6, dtype=torch.float64) * torch.arange(1, 7) + 2.0
+    w = torch.randn(4, 6, dtype=torch.float64)
+    w_in = torch.randn(6, 3, dtype=torch.float64)
+    stats = _stats(z)
+    torch.testing.assert_close(
+        channel_scores("magnitude", stats, w, w_in), w.norm(dim=0) * w_in.norm(dim=1)
+    )
+    torch.testing.assert_close(channel_scores("wanda-sp", stats, w), w.abs().sum(0) * z.norm(dim=0))
+    torch.testing.assert_close(channel_scores("flap", stats, w), z.var(dim=0) * (w**2).sum(0))
+    with pytest.raises(ValueError, match="unknown baseline"):
+        channel_scores("nope", stats, w)
+
+
+def test_neuron_ranking_orders_by_score_and_prices_truncations():
+    scores = torch.tensor([0.5, 3.0, 1.0, 2.0], dtype=torch.float64)
+    ranking = neuron_ranking(scores)
+    assert ranking.order.tolist() == [1, 3, 2, 0]
+    assert ranking.errors.tolist() == [6.5, 3.5, 1.5, 0.5, 0.0]
+    kept, dropped = ranking.keep(2)
+    assert kept.tolist() == [1, 3] and dropped.tolist() == [0, 2]
+
+
+def test_head_ranking_respects_groups():
+    channel = torch.tensor([1.0, 1.0, 5.0, 5.0, 2.0, 2.0, 0.1, 0.1], dtype=torch.float64)  # 4 heads x 2
+    sel = head_ranking(channel, n_heads=4, head_dim=2, groups=2)
+    kept, _ = sel.keep(1, 4)
+    assert kept == [1, 2]  # the best head of group {0, 1} and of group {2, 3}
+    assert sel.errors[0] > sel.errors[1] > sel.errors[2] == 0.0
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap"])
+@pytest.mark.parametrize("family", ["bert", DECODER_FAMILIES[0]])
+def test_baselines_meet_the_budget_and_are_recorded(method, family):
+    model = build_tiny_model(family)
+    pruned, report = statprune.compress(
+        model, _build_tiny_tokenizer(), tiny_texts(300), keep_params=0.6, method=method, progress=False
+    )
+    assert report.params_kept <= 0.6
+    assert report.options["method"] == method
+    expected = "uniform" if method in ("magnitude", "wanda-sp") else "greedy"
+    assert report.options["allocation"] == expected
+    if method in ("magnitude", "wanda-sp"):  # uniform allocation: every layer keeps the same
+        assert len({len(lr.neurons_kept) for lr in report.layers}) == 1
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.isfinite(pruned(input_ids=ids).logits).all()
