@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Iterable, Sequence
@@ -328,6 +329,7 @@ def compress(
     progress: bool = True,
     checkpoint_dir: str | None = None,
     resume: bool = False,
+    offload: bool = False,
     **option_overrides,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress a transformers model with STAT; returns the pruned model and its report.
@@ -336,7 +338,9 @@ def compress(
     iterable of ``CalibrationBatch`` (see ``statprune.calibration.batches_from_tensors``). Other
     keyword arguments are ``CompressionOptions`` fields. The input model is copied unless
     ``inplace``. With ``checkpoint_dir`` progress is saved after every layer; ``resume`` continues
-    an interrupted run of the same job from there, with identical results.
+    an interrupted run of the same job from there, with identical results. With ``offload`` the
+    model stays in CPU memory and one layer at a time visits the device (for models larger than
+    the GPU).
     """
     options = CompressionOptions(keep_flops=keep_flops, keep_params=keep_params, **option_overrides)
     options.validate()
@@ -354,29 +358,60 @@ def compress(
         model = copy.deepcopy(model)
     was_training = model.training
     model.eval()
-    model.to(device)
+    model.to("cpu" if offload else device)
     base = model.base_model
+    visit = device if offload else None
+    stages: dict[str, float] = {}
     with torch.no_grad(), progress_bar.enabled(progress):
         shapes = model_shapes(adapter, base)
         _check_enough_tokens(shapes, count_tokens(batches))
-        calib = _capture_inputs(model, adapter, batches, device)
-        curves = _analyse(adapter, base, calib, shapes, options, kind, checkpoint)
-        counts = allocate(
-            shapes,
-            curves,
-            kind,
-            budget,
-            options.seq_len,
-            options.allocation_rule,
-            reserve=_bias_reserve(shapes, curves, kind, options),
-        )
-        layer_reports, ops = _prune(adapter, base, calib, counts, options, checkpoint)
+        with _timed(stages, "capture"):
+            calib = _capture_inputs(model, adapter, batches, device)
+        with _timed(stages, "analyse"):
+            curves = _analyse(adapter, base, calib, shapes, options, kind, checkpoint, visit)
+        with _timed(stages, "allocate"):
+            counts = allocate(
+                shapes,
+                curves,
+                kind,
+                budget,
+                options.seq_len,
+                options.allocation_rule,
+                reserve=_bias_reserve(shapes, curves, kind, options),
+            )
+        with _timed(stages, "prune"):
+            layer_reports, ops = _prune(adapter, base, calib, counts, options, checkpoint, visit)
     if checkpoint is not None:
         checkpoint.finish()
     model.config.statprune_ops = list(getattr(model.config, "statprune_ops", None) or []) + ops
     model.train(was_training)
     report = _report(adapter, model, shapes, counts, layer_reports, options, calib, kind, budget, start)
+    report.stage_seconds = {k: round(v, 3) for k, v in stages.items()}
+    if device.type == "cuda":
+        report.peak_device_mb = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return model, report
+
+
+@contextlib.contextmanager
+def _timed(stages: dict[str, float], name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _visiting(layer: nn.Module, device: torch.device | None):
+    """With offloading, a layer lives on the CPU and visits ``device`` while it is processed."""
+    if device is None:
+        yield
+        return
+    layer.to(device)
+    try:
+        yield
+    finally:
+        layer.to("cpu")
 
 
 def _prepare_batches(tokenizer, data, samples, seed, seq_len, batch_size) -> list[CalibrationBatch]:
@@ -405,7 +440,7 @@ def _check_enough_tokens(shapes: list[LayerShape], tokens: int) -> None:
         )
 
 
-def _analyse(adapter, base, calib, shapes, options, kind, checkpoint) -> list[BlockCurve]:
+def _analyse(adapter, base, calib, shapes, options, kind, checkpoint, visit) -> list[BlockCurve]:
     """Analysis pass on the original model: error curves of every prunable block."""
     curves: list[BlockCurve] = []
     inputs, start = calib.hidden, 0
@@ -415,25 +450,30 @@ def _analyse(adapter, base, calib, shapes, options, kind, checkpoint) -> list[Bl
         curves = [BlockCurve(**c) for c in state.data["curves"]]
     layers = adapter.layers(base)
     for i in progress_bar(range(start, len(layers)), desc="analyse layers"):
-        layer = layers[i]
-        stats, outputs = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
-        weight = 1.0
-        if options.layer_weighting == "residual" and options.method == "stat":
-            weight = stats.tokens / max(stats.energy, 1e-30)  # 1 / mean ‖h‖²
-        if stats.heads is not None:
-            errors = _head_selection(adapter, layer, stats, options).errors
-            curves.append(curve_from_errors(i, "heads", shapes[i], errors, weight, kind, options.seq_len))
-        if stats.neurons is not None:
-            errors = _neuron_selection(adapter, layer, stats, options).errors
-            curves.append(
-                curve_from_errors(
-                    i, "neurons", shapes[i], errors, weight, kind, options.seq_len, options.round_to
-                )
-            )
-        inputs = outputs
+        with _visiting(layers[i], visit):
+            inputs = _analyse_layer(adapter, layers[i], i, calib, inputs, shapes, options, kind, curves)
         if checkpoint is not None:
             checkpoint.save("analyse", i, {"curves": [asdict(c) for c in curves]}, inputs)
     return curves
+
+
+def _analyse_layer(adapter, layer, i, calib, inputs, shapes, options, kind, curves) -> list[torch.Tensor]:
+    """Error curves of one layer's blocks (appended to ``curves``); returns the layer outputs."""
+    stats, outputs = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
+    weight = 1.0
+    if options.layer_weighting == "residual" and options.method == "stat":
+        weight = stats.tokens / max(stats.energy, 1e-30)  # 1 / mean ‖h‖²
+    if stats.heads is not None:
+        errors = _head_selection(adapter, layer, stats, options).errors
+        curves.append(curve_from_errors(i, "heads", shapes[i], errors, weight, kind, options.seq_len))
+    if stats.neurons is not None:
+        errors = _neuron_selection(adapter, layer, stats, options).errors
+        curves.append(
+            curve_from_errors(
+                i, "neurons", shapes[i], errors, weight, kind, options.seq_len, options.round_to
+            )
+        )
+    return outputs
 
 
 def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str, options) -> int:
@@ -449,7 +489,7 @@ def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str,
     return reserve
 
 
-def _prune(adapter, base, calib, counts, options, checkpoint) -> tuple[list[LayerReport], list[dict]]:
+def _prune(adapter, base, calib, counts, options, checkpoint, visit) -> tuple[list[LayerReport], list[dict]]:
     """Pruning pass: re-collect statistics layer by layer, select, correct and slice."""
     inputs, start = calib.hidden, 0
     layers = adapter.layers(base)
@@ -463,53 +503,64 @@ def _prune(adapter, base, calib, counts, options, checkpoint) -> tuple[list[Laye
         for i in range(start):
             checkpoint.restore_layer(i, layers[i])
     for i in progress_bar(range(start, len(layers)), desc="prune layers"):
-        layer = layers[i]
-        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        want_heads, want_neurons = counts[i]
-        stats, reference = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
-        kept_heads, attn_err = list(range(attn.n_heads)), 0.0
-        if stats.heads is not None and want_heads < attn.n_heads:
-            selection = _head_selection(adapter, layer, stats, options)
-            per_group = want_heads // attn.groups
-            kept_heads, dropped_heads = selection.keep(per_group, attn.n_heads)
-            attn_err = _relative(selection.errors, per_group)
-            w, b = _correct(
-                layer,
-                attn.o,
-                stats.heads,
-                head_columns(kept_heads, attn.head_dim),
-                head_columns(dropped_heads, attn.head_dim),
-                options,
+        with _visiting(layers[i], visit):
+            report, layer_ops, outputs, reference = _prune_layer(
+                adapter, base, i, calib, inputs, counts[i], options
             )
-            ops += prune_heads(adapter, base, i, kept_heads, w, b)
-        kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
-        if stats.neurons is not None and want_neurons < ffn.width:
-            ident = _neuron_selection(adapter, layer, stats, options)
-            kept_neurons, dropped = ident.keep(want_neurons)
-            ffn_err = _relative(ident.errors, want_neurons)
-            w, b = _correct(layer, ffn.output, stats.neurons, kept_neurons, dropped, options)
-            ops += prune_neurons(adapter, base, i, kept_neurons, w, b)
-        del stats
-        outputs = _run_layer(layers[i], calib, inputs, None, {})
-        out_err = _output_error(outputs, reference, calib.masks)
-        reports.append(
-            LayerReport(
-                layer=i,
-                heads_total=attn.n_heads,
-                heads_kept=[int(h) for h in kept_heads],
-                neurons_total=ffn.width,
-                neurons_kept=[int(n) for n in kept_neurons],
-                attention_error=attn_err,
-                ffn_error=ffn_err,
-                output_error=out_err,
-            )
-        )
+            if checkpoint is not None:
+                checkpoint.save_layer(i, layers[i])
+        reports.append(report)
+        ops += layer_ops
         inputs = outputs if options.activations == "sequential" else reference
         if checkpoint is not None:
-            checkpoint.save_layer(i, layers[i])
             data = {"ops": ops, "reports": [asdict(r) for r in reports]}
             checkpoint.save("prune", i, data, inputs)
     return reports, ops
+
+
+def _prune_layer(adapter, base, i, calib, inputs, count, options):
+    """Select, correct and slice one layer; returns its report, ops, new and original outputs."""
+    layer = adapter.layers(base)[i]
+    ops: list[dict] = []
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    want_heads, want_neurons = count
+    stats, reference = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
+    kept_heads, attn_err = list(range(attn.n_heads)), 0.0
+    if stats.heads is not None and want_heads < attn.n_heads:
+        selection = _head_selection(adapter, layer, stats, options)
+        per_group = want_heads // attn.groups
+        kept_heads, dropped_heads = selection.keep(per_group, attn.n_heads)
+        attn_err = _relative(selection.errors, per_group)
+        w, b = _correct(
+            layer,
+            attn.o,
+            stats.heads,
+            head_columns(kept_heads, attn.head_dim),
+            head_columns(dropped_heads, attn.head_dim),
+            options,
+        )
+        ops += prune_heads(adapter, base, i, kept_heads, w, b)
+    kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
+    if stats.neurons is not None and want_neurons < ffn.width:
+        ident = _neuron_selection(adapter, layer, stats, options)
+        kept_neurons, dropped = ident.keep(want_neurons)
+        ffn_err = _relative(ident.errors, want_neurons)
+        w, b = _correct(layer, ffn.output, stats.neurons, kept_neurons, dropped, options)
+        ops += prune_neurons(adapter, base, i, kept_neurons, w, b)
+    del stats
+    outputs = _run_layer(layer, calib, inputs, None, {})
+    out_err = _output_error(outputs, reference, calib.masks)
+    report = LayerReport(
+        layer=i,
+        heads_total=attn.n_heads,
+        heads_kept=[int(h) for h in kept_heads],
+        neurons_total=ffn.width,
+        neurons_kept=[int(n) for n in kept_neurons],
+        attention_error=attn_err,
+        ffn_error=ffn_err,
+        output_error=out_err,
+    )
+    return report, ops, outputs, reference
 
 
 def _output_error(outputs, reference, masks) -> float:

@@ -68,6 +68,7 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 def _like(root: nn.Module) -> dict:
+    """Device and dtype for a new module: those of the module it replaces (or of the model)."""
     ref = next(iter(root.parameters()), None)
     if ref is None:
         return {}
@@ -79,13 +80,13 @@ def apply_op(root: nn.Module, op: dict) -> nn.Module | None:
     kind, path = op["op"], op["path"]
     if kind == "linear":
         parent, name = _parent(root, path)
-        module = nn.Linear(op["in"], op["out"], bias=op["bias"], **_like(root))
+        module = nn.Linear(op["in"], op["out"], bias=op["bias"], **_like(getattr(parent, name, root)))
         setattr(parent, name, module)
         return module
     if kind == "empty_attention":
         parent, name = _parent(root, path)
         module = EmptyAttention(op["out"], op["bias"], op.get("head_dim", 0), op.get("layer_idx", 0))
-        module.to(**_like(root))
+        module.to(**_like(getattr(parent, name, root)))
         setattr(parent, name, module)
         return module
     if kind == "attrs":

@@ -44,6 +44,8 @@ class CompressionReport:
     versions: dict[str, str] = field(default_factory=dict)
     source_model: str | None = None
     architecture: str | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    peak_device_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

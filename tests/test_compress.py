@@ -271,3 +271,13 @@ def test_bad_budgets_are_rejected():
         _compress(model, keep_flops=1e-4)
     with pytest.raises(statprune.StatpruneError, match="still keeps"):
         _compress(model, keep_flops=0.1, prune=("heads",))
+
+
+def test_offloading_layers_gives_identical_results():
+    model = build_tiny_model("llama")
+    a, rep_a = _compress(model, keep_flops=0.5)
+    b, rep_b = _compress(model, keep_flops=0.5, offload=True)
+    assert [lr.heads_kept for lr in rep_a.layers] == [lr.heads_kept for lr in rep_b.layers]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    assert set(rep_b.stage_seconds) == {"capture", "analyse", "allocate", "prune"}
