@@ -13,6 +13,7 @@ from pathlib import Path
 
 from statprune.errors import ModelError, StatpruneError
 from statprune.evaluate import add_eval_parser, run_eval
+from statprune.sweep import add_sweep_parser, run_sweep
 
 
 def _fraction(text: str) -> float:
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print the report of a compressed model")
     i.add_argument("model", type=Path)
     add_eval_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
-    commands = {"compress": _compress, "info": _info, "eval": run_eval}
+    commands = {"compress": _compress, "info": _info, "eval": run_eval, "sweep": run_sweep}
     try:
         from transformers.utils import logging as hf_logging
 

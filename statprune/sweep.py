@@ -1,0 +1,870 @@
+"""``statprune sweep``: compress at several budgets with several methods, to pick a budget up front.
+
+The model loads once and the dense model is evaluated once (the reference line). Then, for each
+method and budget, a fresh copy is compressed on the same calibration sample and evaluated on the
+evaluation data against the dense model. The primary metric is accuracy when the evaluation data
+has labels (``classify``), else top-1 agreement with the dense model (unlabelled ``classify``),
+perplexity (``lm``, lower is better) or the mean cosine similarity of the embeddings to the dense
+ones (``embed``).
+
+Output (written atomically: the folder appears complete or not at all):
+
+* ``results.json``: one row per run (see :class:`SweepRow`).
+* ``results.md``: a protocol line and a table, budgets by methods, with the dense reference.
+* ``plot.png``: quality against the achieved fraction kept, one line per method, dense dashed.
+* ``best.json`` (with ``--min-quality``): the selected configuration, or ``null`` and the closest.
+* ``best/`` (with ``--save-best``): the selected model as a normal statprune folder.
+
+Selection rule: among the runs that meet the bar, the one with the smallest achieved fraction
+kept (any method); ties go to the better metric, then to the method listed first.
+
+    result = sweep("model/", "calib.txt", "checks.jsonl", budgets=[0.8, 0.6], methods=["stat"],
+                   min_quality="99%", out="sweep/")
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from statprune.errors import BudgetError, DataError, ModelError, OutputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from statprune.evaluate import EvalResult
+    from statprune.report import CompressionReport
+
+__all__ = [
+    "METHODS",
+    "QualityBar",
+    "Selection",
+    "SweepResult",
+    "SweepRow",
+    "add_sweep_parser",
+    "parse_budgets",
+    "parse_methods",
+    "parse_min_quality",
+    "run_sweep",
+    "select_best",
+    "sweep",
+]
+
+METHODS = ("stat", "magnitude", "wanda-sp", "flap")
+DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+BUDGET_KINDS = ("flops", "params")
+# The selected model is kept in memory during the sweep when the dense weights take at most this
+# many bytes; larger models (LLMs) are compressed again at the end instead.
+KEEP_IN_MEMORY_BYTES = 1 << 30
+SELECTION_RULE = (
+    "smallest achieved fraction kept among the runs that meet the bar (any method); "
+    "ties: better metric, then the method listed first"
+)
+_METRICS = {  # metric -> (higher is better, valid absolute range)
+    "accuracy": (True, (0.0, 1.0)),
+    "agreement": (True, (0.0, 1.0)),
+    "cosine": (True, (-1.0, 1.0)),
+    "perplexity": (False, (0.0, math.inf)),
+}
+_EPS = 1e-12
+_COLLECT_BYTES = 64 << 20  # run the garbage collector after each run above this model size
+
+
+# -------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class SweepRow:
+    """One compressed configuration and how it evaluates. ``value`` is None when the run failed
+    (``error`` says why, e.g. a budget the model cannot reach)."""
+
+    model: str
+    task: str
+    method: str
+    budget_kind: str
+    budget: float
+    achieved: float | None
+    metric: str
+    value: float | None
+    dense_value: float
+    seconds: float
+    agreement: float | None = None
+    kl: float | None = None
+    perplexity_ratio: float | None = None
+    cosine_min: float | None = None
+    flops_kept: float | None = None
+    params_kept: float | None = None
+    eval_seconds: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QualityBar:
+    """``--min-quality``: an absolute metric value, or a fraction of the dense value (``99%``)."""
+
+    value: float
+    relative: bool
+    text: str
+
+    def threshold(self, dense_value: float, higher_is_better: bool) -> float:
+        """The metric value a run must reach: ``>=`` it when higher is better, else ``<=`` it.
+
+        Relative bars keep that fraction of the dense quality: ``99%`` is at least 0.99 x dense
+        for accuracy / agreement / cosine, and at most dense / 0.99 for perplexity.
+        """
+        if not self.relative:
+            return self.value
+        return dense_value * self.value if higher_is_better else dense_value / self.value
+
+    def describe(self, metric: str, dense_value: float, higher_is_better: bool) -> str:
+        sign = ">=" if higher_is_better else "<="
+        bar = f"{metric} {sign} {_fmt(metric, self.threshold(dense_value, higher_is_better))}"
+        if self.relative:
+            bar += f" ({self.text} of dense {_fmt(metric, dense_value)})"
+        return bar
+
+
+@dataclass
+class Selection:
+    """The outcome of ``--min-quality``."""
+
+    min_quality: str
+    threshold: float
+    best: SweepRow | None
+    closest: SweepRow | None
+    message: str
+    rule: str = SELECTION_RULE
+    saved: str | None = None  # folder of the saved model, relative to the output folder
+    saved_achieved: float | None = None  # achieved fraction of the saved model (re-compressed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "min_quality": self.min_quality,
+            "threshold": self.threshold,
+            "rule": self.rule,
+            "best": None if self.best is None else self.best.to_dict(),
+            "closest": None if self.closest is None else self.closest.to_dict(),
+            "message": self.message,
+            "saved": self.saved,
+            "saved_achieved": self.saved_achieved,
+        }
+
+
+@dataclass
+class SweepResult:
+    """Everything one sweep measured."""
+
+    model: str
+    model_dir: Path
+    architecture: str
+    task: str
+    metric: str
+    higher_is_better: bool
+    dense_value: float
+    budget_kind: str
+    budgets: list[float]
+    methods: list[str]
+    seq_len: int
+    seed: int
+    calibration_path: Path
+    calibration_available: int  # examples in the calibration file
+    calibration_examples: int  # examples drawn (--samples)
+    calibration_tokens: int
+    eval_path: Path
+    eval_examples: int
+    rows: list[SweepRow] = field(default_factory=list)
+    selection: Selection | None = None
+    out: Path | None = None
+    seconds: float = 0.0
+
+    def protocol(self) -> str:
+        """One line: what was compressed, on what, evaluated how, and what "%" means."""
+        direction = "higher" if self.higher_is_better else "lower"
+        return (
+            f"Protocol: model `{self.model}` ({self.architecture}, task {self.task}); "
+            f"calibration: {self.calibration_examples} of {self.calibration_available} examples from "
+            f"`{self.calibration_path.name}` (seed {self.seed}, {self.calibration_tokens:,} tokens), "
+            f"seq len {self.seq_len}; evaluation: {self.eval_examples} examples from "
+            f"`{self.eval_path.name}`, metric {_metric_label(self.metric)} ({direction} is better), "
+            f"compared with the dense model; budget kind: {self.budget_kind} — "
+            f"\"%\" is {_percent_meaning(self.budget_kind, self.seq_len)}."
+        )
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [row.to_dict() for row in self.rows]
+
+
+def _metric_label(metric: str) -> str:
+    return {"agreement": "top-1 agreement with dense", "cosine": "mean cosine to dense"}.get(metric, metric)
+
+
+def _percent_meaning(kind: str, seq_len: int) -> str:
+    if kind == "flops":
+        return (
+            f"the fraction of the dense model's attention+FFN FLOPs kept (per sequence of {seq_len} "
+            "tokens; embeddings and task head not counted)"
+        )
+    return (
+        "the fraction of the dense model's attention+FFN parameters kept "
+        "(embeddings and task head not counted)"
+    )
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
+
+
+# ------------------------------------------------------------------------------------- parsing
+
+
+def parse_budgets(text: str | Sequence[float]) -> list[float]:
+    """``0.9,0.8`` (or a sequence of numbers) as distinct fractions in (0, 1], largest first."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    budgets: list[float] = []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            continue
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise BudgetError(
+                f"--budgets: {item!r} is not a number; give fractions such as 0.9,0.7,0.5"
+            ) from None
+        if not 0.0 < value <= 1.0:
+            raise BudgetError(
+                f"--budgets: {item} is outside (0, 1]; give fractions to keep, such as 0.9,0.7,0.5"
+            )
+        if value not in budgets:
+            budgets.append(value)
+    if not budgets:
+        raise BudgetError("--budgets is empty; give fractions to keep, such as 0.9,0.8,0.7,0.6,0.5,0.4")
+    return sorted(budgets, reverse=True)
+
+
+def parse_methods(text: str | Sequence[str]) -> list[str]:
+    """``stat,flap`` (or a sequence) as distinct known method names, in the order given."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    methods: list[str] = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        if item not in METHODS:
+            raise BudgetError(f"--methods: unknown method {item!r}; choose from {','.join(METHODS)}")
+        if item not in methods:
+            methods.append(item)
+    if not methods:
+        raise BudgetError(f"--methods is empty; choose from {','.join(METHODS)}")
+    return methods
+
+
+def parse_min_quality(text: str) -> QualityBar:
+    """``0.80`` (absolute metric value) or ``99%`` (relative to the dense model's value)."""
+    raw = str(text).strip()
+    relative = raw.endswith("%")
+    number = raw[:-1].strip() if relative else raw
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise BudgetError(
+            f"--min-quality {text!r} is not a number; give an absolute value (0.80) or a share of "
+            "the dense quality (99%)"
+        )
+    if relative:
+        if value <= 0:
+            raise BudgetError(f"--min-quality {text!r} must be above 0%, e.g. 99%")
+        return QualityBar(value / 100.0, True, f"{value:g}%")
+    return QualityBar(value, False, f"{value:g}")
+
+
+def _check_bar(bar: QualityBar, metric: str) -> None:
+    if bar.relative:
+        return
+    low, high = _METRICS[metric][1]
+    if metric == "perplexity" and bar.value <= 0:
+        raise BudgetError(f"--min-quality {bar.text}: a perplexity bar must be positive (e.g. 25.0 or 99%)")
+    if not low <= bar.value <= high:
+        raise BudgetError(
+            f"--min-quality {bar.text} is not a possible {metric} ({low:g}..{high:g}); "
+            f"write e.g. 0.80, or 99% for a share of the dense value"
+        )
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def meets(value: float | None, threshold: float, higher_is_better: bool) -> bool:
+    """Whether a metric value satisfies the bar (within rounding)."""
+    if value is None or not math.isfinite(value):
+        return False
+    tol = _EPS * max(1.0, abs(threshold))
+    return value >= threshold - tol if higher_is_better else value <= threshold + tol
+
+
+def select_best(
+    rows: Sequence[SweepRow], threshold: float, higher_is_better: bool, methods: Sequence[str] | None = None
+) -> tuple[SweepRow | None, SweepRow | None]:
+    """``(best, closest)``: ``best`` is the run meeting the bar with the smallest achieved fraction
+    (ties: better metric, then the method earlier in ``methods``), or None; ``closest`` is the run
+    with the best metric (ties: smaller achieved), reported when nothing meets the bar."""
+    order = list(methods) if methods is not None else list(METHODS)
+
+    def rank(row: SweepRow) -> int:
+        return order.index(row.method) if row.method in order else len(order)
+
+    def quality(row: SweepRow) -> float:
+        return -row.value if higher_is_better else row.value  # smaller is better
+
+    done = [r for r in rows if r.value is not None and math.isfinite(r.value) and r.achieved is not None]
+    passing = [r for r in done if meets(r.value, threshold, higher_is_better)]
+    best = min(passing, key=lambda r: (round(r.achieved, 9), quality(r), rank(r)), default=None)
+    closest = min(done, key=lambda r: (quality(r), round(r.achieved, 9), rank(r)), default=None)
+    return best, closest
+
+
+def _describe_row(row: SweepRow) -> str:
+    return (
+        f"{row.method} at keep {row.budget:g} {row.budget_kind} (achieved {row.achieved:.1%}): "
+        f"{row.metric} {_fmt(row.metric, row.value)}"
+    )
+
+
+def _selection(
+    rows: Sequence[SweepRow], bar: QualityBar, metric: str, dense_value: float, methods: Sequence[str]
+) -> Selection:
+    higher = _METRICS[metric][0]
+    threshold = bar.threshold(dense_value, higher)
+    best, closest = select_best(rows, threshold, higher, methods)
+    described = bar.describe(metric, dense_value, higher)
+    if best is not None:
+        closest = None  # only reported when nothing meets the bar
+        message = f"best: {_describe_row(best)} — the smallest model with {described}"
+    elif closest is not None:
+        message = f"no configuration reaches {described}; closest: {_describe_row(closest)}"
+    else:
+        message = f"no configuration reaches {described}: every run failed"
+    return Selection(bar.text, threshold, best, closest, message)
+
+
+# ---------------------------------------------------------------------------------------- sweep
+
+
+def _primary(task: str, has_labels: bool) -> str:
+    if task == "classify":
+        return "accuracy" if has_labels else "agreement"
+    return {"lm": "perplexity", "embed": "cosine"}[task]
+
+
+def _metric_value(result: EvalResult, metric: str) -> float | None:
+    return {
+        "accuracy": result.accuracy,
+        "agreement": result.agreement,
+        "perplexity": result.perplexity,
+        "cosine": result.cosine_mean,
+    }[metric]
+
+
+def _fields_for(path: Path, text_field: str | None, pair_field: str | None):
+    """--text-field / --pair-field apply to the .jsonl / .csv files among --data and --eval."""
+    if path.suffix.lower() in (".jsonl", ".csv") and not path.is_dir():
+        return text_field, pair_field
+    return None, None
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of {folder}: {reason}") from None
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _free(device, large: bool) -> None:
+    """Return a dropped model's memory now: collect reference cycles (slow, so only for large
+    models or on a GPU) and release the CUDA cache."""
+    import torch
+
+    on_gpu = getattr(device, "type", str(device)) == "cuda"
+    if large or on_gpu:
+        gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+
+
+def _check_out(out: Path, overwrite: bool, model_dir: Path) -> None:
+    from statprune.persist import check_output_dir
+
+    check_output_dir(out, overwrite, source=model_dir)
+
+
+def sweep(
+    model_dir: str | Path,
+    calib_path: str | Path,
+    eval_path: str | Path,
+    *,
+    budgets: Sequence[float] | str = DEFAULT_BUDGETS,
+    methods: Sequence[str] | str = METHODS,
+    budget_kind: str = "flops",
+    samples: int = 512,
+    seq_len: int = 128,
+    seed: int = 0,
+    batch_size: int = 16,
+    eval_batch_size: int = 32,
+    eval_samples: int | None = None,
+    task: str = "auto",
+    text_field: str | None = None,
+    pair_field: str | None = None,
+    label_field: str | None = None,
+    min_quality: str | QualityBar | None = None,
+    save_best: bool = False,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    name: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = print,
+    **compress_options: Any,
+) -> SweepResult:
+    """Compress ``model_dir`` with every method at every budget and evaluate each result.
+
+    ``budgets`` are fractions of ``budget_kind`` (``flops`` or ``params``) to keep. Calibration
+    examples (``samples`` drawn with ``seed`` from ``calib_path``) are tokenized once and shared by
+    every run; evaluation examples come from ``eval_path`` (labels from ``label_field``, default
+    ``label`` when present; ``eval_samples`` keeps the first N). ``min_quality`` (``0.80`` or
+    ``99%``) selects the smallest run meeting it (see :data:`SELECTION_RULE`); ``save_best`` also
+    saves that model into ``out/best``. With ``out`` the results are written there atomically.
+    ``log`` receives one progress line per run (None: silent); ``progress`` shows compression bars.
+    Other keyword arguments are :class:`~statprune.driver.CompressionOptions` fields.
+    """
+    import torch
+
+    from statprune.calibration import read_examples, sample_examples, tokenize_examples
+    from statprune.driver import compress, resolve_device
+    from statprune.evaluate import TASKS, detect_task, evaluate, read_labels
+    from statprune.persist import check_model_dir, load
+
+    started = time.perf_counter()
+    say = log or (lambda _line: None)
+    budgets = parse_budgets(budgets)
+    methods = parse_methods(methods)
+    if budget_kind not in BUDGET_KINDS:
+        raise BudgetError(f"--budget-kind must be flops or params, not {budget_kind!r}")
+    bar = parse_min_quality(min_quality) if isinstance(min_quality, str) else min_quality
+    if save_best and bar is None:
+        raise BudgetError("--save-best needs --min-quality Q (e.g. 0.80, or 99% of the dense quality)")
+    if save_best and out is None:
+        raise OutputError("save_best needs an output folder (out=...)")
+    for label, value in (("samples", samples), ("seq_len", seq_len), ("batch_size", batch_size),
+                         ("eval_batch_size", eval_batch_size), ("eval_samples", eval_samples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DataError(f"{label} must be a positive integer, got {value!r}")
+    if task not in ("auto", *TASKS):
+        raise DataError(f"unknown task {task!r}; use auto, {', '.join(TASKS)}")
+    overlap = {"keep_flops", "keep_params", "method", "seq_len", "device", "inplace"} & set(compress_options)
+    if overlap:
+        raise TypeError(f"sweep() sets {', '.join(sorted(overlap))} itself")
+
+    model_dir, calib_path, eval_path = Path(model_dir), Path(calib_path), Path(eval_path)
+    check_model_dir(model_dir)
+    out_path = None if out is None else Path(out)
+    if out_path is not None:
+        _check_out(out_path, overwrite, model_dir)
+    if not eval_path.exists():
+        raise DataError(
+            f"evaluation data not found: {eval_path}; pass an existing .txt, .jsonl, .csv or folder"
+        )
+    torch_dtype = None
+    if dtype is not None:
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise DataError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    target = resolve_device(device)
+
+    texts = read_examples(calib_path, *_fields_for(calib_path, text_field, pair_field))
+    eval_text_field, eval_pair_field = _fields_for(eval_path, text_field, pair_field)
+    examples = read_examples(eval_path, eval_text_field, eval_pair_field)
+    tokenizer = _load_tokenizer(model_dir)
+    dense = load(model_dir, device=str(target), dtype=torch_dtype)
+    task = detect_task(dense) if task == "auto" else task
+    labels = None
+    if task == "classify":
+        labels = read_labels(eval_path, label_field, eval_text_field)
+    elif label_field is not None:
+        raise DataError(f"--label-field only applies to classifiers, but the task is {task}; drop it")
+    if eval_samples is not None:
+        examples = examples[:eval_samples]
+        labels = None if labels is None else labels[:eval_samples]
+    metric = _primary(task, labels is not None)
+    higher = _METRICS[metric][0]
+    if bar is not None:
+        _check_bar(bar, metric)
+
+    chosen = sample_examples(texts, samples, seed)
+    batches = tokenize_examples(tokenizer, chosen, seq_len=seq_len, batch_size=batch_size)
+    calib_tokens = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
+
+    def run_eval(model, reference):
+        return evaluate(model, tokenizer, examples, task=task, reference=reference, labels=labels,
+                        seq_len=seq_len, batch_size=eval_batch_size)
+
+    dense_result = run_eval(dense, dense if metric == "cosine" else None)
+    dense_value = 1.0 if metric in ("agreement", "cosine") else _metric_value(dense_result, metric)
+    model_name = name or model_dir.resolve().name
+    say(
+        f"dense: {_metric_label(metric)} {_fmt(metric, dense_value)} on {dense_result.n_examples} "
+        f"examples ({dense_result.seconds:.1f} s)"
+    )
+
+    result = SweepResult(
+        model=model_name,
+        model_dir=model_dir,
+        architecture=type(dense).__name__,
+        task=task,
+        metric=metric,
+        higher_is_better=higher,
+        dense_value=float(dense_value),
+        budget_kind=budget_kind,
+        budgets=budgets,
+        methods=methods,
+        seq_len=seq_len,
+        seed=seed,
+        calibration_path=calib_path,
+        calibration_available=len(texts),
+        calibration_examples=len(chosen),
+        calibration_tokens=calib_tokens,
+        eval_path=eval_path,
+        eval_examples=dense_result.n_examples,
+        out=out_path,
+    )
+    dense_bytes = _param_bytes(dense)
+    large = dense_bytes > _COLLECT_BYTES
+    keep_best = bar is not None and save_best and dense_bytes <= KEEP_IN_MEMORY_BYTES
+    kept: tuple[SweepRow, nn.Module, CompressionReport] | None = None
+    threshold = None if bar is None else bar.threshold(float(dense_value), higher)
+
+    def run_one(method: str, budget: float):
+        return compress(
+            dense, tokenizer, batches, inplace=False, progress=progress, method=method,
+            seq_len=seq_len, device=str(target), **{f"keep_{budget_kind}": budget}, **compress_options,
+        )
+
+    total = len(methods) * len(budgets)
+    for number, (method, budget) in enumerate(((m, b) for m in methods for b in budgets), start=1):
+        head = f"[{number:>{len(str(total))}}/{total}] {method:<9} keep {budget:.2f} {budget_kind}"
+        row = SweepRow(model_name, task, method, budget_kind, budget, None, metric, None,
+                       float(dense_value), 0.0)
+        tic = time.perf_counter()
+        try:
+            model, report = run_one(method, budget)
+        except BudgetError as exc:
+            row.seconds = round(time.perf_counter() - tic, 3)
+            row.error = str(exc)
+            result.rows.append(row)
+            say(f"{head}: failed: {exc}")
+            continue
+        row.seconds = round(time.perf_counter() - tic, 3)
+        row.flops_kept, row.params_kept = report.flops_kept, report.params_kept
+        row.achieved = report.flops_kept if budget_kind == "flops" else report.params_kept
+        evaluated = run_eval(model, dense)
+        row.value = _metric_value(evaluated, metric)
+        row.agreement, row.kl = evaluated.agreement, evaluated.kl
+        row.perplexity_ratio, row.cosine_min = evaluated.perplexity_ratio, evaluated.cosine_min
+        row.eval_seconds = round(evaluated.seconds, 3)
+        result.rows.append(row)
+        extra = "" if row.agreement is None or metric == "agreement" else f"  agreement {row.agreement:.4f}"
+        say(
+            f"{head} -> {row.achieved:.1%} kept  {metric} {_fmt(metric, row.value)} "
+            f"(dense {_fmt(metric, dense_value)}){extra}  {row.seconds:.1f} s"
+        )
+        if keep_best and meets(row.value, threshold, higher):
+            candidates = [row] if kept is None else [kept[0], row]
+            if select_best(candidates, threshold, higher, methods)[0] is row:
+                kept = (row, model.to("cpu"), report)  # the previous one is freed below
+        del model
+        _free(target, large)
+
+    if all(r.value is None for r in result.rows):
+        raise BudgetError(f"every run failed; first error: {result.rows[0].error}")
+    if bar is not None:
+        result.selection = _selection(result.rows, bar, metric, float(dense_value), methods)
+    saved = None
+    if save_best and result.selection is not None and result.selection.best is not None:
+        best = result.selection.best
+        if kept is not None and kept[0] is best:
+            saved = (kept[1], kept[2])
+        else:
+            say(f"re-compressing the best configuration ({best.method}, keep {best.budget:g} {budget_kind})")
+            saved = run_one(best.method, best.budget)
+        saved[1].source_model = str(model_dir.resolve())
+        result.selection.saved = "best"
+        result.selection.saved_achieved = (
+            saved[1].flops_kept if budget_kind == "flops" else saved[1].params_kept
+        )
+    kept = None
+    _free(target, large)
+    result.seconds = round(time.perf_counter() - started, 3)
+    if out_path is not None:
+        _write(result, out_path, overwrite, saved, tokenizer, calib_path=calib_path)
+    if result.selection is not None:
+        say(result.selection.message)
+    return result
+
+
+# --------------------------------------------------------------------------------------- output
+
+
+def results_markdown(result: SweepResult) -> str:
+    """The protocol line and the budgets x methods table (plus agreement, when measured)."""
+    metric = result.metric
+    best = result.selection.best if result.selection else None
+    cells = {(r.method, r.budget): r for r in result.rows}
+    direction = "higher" if result.higher_is_better else "lower"
+    lines = [f"# statprune sweep: {result.model}", "", result.protocol(), ""]
+    header = f"| keep {result.budget_kind} | " + " | ".join(result.methods) + " |"
+    rule = "|---|" + "---:|" * len(result.methods)
+
+    def table(value_of: Callable[[SweepRow], float | None], dense: float, fmt_metric: str) -> list[str]:
+        rows = [header, rule, "| dense (100%) | " + " | ".join(
+            _fmt(fmt_metric, dense) for _ in result.methods) + " |"]
+        for budget in result.budgets:
+            parts = []
+            for method in result.methods:
+                row = cells.get((method, budget))
+                if row is None or row.value is None:
+                    parts.append("failed" if row is not None else "—")
+                    continue
+                text = f"{_fmt(fmt_metric, value_of(row))} ({row.achieved:.1%})"
+                parts.append(f"**{text}**" if row is best else text)
+            rows.append(f"| {budget * 100:g}% | " + " | ".join(parts) + " |")
+        return rows
+
+    lines += table(lambda r: r.value, result.dense_value, metric)
+    lines += [
+        "",
+        f"Cells: {_metric_label(metric)} ({direction} is better) on the evaluation set, with the "
+        f"achieved fraction of {result.budget_kind} kept in parentheses; rows are the requested budgets.",
+    ]
+    if metric != "agreement" and any(r.agreement is not None for r in result.rows):
+        lines += ["", "Top-1 agreement with the dense model:", ""]
+        lines += table(lambda r: r.agreement, 1.0, "agreement")
+    failed = [r for r in result.rows if r.error]
+    if failed:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- {r.method} at keep {r.budget:g}: {r.error}" for r in failed]
+    if result.selection is not None:
+        lines += ["", f"Selection (`--min-quality {result.selection.min_quality}`; rule: "
+                      f"{result.selection.rule}): {result.selection.message}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(result: SweepResult, path: Path) -> None:
+    """Quality against achieved fraction kept: a line per method, the dense value dashed."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    metric = result.metric
+    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    markers = "osD^v<>p"
+    for i, method in enumerate(result.methods):
+        points = sorted((r.achieved, r.value) for r in result.rows
+                        if r.method == method and r.value is not None and math.isfinite(r.value))
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=6, label=method)
+    ax.axhline(result.dense_value, color="black", linestyle="--", linewidth=1.2,
+               label=f"dense ({_fmt(metric, result.dense_value)})")
+    selection = result.selection
+    if selection is not None:
+        sign = ">=" if result.higher_is_better else "<="
+        share = f" ({selection.min_quality} of dense)" if selection.min_quality.endswith("%") else ""
+        ax.axhline(selection.threshold, color="tab:red", linestyle=":", linewidth=1.2,
+                   label=f"bar {sign} {_fmt(metric, selection.threshold)}{share}")
+        if selection.best is not None:
+            ax.plot([selection.best.achieved], [selection.best.value], marker="*", markersize=16,
+                    color="gold", markeredgecolor="black", linestyle="none",
+                    label=f"selected: {selection.best.method} at {selection.best.achieved:.1%}")
+    if metric == "perplexity":
+        values = [r.value for r in result.rows if r.value is not None and r.value > 0]
+        if values and max(values) / max(min([*values, result.dense_value]), 1e-30) > 10:
+            ax.set_yscale("log")
+    achieved = [r.achieved for r in result.rows if r.achieved is not None]
+    ax.set_xlim(max(0.0, min(achieved, default=0.0) - 0.05), 1.02)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel(f"{'FLOPs' if result.budget_kind == 'flops' else 'parameters'} kept "
+                  f"(attention+FFN, fraction of dense)")
+    direction = "higher" if result.higher_is_better else "lower"
+    ax.set_ylabel(f"{_metric_label(metric)} ({direction} is better)")
+    ax.set_title(f"{result.model}: {result.task}, {result.calibration_examples} calibration examples, "
+                 f"seq len {result.seq_len}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    fig.savefig(path)
+
+
+def _best_json(result: SweepResult, calib_path: Path) -> dict[str, Any]:
+    selection = result.selection
+    assert selection is not None
+    data = selection.to_dict()
+    data.update(model=result.model, metric=result.metric, dense_value=result.dense_value,
+                higher_is_better=result.higher_is_better)
+    best = selection.best
+    data["command"] = None if best is None else (
+        f"statprune compress {result.model_dir} --data {calib_path} --keep-{best.budget_kind} "
+        f"{best.budget:g} --method {best.method} --samples {result.calibration_examples} "
+        f"--seq-len {result.seq_len} --seed {result.seed} --out OUT"
+    )
+    return data
+
+
+def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path) -> None:
+    """Write every output into a temporary folder next to ``out``, then rename it into place."""
+    from statprune.persist import _replace, save
+
+    out = out.resolve()
+    created = [p for p in out.parents if not p.exists()]
+    tmp: Path | None = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o777 & ~_umask())
+        (tmp / "results.json").write_text(json.dumps(result.to_rows(), indent=2) + "\n")
+        (tmp / "results.md").write_text(results_markdown(result))
+        write_plot(result, tmp / "plot.png")
+        if result.selection is not None:
+            (tmp / "best.json").write_text(json.dumps(_best_json(result, calib_path), indent=2) + "\n")
+        if saved is not None:
+            model, report = saved
+            save(model, tmp / "best", tokenizer=tokenizer, report=report)
+        _check_out(out, overwrite, result.model_dir)  # still free after the (long) sweep?
+        _replace(tmp, out)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError):
+            if exc.errno == 28:  # ENOSPC
+                raise OutputError(
+                    f"disk full while writing {out}; nothing was written — free space"
+                ) from None
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}; nothing was written") from None
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``sweep`` command to an ``add_subparsers()`` object; returns its parser."""
+    s = subparsers.add_parser(
+        "sweep",
+        help="compress at several budgets with several methods and tabulate quality vs size",
+        description="Compress MODEL at every budget with every method, evaluate each result against "
+        "the dense model, and write results.json, results.md and plot.png into --out.",
+    )
+    s.add_argument("model", type=Path, help="Hugging Face model folder")
+    s.add_argument("--data", type=Path, required=True, help="calibration data: .txt, .jsonl, .csv or folder")
+    s.add_argument("--eval", type=Path, required=True, dest="eval_data",
+                   help="evaluation data (.jsonl/.csv with a label field for classifiers: accuracy)")
+    s.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS),
+                   help="fractions to keep, comma-separated (default: %(default)s)")
+    s.add_argument("--budget-kind", default="flops", choices=BUDGET_KINDS,
+                   help="what the budgets keep: attention+FFN flops (default) or params")
+    s.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
+    s.add_argument("--samples", type=_positive_int, default=512, help="calibration examples to draw")
+    s.add_argument("--seq-len", type=_positive_int, default=128,
+                   help="max tokens per example (calibration, evaluation and FLOPs accounting)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=_positive_int, default=16, help="calibration batch size")
+    s.add_argument("--eval-samples", type=_positive_int, help="evaluate on the first N examples only")
+    s.add_argument("--task", default="auto", choices=["auto", "classify", "lm", "embed"],
+                   help="how to evaluate (auto: from the model class)")
+    s.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
+    s.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
+    s.add_argument("--label-field", help="JSONL/CSV field holding the label (default: label, if present)")
+    s.add_argument("--min-quality", metavar="Q",
+                   help="select the smallest model with metric >= Q (<= Q for perplexity); "
+                        "Q is absolute (0.80) or relative to dense (99%%)")
+    s.add_argument("--save-best", action="store_true", help="also save the selected model into OUT/best")
+    s.add_argument("--name", help="model name in the results (default: the folder name)")
+    s.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--quiet", action="store_true",
+                   help="no progress bars (one line per run is still printed)")
+    return s
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """The ``sweep`` command: run it, print a line per run and where the results are."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    result = sweep(
+        args.model, args.data, args.eval_data, budgets=args.budgets, methods=args.methods,
+        budget_kind=args.budget_kind, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        batch_size=args.batch_size, eval_samples=args.eval_samples, task=args.task,
+        text_field=args.text_field, pair_field=args.pair_field, label_field=args.label_field,
+        min_quality=args.min_quality, save_best=args.save_best, out=args.out,
+        overwrite=args.overwrite, name=args.name, device=args.device, dtype=args.dtype,
+        progress=not args.quiet and sys.stderr.isatty(), log=log,
+    )
+    out = Path(args.out).resolve()
+    written = "results.json, results.md, plot.png"
+    if result.selection is not None:
+        written += ", best.json"
+        if result.selection.saved:
+            written += ", best/"
+    print(f"\nwrote {written} to {out} ({result.seconds:.1f} s)")
+    return 0

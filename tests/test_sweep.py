@@ -1,0 +1,312 @@
+"""``statprune sweep``: results, table, plot, the --min-quality selection and --save-best.
+
+One small sweep (tiny BERT classifier, 2 budgets x 2 methods) is shared by the output tests; the
+selection rule is unit-tested on synthetic rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
+
+import statprune
+from statprune import sweep as sweep_module
+from statprune.errors import BudgetError, OutputError
+from statprune.sweep import (
+    SweepRow,
+    add_sweep_parser,
+    meets,
+    parse_budgets,
+    parse_methods,
+    parse_min_quality,
+    run_sweep,
+    select_best,
+    sweep,
+)
+
+ROW_KEYS = {
+    "model", "task", "method", "budget_kind", "budget", "achieved", "metric", "value", "dense_value",
+    "seconds", "agreement", "kl", "perplexity_ratio",
+}
+BUDGETS = [0.8, 0.5]
+METHODS = ["stat", "magnitude"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny BERT classifier folder, calibration texts, and labelled evaluation JSONL whose labels
+    are the dense model's own predictions (so the dense accuracy is 1)."""
+    import torch
+
+    root = tmp_path_factory.mktemp("sweep")
+    # larger random weights than the default, so that pruning visibly changes predictions
+    model, tokenizer = build_tiny_model("bert", initializer_range=0.3), _build_tiny_tokenizer()
+    model_dir = root / "tinybert"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(tiny_texts(60)) + "\n")
+    texts = tiny_texts(24, seed=1)
+    with torch.no_grad():
+        labels = [int(model(**tokenizer(t, return_tensors="pt")).logits.argmax()) for t in texts]
+    data = root / "eval.jsonl"
+    records = [json.dumps({"text": t, "label": y}) for t, y in zip(texts, labels, strict=True)]
+    data.write_text("\n".join(records) + "\n")
+    return SimpleNamespace(root=root, model=model_dir, calib=calib, eval=data)
+
+
+@pytest.fixture(scope="module")
+def swept(assets):
+    """The shared sweep through the Python API; ``--min-quality 0`` so every run qualifies."""
+    out = assets.root / "out"
+    lines: list[str] = []
+    result = sweep(assets.model, assets.calib, assets.eval, budgets=BUDGETS, methods=METHODS, samples=60,
+                   min_quality="0", save_best=True, out=out, log=lines.append)
+    return SimpleNamespace(result=result, out=out, lines=lines)
+
+
+def cli(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="statprune")
+    add_sweep_parser(parser.add_subparsers(dest="command", required=True))
+    return run_sweep(parser.parse_args(["sweep", *map(str, argv)]))
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+
+def test_results_json_rows_are_sane(swept):
+    rows = json.loads((swept.out / "results.json").read_text())
+    assert len(rows) == len(BUDGETS) * len(METHODS)
+    assert {(r["method"], r["budget"]) for r in rows} == {(m, b) for m in METHODS for b in BUDGETS}
+    for row in rows:
+        assert set(row) >= ROW_KEYS
+        assert row["model"] == "tinybert" and row["task"] == "classify"
+        assert row["metric"] == "accuracy" and row["budget_kind"] == "flops"
+        assert 0 < row["achieved"] <= row["budget"] + 1e-9
+        assert row["achieved"] == row["flops_kept"]
+        assert 0.0 <= row["value"] <= 1.0 and 0.0 <= row["agreement"] <= 1.0
+        assert row["kl"] >= 0 and row["seconds"] > 0 and row["error"] is None
+        assert row["perplexity_ratio"] is None
+    assert {r["dense_value"] for r in rows} == {swept.result.dense_value}
+    assert swept.result.dense_value == pytest.approx(1.0)  # labels are the dense predictions
+    # accuracy against the dense predictions is the agreement with the dense model
+    assert all(r["value"] == pytest.approx(r["agreement"]) for r in rows)
+
+
+def test_progress_line_per_run(swept):
+    runs = [line for line in swept.lines if line.startswith("[")]
+    assert len(runs) == len(BUDGETS) * len(METHODS)
+    assert runs[0].startswith("[1/4] stat") and "accuracy" in runs[0] and "kept" in runs[0]
+    assert swept.lines[0].startswith("dense: accuracy 1.0000")
+    assert swept.lines[-1].startswith("best: ")
+
+
+def test_results_markdown_has_protocol_and_table(swept):
+    text = (swept.out / "results.md").read_text()
+    protocol = next(line for line in text.splitlines() if line.startswith("Protocol:"))
+    for fragment in ("`tinybert`", "60 of 60 examples", "seq len 128", "24 examples", "accuracy",
+                     "budget kind: flops", "attention+FFN FLOPs"):
+        assert fragment in protocol, fragment
+    assert "| keep flops | stat | magnitude |" in text
+    assert "| dense (100%) | 1.0000 | 1.0000 |" in text
+    for budget in ("| 80% |", "| 50% |"):
+        assert budget in text
+    assert "Top-1 agreement with the dense model" in text
+    best = swept.result.selection.best
+    line = next(x for x in text.splitlines() if x.startswith(f"| {best.budget * 100:g}% |"))
+    assert f"**{best.value:.4f} ({best.achieved:.1%})**" in line  # the selected cell is bold
+    assert "Selection (`--min-quality 0`" in text
+
+
+def test_plot_is_a_png(swept):
+    from PIL import Image
+
+    path = swept.out / "plot.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.size[0] >= 600 and image.size[1] >= 400
+
+
+def test_best_is_smallest_and_saved_folder_loads(swept, assets):
+    rows = swept.result.rows
+    best = json.loads((swept.out / "best.json").read_text())
+    smallest = min(r.achieved for r in rows)
+    assert best["best"]["achieved"] == smallest and best["closest"] is None
+    assert best["saved"] == "best" and best["saved_achieved"] == pytest.approx(smallest)
+    assert best["command"].startswith("statprune compress") and "--method" in best["command"]
+    model = statprune.load(swept.out / "best")
+    assert type(model).__name__.endswith("BertForSequenceClassification")
+    report = statprune.load_report(swept.out / "best")
+    assert report.flops_kept == pytest.approx(smallest)
+    assert report.options["method"] == best["best"]["method"]
+    assert not [p for p in swept.out.parent.iterdir() if p.name.startswith(".out.")]  # no temp folders
+
+
+def test_none_meets_the_bar_overwrite_and_cli(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    code = cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--budgets", "0.6",
+               "--methods", "stat", "--samples", "60", "--min-quality", "1000%", "--out", out,
+               "--overwrite", "--quiet", "--name", "mine")
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "no configuration reaches accuracy >= 10.0000 (1000% of dense 1.0000); closest: stat" in stdout
+    best = json.loads((out / "best.json").read_text())
+    assert best["best"] is None and best["closest"]["method"] == "stat" and best["saved"] is None
+    assert not (out / "old.txt").exists() and not (out / "best").exists()
+    assert json.loads((out / "results.json").read_text())[0]["model"] == "mine"
+
+
+def test_save_best_recompresses_large_models(assets, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_module, "KEEP_IN_MEMORY_BYTES", 0)
+    lines: list[str] = []
+    result = sweep(assets.model, assets.calib, assets.eval, budgets="0.7", methods="flap", samples=60,
+                   min_quality="1%", save_best=True, out=tmp_path / "out", log=lines.append)
+    assert any(line.startswith("re-compressing") for line in lines)
+    report = statprune.load_report(tmp_path / "out" / "best")
+    assert report.flops_kept == pytest.approx(result.rows[0].achieved)
+    statprune.load(tmp_path / "out" / "best")
+
+
+def test_unreachable_budget_is_recorded_as_failed(assets, tmp_path):
+    # heads only: the FFN FLOPs alone exceed 20 %, so that run fails while 90 % succeeds
+    result = sweep(assets.model, assets.calib, assets.eval, budgets=[0.9, 0.2], methods=["stat"],
+                   samples=60, out=tmp_path / "out", log=None, prune=("heads",))
+    failed = [r for r in result.rows if r.error]
+    assert [r.budget for r in failed] == [0.2] and failed[0].value is None and failed[0].achieved is None
+    assert "cannot keep only 20%" in failed[0].error
+    assert "| 20% | failed |" in (tmp_path / "out" / "results.md").read_text()
+    assert not (tmp_path / "out" / "best.json").exists()  # no --min-quality, no selection
+    with pytest.raises(BudgetError, match="every run failed"):
+        sweep(assets.model, assets.calib, assets.eval, budgets=[0.2], methods=["stat"], samples=60,
+              out=tmp_path / "out2", log=None, prune=("heads",))
+    assert not (tmp_path / "out2").exists()
+
+
+# ------------------------------------------------------------------------------------- refusals
+
+
+def test_existing_out_is_refused(assets, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="exists and is not empty; pass --overwrite"):
+        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--budgets", "0.9,abc"), "'abc' is not a number"),
+        (("--budgets", "0.9,1.5"), "outside (0, 1]"),
+        (("--methods", "stat,pruneall"), "unknown method 'pruneall'"),
+        (("--min-quality", "good"), "is not a number"),
+        (("--min-quality", "0%"), "above 0%"),
+        (("--save-best",), "--save-best needs --min-quality"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(assets, tmp_path, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(BudgetError) as info:
+        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", out, *extra)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_impossible_absolute_bar_is_refused(assets, tmp_path):
+    with pytest.raises(BudgetError, match="not a possible accuracy"):
+        sweep(assets.model, assets.calib, assets.eval, budgets=[0.5], methods=["stat"], samples=60,
+              min_quality="80", out=tmp_path / "out", log=None)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def make_row(method: str, achieved: float, value: float | None, metric: str = "accuracy") -> SweepRow:
+    return SweepRow("m", "classify", method, "flops", round(achieved, 1), achieved, metric, value,
+                    0.9, 1.0)
+
+
+def test_parse_min_quality():
+    bar = parse_min_quality("0.80")
+    assert (bar.value, bar.relative) == (0.80, False)
+    assert bar.threshold(0.5, True) == 0.80
+    bar = parse_min_quality(" 99 % ")
+    assert bar.relative and bar.value == pytest.approx(0.99)
+    assert bar.threshold(0.9, True) == pytest.approx(0.891)
+    assert bar.threshold(20.0, False) == pytest.approx(20.0 / 0.99)  # perplexity: at most dense / 0.99
+    for bad in ("abc", "nan", "inf", "-5%", "%"):
+        with pytest.raises(BudgetError):
+            parse_min_quality(bad)
+
+
+def test_select_absolute_prefers_smallest_across_methods():
+    rows = [make_row("stat", 0.8, 0.88), make_row("stat", 0.6, 0.85), make_row("stat", 0.4, 0.70),
+            make_row("flap", 0.5, 0.81), make_row("flap", 0.4, 0.60), make_row("magnitude", 0.3, None)]
+    best, _ = select_best(rows, parse_min_quality("0.80").threshold(0.9, True), True)
+    assert (best.method, best.achieved) == ("flap", 0.5)
+    best, _ = select_best(rows, parse_min_quality("0.84").threshold(0.9, True), True)
+    assert (best.method, best.achieved) == ("stat", 0.6)
+
+
+def test_select_relative_and_ties():
+    rows = [make_row("magnitude", 0.6, 0.89), make_row("stat", 0.6, 0.891), make_row("flap", 0.6, 0.891)]
+    threshold = parse_min_quality("99%").threshold(0.9, True)  # 0.891
+    best, _ = select_best(rows, threshold, True)
+    assert best.method == "stat"  # tie on size and metric: the method listed first
+    best, _ = select_best(rows, threshold, True, methods=["flap", "stat"])
+    assert best.method == "flap"
+    rows.append(make_row("wanda-sp", 0.6, 0.895))
+    assert select_best(rows, threshold, True)[0].method == "wanda-sp"  # tie on size: better metric
+    assert meets(0.891, threshold, True)  # 0.9 * 0.99 is 0.8910000000000001 in floating point
+
+
+def test_select_perplexity_lower_is_better():
+    rows = [make_row("stat", 0.8, 20.1, "perplexity"), make_row("stat", 0.6, 20.3, "perplexity"),
+            make_row("flap", 0.5, 25.0, "perplexity"), make_row("flap", 0.4, 19.0, "perplexity")]
+    threshold = parse_min_quality("99%").threshold(20.0, False)  # at most 20.202
+    best, _ = select_best(rows, threshold, False)
+    assert (best.method, best.achieved) == ("flap", 0.4)
+    best, _ = select_best(rows[:3], threshold, False)
+    assert (best.method, best.achieved) == ("stat", 0.8)
+    best, _ = select_best(rows[:3], parse_min_quality("21").threshold(20.0, False), False)
+    assert best.achieved == 0.6
+
+
+def test_select_none_meets_reports_closest():
+    rows = [make_row("stat", 0.8, 0.70), make_row("flap", 0.5, 0.75), make_row("flap", 0.4, 0.75),
+            make_row("stat", 0.3, None)]
+    best, closest = select_best(rows, 0.80, True)
+    assert best is None and (closest.method, closest.achieved) == ("flap", 0.4)
+    rows = [make_row("stat", 0.8, 30.0, "perplexity"), make_row("flap", 0.5, 25.0, "perplexity")]
+    best, closest = select_best(rows, 20.0, False)
+    assert best is None and closest.value == 25.0
+    assert select_best([make_row("stat", 0.5, None)], 0.5, True) == (None, None)
+
+
+def test_parse_budgets_and_methods():
+    assert parse_budgets("0.5, 0.9,0.7,0.9") == [0.9, 0.7, 0.5]
+    assert parse_methods("flap, stat,flap") == ["flap", "stat"]
+    for bad in ("", "0", "1.01", "x"):
+        with pytest.raises(BudgetError):
+            parse_budgets(bad)
+    with pytest.raises(BudgetError, match="choose from stat,magnitude,wanda-sp,flap"):
+        parse_methods("stat,obs")
+
+
+def test_results_path_types(swept):
+    assert isinstance(swept.result.out, Path)
+    rank = {m: i for i, m in enumerate(METHODS)}
+    expected = min(swept.result.rows, key=lambda r: (r.achieved, -r.value, rank[r.method]))
+    assert swept.result.selection.best is expected
