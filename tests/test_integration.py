@@ -91,3 +91,36 @@ def test_stat_beats_the_baselines_on_minilm(minilm, sentences):
         small = _embed(pruned, tokenizer, test)
         cosine[method] = torch.nn.functional.cosine_similarity(small, dense).mean().item()
     assert all(cosine["stat"] > cosine[m] for m in ("magnitude", "wanda-sp", "flap")), cosine
+
+
+def test_benchmark_quick_subset_runs(tmp_path, minilm):
+    """`benchmarks/run.py --quick`: the committed benchmark's code path on a small subset."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert {r["method"] for r in rows} == {"stat", "magnitude"}
+    for row in rows:
+        assert set(row) >= {
+            "model",
+            "task",
+            "method",
+            "budget_kind",
+            "budget",
+            "achieved",
+            "metric",
+            "value",
+            "dense_value",
+            "seconds",
+        }
+        assert row["achieved"] <= row["budget"] and 0.0 < row["value"] <= 1.0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "Protocol" in text and "## Targets" in text
+    assert (tmp_path / "plots" / "minilm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
