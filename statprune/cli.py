@@ -11,8 +11,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from statprune.bench import add_bench_parser, run_bench
 from statprune.errors import ModelError, StatpruneError
 from statprune.evaluate import add_eval_parser, run_eval
+from statprune.export import add_export_parser, run_export
 from statprune.sweep import add_sweep_parser, run_sweep
 
 
@@ -61,10 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sequential", "original"],
         help="calibrate each layer on the pruned (sequential) or original upstream outputs",
     )
-    c.add_argument("--allocation", default="auto", choices=["auto", "greedy", "uniform"],
-                   help="per-layer widths: greedy (global error per cost) or uniform; auto picks per method")
-    c.add_argument("--method", default="stat", choices=["stat", "magnitude", "wanda-sp", "flap"],
-                   help="stat (default) or a retraining-free baseline, for comparisons")
+    c.add_argument(
+        "--allocation",
+        default="auto",
+        choices=["auto", "greedy", "uniform"],
+        help="per-layer widths: greedy (global error per cost) or uniform; auto picks per method",
+    )
+    c.add_argument(
+        "--method",
+        default="stat",
+        choices=["stat", "magnitude", "wanda-sp", "flap"],
+        help="stat (default) or a retraining-free baseline, for comparisons",
+    )
     c.add_argument("--layer-weighting", default="residual", choices=["residual", "none"])
     c.add_argument(
         "--no-bias-compensation",
@@ -81,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", type=Path)
     add_eval_parser(sub)
     add_sweep_parser(sub)
+    add_export_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -158,7 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network at run time
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
-    commands = {"compress": _compress, "info": _info, "eval": run_eval, "sweep": run_sweep}
+    commands = {
+        "compress": _compress,
+        "info": _info,
+        "eval": run_eval,
+        "sweep": run_sweep,
+        "export-onnx": run_export,
+        "bench": run_bench,
+    }
     try:
         from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,727 @@
+"""Side-by-side inference benchmark of model folders (e.g. an original and its compressed copies).
+
+All models are loaded at once and measured in one run. Each trial round times one call of every
+model, in an order rotated from round to round, so slow drift (thermal throttling, other
+processes, frequency scaling) hits every model alike instead of whichever ran last. Inputs are
+synthetic token ids of exactly ``seq_len`` real tokens (no padding).
+
+Per model and batch size: median and 90th-percentile latency, throughput (sequences/s), parameter
+count, peak memory, and ratios to the first model (``speedup`` = its latency / this latency).
+Causal LMs also get prefill (one forward filling the KV cache, logits of the last token only) and
+greedy generation of exactly ``new_tokens`` tokens (``min_new_tokens = max_new_tokens``) at
+``lm_batches``; generation needs a KV cache, so only the torch backend measures these.
+
+Peak memory:
+- torch on CUDA: ``torch.cuda.max_memory_allocated`` during one forward, minus what was allocated
+  before it, plus this model's weights and buffers (the other loaded models do not count);
+- CPU (both backends): measured in a fresh child process per model, which loads the model (or
+  the onnxruntime session) and runs one forward per batch size; the value is the peak resident set
+  size during that forward minus the resident size before loading (so weights + activations,
+  without the Python/torch import baseline). The peak is reset before each forward through
+  ``/proc/self/clear_refs``; where that is unavailable, ``getrusage`` maxrss is used and the value
+  also includes transient loading memory (``memory_method`` says which);
+- onnxruntime on CUDA: not measured (None).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from statprune.errors import DeviceError, ModelError, OutputError, StatpruneError
+
+BACKENDS = ("torch", "onnxruntime")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class BenchRow:
+    """One measurement: a model at one batch size, for one kind of call."""
+
+    model: str  # the folder as given
+    label: str  # short unique name (the folder name)
+    backend: str
+    device: str
+    kind: str  # "forward" (full sequence, no cache), "prefill" or "generate" (causal LMs)
+    batch: int
+    seq_len: int
+    new_tokens: int  # generated tokens per sequence ("generate" rows), else 0
+    params: int
+    latency_ms: float  # median over the trials
+    latency_p90_ms: float
+    throughput: float  # sequences/s; generated tokens/s for "generate" rows
+    unit: str  # "seq/s" or "tok/s"
+    peak_memory_mb: float | None
+    memory_method: str
+    speedup: float  # latency of the first model (same kind and batch) / this latency
+    params_ratio: float  # params / params of the first model
+    trials: int
+    threads: int | None  # torch / onnxruntime intra-op threads on CPU
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Model:
+    path: str
+    label: str
+    params: int
+    causal: bool
+    spec: dict
+    model: Any = None  # torch module (torch backend)
+    session: Any = None  # onnxruntime session
+    onnx_path: Path | None = None
+    weight_bytes: int = 0
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def benchmark(
+    models: Sequence[str | Path],
+    *,
+    batches: Sequence[int] = (1, 8, 32),
+    seq_len: int = 128,
+    backend: str = "torch",
+    device: str = "cpu",
+    warmup: int = 3,
+    trials: int = 10,
+    threads: int | None = None,
+    dtype: str = "float32",
+    lm_batches: Sequence[int] = (1, 16),
+    new_tokens: int = 32,
+    memory: bool = True,
+) -> list[BenchRow]:
+    """Benchmark ``models`` side by side; returns rows in model order within each (kind, batch).
+
+    ``backend="onnxruntime"`` first exports every model with ``statprune.export.export_onnx``
+    (checked against PyTorch) to a temporary folder. ``memory=False`` skips the peak-memory
+    measurement (the child processes cost a few seconds per model on CPU).
+    """
+    import torch
+
+    if not models:
+        raise ValueError("give at least one model folder")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if backend == "onnxruntime" and dtype != "float32":
+        raise StatpruneError("--dtype applies to the torch backend only; ONNX exports are float32")
+    batches, lm_batches = (
+        _sizes(batches, "batch sizes"),
+        _sizes(lm_batches, "LM batch sizes", allow_empty=True),
+    )
+    if seq_len < 1 or trials < 1 or warmup < 0 or new_tokens < 1:
+        raise ValueError("seq_len, trials and new_tokens must be positive and warmup not negative")
+    device = _check_device(device, backend)
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    used_threads = torch.get_num_threads() if device == "cpu" else None
+    if backend == "onnxruntime" and device == "cpu":
+        used_threads = threads  # None: onnxruntime's default (one per physical core)
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = None
+            if backend == "onnxruntime":
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="statprune-bench-")))
+            loaded = _load_all(models, backend, device, dtype, seq_len, tmp, threads)
+            memory_mb, method = _memory(loaded, batches, seq_len, backend, device, dtype, threads, memory)
+            rows: list[BenchRow] = []
+            common = {"backend": backend, "device": device, "seq_len": seq_len, "threads": used_threads}
+            with torch.inference_mode():
+                for batch in batches:
+                    calls = [_forward_call(m, batch, seq_len, backend, device) for m in loaded]
+                    times = _interleaved(calls, warmup, trials, _sync(device, backend))
+                    for m, ts in zip(loaded, times, strict=True):
+                        mem = memory_mb.get((m.label, batch))
+                        rows.append(_row(m, "forward", batch, 0, ts, batch, "seq/s", mem, method, common))
+                lm = [m for m in loaded if m.causal] if backend == "torch" else []
+                for batch in lm_batches if lm else ():
+                    calls = [_prefill_call(m, batch, seq_len, device) for m in lm]
+                    times = _interleaved(calls, warmup, trials, _sync(device, backend))
+                    for m, ts in zip(lm, times, strict=True):
+                        rows.append(_row(m, "prefill", batch, 0, ts, batch, "seq/s", None, "", common))
+                    made = [_generate_call(m, batch, seq_len, new_tokens, device) for m in lm]
+                    calls, produced = [c for c, _ in made], [n for _, n in made]
+                    times = _interleaved(calls, warmup, trials, _sync(device, backend))
+                    for m, ts, n in zip(lm, times, produced, strict=True):
+                        rows.append(_row(m, "generate", batch, n, ts, batch * n, "tok/s", None, "", common))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return _with_ratios(rows)
+
+
+def _sizes(values: Sequence[int], what: str, allow_empty: bool = False) -> tuple[int, ...]:
+    sizes = tuple(int(v) for v in values)
+    if (not sizes and not allow_empty) or any(v < 1 for v in sizes):
+        raise ValueError(f"{what} must be positive integers, not {list(values)}")
+    return tuple(dict.fromkeys(sizes))
+
+
+def _check_device(device: str, backend: str) -> str:
+    import torch
+
+    name = str(device)
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise DeviceError(f"unknown device {name!r}: use cpu or cuda")
+    if name.startswith("cuda"):
+        if backend == "onnxruntime":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise DeviceError(
+                    "--device cuda was asked for but this onnxruntime has no CUDA support; "
+                    "install onnxruntime-gpu or use --device cpu"
+                )
+        elif not torch.cuda.is_available():
+            raise DeviceError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return name
+
+
+def _labels(models: Sequence[str | Path]) -> list[str]:
+    labels: list[str] = []
+    for path in models:
+        name = Path(path).name or str(path)
+        label, n = name, 2
+        while label in labels:
+            label, n = f"{name}#{n}", n + 1
+        labels.append(label)
+    return labels
+
+
+def _load_all(models, backend, device, dtype, seq_len, tmp, threads) -> list[_Model]:
+    import torch
+
+    from statprune.export import (
+        check_seq_len,
+        export_onnx,
+        input_spec,
+        is_causal_lm,
+        load_model,
+        max_positions,
+        onnx_session,
+    )
+
+    loaded = []
+    for i, (path, label) in enumerate(zip(models, _labels(models), strict=True)):
+        with _no_progress_bars():
+            model = load_model(
+                path, device=device if backend == "torch" else None, dtype=getattr(torch, dtype)
+            )
+        if type(model).__name__.endswith("ForMultipleChoice"):
+            raise ModelError(f"{path}: multiple-choice models take 3-D inputs; bench the base model instead")
+        check_seq_len(model, seq_len)
+        params = sum(p.numel() for p in model.parameters())
+        entry = _Model(str(path), label, params, is_causal_lm(model), input_spec(model))
+        entry.weight_bytes = sum(
+            t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
+        )
+        if backend == "torch":
+            entry.model = model
+        else:
+            limit = max_positions(model)
+            del model
+            entry.onnx_path = tmp / f"model{i}.onnx"
+            with _no_progress_bars():
+                export_onnx(path, entry.onnx_path, seq_len=max(2, min(16, limit or 16)))
+            entry.session = onnx_session(entry.onnx_path, device, threads)
+        loaded.append(entry)
+    return loaded
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' "Loading weights" bars would clutter the table on stdout/stderr."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _sync(device: str, backend: str) -> Callable[[], None]:
+    if backend == "torch" and device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _torch_inputs(m: _Model, batch: int, seq_len: int, device: str) -> dict:
+    from statprune.export import token_inputs
+
+    return {k: v.to(device) for k, v in token_inputs(m.spec, batch, seq_len, seed=batch).items()}
+
+
+def _forward_call(m: _Model, batch: int, seq_len: int, backend: str, device: str) -> Callable[[], Any]:
+    if backend == "onnxruntime":
+        from statprune.export import token_inputs
+
+        inputs = token_inputs(m.spec, batch, seq_len, seed=batch)
+        names = {i.name for i in m.session.get_inputs()}
+        feed = {k: v.numpy() for k, v in inputs.items() if k in names}
+        return lambda: m.session.run(None, feed)
+    inputs = _torch_inputs(m, batch, seq_len, device)
+    if m.causal:
+        inputs["use_cache"] = False
+    return lambda: m.model(**inputs)
+
+
+def _prefill_call(m: _Model, batch: int, seq_len: int, device: str) -> Callable[[], Any]:
+    import inspect
+
+    inputs = _torch_inputs(m, batch, seq_len, device)
+    inputs["use_cache"] = True
+    if "logits_to_keep" in inspect.signature(m.model.forward).parameters:
+        inputs["logits_to_keep"] = 1  # what generation computes: the next token's logits only
+    return lambda: m.model(**inputs)
+
+
+def _generate_call(m: _Model, batch: int, seq_len: int, new_tokens: int, device: str):
+    import transformers
+
+    inputs = _torch_inputs(m, batch, seq_len, device)
+    config = m.model.config
+    eos = getattr(m.model.generation_config, "eos_token_id", None) or getattr(config, "eos_token_id", None)
+    pad = config.pad_token_id
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    generation = transformers.GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=0 if pad is None else pad,
+        eos_token_id=eos,
+    )
+
+    def call():
+        return m.model.generate(**inputs, generation_config=generation)
+
+    produced = int(call().shape[1]) - seq_len  # also a first warm-up call
+    if produced != new_tokens:
+        raise ModelError(f"{m.path} generated {produced} tokens instead of {new_tokens}; cannot time it")
+    return call, produced
+
+
+def _interleaved(calls: list[Callable], warmup: int, trials: int, sync: Callable) -> list[list[float]]:
+    """Seconds per call: ``trials`` rounds, each timing every model once, rotating the order."""
+    for call in calls:
+        for _ in range(warmup):
+            call()
+    sync()
+    times: list[list[float]] = [[] for _ in calls]
+    n = len(calls)
+    for r in range(trials):
+        for k in range(n):
+            i = (r + k) % n
+            sync()
+            start = time.perf_counter()
+            calls[i]()
+            sync()
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _row(m: _Model, kind, batch, new_tokens, seconds, units, unit, mem, method, common) -> BenchRow:
+    median = statistics.median(seconds)
+    return BenchRow(
+        model=m.path,
+        label=m.label,
+        kind=kind,
+        batch=batch,
+        new_tokens=new_tokens,
+        params=m.params,
+        latency_ms=median * 1e3,
+        latency_p90_ms=_percentile(seconds, 0.9) * 1e3,
+        throughput=units / median if median > 0 else float("inf"),
+        unit=unit,
+        peak_memory_mb=mem,
+        memory_method=method if mem is not None else "not measured",
+        speedup=1.0,
+        params_ratio=1.0,
+        trials=len(seconds),
+        **common,
+    )
+
+
+def _with_ratios(rows: list[BenchRow]) -> list[BenchRow]:
+    first: dict[tuple[str, int], BenchRow] = {}
+    for row in rows:
+        ref = first.setdefault((row.kind, row.batch), row)
+        row.speedup = ref.latency_ms / row.latency_ms if row.latency_ms > 0 else float("inf")
+        row.params_ratio = row.params / ref.params if ref.params else float("nan")
+    return rows
+
+
+# --- peak memory ------------------------------------------------------------------------------
+
+_CHILD = r"""
+import gc, json, os, resource, sys
+args = json.loads(sys.argv[1])
+
+def status_kb(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+def maxrss_kb():
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return value // 1024 if sys.platform == "darwin" else value
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+spec, seq_len = args["spec"], args["seq_len"]
+if args["backend"] == "onnxruntime":  # numpy and onnxruntime only: no torch import to wait for
+    import numpy as np
+    import onnxruntime as ort
+
+    def run_batch(batch):
+        rng = np.random.default_rng(batch)
+        feed = {
+            "input_ids": rng.integers(min(4, spec["vocab_size"] - 1), spec["vocab_size"], (batch, seq_len)),
+            "attention_mask": np.ones((batch, seq_len), dtype=np.int64),
+            "token_type_ids": np.zeros((batch, seq_len), dtype=np.int64),
+        }
+        session.run(None, {k: v.astype(np.int64) for k, v in feed.items() if k in names})
+
+    options = ort.SessionOptions()
+    if args["threads"]:
+        options.intra_op_num_threads = args["threads"]
+        options.inter_op_num_threads = 1
+    gc.collect()
+    base = status_kb("VmRSS") or maxrss_kb()
+    session = ort.InferenceSession(args["onnx"], sess_options=options, providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+else:
+    import torch
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    from statprune.export import load_model, token_inputs
+
+    def run_batch(batch):
+        inputs = token_inputs(spec, batch, seq_len, seed=batch)
+        if args["causal"]:
+            inputs["use_cache"] = False
+        with torch.inference_mode():
+            model(**inputs)
+
+    gc.collect()
+    base = status_kb("VmRSS") or maxrss_kb()
+    model = load_model(args["path"], dtype=getattr(torch, args["dtype"]))
+gc.collect()
+result, method = {}, "rss-peak"
+for batch in sorted(args["batches"]):
+    if not reset_peak():
+        method = "maxrss"
+    run_batch(batch)
+    peak = status_kb("VmHWM") if method == "rss-peak" else maxrss_kb()
+    result[batch] = max(0, peak - base) / 1024
+print("STATPRUNE-MEMORY " + json.dumps({"method": method, "mb": result}))
+"""
+
+_METHODS = {
+    "rss-peak": "child process: peak RSS during the forward − RSS before loading",
+    "maxrss": "child process: maxrss − RSS before loading (includes loading transients)",
+    "cuda": "cuda max_memory_allocated during the forward + this model's weights",
+}
+
+
+def _memory(loaded, batches, seq_len, backend, device, dtype, threads, enabled):
+    """{(label, batch): MB} and a description of the method; empty when not measured."""
+    if not enabled:
+        return {}, "not measured"
+    if device.startswith("cuda"):
+        if backend != "torch":
+            return {}, "not measured (onnxruntime on CUDA)"
+        return _cuda_memory(loaded, batches, seq_len, device), _METHODS["cuda"]
+    out: dict[tuple[str, int], float] = {}
+    method = "rss-peak"
+    for m in loaded:
+        measured, used = _child_memory(m, batches, seq_len, backend, dtype, threads)
+        method = used if used != "rss-peak" else method
+        out.update({(m.label, b): mb for b, mb in measured.items()})
+    return out, _METHODS[method]
+
+
+def _child_memory(m: _Model, batches, seq_len, backend, dtype, threads):
+    args = {
+        "path": m.path,
+        "onnx": None if m.onnx_path is None else str(m.onnx_path),
+        "backend": backend,
+        "batches": list(batches),
+        "seq_len": seq_len,
+        "spec": m.spec,
+        "causal": m.causal,
+        "dtype": dtype,
+        "threads": threads,
+    }
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True, env=env
+    )
+    line = next((x for x in result.stdout.splitlines() if x.startswith("STATPRUNE-MEMORY ")), None)
+    if result.returncode != 0 or line is None:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelError(f"measuring the memory of {m.path} failed ({tail}); pass --no-memory to skip it")
+    data = json.loads(line.split(" ", 1)[1])
+    return {int(b): float(mb) for b, mb in data["mb"].items()}, data["method"]
+
+
+def _cuda_memory(loaded, batches, seq_len, device):
+    import torch
+
+    out = {}
+    with torch.inference_mode():
+        for m in loaded:
+            for batch in batches:
+                call = _forward_call(m, batch, seq_len, "torch", device)
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+                call()
+                torch.cuda.synchronize()
+                extra = torch.cuda.max_memory_allocated(device) - before
+                out[(m.label, batch)] = (extra + m.weight_bytes) / 2**20
+    return out
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def to_dict(rows: Sequence[BenchRow]) -> dict[str, Any]:
+    """Rows plus the environment they were measured in, ready for ``json.dump``."""
+    import torch
+    import transformers
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+
+        env["onnxruntime"] = onnxruntime.__version__
+    if any(r.device.startswith("cuda") for r in rows) and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return {"environment": env, "rows": [r.to_dict() for r in rows]}
+
+
+def _count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.1f}{suffix}"
+    return str(n)
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """A plain-text table, one block per (kind, batch), models in the order given."""
+    if not rows:
+        return "(no measurements)"
+    head = rows[0]
+    threads = f", {head.threads} threads" if head.threads else ""
+    lines = [
+        f"backend {head.backend} on {head.device}{threads}, {head.seq_len} tokens per sequence, "
+        f"{head.trials} trials (median / p90)"
+    ]
+    header = ["model", "kind", "batch", "params", "median ms", "p90 ms", "throughput", "peak MB", "speedup"]
+    table = []
+    for r in rows:
+        kind = f"generate {r.new_tokens}" if r.kind == "generate" else r.kind
+        table.append(
+            [
+                r.label,
+                kind,
+                str(r.batch),
+                f"{_count(r.params)} ({r.params_ratio:.2f}x)",
+                f"{r.latency_ms:.2f}",
+                f"{r.latency_p90_ms:.2f}",
+                f"{r.throughput:,.1f} {r.unit}",
+                "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:,.1f}",
+                f"{r.speedup:.2f}x",
+            ]
+        )
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+    left = {0, 1}
+
+    def fmt(cells):
+        return "  ".join(
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    lines += [fmt(header), fmt(["-" * w for w in widths])]
+    previous = None
+    for r, cells in zip(rows, table, strict=True):
+        if previous is not None and (r.kind, r.batch) != previous:
+            lines.append("")
+        previous = (r.kind, r.batch)
+        lines.append(fmt(cells))
+    methods = sorted({r.memory_method for r in rows if r.peak_memory_mb is not None})
+    lines.append("")
+    lines.append("speedup: latency of the first model / latency; params ratio to the first model in ()")
+    lines += [f"peak MB: {m}" for m in methods] or ["peak MB: not measured"]
+    if head.backend == "onnxruntime" and any(r.kind == "forward" for r in rows):
+        lines.append("onnxruntime: full-sequence forward only (prefill/generation need the torch backend)")
+    return "\n".join(lines)
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive integers")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return value
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench MODEL [MODEL ...]`` on a ``parser.add_subparsers()`` object."""
+    p = subparsers.add_parser(
+        "bench", help="measure latency, throughput and memory of model folders side by side"
+    )
+    p.add_argument(
+        "models", nargs="+", type=Path, metavar="MODEL", help="model folders; the first is the reference"
+    )
+    p.add_argument("--batch", type=_int_list, default=(1, 8, 32), help="batch sizes, e.g. 1,8,32")
+    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (all real)")
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="torch backend only")
+    p.add_argument("--trials", type=_positive, default=10, help="timed rounds (each times every model once)")
+    p.add_argument("--warmup", type=_non_negative, default=3, help="untimed calls per model and batch")
+    p.add_argument(
+        "--threads", type=_positive, default=None, help="CPU intra-op threads (default: library's)"
+    )
+    p.add_argument("--lm-batch", type=_int_list, default=(1, 16), help="causal LMs: prefill/generate batches")
+    p.add_argument(
+        "--new-tokens", type=_positive, default=32, help="causal LMs: tokens generated per sequence"
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="also write the rows as JSON")
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.json is not None:
+        parent = args.json.expanduser().absolute().parent
+        if not parent.is_dir():
+            raise OutputError(f"--json {args.json}: folder {parent} does not exist")
+        if args.json.is_dir():
+            raise OutputError(f"--json {args.json} is a folder; give a file name")
+    rows = benchmark(
+        args.models,
+        batches=args.batch,
+        seq_len=args.seq_len,
+        backend=args.backend,
+        device=args.device,
+        warmup=args.warmup,
+        trials=args.trials,
+        threads=args.threads,
+        dtype=args.dtype,
+        lm_batches=args.lm_batch,
+        new_tokens=args.new_tokens,
+        memory=not args.no_memory,
+    )
+    print(format_table(rows))
+    if args.json is not None:
+        _write_json(args.json, to_dict(rows))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path = path.expanduser().absolute()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,153 @@
+"""Side-by-side benchmark: row structure, ratios, both backends, causal-LM extras, CLI."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
+
+import statprune
+from statprune.bench import BenchRow, add_bench_parser, benchmark, format_table, run_bench, to_dict
+from statprune.errors import DeviceError, ModelError
+
+TOKENIZER = _build_tiny_tokenizer()
+FAST = {"seq_len": 8, "warmup": 1, "trials": 3}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny BERT, its compressed copy, and a tiny Llama."""
+    root = tmp_path_factory.mktemp("bench")
+    bert = build_tiny_model("bert")
+    bert.save_pretrained(root / "bert")
+    pruned, report = statprune.compress(bert, TOKENIZER, tiny_texts(300), keep_flops=0.4, progress=False)
+    statprune.save(pruned, root / "pruned", tokenizer=TOKENIZER, report=report)
+    build_tiny_model("llama").save_pretrained(root / "llama")
+    return {name: root / name for name in ("bert", "pruned", "llama")}
+
+
+def _by(rows, **match):
+    return [r for r in rows if all(getattr(r, k) == v for k, v in match.items())]
+
+
+def test_torch_rows_compare_models_side_by_side(folders):
+    rows = benchmark([folders["bert"], folders["pruned"]], batches=(1, 3), memory=False, **FAST)
+    assert [(r.label, r.kind, r.batch) for r in rows] == [
+        ("bert", "forward", 1),
+        ("pruned", "forward", 1),
+        ("bert", "forward", 3),
+        ("pruned", "forward", 3),
+    ]
+    for row in rows:
+        assert isinstance(row, BenchRow)
+        assert row.backend == "torch" and row.device == "cpu" and row.seq_len == 8 and row.trials == 3
+        assert 0 < row.latency_ms <= row.latency_p90_ms
+        assert row.throughput == pytest.approx(row.batch / (row.latency_ms / 1e3))
+        assert row.unit == "seq/s"
+        assert row.peak_memory_mb is None and row.memory_method == "not measured"
+    for batch in (1, 3):
+        first, second = _by(rows, batch=batch)
+        assert first.speedup == 1.0 and first.params_ratio == 1.0
+        assert second.speedup == pytest.approx(first.latency_ms / second.latency_ms)
+        assert second.params < first.params and second.params_ratio < 1.0
+    table = format_table(rows)
+    assert "bert" in table and "pruned" in table and "speedup" in table
+    data = json.loads(json.dumps(to_dict(rows)))
+    assert data["environment"]["torch"] == torch.__version__
+    assert data["rows"][1]["label"] == "pruned" and data["rows"][1]["params"] == rows[1].params
+
+
+def test_cpu_memory_is_measured_in_a_child_process(folders):
+    rows = benchmark([folders["pruned"]], batches=(1, 3), **FAST)
+    assert all(r.peak_memory_mb is not None and r.peak_memory_mb >= 0 for r in rows)
+    assert all(r.memory_method.startswith("child process") for r in rows)
+    assert "peak MB: child process" in format_table(rows)
+
+
+def test_a_model_against_itself(folders):
+    rows = benchmark([folders["bert"], folders["bert"]], batches=(2,), memory=False, **FAST)
+    assert [r.label for r in rows] == ["bert", "bert#2"]
+    assert rows[0].speedup == 1.0
+    assert rows[1].params_ratio == 1.0
+    assert rows[0].peak_memory_mb is None and rows[0].memory_method == "not measured"
+    assert rows[1].speedup > 0
+
+
+def test_onnxruntime_backend(folders):
+    rows = benchmark([folders["pruned"]], batches=(1, 4), backend="onnxruntime", threads=1, **FAST)
+    assert [(r.backend, r.kind, r.batch) for r in rows] == [
+        ("onnxruntime", "forward", 1),
+        ("onnxruntime", "forward", 4),
+    ]
+    assert all(r.speedup == 1.0 and r.latency_ms > 0 and r.threads == 1 for r in rows)
+    assert all(r.peak_memory_mb is not None and r.peak_memory_mb >= 0 for r in rows)
+    torch_rows = benchmark([folders["pruned"]], batches=(1,), memory=False, **FAST)
+    assert rows[0].params == torch_rows[0].params
+    assert "onnxruntime" in format_table(rows)
+
+
+def test_causal_lm_gets_prefill_and_generation(folders):
+    rows = benchmark([folders["llama"]], batches=(2,), lm_batches=(1, 2), new_tokens=3, memory=False, **FAST)
+    assert [(r.kind, r.batch) for r in rows] == [
+        ("forward", 2),
+        ("prefill", 1),
+        ("generate", 1),
+        ("prefill", 2),
+        ("generate", 2),
+    ]
+    for row in _by(rows, kind="generate"):
+        assert row.new_tokens == 3 and row.unit == "tok/s"
+        assert row.throughput == pytest.approx(row.batch * 3 / (row.latency_ms / 1e3))
+    prefill = _by(rows, kind="prefill")
+    assert all(r.unit == "seq/s" and r.new_tokens == 0 and r.latency_ms > 0 for r in prefill)
+    assert "generate 3" in format_table(rows)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="statprune")
+    add_bench_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_writes_table_and_json(folders, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(folders["bert"]), str(folders["pruned"]), "--batch", "1,2", "--seq-len", "6"]
+    args = _parser().parse_args([*argv, "--trials", "2", "--warmup", "0", "--no-memory", "--json", str(out)])
+    assert args.func is run_bench
+    assert run_bench(args) == 0
+    printed = capsys.readouterr().out
+    assert "pruned" in printed and str(out) in printed
+    data = json.loads(out.read_text())
+    assert [(r["label"], r["batch"]) for r in data["rows"]] == [
+        ("bert", 1),
+        ("pruned", 1),
+        ("bert", 2),
+        ("pruned", 2),
+    ]
+    assert data["rows"][0]["speedup"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+    for bad in (["--batch", "0"], ["--batch", "1,x"], ["--trials", "0"], ["--backend", "tvm"]):
+        with pytest.raises(SystemExit):
+            _parser().parse_args(["bench", str(folders["bert"]), *bad])
+
+
+def test_cuda_without_gpu_is_a_device_error(folders, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="no CUDA"):
+        benchmark([folders["bert"]], device="cuda")
+    args = _parser().parse_args(["bench", str(folders["bert"]), "--device", "cuda"])
+    with pytest.raises(DeviceError):
+        run_bench(args)
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(DeviceError, match="onnxruntime has no CUDA"):
+        benchmark([folders["bert"]], device="cuda", backend="onnxruntime")
+
+
+def test_bad_models_and_lengths_are_refused(folders, tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        benchmark([tmp_path / "missing"])
+    with pytest.raises(ModelError, match="positions"):
+        benchmark([folders["bert"]], seq_len=4096)  # the tiny BERT has 130 positions
