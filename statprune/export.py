@@ -76,24 +76,12 @@ class ExportResult:
 
 
 def load_model(model_dir: str | Path, device: str | None = None, dtype=None):
-    """``statprune.load`` whose unreadable-weights failures become a one-line ``ModelError``."""
+    """``statprune.load`` in float32 unless another dtype is asked for."""
     import torch
 
     from statprune.persist import load
 
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - safetensors is a dependency
-        SafetensorError = OSError
-    try:
-        return load(model_dir, device=device, dtype=torch.float32 if dtype is None else dtype)
-    except StatpruneError:
-        raise
-    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(
-            f"cannot load the weights in {model_dir} ({reason}); re-download or re-save the model"
-        ) from exc
+    return load(model_dir, device=device, dtype=torch.float32 if dtype is None else dtype)
 
 
 def is_causal_lm(model) -> bool:

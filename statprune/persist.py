@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import transformers
+from safetensors import SafetensorError
 from torch import nn
 
 from statprune import modeling_statprune
@@ -198,7 +199,13 @@ def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
     kwargs = {"local_files_only": True, "use_safetensors": any(folder.glob("*.safetensors")) or None}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = cls.from_pretrained(folder, config=config, **kwargs)
+    try:
+        model = cls.from_pretrained(folder, config=config, **kwargs)
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(
+            f"cannot load the weights in {folder} ({reason}); re-download or re-save the model"
+        ) from None
     if device is not None:
         model.to(device)
     return model.eval()
