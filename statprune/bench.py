@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from statprune.argtypes import current_umask, positive_int
 from statprune.errors import DeviceError, ModelError, OutputError, StatpruneError
 
 BACKENDS = ("torch", "onnxruntime")
@@ -626,16 +627,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -655,18 +646,20 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         "models", nargs="+", type=Path, metavar="MODEL", help="model folders; the first is the reference"
     )
     p.add_argument("--batch", type=_int_list, default=(1, 8, 32), help="batch sizes, e.g. 1,8,32")
-    p.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence (all real)")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence (all real)")
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="torch backend only")
-    p.add_argument("--trials", type=_positive, default=10, help="timed rounds (each times every model once)")
+    p.add_argument(
+        "--trials", type=positive_int, default=10, help="timed rounds (each times every model once)"
+    )
     p.add_argument("--warmup", type=_non_negative, default=3, help="untimed calls per model and batch")
     p.add_argument(
-        "--threads", type=_positive, default=None, help="CPU intra-op threads (default: library's)"
+        "--threads", type=positive_int, default=None, help="CPU intra-op threads (default: library's)"
     )
     p.add_argument("--lm-batch", type=_int_list, default=(1, 16), help="causal LMs: prefill/generate batches")
     p.add_argument(
-        "--new-tokens", type=_positive, default=32, help="causal LMs: tokens generated per sequence"
+        "--new-tokens", type=positive_int, default=32, help="causal LMs: tokens generated per sequence"
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", type=Path, default=None, metavar="OUT.json", help="also write the rows as JSON")
@@ -706,7 +699,7 @@ def _write_json(path: Path, data: dict) -> None:
     path = path.expanduser().absolute()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the output is an ordinary file
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
@@ -721,7 +714,3 @@ def _write_json(path: Path, data: dict) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -11,28 +11,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from statprune.argtypes import fraction, positive_int
 from statprune.bench import add_bench_parser, run_bench
 from statprune.errors import ModelError, StatpruneError
 from statprune.evaluate import add_eval_parser, run_eval
 from statprune.export import add_export_parser, run_export
 from statprune.sweep import add_sweep_parser, run_sweep
-
-
-def _fraction(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.6") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,13 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", type=Path, required=True, help="calibration data: .txt, .jsonl, .csv or folder")
     c.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     budget = c.add_argument_group("budget (give exactly one)")
-    budget.add_argument("--keep-flops", type=_fraction, help="fraction of attention+FFN FLOPs to keep")
-    budget.add_argument("--keep-params", type=_fraction, help="fraction of attention+FFN params to keep")
+    budget.add_argument("--keep-flops", type=fraction, help="fraction of attention+FFN FLOPs to keep")
+    budget.add_argument("--keep-params", type=fraction, help="fraction of attention+FFN params to keep")
     c.add_argument("--prune", default="heads,neurons", help="what may be removed: heads,neurons")
-    c.add_argument("--seq-len", type=_positive_int, default=128, help="max tokens per example (and FLOPs s)")
-    c.add_argument("--samples", type=_positive_int, default=512, help="calibration examples to draw")
+    c.add_argument("--seq-len", type=positive_int, default=128, help="max tokens per example (and FLOPs s)")
+    c.add_argument("--samples", type=positive_int, default=512, help="calibration examples to draw")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=_positive_int, default=16)
+    c.add_argument("--batch-size", type=positive_int, default=16)
     c.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
     c.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
     c.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -81,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not let the next bias absorb the mean of removed units",
     )
-    c.add_argument("--round-to", type=_positive_int, default=1, help="kept FFN widths are multiples of N")
+    c.add_argument("--round-to", type=positive_int, default=1, help="kept FFN widths are multiples of N")
     c.add_argument("--checkpoint-dir", type=Path, help="save progress after every layer into this folder")
     c.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -102,9 +86,10 @@ def _compress(args: argparse.Namespace) -> int:
 
     import statprune
     from statprune.adapters import adapter_for
+    from statprune.argtypes import resolve_device
     from statprune.calibration import read_examples
-    from statprune.driver import CompressionOptions, resolve_device
-    from statprune.persist import check_model_dir, check_output_dir
+    from statprune.driver import CompressionOptions
+    from statprune.persist import check_model_dir, check_output_dir, load_tokenizer
 
     options = CompressionOptions(
         keep_flops=args.keep_flops,
@@ -131,10 +116,7 @@ def _compress(args: argparse.Namespace) -> int:
         raise ModelError(f"cannot read {args.model / 'config.json'}: {str(exc).splitlines()[0]}") from None
     adapter_for(config)
     texts = read_examples(args.data, text_field=args.text_field, pair_field=args.pair_field)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    except (ValueError, OSError) as exc:
-        raise ModelError(f"cannot load the tokenizer of {args.model}: {str(exc).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(args.model)
     model = statprune.load(args.model, dtype=getattr(torch, args.dtype))
     fields = {f: getattr(options, f) for f in options.__dataclass_fields__}
     model, report = statprune.compress(

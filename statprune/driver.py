@@ -23,9 +23,10 @@ from torch import nn
 
 from statprune.adapters import ModelAdapter, adapter_for
 from statprune.allocation import BlockCurve, allocate, curve_from_errors
+from statprune.argtypes import resolve_device
 from statprune.calibration import CalibrationBatch, count_tokens, sample_examples, tokenize_examples
 from statprune.checkpoint import Checkpoint, fingerprint
-from statprune.errors import BudgetError, DataError, DeviceError, ModelError
+from statprune.errors import BudgetError, DataError, ModelError
 from statprune.flops import LayerShape, model_shapes, total_cost
 from statprune.linalg import (
     GramAccumulator,
@@ -116,16 +117,6 @@ class _Calibration:
 
 class _Captured(Exception):
     pass
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def check_finite_weights(model: nn.Module) -> None:

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statprune.errors import DataError, DeviceError, ModelError, OutputError
+from statprune.argtypes import positive_int, resolve_device
+from statprune.errors import DataError, ModelError, OutputError
 
 if TYPE_CHECKING:
     import torch
@@ -654,28 +655,6 @@ def read_labels(
 # ---------------------------------------------------------------------------------------- paths
 
 
-def _resolve_device(name: str | None):
-    import torch
-
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (ValueError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"cannot load the tokenizer of {folder}: {reason}") from None
-
-
 def evaluate_paths(
     model_dir: str | Path,
     data_path: str | Path,
@@ -703,7 +682,7 @@ def evaluate_paths(
     import torch
 
     from statprune.calibration import read_examples
-    from statprune.persist import check_model_dir, load
+    from statprune.persist import check_model_dir, load, load_tokenizer
 
     _check_positive("samples", samples)
     if task not in ("auto", *TASKS):
@@ -718,8 +697,8 @@ def evaluate_paths(
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise DataError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    target = _resolve_device(device)
-    tokenizer = _load_tokenizer(model_dir)
+    target = resolve_device(device)
+    tokenizer = load_tokenizer(model_dir)
     model = load(model_dir, device=str(target), dtype=torch_dtype)
     task = _resolve_task(model, task)
     reference = None if against is None else load(against, device=str(target), dtype=torch_dtype)
@@ -740,16 +719,6 @@ def evaluate_paths(
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``eval`` command to an ``add_subparsers()`` object; returns its parser."""
     e = subparsers.add_parser(
@@ -764,12 +733,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
     e.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
     e.add_argument("--label-field", help="JSONL/CSV field holding the label (default: label, if present)")
-    e.add_argument("--seq-len", type=_positive_int, default=128, help="max tokens per example")
-    e.add_argument("--batch-size", type=_positive_int, default=32)
-    e.add_argument("--window", type=_positive_int,
+    e.add_argument("--seq-len", type=positive_int, default=128, help="max tokens per example")
+    e.add_argument("--batch-size", type=positive_int, default=32)
+    e.add_argument("--window", type=positive_int,
                    help=f"lm: tokens per perplexity window (default: min({DEFAULT_WINDOW}, max positions))")
-    e.add_argument("--stride", type=_positive_int, help="lm: tokens the window moves by (default: --window)")
-    e.add_argument("--samples", type=_positive_int, help="evaluate the first N examples only")
+    e.add_argument("--stride", type=positive_int, help="lm: tokens the window moves by (default: --window)")
+    e.add_argument("--samples", type=positive_int, help="evaluate the first N examples only")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--json", type=Path, metavar="OUT.json", help="also write the results as JSON")

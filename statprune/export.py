@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from statprune.argtypes import positive_int
 from statprune.errors import ModelError, OutputError, StatpruneError
 
 INPUT_AXES = {0: "batch", 1: "sequence"}
@@ -436,18 +437,8 @@ def _verify(path: Path, wrapper, model, names, batch: int, seq_len: int, rtol: f
 # --- command line -----------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
 def _at_least_two(text: str) -> int:
-    value = _positive(text)
+    value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError("must be at least 2, so that the sequence axis stays dynamic")
     return value
@@ -462,7 +453,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="model folder (compressed or not)")
     p.add_argument("out", type=Path, help="the .onnx file to write (atomically)")
     p.add_argument("--seq-len", type=_at_least_two, default=16, help="sequence length of the tracing example")
-    p.add_argument("--opset", type=_positive, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--rtol", type=float, default=1e-4, help="largest relative error the check accepts")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from statprune import modeling_statprune
+from statprune.argtypes import current_umask
 from statprune.errors import ModelError, OutputError
 from statprune.report import CompressionReport
 
@@ -94,7 +95,7 @@ def save(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
         config.auto_map = _auto_map(model)
         config.architectures = [type(model).__name__]
         model.save_pretrained(tmp, safe_serialization=True)
@@ -146,12 +147,6 @@ def _discard(tmp: Path | None, created: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             break
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -209,6 +204,15 @@ def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a model folder (offline), or a one-line ``ModelError``."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of {path}: {reason}") from None
 
 
 def load_report(path: str | Path) -> CompressionReport:

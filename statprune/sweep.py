@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statprune.errors import BudgetError, DataError, ModelError, OutputError
+from statprune.argtypes import current_umask, positive_int
+from statprune.errors import BudgetError, DataError, OutputError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -388,16 +389,6 @@ def _fields_for(path: Path, text_field: str | None, pair_field: str | None):
     return None, None
 
 
-def _load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (ValueError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"cannot load the tokenizer of {folder}: {reason}") from None
-
-
 def _param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -465,7 +456,7 @@ def sweep(
     from statprune.calibration import read_examples, sample_examples, tokenize_examples
     from statprune.driver import compress, resolve_device
     from statprune.evaluate import TASKS, detect_task, evaluate, read_labels
-    from statprune.persist import check_model_dir, load
+    from statprune.persist import check_model_dir, load, load_tokenizer
 
     started = time.perf_counter()
     say = log or (lambda _line: None)
@@ -507,7 +498,7 @@ def sweep(
     texts = read_examples(calib_path, *_fields_for(calib_path, text_field, pair_field))
     eval_text_field, eval_pair_field = _fields_for(eval_path, text_field, pair_field)
     examples = read_examples(eval_path, eval_text_field, eval_pair_field)
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     dense = load(model_dir, device=str(target), dtype=torch_dtype)
     task = detect_task(dense) if task == "auto" else task
     labels = None
@@ -751,7 +742,7 @@ def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, ca
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o777 & ~_umask())
+        tmp.chmod(0o777 & ~current_umask())
         (tmp / "results.json").write_text(json.dumps(result.to_rows(), indent=2) + "\n")
         (tmp / "results.md").write_text(results_markdown(result))
         write_plot(result, tmp / "plot.png")
@@ -779,25 +770,6 @@ def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, ca
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
-
-
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``sweep`` command to an ``add_subparsers()`` object; returns its parser."""
     s = subparsers.add_parser(
@@ -815,12 +787,12 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--budget-kind", default="flops", choices=BUDGET_KINDS,
                    help="what the budgets keep: attention+FFN flops (default) or params")
     s.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
-    s.add_argument("--samples", type=_positive_int, default=512, help="calibration examples to draw")
-    s.add_argument("--seq-len", type=_positive_int, default=128,
+    s.add_argument("--samples", type=positive_int, default=512, help="calibration examples to draw")
+    s.add_argument("--seq-len", type=positive_int, default=128,
                    help="max tokens per example (calibration, evaluation and FLOPs accounting)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=_positive_int, default=16, help="calibration batch size")
-    s.add_argument("--eval-samples", type=_positive_int, help="evaluate on the first N examples only")
+    s.add_argument("--batch-size", type=positive_int, default=16, help="calibration batch size")
+    s.add_argument("--eval-samples", type=positive_int, help="evaluate on the first N examples only")
     s.add_argument("--task", default="auto", choices=["auto", "classify", "lm", "embed"],
                    help="how to evaluate (auto: from the model class)")
     s.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
