@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="CI smoke test (MiniLM, one budget)")
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from the saved rows")
     args = parser.parse_args()
     methods = ("stat", "magnitude") if args.quick else tuple(args.methods.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -191,6 +192,8 @@ def main() -> None:
     sections_file = args.out / "sections.json"
     sections = {} if args.quick or not sections_file.exists() else json.loads(sections_file.read_text())
     benches = [QUICK] if args.quick else [BENCHMARKS[m] for m in args.models.split(",")]
+    if args.render:
+        benches = []
     samples = 128 if args.quick else args.samples
     start = time.perf_counter()
     for bench in benches:
@@ -209,7 +212,10 @@ def main() -> None:
         '"achieved" is the fraction actually kept; accuracy on held-out test splits that no step '
         "tuned on. Methods: `stat` (this project), `magnitude` (weight norms, no correction), "
         "`wanda-sp` (structured |W|·‖X‖, uniform per-layer ratio), `flap` (fluctuation metric, "
-        "adaptive allocation, bias compensation). Machine: 2 CPU cores.\n\n"
+        "adaptive allocation, bias compensation). Not yet run here: the Kwon et al. `fisher` baseline "
+        "(not implemented) and the `torch-pruning` package. Machine: 2 CPU cores; the `seconds` in "
+        "results.json are compression times and were measured on a shared machine, so treat them "
+        "as indicative.\n\n"
         "## Targets\n\n" + "\n".join(target_lines(rows)) + "\n\n"
     )
     (args.out / "RESULTS.md").write_text(header + "\n".join(sections[k] for k in sorted(sections)))

@@ -1,0 +1,118 @@
+"""Real speed of compressed models on this machine: benchmarks/speed.json (rows of kind "inference").
+
+    python benchmarks/speed.py --model mpnet --budget 0.5            # BERT-base sized encoder
+    python benchmarks/speed.py --model smollm2 --budget 0.5 --params # Llama decoder (prefill, decode)
+
+Compresses the asset at the budget (STAT, 512 calibration sentences), then measures the dense and
+the compressed folder side by side in one run (`statprune.bench`: warm-up, interleaved trials,
+median and p90) with PyTorch and with ONNX Runtime. Rows for the same model and budget in the
+output file are replaced; others are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "scripts"))
+import assets  # noqa: E402
+
+import statprune  # noqa: E402
+from statprune.bench import benchmark  # noqa: E402
+from statprune.calibration import read_examples  # noqa: E402
+from statprune.persist import load_tokenizer  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mpnet", help="asset name (scripts/assets.py)")
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--params", action="store_true", help="budget is a parameter fraction")
+    parser.add_argument("--calib", default="rt-calib.txt", help="file in the corpora asset")
+    parser.add_argument("--batch", default="32")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--backends", default="torch,onnxruntime")
+    parser.add_argument("--round-to", type=int, default=1)
+    parser.add_argument(
+        "--base-model",
+        action="store_true",
+        help="measure the bare encoder (for checkpoints saved without their task head)",
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "speed.json")
+    args = parser.parse_args()
+    model_dir = assets.ensure(args.model)
+    texts = read_examples(assets.ensure("corpora") / args.calib)
+    kind = "params" if args.params else "flops"
+    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    label = f"{args.model}@{kind}{args.budget}" + (f"/round{args.round_to}" if args.round_to > 1 else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_tokenizer(model_dir)
+        if args.base_model:  # e.g. all-mpnet-base-v2: config names MPNetForMaskedLM, weights are bare
+            import transformers
+
+            bare = transformers.AutoModel.from_pretrained(model_dir, local_files_only=True)
+            model_dir = statprune.save(bare, Path(tmp) / "dense", tokenizer=tokenizer)
+        model = statprune.load(model_dir)
+        pruned, report = statprune.compress(
+            model, tokenizer, texts, inplace=True, round_to=args.round_to, **{f"keep_{kind}": args.budget}
+        )
+        small = statprune.save(pruned, Path(tmp) / "small", tokenizer=tokenizer, report=report)
+        del model, pruned
+        new = []
+        for backend in args.backends.split(","):
+            measured = benchmark(
+                [model_dir, small],
+                batches=[int(b) for b in args.batch.split(",")],
+                seq_len=args.seq_len,
+                backend=backend,
+                trials=args.trials,
+                warmup=2,
+            )
+            for r in measured:
+                if r.label != "small":
+                    continue
+                dense = next(
+                    d for d in measured if d.label != "small" and d.kind == r.kind and d.batch == r.batch
+                )
+                new.append(
+                    {
+                        "kind": "inference",
+                        "model": label,
+                        "budget": args.budget,
+                        "backend": backend,
+                        "device": r.device,
+                        "batch": r.batch,
+                        "seq_len": r.seq_len,
+                        "value": r.latency_ms,
+                        "unit": "ms",
+                        "dense_value": dense.latency_ms,
+                        "speedup": r.speedup,
+                        "peak_mb": r.peak_memory_mb,
+                        "forward_ratio": None,
+                        "call": r.kind,
+                        "p90_ms": r.latency_p90_ms,
+                        "dense_p90_ms": dense.latency_p90_ms,
+                        "dense_peak_mb": dense.peak_memory_mb,
+                        "threads": r.threads,
+                        "trials": r.trials,
+                        "flops_kept": report.flops_kept,
+                        "params_kept": report.params_kept,
+                        "round_to": args.round_to,
+                    }
+                )
+                print(
+                    f"{backend:<12} {r.kind:<8} batch {r.batch:>3}: dense {dense.latency_ms:8.1f} ms, "
+                    f"compressed {r.latency_ms:8.1f} ms, speedup {r.speedup:.2f}x "
+                    f"(FLOPs kept {report.flops_kept:.3f})"
+                )
+    rows = [r for r in rows if r.get("model") != label] + new
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
