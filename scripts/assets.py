@@ -9,7 +9,9 @@ Usage::
 
     python scripts/assets.py                    # same as "all": minilm + corpora
     python scripts/assets.py mpnet smollm2      # the big models, only when asked for
-    python scripts/assets.py all-models         # everything
+    python scripts/assets.py all-models         # everything, incl. the fine-tuned classifiers
+    python scripts/assets.py minilm-mr --threads 2  # fine-tune MiniLM on rt-train (sentiment)
+    python scripts/assets.py mpnet-mr --tune-lr 2e-5 5e-5   # lr choice on held-out rt-train rows
     python scripts/assets.py --list             # what is in the cache
     python scripts/assets.py corpora --verify   # re-hash the files against DONE.json
     python scripts/assets.py minilm --force     # rebuild even if finished
@@ -41,6 +43,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -90,7 +93,7 @@ LM_CALIB_FRACTION = 0.8
 # 3196/3200 train and 799/800 test sentences whole (99th percentile 56 tokens, longest 73, for
 # both the BERT and the MPNet tokenizer).  Weight decay skips biases and LayerNorm weights.
 FT_LABELS = {0: "negative", 1: "positive"}
-FT_HPARAMS: dict[str, float | int] = {
+FT_HPARAMS: dict = {
     "epochs": 3,
     "batch_size": 32,
     "max_length": 64,
@@ -106,7 +109,15 @@ FT_HPARAMS: dict[str, float | int] = {
 FT_TUNE_HOLDOUT, FT_TUNE_SEED = 400, 1
 FINETUNED: dict[str, dict] = {
     "minilm-mr": {"base": "minilm", "model_class": "BertForSequenceClassification", "lr": 5e-5},
-    "mpnet-mr": {"base": "mpnet", "model_class": "MPNetForSequenceClassification", "lr": 2e-5},
+    "mpnet-mr": {
+        "base": "mpnet",
+        "model_class": "MPNetForSequenceClassification",
+        "lr": 2e-5,
+        # 3 epochs measured at ~13 s per batch on 2 shared cores, i.e. over an hour: cut to 2.
+        "hparams": {"epochs": 2},
+        "note": "2 epochs instead of 3: at ~13 s per batch of 32 on 2 shared CPU cores, "
+        "3 epochs (300 updates) would take over an hour",
+    },
 }
 
 # Files from model folders that are not worth keeping.
@@ -376,6 +387,182 @@ def split_lines(lines: Sequence[str], calib_fraction: float = LM_CALIB_FRACTION)
     return list(lines[:cut]), list(lines[cut:])
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning helpers (pure ones tested without torch; the loop is tested on a tiny model)
+# --------------------------------------------------------------------------------------------
+
+
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    """Optimizer updates per epoch: the last, smaller batch counts as one."""
+    if n_rows < 1 or batch_size < 1:
+        raise ValueError("need at least one row and a positive batch size")
+    return -(-n_rows // batch_size)
+
+
+def warmup_steps(total_steps: int, warmup_frac: float) -> int:
+    """``ceil(total * frac)`` (as the transformers Trainer rounds ``warmup_ratio``)."""
+    if not 0.0 <= warmup_frac <= 1.0:
+        raise ValueError(f"warmup fraction {warmup_frac} is not in [0, 1]")
+    return math.ceil(round(total_steps * warmup_frac, 9))
+
+
+def linear_schedule(step: int, total_steps: int, warmup: int) -> float:
+    """Learning-rate multiplier before update ``step`` (0-based): ``step / warmup`` while warming
+    up, then a straight line down to 0 at ``total_steps`` (== get_linear_schedule_with_warmup)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def epoch_order(n_rows: int, epoch: int, seed: int) -> list[int]:
+    """Row order for one epoch: a permutation that depends only on (seed, epoch, n_rows)."""
+    order = list(range(n_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def epoch_batches(n_rows: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """``epoch_order`` cut into consecutive batches of ``batch_size`` (the last may be short)."""
+    order = epoch_order(n_rows, epoch, seed)
+    return [order[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def accuracy(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    if len(predictions) != len(labels) or not labels:
+        raise ValueError("predictions and labels must be non-empty and of equal length")
+    return sum(int(p) == int(y) for p, y in zip(predictions, labels, strict=True)) / len(labels)
+
+
+def _decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on weight matrices, none on biases and norm layers."""
+    import torch
+
+    no_decay: set[int] = set()
+    for module in model.modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if pname == "bias" or isinstance(module, torch.nn.LayerNorm):
+                no_decay.add(id(param))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def predict_labels(model, tok, texts: Sequence[str], max_length: int, batch_size: int = 64):
+    """argmax labels and the stacked logits (eval mode, no grad, batches in the given order)."""
+    import torch
+
+    model.eval()
+    logits = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tok(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            logits.append(model(**enc).logits.float())
+    stacked = torch.cat(logits)
+    return stacked.argmax(-1).tolist(), stacked
+
+
+def finetune_classifier(
+    model,
+    tok,
+    rows: Sequence[dict],
+    *,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    max_length: int,
+    warmup_frac: float,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = None,
+    adam_betas: Sequence[float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    seed: int = 0,
+    eval_rows: Sequence[dict] | None = None,
+    eval_batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Fine-tune a ``*ForSequenceClassification`` in place on ``rows`` (``{"text", "label"}``).
+
+    Deterministic given ``seed`` and the model's initial weights: the global torch RNG (dropout)
+    is re-seeded here, the batch order comes from ``epoch_batches``.  When ``eval_rows`` are given
+    their accuracy is measured after every epoch.  Returns the schedule and per-epoch history.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    per_epoch = steps_per_epoch(len(rows), batch_size)
+    total = per_epoch * epochs
+    warm = warmup_steps(total, warmup_frac)
+    opt = torch.optim.AdamW(_decay_groups(model, weight_decay), lr=lr, betas=tuple(adam_betas), eps=adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_schedule(s, total, warm))
+    texts = [r["text"] for r in rows]
+    labels = [int(r["label"]) for r in rows]
+    history = []
+    step = 0
+    t_start = time.time()
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.time()
+        loss_sum, seen, correct = 0.0, 0, 0
+        for batch in epoch_batches(len(rows), batch_size, epoch, seed):
+            enc = tok(
+                [texts[i] for i in batch],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
+            y = torch.tensor([labels[i] for i in batch])
+            out = model(**enc, labels=y)
+            out.loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum += float(out.loss.detach()) * len(batch)
+            correct += int((out.logits.detach().argmax(-1) == y).sum())
+            seen += len(batch)
+            if progress and (step % 10 == 0 or step == total):
+                progress(
+                    f"epoch {epoch + 1}/{epochs} step {step}/{total} "
+                    f"loss {loss_sum / seen:.4f} ({time.time() - t0:.0f}s this epoch)"
+                )
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": round(loss_sum / seen, 5),
+            "train_accuracy": round(correct / seen, 5),
+            "seconds": round(time.time() - t0, 1),
+        }
+        if eval_rows:
+            preds, _ = predict_labels(model, tok, [r["text"] for r in eval_rows], max_length, eval_batch_size)
+            record["eval_accuracy"] = round(accuracy(preds, [r["label"] for r in eval_rows]), 5)
+        history.append(record)
+        if progress:
+            progress(f"epoch {epoch + 1} done: {json.dumps(record)}")
+    return {
+        "steps": total,
+        "steps_per_epoch": per_epoch,
+        "warmup_steps": warm,
+        "train_seconds": round(sum(r["seconds"] for r in history), 1),
+        "seconds_with_eval": round(time.time() - t_start, 1),
+        "history": history,
+    }
+
+
 def write_lines(path: Path, lines: Iterable[str]) -> int:
     lines = list(lines)
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -522,20 +709,40 @@ def offline_env() -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    # Idle OpenMP threads sleep instead of spinning: on a machine shared with other jobs spinning
+    # threads halved the fine-tuning speed (MPNet, 2 threads, load ~3.5 on 2 cores: 28 s -> 13 s
+    # per batch).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
-def run_worker(name: str, args: Sequence[str], log_path: Path) -> dict:
-    """Run ``python assets.py _worker ARGS`` offline; return the JSON it prints last on stdout."""
+def run_worker(name: str, args: Sequence[str], log_path: Path, echo: bool = False) -> dict:
+    """Run ``python assets.py _worker ARGS`` offline; return the JSON it prints last on stdout.
+
+    The worker's stderr goes to ``log_path``; with ``echo`` its ``[assets] ...`` progress lines are
+    also shown as they come (long fine-tuning runs)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", *args]
-    with open(log_path, "w") as lf:
-        proc = subprocess.run(
-            cmd, check=False, stdout=subprocess.PIPE, stderr=lf, text=True, env=offline_env()
-        )
-    if proc.returncode != 0:
+    out_path = log_path.with_name(log_path.name + ".stdout")
+    with open(log_path, "w") as lf, open(out_path, "w") as of:
+        if echo:
+            proc = subprocess.Popen(
+                cmd, stdout=of, stderr=subprocess.PIPE, text=True, env=offline_env(), bufsize=1
+            )
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                lf.write(line)
+                lf.flush()
+                if line.startswith("[assets] "):
+                    print(line.rstrip("\n"), flush=True)
+            returncode = proc.wait()
+        else:
+            returncode = subprocess.run(
+                cmd, check=False, stdout=of, stderr=lf, text=True, env=offline_env()
+            ).returncode
+    if returncode != 0:
         err = _tail(log_path.read_text(errors="replace"))
-        raise AssetError(f"{args[0]} failed (exit {proc.returncode}): {err}")
-    for line in reversed(proc.stdout.splitlines()):
+        raise AssetError(f"{args[0]} failed (exit {returncode}): {err}")
+    for line in reversed(out_path.read_text(errors="replace").splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     raise AssetError(f"{args[0]} printed no result")
@@ -727,12 +934,90 @@ def build_corpora(out: Path, work: Path) -> dict:
     }
 
 
+THREADS: int | None = None  # torch threads for fine-tuning (--threads); else $STATPRUNE_THREADS
+
+
+def train_threads() -> int | None:
+    """Threads for the fine-tuning workers: ``--threads``, else ``$STATPRUNE_THREADS``, else torch's
+    default (None)."""
+    if THREADS:
+        return THREADS
+    env = os.environ.get("STATPRUNE_THREADS", "").strip()
+    if not env:
+        return None
+    try:
+        n = int(env)
+    except ValueError:
+        raise AssetError(f"STATPRUNE_THREADS={env!r} is not a number") from None
+    if n < 1:
+        raise AssetError(f"STATPRUNE_THREADS={env!r} must be at least 1")
+    return n
+
+
+def finetune_spec(name: str, cache: Path, **extra) -> dict:
+    """The JSON job for the ``finetune`` worker (``extra`` adds ``out``, ``holdout``, ``lr``...)."""
+    spec = FINETUNED[name]
+    return {
+        "name": name,
+        "base": str(cache / spec["base"]),
+        "corpora": str(cache / "corpora"),
+        "model_class": spec["model_class"],
+        "lr": spec["lr"],
+        "hparams": {**FT_HPARAMS, **spec.get("hparams", {})},
+        "threads": train_threads(),
+        **extra,
+    }
+
+
+def _build_finetuned(name: str, out: Path, work: Path) -> dict:
+    spec = FINETUNED[name]
+    cache = out.parent.parent.resolve()  # ensure() builds in CACHE/.tmp-<name>-*/out
+    for dep in DEPENDS[name]:  # ensure() prepares them before calling us
+        problem = marker_problem(cache / dep, dep)
+        if problem is not None:
+            raise AssetError(f"needs asset {dep} in {cache} first ({problem})")
+    job = finetune_spec(name, cache, out=str(out))
+    hp = job["hparams"]
+    log(
+        name,
+        f"fine-tuning {spec['base']} as {spec['model_class']} on rt-train: lr {job['lr']:g}, "
+        f"{hp['epochs']} epochs, batch {hp['batch_size']}, max_length {hp['max_length']}, "
+        f"seed {hp['seed']}, threads {job['threads'] or 'default'}",
+    )
+    result = run_worker(name, ["finetune", json.dumps(job)], work / "finetune.log", echo=True)
+    log(name, f"ok: {result['summary']}")
+    for key in ("note", "lr_selection"):
+        if key in spec:
+            result[key] = spec[key]
+    base_marker = read_marker(cache / spec["base"]) or {}
+    corpora_marker = read_marker(cache / "corpora") or {}
+    result["inputs"] = {
+        "base_asset": spec["base"],
+        "base_weights_sha256": base_marker.get("files", {}).get("model.safetensors", {}).get("sha256"),
+        "train_sha256": corpora_marker.get("files", {}).get("rt-train.jsonl", {}).get("sha256"),
+        "test_sha256": corpora_marker.get("files", {}).get("rt-test.jsonl", {}).get("sha256"),
+    }
+    return result
+
+
+def build_minilm_mr(out: Path, work: Path) -> dict:
+    return _build_finetuned("minilm-mr", out, work)
+
+
+def build_mpnet_mr(out: Path, work: Path) -> dict:
+    return _build_finetuned("mpnet-mr", out, work)
+
+
 BUILDERS: dict[str, Callable[[Path, Path], dict]] = {
     "minilm": build_minilm,
     "corpora": build_corpora,
     "mpnet": build_mpnet,
     "smollm2": build_smollm2,
+    "minilm-mr": build_minilm_mr,
+    "mpnet-mr": build_mpnet_mr,
 }
+# Assets a builder reads from the cache; ensure() prepares them first.
+DEPENDS: dict[str, list[str]] = {name: [spec["base"], "corpora"] for name, spec in FINETUNED.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,6 +1048,8 @@ def ensure(name: str, cache: str | os.PathLike | None = None, force: bool = Fals
     final = root / name
     if not force and is_done(final, name):
         return final
+    for dep in DEPENDS.get(name, []):
+        ensure(dep, root)
     root.mkdir(parents=True, exist_ok=True)
     with asset_lock(root, name):
         if not force and is_done(final, name):  # somebody else finished while we waited
@@ -943,9 +1230,128 @@ def _worker_convert_smollm2(gguf_path: str, out_dir: str) -> dict:
     }
 
 
+def _check_head_loading(loading: dict) -> dict:
+    """Only the classification head may be missing from the base weights (and only an unused
+    pooler may be left over): anything else means the encoder was not loaded."""
+    info = {k: sorted(str(x) for x in v) for k, v in loading.items() if v}
+    missing = info.get("missing_keys", [])
+    bad_missing = [k for k in missing if not k.startswith("classifier.")]
+    bad_unexpected = [k for k in info.get("unexpected_keys", []) if "pooler." not in k]
+    if bad_missing or bad_unexpected or info.get("mismatched_keys") or not missing:
+        raise AssetError(
+            f"base weights do not fit the classifier: missing={bad_missing[:5] or missing[:5]} "
+            f"unexpected={bad_unexpected[:5]} mismatched={info.get('mismatched_keys', [])[:5]}"
+        )
+    return info
+
+
+def _worker_finetune(job_json: str) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    job = json.loads(job_json)
+    name, hp = job["name"], job["hparams"]
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    torch.use_deterministic_algorithms(True)
+    transformers.logging.set_verbosity_error()
+
+    def progress(msg: str) -> None:
+        print(f"[assets] {name}: {msg}", file=sys.stderr, flush=True)
+
+    cls = getattr(transformers, job["model_class"])
+    tok = AutoTokenizer.from_pretrained(job["base"])
+    torch.manual_seed(hp["seed"])  # the classification head's initial weights
+    model, loading = cls.from_pretrained(
+        job["base"],
+        num_labels=len(FT_LABELS),
+        id2label=dict(FT_LABELS),
+        label2id={v: k for k, v in FT_LABELS.items()},
+        dtype=torch.float32,
+        output_loading_info=True,
+    )
+    loading = _check_head_loading(loading)
+    corpora = Path(job["corpora"])
+    train = read_jsonl(corpora / "rt-train.jsonl")
+    test = read_jsonl(corpora / "rt-test.jsonl")
+    common = {
+        "lr": job["lr"],
+        "threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+    holdout = int(job.get("holdout") or 0)
+    if holdout:  # learning-rate selection: rt-train only, rt-test is not read
+        fit, held = split_rows(train, len(train) - holdout, holdout, seed=FT_TUNE_SEED)
+        progress(f"lr {job['lr']:g}: fit on {len(fit)} rt-train rows, score on {len(held)} held out")
+        result = finetune_classifier(model, tok, fit, lr=job["lr"], eval_rows=held, progress=progress, **hp)
+        return {**common, "holdout": holdout, "holdout_seed": FT_TUNE_SEED, "fit_rows": len(fit), **result}
+
+    def n_truncated(rows: list[dict]) -> int:
+        lengths = [len(ids) for ids in tok([r["text"] for r in rows])["input_ids"]]
+        return sum(n > hp["max_length"] for n in lengths)
+
+    result = finetune_classifier(model, tok, train, lr=job["lr"], progress=progress, **hp)
+    test_texts, test_labels = [r["text"] for r in test], [r["label"] for r in test]
+    t0 = time.time()
+    preds, logits = predict_labels(model, tok, test_texts, hp["max_length"], hp["eval_batch_size"])
+    eval_seconds = time.time() - t0
+    acc = accuracy(preds, test_labels)
+    correct = sum(p == y for p, y in zip(preds, test_labels, strict=True))
+    progress(f"dense test accuracy {acc:.4f} ({correct}/{len(test)})")
+
+    out = Path(job["out"])
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    del model
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+    tok2 = AutoTokenizer.from_pretrained(out)
+    if type(reloaded).__name__ != job["model_class"]:
+        raise AssetError(f"saved model reloads as {type(reloaded).__name__}, not {job['model_class']}")
+    if {int(k): v for k, v in reloaded.config.id2label.items()} != FT_LABELS:
+        raise AssetError(f"saved id2label is {reloaded.config.id2label}")
+    k = min(64, len(test_texts))
+    preds2, logits2 = predict_labels(reloaded, tok2, test_texts[:k], hp["max_length"], hp["eval_batch_size"])
+    diff = float((logits2 - logits[:k]).abs().max())
+    if diff > 1e-4 or preds2 != preds[:k]:
+        raise AssetError(f"reloaded classifier's logits differ from the trained one by {diff:.2e}")
+    params = sum(p.numel() for p in reloaded.parameters())
+    return {
+        **common,
+        "dense_test_accuracy": round(acc, 5),
+        "test_correct": correct,
+        "test_rows": len(test),
+        "train_rows": len(train),
+        "train_seconds": result["train_seconds"],
+        "seconds_per_epoch": round(result["train_seconds"] / hp["epochs"], 1),
+        "test_eval_seconds": round(eval_seconds, 1),
+        "epochs": hp["epochs"],
+        "seed": hp["seed"],
+        "hyperparameters": {"lr": job["lr"], **hp},
+        "schedule": {k: result[k] for k in ("steps", "steps_per_epoch", "warmup_steps")},
+        "history": result["history"],
+        "truncated": {"train": n_truncated(train), "test": n_truncated(test)},
+        "labels": {str(k): v for k, v in FT_LABELS.items()},
+        "loading": loading,
+        "model_class": type(reloaded).__name__,
+        "config": _config_summary(reloaded.config),
+        "params": params,
+        "tokenizer": _tok_summary(tok2),
+        "reload_max_abs_logit_diff": diff,
+        "summary": (
+            f"{type(reloaded).__name__} {params / 1e6:.1f}M params, dense rt-test accuracy "
+            f"{acc:.4f}, {hp['epochs']} epochs in {result['train_seconds']:.0f}s "
+            f"({torch.get_num_threads()} threads)"
+        ),
+    }
+
+
 WORKERS: dict[str, Callable[..., dict]] = {
     "verify-encoder": _worker_verify_encoder,
     "convert-smollm2": _worker_convert_smollm2,
+    "finetune": _worker_finetune,
 }
 
 
@@ -960,7 +1366,34 @@ def _print_list(root: Path) -> None:
         problem = marker_problem(p, name)
         state = "ready" if problem is None else ("missing" if not p.exists() else problem)
         size = f" {human(dir_size(p))}" if p.exists() else ""
-        print(f"{name:8s} {state:10s} {p}{size}")
+        print(f"{name:10s} {state:10s} {p}{size}")
+
+
+def tune_lr(names: Sequence[str], lrs: Sequence[float], root: Path) -> list[dict]:
+    """For each fine-tuned asset and learning rate: fit on rt-train minus ``FT_TUNE_HOLDOUT`` rows,
+    score on those rows after every epoch (rt-test is never read).  Prints one JSON line each."""
+    results = []
+    for name in names:
+        if name not in FINETUNED:
+            raise AssetError(f"--tune-lr applies to {', '.join(FINETUNED)}, not {name!r}")
+        for dep in DEPENDS[name]:
+            ensure(dep, root)
+        for lr in lrs:
+            job = finetune_spec(name, root, lr=lr, holdout=FT_TUNE_HOLDOUT)
+            log(name, f"lr {lr:g}: held-out run on rt-train ({FT_TUNE_HOLDOUT} rows held out)")
+            with tempfile.TemporaryDirectory(prefix=f".tune-{name}-", dir=root) as tmp:
+                res = run_worker(name, ["finetune", json.dumps(job)], Path(tmp) / "tune.log", echo=True)
+            row = {
+                "asset": name,
+                "lr": lr,
+                "heldout_accuracy": [h["eval_accuracy"] for h in res["history"]],
+                "train_loss": [h["train_loss"] for h in res["history"]],
+                "train_seconds": res["train_seconds"],
+                "threads": res["threads"],
+            }
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -996,13 +1429,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="re-hash finished assets against DONE.json instead of fetching",
     )
     ap.add_argument("--list", action="store_true", help="show the cache state and exit")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads for fine-tuning (default $STATPRUNE_THREADS, else torch's default)",
+    )
+    ap.add_argument(
+        "--tune-lr",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="LR",
+        help=f"instead of building: fit each named fine-tuned asset on rt-train minus "
+        f"{FT_TUNE_HOLDOUT} held-out rows at each LR and print the held-out accuracy per epoch",
+    )
     args = ap.parse_args(argv)
     root = (args.cache.expanduser() if args.cache else cache_dir()).resolve()
     if args.list:
         _print_list(root)
         return 0
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be at least 1")
+    global THREADS
+    THREADS = args.threads
     try:
         names = expand_names(args.names)
+        if args.tune_lr:
+            tune_lr(names, args.tune_lr, root)
+            return 0
         if args.verify:
             bad = 0
             for name in names:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
 import json
 import random
 import sys
@@ -347,7 +348,16 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 def test_expand_names():
     assert assets.expand_names([]) == ["minilm", "corpora"]
     assert assets.expand_names(["mpnet", "all", "mpnet"]) == ["mpnet", "minilm", "corpora"]
-    assert assets.expand_names(["all-models"]) == ["minilm", "corpora", "mpnet", "smollm2"]
+    assert assets.expand_names(["all-models"]) == [
+        "minilm",
+        "corpora",
+        "mpnet",
+        "smollm2",
+        "minilm-mr",
+        "mpnet-mr",
+    ]
+    assert not {"minilm-mr", "mpnet-mr"} & set(assets.expand_names(["all"]))
+    assert assets.expand_names(["mpnet-mr"]) == ["mpnet-mr"]
     with pytest.raises(assets.AssetError):
         assets.expand_names(["gpt2"])
 
@@ -369,3 +379,236 @@ def test_main_builds_skips_verifies_and_reports_errors(tmp_path, fake_builder, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("assets.py: error: unknown asset 'nonsense'")
     assert "\n" not in err
+
+
+# --- fine-tuning helpers ----------------------------------------------------------------------
+
+
+def test_steps_and_warmup():
+    assert assets.steps_per_epoch(3200, 32) == 100
+    assert assets.steps_per_epoch(2800, 32) == 88  # last batch of 16 still counts
+    assert assets.steps_per_epoch(1, 32) == 1
+    assert assets.warmup_steps(300, 0.1) == 30  # no float noise: 300 * 0.1 = 30.000000000000004
+    assert assets.warmup_steps(264, 0.1) == 27
+    assert assets.warmup_steps(10, 0.0) == 0
+    for bad in ((0, 32), (10, 0)):
+        with pytest.raises(ValueError):
+            assets.steps_per_epoch(*bad)
+    with pytest.raises(ValueError):
+        assets.warmup_steps(10, 1.5)
+
+
+def test_linear_schedule_shape():
+    total, warm = 300, 30
+    lrs = [assets.linear_schedule(s, total, warm) for s in range(total + 5)]
+    assert lrs[0] == 0.0
+    assert lrs[15] == pytest.approx(0.5)
+    assert lrs[warm] == 1.0
+    assert max(lrs) == 1.0
+    assert all(a <= b for a, b in itertools.pairwise(lrs[: warm + 1]))  # warming up
+    assert all(a >= b for a, b in itertools.pairwise(lrs[warm:]))  # then decaying
+    assert lrs[165] == pytest.approx(0.5)
+    assert lrs[total - 1] == pytest.approx(1 / 270)
+    assert lrs[total:] == [0.0] * 5
+    assert assets.linear_schedule(0, 10, 0) == 1.0  # no warmup: start at the full rate
+
+
+def test_linear_schedule_matches_transformers():
+    torch = pytest.importorskip("torch")
+    optimization = pytest.importorskip("transformers.optimization")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = optimization.get_linear_schedule_with_warmup(opt, 27, 264)
+    for step in range(270):
+        assert ref.lr_lambdas[0](step) == pytest.approx(assets.linear_schedule(step, 264, 27))
+
+
+def test_epoch_batches_are_deterministic_permutations():
+    a = assets.epoch_batches(100, 32, epoch=0, seed=0)
+    assert [len(b) for b in a] == [32, 32, 32, 4]
+    flat = [i for b in a for i in b]
+    assert sorted(flat) == list(range(100))
+    assert flat != list(range(100))
+    assert assets.epoch_batches(100, 32, epoch=0, seed=0) == a
+    assert flat == assets.epoch_order(100, 0, 0)
+    assert assets.epoch_order(100, 1, 0) != flat  # a new order every epoch
+    assert assets.epoch_order(100, 0, 1) != flat  # and for every seed
+    # documented recipe: random.Random(seed * 1_000_003 + epoch).shuffle(range(n))
+    ref = list(range(100))
+    random.Random(7 * 1_000_003 + 2).shuffle(ref)
+    assert assets.epoch_order(100, 2, 7) == ref
+
+
+def test_accuracy():
+    assert assets.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    with pytest.raises(ValueError):
+        assets.accuracy([1], [1, 0])
+    with pytest.raises(ValueError):
+        assets.accuracy([], [])
+
+
+def test_check_head_loading():
+    ok = {"missing_keys": {"classifier.weight", "classifier.bias"}, "unexpected_keys": {"pooler.dense.bias"}}
+    info = assets._check_head_loading({**ok, "mismatched_keys": set(), "error_msgs": []})
+    assert info == {
+        "missing_keys": ["classifier.bias", "classifier.weight"],
+        "unexpected_keys": ["pooler.dense.bias"],
+    }
+    for bad in (
+        {**ok, "missing_keys": {"classifier.weight", "bert.encoder.layer.0.output.dense.weight"}},
+        {**ok, "unexpected_keys": {"lm_head.dense.weight"}},
+        {**ok, "mismatched_keys": {("classifier.weight", (2, 4), (3, 4))}},
+        {"missing_keys": set()},  # a checkpoint that already has a head is not a base model
+    ):
+        with pytest.raises(assets.AssetError):
+            assets._check_head_loading(bad)
+
+
+def test_train_threads(monkeypatch):
+    monkeypatch.setattr(assets, "THREADS", None)
+    monkeypatch.delenv("STATPRUNE_THREADS", raising=False)
+    assert assets.train_threads() is None
+    monkeypatch.setenv("STATPRUNE_THREADS", "3")
+    assert assets.train_threads() == 3
+    monkeypatch.setattr(assets, "THREADS", 2)
+    assert assets.train_threads() == 2
+    monkeypatch.setattr(assets, "THREADS", None)
+    for bad in ("two", "0"):
+        monkeypatch.setenv("STATPRUNE_THREADS", bad)
+        with pytest.raises(assets.AssetError):
+            assets.train_threads()
+
+
+def test_finetune_recipe_constants():
+    assert set(assets.FINETUNED) <= set(assets.RECIPES)
+    assert set(assets.FINETUNED) <= set(assets.BUILDERS)
+    assert assets.FT_LABELS == {0: "negative", 1: "positive"}
+    hp = assets.FT_HPARAMS
+    assert (hp["batch_size"], hp["max_length"], hp["warmup_frac"]) == (32, 64, 0.1)
+    for name, spec in assets.FINETUNED.items():
+        assert assets.DEPENDS[name] == [spec["base"], "corpora"]
+        assert spec["base"] in assets.BUILDERS
+
+
+def test_ensure_finetuned_prepares_dependencies_then_runs_the_worker(tmp_path, monkeypatch, no_network):
+    built = []
+
+    def fake(name):
+        def build(out: Path, work: Path) -> dict:
+            built.append(name)
+            (out / "x.txt").write_text(name)
+            return {}
+
+        return build
+
+    for dep in ("minilm", "corpora"):
+        monkeypatch.setitem(assets.BUILDERS, dep, fake(dep))
+    jobs = []
+
+    def worker(name, args, log_path, echo=False):
+        assert args[0] == "finetune"
+        job = json.loads(args[1])
+        jobs.append(job)
+        (Path(job["out"]) / "model.safetensors").write_bytes(b"w")
+        return {"summary": "fake", "dense_test_accuracy": 0.5}
+
+    monkeypatch.setattr(assets, "run_worker", worker)
+    monkeypatch.setattr(assets, "THREADS", 2)
+    path = assets.ensure("minilm-mr", cache=tmp_path)
+    assert built == ["minilm", "corpora"]
+    (job,) = jobs
+    assert job["base"] == str((tmp_path / "minilm").resolve())
+    assert job["corpora"] == str((tmp_path / "corpora").resolve())
+    assert job["model_class"] == "BertForSequenceClassification"
+    assert job["lr"] == assets.FINETUNED["minilm-mr"]["lr"]
+    assert job["threads"] == 2
+    assert job["hparams"]["epochs"] == assets.FT_HPARAMS["epochs"]
+    info = assets.read_marker(path)["info"]
+    assert info["dense_test_accuracy"] == 0.5
+    assert info["inputs"]["base_asset"] == "minilm"
+    assert assets.list_files(path) == ["model.safetensors"]
+    assets.ensure("minilm-mr", cache=tmp_path)  # finished: nothing runs again
+    assert len(jobs) == 1
+
+
+def test_finetuned_builder_refuses_missing_dependencies(tmp_path):
+    out = tmp_path / ".tmp-minilm-mr-x" / "out"
+    out.mkdir(parents=True)
+    with pytest.raises(assets.AssetError, match="needs asset minilm"):
+        assets.build_minilm_mr(out, tmp_path / "work")
+
+
+def test_main_tune_lr_only_for_finetuned_assets(tmp_path, capsys, no_network):
+    assert assets.main(["corpora", "--tune-lr", "1e-5", "--cache", str(tmp_path)]) == 1
+    assert "--tune-lr applies to" in capsys.readouterr().err
+
+
+def _tiny_classifier(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    words = ["good", "great", "fine", "bad", "awful", "dull", "film", "a", "very", "plot"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    cfg = transformers.BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    return torch, transformers.BertForSequenceClassification(cfg), tok
+
+
+TINY_ROWS = [
+    {"text": t, "label": y}
+    for t, y in [
+        ("a good film", 1),
+        ("a very great plot", 1),
+        ("fine film", 1),
+        ("great great film", 1),
+        ("a bad film", 0),
+        ("a very awful plot", 0),
+        ("dull film", 0),
+        ("awful dull plot", 0),
+    ]
+]
+
+
+def test_finetune_classifier_tiny_model_is_deterministic(tmp_path):
+    kwargs = dict(
+        lr=5e-3,
+        epochs=4,
+        batch_size=3,
+        max_length=8,
+        warmup_frac=0.1,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        seed=0,
+        eval_rows=TINY_ROWS,
+    )
+    runs = []
+    for _ in range(2):
+        torch, model, tok = _tiny_classifier(tmp_path)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        lines: list[str] = []
+        res = assets.finetune_classifier(model, tok, TINY_ROWS, progress=lines.append, **kwargs)
+        runs.append((res, model, before, lines))
+    (res, model, before, lines), (res2, model2, before2, _) = runs
+    assert all(torch.equal(before[k], before2[k]) for k in before)  # same seeded initial weights
+    assert (res["steps"], res["steps_per_epoch"], res["warmup_steps"]) == (12, 3, 2)
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4]
+    assert res["history"][-1]["train_loss"] < res["history"][0]["train_loss"]
+    assert all(0.0 <= h["eval_accuracy"] <= 1.0 for h in res["history"])
+    assert any("step 12/12" in line for line in lines)
+    state, state2 = model.state_dict(), model2.state_dict()
+    assert not torch.equal(state["classifier.weight"], before["classifier.weight"])
+    for k in state:  # same seed, same data order, same dropout masks -> bit-identical weights
+        assert torch.equal(state[k], state2[k]), k
+    assert [h["train_loss"] for h in res["history"]] == [h["train_loss"] for h in res2["history"]]
+    preds, logits = assets.predict_labels(model, tok, [r["text"] for r in TINY_ROWS], 8, 5)
+    assert logits.shape == (8, 2)
+    assert preds == logits.argmax(-1).tolist()
+    assert not model.training
