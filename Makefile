@@ -37,7 +37,7 @@ demo: assets
 	$(BIN)/statprune eval demo-out --data $(CACHE)/corpora/rt-test.jsonl --against $(CACHE)/minilm
 
 lint: venv
-	$(BIN)/ruff check statprune tests scripts
+	$(BIN)/ruff check statprune tests scripts benchmarks
 
 test: assets lint
 	STATPRUNE_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q
