@@ -190,3 +190,16 @@ def test_select_heads_respects_groups():
     assert len(sel.errors) == 4  # 0..3 heads per group
     kept, _ = sel.keep(1, 6)
     assert len(kept) == 2 and {h // 3 for h in kept} == {0, 1}
+
+
+def test_gram_accumulator_gemm_path_matches_syrk_path():
+    z = _random_z().to(torch.float32)
+    syrk = GramAccumulator(z.shape[1], compute_dtype=torch.float32)
+    gemm = GramAccumulator(z.shape[1], compute_dtype=torch.bfloat16)  # not a BLAS type: GEMM path
+    for chunk in torch.split(z, 50):
+        syrk.add_batch(chunk)
+        gemm.add_batch(chunk)
+    a, b = syrk.finish().gram, gemm.finish().gram
+    assert torch.equal(a, a.T) and torch.equal(b, b.T)
+    torch.testing.assert_close(a, (z.T @ z).double(), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(b, a, rtol=3e-2, atol=1.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from scipy.linalg import blas
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class GramAccumulator:
         self._gram = torch.zeros(width, width, dtype=torch.float64, device=self.device)
         self._total = torch.zeros(width, dtype=torch.float64, device=self.device)
         self._count = 0
+        self._upper_only = False  # CPU batches use SYRK, which fills the upper triangle only
 
     def add_batch(self, rows: torch.Tensor) -> None:
         """Add an (n x m) block of rows. Non-finite values raise ``FloatingPointError``."""
@@ -66,7 +68,14 @@ class GramAccumulator:
         block = rows.to(device=self.device, dtype=self.compute_dtype)
         if not torch.isfinite(block).all():
             raise FloatingPointError("activations contain NaN or Inf")
-        self._gram += (block.T @ block).to(torch.float64)
+        if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
+            syrk = blas.ssyrk if block.dtype == torch.float32 else blas.dsyrk
+            # ZᵀZ at half the cost of a GEMM; Zᵀ of a row-major array is column-major: no copy
+            upper = syrk(1.0, block.contiguous().numpy().T, trans=0, lower=0)
+            self._gram += torch.from_numpy(upper).to(torch.float64)
+            self._upper_only = True
+        else:
+            self._gram += (block.T @ block).to(torch.float64)
         self._total += block.sum(dim=0, dtype=torch.float64)
         self._count += rows.shape[0]
 
@@ -75,5 +84,9 @@ class GramAccumulator:
         return self._count
 
     def finish(self) -> GramStats:
-        gram = 0.5 * (self._gram + self._gram.T)
+        if self._upper_only:
+            upper = torch.triu(self._gram)
+            gram = upper + torch.triu(upper, diagonal=1).T
+        else:
+            gram = 0.5 * (self._gram + self._gram.T)
         return GramStats(gram=gram, total=self._total.clone(), count=self._count)
