@@ -34,6 +34,13 @@ print(time.perf_counter() - start)
 """
 
 
+BARE = """
+import sys, transformers, statprune
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+statprune.save(transformers.AutoModel.from_pretrained(sys.argv[1]), sys.argv[2], tokenizer=tok)
+"""
+
+
 def _run(cmd: list[str]) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (MB) of the child, stdout."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -53,10 +60,19 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--base-model",
+        action="store_true",
+        help="use the bare encoder (for checkpoints saved without their task head)",
+    )
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     os.environ.update(env)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.base_model:  # e.g. all-mpnet-base-v2: config names MPNetForMaskedLM, weights are bare
+            bare = Path(tmp) / "dense"
+            subprocess.run([sys.executable, "-c", BARE, str(args.model), str(bare)], check=True)
+            args.model = bare
         compress_cmd = [
             sys.executable,
             "-m",
@@ -77,16 +93,16 @@ def main() -> None:
         ]
         wall, peak, _ = _run(compress_cmd)
         report = json.loads(Path(tmp, "out", "statprune.json").read_text())
-    fwd_cmd = [
-        sys.executable,
-        "-c",
-        FORWARD,
-        str(args.model),
-        str(args.calib),
-        str(args.samples),
-        str(args.seq_len),
-    ]
-    _, _, out = _run(fwd_cmd)
+        fwd_cmd = [
+            sys.executable,
+            "-c",
+            FORWARD,
+            str(args.model),
+            str(args.calib),
+            str(args.samples),
+            str(args.seq_len),
+        ]
+        _, _, out = _run(fwd_cmd)
     forward_s = float(out.strip().splitlines()[-1])
     compress_s = report["seconds"]
     row = {
@@ -111,8 +127,10 @@ def main() -> None:
         "calibration_tokens": report["calibration_tokens"],
     }
     print(json.dumps(row, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps([row], indent=2) + "\n")
+    if args.json:  # merge: replace this model's compression row, keep every other row
+        rows = json.loads(args.json.read_text()) if args.json.exists() else []
+        rows = [r for r in rows if not (r.get("kind") == "compression" and r.get("model") == row["model"])]
+        args.json.write_text(json.dumps([*rows, row], indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,33 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def speed_section(path: Path) -> str:
+    """Markdown of benchmarks/speed.json (written by benchmarks/speed.py, compress_speed.py)."""
+    if not path.exists():
+        return ""
+    rows = json.loads(path.read_text())
+    lines = [
+        "## Speed\n",
+        "From `benchmarks/speed.py` (inference: dense and compressed measured side by side in one run, "
+        "warm-up then interleaved trials, medians) and `benchmarks/compress_speed.py` (the compressor's "
+        "own cost). CPU rows: 2 cores. No GPU was available to the session that produced these rows.\n",
+        "| kind | model | backend | device | batch | seq len | value | dense | speedup | peak MB "
+        "| fwd ratio |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+
+        def fmt(v, spec):
+            return "–" if v is None else format(v, spec)
+
+        lines.append(
+            f"| {r['kind']} | {r['model']} | {r['backend']} | {r['device']} | {r['batch']} | {r['seq_len']} "
+            f"| {fmt(r['value'], '.1f')} {r['unit']} | {fmt(r['dense_value'], '.1f')} "
+            f"| {fmt(r['speedup'], '.2f')} | {fmt(r['peak_mb'], '.0f')} | {fmt(r['forward_ratio'], '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(BENCHMARKS), help=f"subset of {','.join(BENCHMARKS)}")
@@ -218,7 +245,8 @@ def main() -> None:
         "as indicative.\n\n"
         "## Targets\n\n" + "\n".join(target_lines(rows)) + "\n\n"
     )
-    (args.out / "RESULTS.md").write_text(header + "\n".join(sections[k] for k in sorted(sections)))
+    body = "\n".join(sections[k] for k in sorted(sections))
+    (args.out / "RESULTS.md").write_text(header + body + "\n" + speed_section(args.out / "speed.json"))
     print(f"wrote {results_file} and RESULTS.md in {time.perf_counter() - start:.0f} s")
 
 
