@@ -1381,7 +1381,7 @@ def tune_lr(names: Sequence[str], lrs: Sequence[float], root: Path) -> list[dict
         for lr in lrs:
             job = finetune_spec(name, root, lr=lr, holdout=FT_TUNE_HOLDOUT)
             log(name, f"lr {lr:g}: held-out run on rt-train ({FT_TUNE_HOLDOUT} rows held out)")
-            with tempfile.TemporaryDirectory(prefix=f".tune-{name}-", dir=root) as tmp:
+            with tempfile.TemporaryDirectory(prefix=f"statprune-tune-{name}-") as tmp:
                 res = run_worker(name, ["finetune", json.dumps(job)], Path(tmp) / "tune.log", echo=True)
             row = {
                 "asset": name,
