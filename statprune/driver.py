@@ -16,7 +16,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -112,7 +112,6 @@ class _Calibration:
     masks: list[torch.Tensor]
     examples: int = 0
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class _Captured(Exception):
