@@ -29,7 +29,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -734,7 +733,7 @@ def _best_json(result: SweepResult, calib_path: Path) -> dict[str, Any]:
 
 def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path) -> None:
     """Write every output into a temporary folder next to ``out``, then rename it into place."""
-    from statprune.persist import _replace, save
+    from statprune.persist import _discard, _replace, save
 
     out = out.resolve()
     created = [p for p in out.parents if not p.exists()]
@@ -754,13 +753,7 @@ def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, ca
         _check_out(out, overwrite, result.model_dir)  # still free after the (long) sweep?
         _replace(tmp, out)
     except BaseException as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _discard(tmp, created)
         if isinstance(exc, OSError):
             if exc.errno == 28:  # ENOSPC
                 raise OutputError(
