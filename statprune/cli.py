@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--method",
         default="stat",
-        choices=["stat", "magnitude", "wanda-sp", "flap"],
-        help="stat (default) or a retraining-free baseline, for comparisons",
+        choices=["stat", "magnitude", "wanda-sp", "flap", "fisher"],
+        help="stat (default) or a retraining-free baseline, for comparisons (fisher: Kwon et al. "
+        "2022, needs a classifier or causal-LM head)",
     )
     c.add_argument("--layer-weighting", default="residual", choices=["residual", "none"])
     c.add_argument(

@@ -27,6 +27,7 @@ from statprune.argtypes import resolve_device
 from statprune.calibration import CalibrationBatch, count_tokens, sample_examples, tokenize_examples
 from statprune.checkpoint import Checkpoint, fingerprint
 from statprune.errors import BudgetError, DataError, ModelError
+from statprune.fisher_grads import LayerPlan, collect_mask_gradients, plan_masks
 from statprune.flops import LayerShape, model_shapes, total_cost
 from statprune.linalg import (
     GramAccumulator,
@@ -36,6 +37,7 @@ from statprune.linalg import (
     select_heads,
 )
 from statprune.linalg.baselines import BASELINES, channel_scores, head_ranking, neuron_ranking
+from statprune.linalg.fisher import tune_mask_scales
 from statprune.linalg.heads import HeadSelection, head_columns
 from statprune.linalg.interpolative import InterpolativeDecomposition
 from statprune.modeling_statprune import apply_ops
@@ -55,7 +57,7 @@ class CompressionOptions:
     activations: str = "sequential"  # "sequential" (pruned upstream) or "original"
     bias_compensation: bool = True  # intercept: the next bias absorbs the mean of what is removed
     correction: bool = True  # fold the least-squares correction (False: plain removal, for ablations)
-    method: str = "stat"  # "stat", or a baseline: "magnitude", "wanda-sp", "flap"
+    method: str = "stat"  # "stat", or a baseline: "magnitude", "wanda-sp", "flap", "fisher"
     allocation: str = "auto"  # "greedy" (global, error per cost), "uniform", or "auto" (per method)
     layer_weighting: str = "residual"  # normalize layer errors by residual-stream energy, or "none"
     round_to: int = 1  # kept FFN widths are multiples of this
@@ -74,7 +76,10 @@ class CompressionOptions:
 
     @property
     def allocation_rule(self) -> str:
-        """``auto``: greedy for STAT and FLAP (adaptive), uniform for magnitude and Wanda-sp."""
+        """``auto``: greedy for STAT and FLAP (adaptive), uniform for magnitude and Wanda-sp;
+        fisher always runs its own mask search (Kwon et al. 2022, Algorithm 1)."""
+        if self.method == "fisher":
+            return "mask-search"
         if self.allocation != "auto":
             return self.allocation
         return "uniform" if self.method in ("magnitude", "wanda-sp") else "greedy"
@@ -86,6 +91,8 @@ class CompressionOptions:
             raise BudgetError(f"--prune takes heads, neurons or both, not {','.join(self.prune)!r}")
         if self.method not in ("stat", *BASELINES):
             raise BudgetError(f"unknown method {self.method!r}; choose stat, {', '.join(BASELINES)}")
+        if self.method == "fisher" and self.allocation != "auto":
+            raise BudgetError("fisher sets the per-layer widths by its own mask search; drop --allocation")
         if self.activations not in ("sequential", "original"):
             raise ValueError(f"activations must be sequential or original, not {self.activations!r}")
         if self.seq_len < 1 or self.round_to < 1:
@@ -241,7 +248,11 @@ def _collect(
     return stats, outputs
 
 
-def _head_selection(adapter, layer, stats: _LayerStats, options: CompressionOptions) -> HeadSelection:
+def _head_selection(
+    adapter, layer, stats: _LayerStats, options: CompressionOptions, plan: LayerPlan | None = None
+) -> HeadSelection:
+    if options.method == "fisher":  # decided up front from the mask gradients
+        return plan.head_selection
     attn = adapter.attention(layer)
     finished = stats.heads.finish()
     w_o = layer.get_submodule(attn.o).weight.detach()
@@ -258,8 +269,10 @@ def _head_selection(adapter, layer, stats: _LayerStats, options: CompressionOpti
 
 
 def _neuron_selection(
-    adapter, layer, stats: _LayerStats, options: CompressionOptions
+    adapter, layer, stats: _LayerStats, options: CompressionOptions, plan: LayerPlan | None = None
 ) -> InterpolativeDecomposition:
+    if options.method == "fisher":
+        return plan.neuron_selection
     ffn = adapter.ffn(layer)
     finished = stats.neurons.finish()
     w = layer.get_submodule(ffn.output).weight.detach().double()
@@ -278,12 +291,22 @@ def _correct(
     kept: torch.Tensor,
     dropped: torch.Tensor,
     options: CompressionOptions,
+    block: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares interpolation of the dropped columns, folded into the next projection."""
+    """Least-squares interpolation of the dropped columns, folded into the next projection.
+
+    fisher instead rescales the kept units (``block`` columns each) by Kwon's least-squares mask
+    tuning, ``W_S diag(m)``, bias unchanged."""
     out = layer.get_submodule(out_path)
     bias = getattr(out, "bias", None)
     if not options.correction or options.method in ("magnitude", "wanda-sp"):
         return out.weight.detach()[:, kept.to(out.weight.device)], None if bias is None else bias.detach()
+    if options.method == "fisher":
+        w = out.weight.detach()
+        scales = tune_mask_scales(stats.finish().gram, w, kept, block).scales
+        cols = kept.to(w.device)
+        tuned = w.double()[:, cols] * scales.to(w.device).repeat_interleave(block)[None, :]
+        return tuned, None if bias is None else bias.detach()
     centered = options.bias_compensation
     finished = stats.finish()
     if options.method == "flap":  # bias compensation only: the bias absorbs the removed means
@@ -358,17 +381,23 @@ def compress(
         with _timed(stages, "capture"):
             calib = _capture_inputs(model, adapter, batches, device)
         with _timed(stages, "analyse"):
-            curves = _analyse(adapter, base, calib, shapes, options, kind, checkpoint, visit)
+            if options.method == "fisher":  # mask gradients of the whole model (Kwon et al. 2022)
+                grads = collect_mask_gradients(model, adapter, batches, options.prune)
+            else:
+                curves = _analyse(adapter, base, calib, shapes, options, kind, checkpoint, visit)
         with _timed(stages, "allocate"):
-            counts = allocate(
-                shapes,
-                curves,
-                kind,
-                budget,
-                options.seq_len,
-                options.allocation_rule,
-                reserve=_bias_reserve(shapes, curves, kind, options),
-            )
+            if options.method == "fisher":
+                counts = plan_masks(shapes, grads, kind, budget, options.seq_len, options.round_to, device)
+            else:
+                counts = allocate(
+                    shapes,
+                    curves,
+                    kind,
+                    budget,
+                    options.seq_len,
+                    options.allocation_rule,
+                    reserve=_bias_reserve(shapes, curves, kind, options),
+                )
         with _timed(stages, "prune"):
             layer_reports, ops = _prune(adapter, base, calib, counts, options, checkpoint, visit)
     if checkpoint is not None:
@@ -377,6 +406,8 @@ def compress(
     model.train(was_training)
     report = _report(adapter, model, shapes, counts, layer_reports, options, calib, kind, budget, start)
     report.stage_seconds = {k: round(v, 3) for k, v in stages.items()}
+    if options.method == "fisher":
+        report.options["fisher_labels"] = grads.labels
     if device.type == "cuda":
         report.peak_device_mb = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return model, report
@@ -517,7 +548,7 @@ def _prune_layer(adapter, base, i, calib, inputs, count, options):
     stats, reference = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
     kept_heads, attn_err = list(range(attn.n_heads)), 0.0
     if stats.heads is not None and want_heads < attn.n_heads:
-        selection = _head_selection(adapter, layer, stats, options)
+        selection = _head_selection(adapter, layer, stats, options, count)
         per_group = want_heads // attn.groups
         kept_heads, dropped_heads = selection.keep(per_group, attn.n_heads)
         attn_err = _relative(selection.errors, per_group)
@@ -528,11 +559,12 @@ def _prune_layer(adapter, base, i, calib, inputs, count, options):
             head_columns(kept_heads, attn.head_dim),
             head_columns(dropped_heads, attn.head_dim),
             options,
+            block=attn.head_dim,
         )
         ops += prune_heads(adapter, base, i, kept_heads, w, b)
     kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
     if stats.neurons is not None and want_neurons < ffn.width:
-        ident = _neuron_selection(adapter, layer, stats, options)
+        ident = _neuron_selection(adapter, layer, stats, options, count)
         kept_neurons, dropped = ident.keep(want_neurons)
         ffn_err = _relative(ident.errors, want_neurons)
         w, b = _correct(layer, ffn.output, stats.neurons, kept_neurons, dropped, options)

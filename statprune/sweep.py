@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from statprune.report import CompressionReport
 
 __all__ = [
+    "DEFAULT_METHODS",
     "METHODS",
     "QualityBar",
     "Selection",
@@ -61,7 +62,9 @@ __all__ = [
     "sweep",
 ]
 
-METHODS = ("stat", "magnitude", "wanda-sp", "flap")
+METHODS = ("stat", "magnitude", "wanda-sp", "flap", "fisher")
+# fisher is opt-in (--methods stat,fisher): it needs a task head, which embedding models lack
+DEFAULT_METHODS = ("stat", "magnitude", "wanda-sp", "flap")
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 BUDGET_KINDS = ("flops", "params")
 # The selected model is kept in memory during the sweep when the dense weights take at most this
@@ -416,7 +419,7 @@ def sweep(
     eval_path: str | Path,
     *,
     budgets: Sequence[float] | str = DEFAULT_BUDGETS,
-    methods: Sequence[str] | str = METHODS,
+    methods: Sequence[str] | str = DEFAULT_METHODS,
     budget_kind: str = "flops",
     samples: int = 512,
     seq_len: int = 128,
@@ -779,7 +782,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                    help="fractions to keep, comma-separated (default: %(default)s)")
     s.add_argument("--budget-kind", default="flops", choices=BUDGET_KINDS,
                    help="what the budgets keep: attention+FFN flops (default) or params")
-    s.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: %(default)s)")
+    s.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {','.join(METHODS)} (default: %(default)s)")
     s.add_argument("--samples", type=positive_int, default=512, help="calibration examples to draw")
     s.add_argument("--seq-len", type=positive_int, default=128,
                    help="max tokens per example (calibration, evaluation and FLOPs accounting)")

@@ -1,4 +1,6 @@
-"""Baseline rankings (magnitude, Wanda-sp, FLAP) against hand computations, and end to end."""
+"""Baseline rankings (magnitude, Wanda-sp, FLAP) against hand computations, and end to end.
+
+The fisher baseline's own linear algebra is tested in test_fisher.py."""
 
 import pytest
 import torch
@@ -47,7 +49,7 @@ def test_head_ranking_respects_groups():
     assert sel.errors[0] > sel.errors[1] > sel.errors[2] == 0.0
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap", "fisher"])
 @pytest.mark.parametrize("family", ["bert", DECODER_FAMILIES[0]])
 def test_baselines_meet_the_budget_and_are_recorded(method, family):
     model = build_tiny_model(family)
@@ -56,7 +58,7 @@ def test_baselines_meet_the_budget_and_are_recorded(method, family):
     )
     assert report.params_kept <= 0.6
     assert report.options["method"] == method
-    expected = "uniform" if method in ("magnitude", "wanda-sp") else "greedy"
+    expected = {"magnitude": "uniform", "wanda-sp": "uniform", "fisher": "mask-search"}.get(method, "greedy")
     assert report.options["allocation"] == expected
     if method in ("magnitude", "wanda-sp"):  # uniform allocation: every layer keeps the same
         assert len({len(lr.neurons_kept) for lr in report.layers}) == 1

@@ -9,6 +9,11 @@ removed), so allocation, surgery and reporting are shared.
 - ``wanda-sp``: structured Wanda, ``Σ_i |W_ij| · ‖X_j‖₂`` over the next layer's input channels.
 - ``flap``: fluctuation metric, ``Var(X_j) · ‖W_:,j‖²`` (FLAP, An et al. 2024); its scores are
   standardized per block so that one global ranking adapts per-layer widths.
+- ``fisher``: Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers" — not a
+  ranking from these statistics but gradients of the task loss with respect to head and neuron
+  masks (``statprune.fisher_grads``), a global mask search under the budget, a per-layer
+  rearrangement with the full Fisher blocks and a least-squares tuning of the kept units' masks
+  (``statprune.linalg.fisher``). It needs a task head (classifier or causal LM).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from statprune.linalg.gram import GramStats
 from statprune.linalg.heads import HeadSelection
 from statprune.linalg.interpolative import InterpolativeDecomposition
 
-BASELINES = ("magnitude", "wanda-sp", "flap")
+RANKINGS = ("magnitude", "wanda-sp", "flap")  # scored by channel_scores
+BASELINES = (*RANKINGS, "fisher")
 
 
 def channel_scores(
@@ -40,7 +46,7 @@ def channel_scores(
         mean = stats.mean.cpu()
         variance = (diag - n * mean * mean).clamp(min=0.0) / (n - 1)
         return variance * (w * w).sum(dim=0)
-    raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(BASELINES)}")
+    raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(RANKINGS)}")
 
 
 def _standardize(scores: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,15 @@
 The interpolative decomposition of an activation matrix ``Z`` (N tokens x m units) only needs
 ``ZᵀZ`` and the column means, so calibration data is streamed batch by batch into an m x m Gram
 matrix (memory O(m²) instead of O(N·m)), as SparseGPT's ``add_batch`` does.
+
+Row blocks are buffered until a few thousand rows have arrived and then multiplied in one go:
+the cost of a Gram update is dominated by touching the m x m result (and converting it to
+float64), not by the multiplication, when the blocks are thin.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from scipy.linalg import blas
@@ -20,6 +24,7 @@ class GramStats:
     gram: torch.Tensor  # ZᵀZ, m x m
     total: torch.Tensor  # column sums of Z, m
     count: int  # N, the number of rows (tokens)
+    _centered: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -29,20 +34,25 @@ class GramStats:
         """``ZᵀZ`` or, when ``centered``, ``(Z - 1μᵀ)ᵀ(Z - 1μᵀ)``: the Gram the ID factorizes.
 
         Centering is the "intercept" variant: the next layer's bias absorbs the mean of what is
-        removed, so only the fluctuation around the mean has to be reconstructed.
+        removed, so only the fluctuation around the mean has to be reconstructed. The centered
+        matrix is computed once and kept (callers must not modify it).
         """
         if not centered:
             return self.gram
-        mu = self.mean
-        cov = self.gram - self.count * torch.outer(mu, mu)
-        return 0.5 * (cov + cov.T)
+        if "cov" not in self._centered:
+            mu = self.mean
+            cov = torch.outer(mu, mu)  # exactly symmetric, so the result stays symmetric
+            cov.mul_(-float(self.count)).add_(self.gram)
+            self._centered["cov"] = cov
+        return self._centered["cov"]
 
 
 class GramAccumulator:
     """Accumulates ``ZᵀZ`` and column sums of row batches of ``Z``.
 
-    ``compute_dtype`` is the precision of each batch product (float32 is fast and, for batches of
-    a few thousand rows, accurate to ~1e-6 relative); the running sum is always float64.
+    ``compute_dtype`` is the precision of each block product (float32 is fast and, for blocks of
+    a few thousand rows, accurate to ~1e-6 relative); the running sum is always float64. Rows are
+    buffered until ``block_rows`` have arrived (at least ``width``), then multiplied at once.
     """
 
     def __init__(
@@ -50,14 +60,19 @@ class GramAccumulator:
         width: int,
         device: torch.device | str = "cpu",
         compute_dtype: torch.dtype = torch.float32,
+        block_rows: int = 4096,
     ) -> None:
         self.width = width
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
+        self.block_rows = max(block_rows, width)
         self._gram = torch.zeros(width, width, dtype=torch.float64, device=self.device)
         self._total = torch.zeros(width, dtype=torch.float64, device=self.device)
         self._count = 0
-        self._upper_only = False  # CPU batches use SYRK, which fills the upper triangle only
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
+        self._upper_only = False  # CPU blocks use SYRK, which fills the upper triangle only
+        self._finished: GramStats | None = None
 
     def add_batch(self, rows: torch.Tensor) -> None:
         """Add an (n x m) block of rows. Non-finite values raise ``FloatingPointError``."""
@@ -66,27 +81,43 @@ class GramAccumulator:
         if rows.shape[0] == 0:
             return
         block = rows.to(device=self.device, dtype=self.compute_dtype)
-        if not torch.isfinite(block).all():
+        column_sums = block.sum(dim=0, dtype=torch.float64)
+        if not torch.isfinite(column_sums).all():  # a NaN or Inf anywhere reaches its column sum
             raise FloatingPointError("activations contain NaN or Inf")
+        self._total += column_sums
+        self._count += rows.shape[0]
+        self._pending.append(block)
+        self._pending_rows += block.shape[0]
+        self._finished = None
+        if self._pending_rows >= self.block_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        block = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
+        self._pending, self._pending_rows = [], 0
         if block.device.type == "cpu" and block.dtype in (torch.float32, torch.float64):
             syrk = blas.ssyrk if block.dtype == torch.float32 else blas.dsyrk
             # ZᵀZ at half the cost of a GEMM; Zᵀ of a row-major array is column-major: no copy
             upper = syrk(1.0, block.contiguous().numpy().T, trans=0, lower=0)
-            self._gram += torch.from_numpy(upper).to(torch.float64)
+            self._gram += torch.from_numpy(upper)
             self._upper_only = True
         else:
-            self._gram += (block.T @ block).to(torch.float64)
-        self._total += block.sum(dim=0, dtype=torch.float64)
-        self._count += rows.shape[0]
+            self._gram += block.T @ block
 
     @property
     def count(self) -> int:
         return self._count
 
     def finish(self) -> GramStats:
-        if self._upper_only:
-            upper = torch.triu(self._gram)
-            gram = upper + torch.triu(upper, diagonal=1).T
-        else:
-            gram = 0.5 * (self._gram + self._gram.T)
-        return GramStats(gram=gram, total=self._total.clone(), count=self._count)
+        """The statistics so far (computed once; later batches start a new result)."""
+        if self._finished is None:
+            self._flush()
+            if self._upper_only:
+                gram = torch.triu(self._gram)
+                gram += torch.triu(gram, diagonal=1).T
+            else:
+                gram = 0.5 * (self._gram + self._gram.T)
+            self._finished = GramStats(gram=gram, total=self._total.clone(), count=self._count)
+        return self._finished

@@ -36,7 +36,9 @@ class InterpolativeDecomposition:
         return kept, dropped
 
 
-def pivoted_cholesky(gram: torch.Tensor, rel_tol: float = 1e-13) -> tuple[torch.Tensor, torch.Tensor]:
+def pivoted_cholesky(
+    gram: torch.Tensor, rel_tol: float = 1e-13, overwrite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (diagonal) pivoted Cholesky of a symmetric PSD matrix.
 
     Returns ``(perm, factor)`` with ``gram[perm][:, perm] ≈ factor @ factor.T``; ``factor`` is
@@ -49,22 +51,28 @@ def pivoted_cholesky(gram: torch.Tensor, rel_tol: float = 1e-13) -> tuple[torch.
     m = gram.shape[0]
     if m == 0:
         return torch.zeros(0, dtype=torch.long), gram.new_zeros(0, 0)
+    overwrite = overwrite and gram.dtype == torch.float64 and gram.is_contiguous()
     gram = gram.to(torch.float64)
     if gram.device.type == "cpu":
-        return _pivoted_cholesky_lapack(gram, rel_tol)
+        return _pivoted_cholesky_lapack(gram, rel_tol, overwrite)
     return _pivoted_cholesky_torch(gram, rel_tol)
 
 
-def _pivoted_cholesky_lapack(gram: torch.Tensor, rel_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    a = np.array(gram.numpy(), dtype=np.float64, order="F", copy=True)
+def _pivoted_cholesky_lapack(
+    gram: torch.Tensor, rel_tol: float, overwrite: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # A symmetric row-major matrix read column-major is the same matrix: no transposing copy.
+    a = gram.numpy().T if overwrite else np.array(gram.numpy().T, order="F", copy=True)
     max_diag = float(np.max(np.diag(a)))
     if max_diag <= 0.0:
         return torch.arange(gram.shape[0]), gram.new_zeros(gram.shape[0], 0)
     c, piv, rank, info = lapack.dpstrf(a, tol=rel_tol * max_diag, lower=1, overwrite_a=1)
     if info < 0:
         raise RuntimeError(f"dpstrf failed with info={info}")
-    factor = np.tril(c[:, :rank])
-    return torch.from_numpy(piv.astype(np.int64) - 1), torch.from_numpy(np.ascontiguousarray(factor))
+    factor = torch.from_numpy(c[:, :rank])  # column-major view; its upper part is workspace
+    if rank:
+        factor.tril_()
+    return torch.from_numpy(piv.astype(np.int64) - 1), factor
 
 
 def _pivoted_cholesky_torch(gram: torch.Tensor, rel_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,14 +116,16 @@ def select_columns(gram: torch.Tensor, scale: torch.Tensor | None = None) -> Int
     the error after the next layer; the reported errors are in those scaled units.
     """
     g = gram.to(torch.float64)
+    owned = g is not gram
     if scale is not None:
         s = scale.to(device=g.device, dtype=torch.float64)
-        g = g * s[:, None] * s[None, :]
-    perm, factor = pivoted_cholesky(g)
+        g = g * torch.outer(s, s)  # exactly symmetric, like the Gram itself
+        owned = True
     m = g.shape[0]
-    rank = factor.shape[1]
-    gains = (factor.cpu() ** 2).sum(dim=0)  # ‖L[:, j]‖² = error removed by adding pivot j
     total = float(torch.diagonal(g).sum())
+    perm, factor = pivoted_cholesky(g, overwrite=owned)
+    rank = factor.shape[1]
+    gains = torch.linalg.vector_norm(factor, dim=0).cpu() ** 2  # error removed by adding pivot j
     errors = torch.empty(m + 1, dtype=torch.float64)
     errors[0] = total
     errors[1 : rank + 1] = total - torch.cumsum(gains, dim=0)

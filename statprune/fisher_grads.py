@@ -1,0 +1,291 @@
+"""The ``fisher`` baseline on a live model (Kwon et al. 2022): mask gradients and the layer plan.
+
+A mask variable of value 1 scales every attention head (its block of columns of the input of the
+attention output projection) and every FFN neuron (a column of the input of the down projection),
+through forward pre-hooks. The masks carry a batch dimension, so one backward of the summed
+per-example losses gives every example's own gradient; the model's weights are frozen meanwhile.
+
+The loss depends on the model's head (a bare encoder has none to differentiate, so ``fisher``
+refuses it):
+
+- sequence classification: cross entropy against the batch's ``labels`` when the calibration
+  batches carry them, else against the dense model's own predictions (``predicted``; multi-label
+  heads use the thresholded logits); a regression head needs labels;
+- causal LM: the next-token loss on the calibration text (``next-token``; padding ignored), each
+  example's mean over its tokens;
+- token-level heads (token classification, masked LM): per-token cross entropy against the
+  labels or the dense predictions, each example's mean over its real tokens.
+
+The per-example gradients give the diagonal Fisher that the mask search ranks units by and the
+per-layer Fisher blocks the rearrangement uses (``statprune.linalg.fisher``); :func:`plan_masks`
+turns them into a :class:`LayerPlan` per layer, which the driver's pruning pass follows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from statprune.adapters import ModelAdapter
+from statprune.allocation import allowed_neuron_counts
+from statprune.calibration import CalibrationBatch
+from statprune.errors import BudgetError, ModelError
+from statprune.flops import LayerShape, dense_counts, total_cost
+from statprune.linalg.fisher import SearchBlock, kept_importance, mask_search, nested_losses, rearrange
+from statprune.linalg.heads import HeadSelection
+from statprune.linalg.interpolative import InterpolativeDecomposition
+from statprune.progress import progress_bar
+
+
+@dataclass
+class MaskGradients:
+    """Per-example gradients of the loss with respect to the masks, per layer (float32, CPU).
+
+    ``heads[i]`` is (examples x heads of layer i) and ``neurons[i]`` (examples x FFN width), or
+    None for a block that is not pruned. ``labels`` says what the loss was measured against.
+    """
+
+    heads: list[torch.Tensor | None]
+    neurons: list[torch.Tensor | None]
+    labels: str  # "given", "predicted" or "next-token"
+    examples: int
+
+    @staticmethod
+    def importance(grads: torch.Tensor) -> torch.Tensor:
+        """Diagonal Fisher ``I_i = Σ_e g_ei²`` (float64)."""
+        g = grads.to(torch.float64)
+        return (g * g).sum(dim=0)
+
+    @staticmethod
+    def fisher(grads: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Fisher block ``F = Σ_e g_e g_eᵀ`` (float64, formed on ``device``, returned on the CPU)."""
+        g = grads.to(device=device, dtype=torch.float64)
+        return (g.T @ g).cpu()
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _per_example_loss(
+    logits: torch.Tensor, inputs: dict, labels: torch.Tensor | None, decoder: bool, config
+) -> tuple[torch.Tensor, str]:
+    """The loss of every example of a batch (batch,) and what it was measured against."""
+    mask = inputs["attention_mask"].bool()
+    kind = "given" if labels is not None else "predicted"
+    logits = logits.float()
+    if logits.dim() == 3:
+        if decoder and logits.shape[-1] == getattr(config, "vocab_size", None):  # causal LM
+            if labels is None:
+                labels, kind = inputs["input_ids"].masked_fill(~mask, -100), "next-token"
+            logits, targets = logits[:, :-1], labels[:, 1:]
+        else:  # token classification / masked LM heads
+            targets = labels if labels is not None else logits.argmax(dim=-1).masked_fill(~mask, -100)
+        tokens = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        valid = targets != -100
+        return (tokens * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1), kind
+    if logits.dim() != 2:
+        raise BudgetError(f"fisher cannot derive a loss from logits of shape {tuple(logits.shape)}")
+    problem = getattr(config, "problem_type", None)
+    if problem == "regression" or logits.shape[-1] == 1:
+        if labels is None:
+            raise BudgetError(
+                "fisher on a regression head needs labels in the calibration batches (its own "
+                "predictions give zero gradients); use another --method"
+            )
+        return ((logits - labels.float().reshape(logits.shape)) ** 2).mean(dim=-1), kind
+    if problem == "multi_label_classification":
+        target = labels.float() if labels is not None else (logits > 0).float()
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=-1), kind
+    target = labels if labels is not None else logits.argmax(dim=-1)
+    return F.cross_entropy(logits, target, reduction="none"), kind
+
+
+def collect_mask_gradients(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    batches: Sequence[CalibrationBatch],
+    prune: Sequence[str] = ("heads", "neurons"),
+) -> MaskGradients:
+    """Forward and backward every calibration batch through the whole model with head and neuron
+    masks (all ones) in place; returns each example's gradient with respect to every mask."""
+    if model.base_model is model:
+        raise BudgetError(
+            f"fisher needs a task head to differentiate (sequence classification or causal LM); "
+            f"{type(model).__name__} is a bare encoder/decoder — use stat or another --method"
+        )
+    layers = adapter.layers(model.base_model)
+    device = next(model.parameters()).device
+    masks: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+
+    def scaler(key, block):
+        def pre_hook(module, args):
+            x = args[0]
+            m = masks[key].to(x.dtype)
+            if block > 1:
+                m = m.repeat_interleave(block, dim=1)
+            m = m.reshape(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
+            return (x * m, *args[1:])
+
+        return pre_hook
+
+    widths: dict[tuple[str, int], int] = {}
+    for i, layer in enumerate(layers):
+        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+        if "heads" in prune and attn.n_heads:
+            widths["heads", i] = attn.n_heads
+            handles.append(
+                layer.get_submodule(attn.o).register_forward_pre_hook(scaler(("heads", i), attn.head_dim))
+            )
+        if "neurons" in prune and ffn.width:
+            widths["neurons", i] = ffn.width
+            handles.append(
+                layer.get_submodule(ffn.output).register_forward_pre_hook(scaler(("neurons", i), 1))
+            )
+    collected: dict[tuple[str, int], list[torch.Tensor]] = {key: [] for key in widths}
+    kinds: set[str] = set()
+    examples = 0
+    try:
+        with torch.enable_grad(), _frozen(model):
+            for batch in progress_bar(batches, desc="mask gradients"):
+                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+                labels = inputs.pop("labels", None)
+                if adapter.is_decoder:
+                    inputs["use_cache"] = False
+                size = int(inputs["input_ids"].shape[0])
+                for key, width in widths.items():
+                    masks[key] = torch.ones(size, width, device=device, requires_grad=True)
+                logits = getattr(model(**inputs), "logits", None)
+                if logits is None:
+                    raise BudgetError(f"fisher needs a model with logits; {type(model).__name__} has none")
+                loss, kind = _per_example_loss(logits, inputs, labels, adapter.is_decoder, model.config)
+                if not torch.isfinite(loss).all():
+                    raise ModelError("the loss became NaN or Inf; try --dtype float32")
+                kinds.add(kind)
+                keys = list(widths)
+                wrt = [masks[k] for k in keys]
+                grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True) if keys else ()
+                for key, g, m in zip(keys, grads, wrt, strict=True):
+                    collected[key].append((torch.zeros_like(m) if g is None else g).detach().float().cpu())
+                examples += size
+    finally:
+        for h in handles:
+            h.remove()
+        masks.clear()
+    stacked = {key: torch.cat(parts) for key, parts in collected.items()}
+    return MaskGradients(
+        heads=[stacked.get(("heads", i)) for i in range(len(layers))],
+        neurons=[stacked.get(("neurons", i)) for i in range(len(layers))],
+        labels="+".join(sorted(kinds)) or "none",
+        examples=examples,
+    )
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the fisher mask search and rearrangement decided for one layer.
+
+    Unpacks as ``(heads, neurons)`` like the allocation's counts; the selections list the kept units
+    first (so ``keep`` returns exactly them), their ``errors`` being the Fisher estimate of the loss
+    increase ``½ 1_Pᵀ F 1_P`` along that order (None where the block keeps every unit).
+    """
+
+    heads: int
+    neurons: int
+    head_selection: HeadSelection | None = None
+    neuron_selection: InterpolativeDecomposition | None = None
+
+    def __iter__(self):
+        return iter((self.heads, self.neurons))
+
+
+def _kept_first(kept: torch.Tensor, width: int, importance: torch.Tensor) -> torch.Tensor:
+    """All units: the kept ones, then the others, each by decreasing importance."""
+    is_kept = torch.zeros(width, dtype=torch.bool)
+    is_kept[kept] = True
+    key = torch.argsort(importance, descending=True, stable=True)
+    return torch.cat([key[is_kept[key]], key[~is_kept[key]]])
+
+
+def plan_masks(
+    shapes: list[LayerShape],
+    grads: MaskGradients,
+    kind: str,
+    keep: float,
+    seq_len: int,
+    round_to: int = 1,
+    device: torch.device | str = "cpu",
+) -> list[LayerPlan]:
+    """Mask search under the budget (Kwon Algorithm 1), then rearrangement in every layer
+    (Algorithm 2). Costs come from ``statprune.flops`` at ``seq_len``; grouped-query layers keep
+    equal heads per key/value group, neuron counts are multiples of ``round_to`` (or the width)."""
+    dense = dense_counts(shapes)
+    dense_cost = total_cost(shapes, dense, kind, seq_len)
+    target = keep * dense_cost
+    floor = [
+        (0 if grads.heads[i] is not None else s.n_heads, 0 if grads.neurons[i] is not None else s.ffn_width)
+        for i, s in enumerate(shapes)
+    ]
+    floor_cost = total_cost(shapes, floor, kind, seq_len)
+    if floor_cost > target:
+        raise BudgetError(
+            f"cannot keep only {keep:.0%} of {kind}: removing every prunable unit still keeps "
+            f"{floor_cost / dense_cost:.1%}; raise the budget or allow more with --prune heads,neurons"
+        )
+    if keep >= 1.0:
+        return [LayerPlan(h, n) for h, n in dense]
+    blocks: list[SearchBlock] = []
+    where: list[tuple[int, str]] = []
+    for i, s in enumerate(shapes):
+        if grads.heads[i] is not None:
+            counts = [r * s.groups for r in range(s.heads_per_group + 1)]
+            base = s.cost(0, 0, kind, seq_len)
+            costs = [s.cost(h, 0, kind, seq_len) - base for h in counts]
+            values = kept_importance(MaskGradients.importance(grads.heads[i]), counts, s.groups)
+            blocks.append(SearchBlock("heads", counts, costs, values))
+            where.append((i, "heads"))
+        if grads.neurons[i] is not None:
+            counts = allowed_neuron_counts(s.ffn_width, round_to)
+            base = s.cost(0, 0, kind, seq_len)
+            costs = [s.cost(0, n, kind, seq_len) - base for n in counts]
+            values = kept_importance(MaskGradients.importance(grads.neurons[i]), counts)
+            blocks.append(SearchBlock("neurons", counts, costs, values))
+            where.append((i, "neurons"))
+    chosen = mask_search(blocks, target - floor_cost)
+    counts = [list(c) for c in floor]
+    for (i, what), count in zip(where, chosen, strict=True):
+        counts[i][0 if what == "heads" else 1] = count
+    if all(h == 0 and n == 0 for h, n in counts):
+        raise BudgetError(f"budget {keep} would remove every head and neuron of the model; raise the budget")
+    plans = []
+    for i, (s, (h, n)) in enumerate(zip(shapes, counts, strict=True)):
+        head_sel = neuron_sel = None
+        if grads.heads[i] is not None and h < s.n_heads:
+            g = grads.heads[i]
+            fisher = MaskGradients.fisher(g, device)
+            order = _kept_first(rearrange(fisher, h, s.groups), s.n_heads, MaskGradients.importance(g))
+            errors = nested_losses(fisher, order, step=s.groups)
+            head_sel = HeadSelection(order=order.tolist(), errors=errors, groups=s.groups)
+        if grads.neurons[i] is not None and n < s.ffn_width:
+            g = grads.neurons[i]
+            fisher = MaskGradients.fisher(g, device)
+            order = _kept_first(rearrange(fisher, n), s.ffn_width, MaskGradients.importance(g))
+            neuron_sel = InterpolativeDecomposition(
+                order=order, errors=nested_losses(fisher, order), rank=s.ffn_width
+            )
+        plans.append(LayerPlan(h, n, head_sel, neuron_sel))
+    return plans
