@@ -37,7 +37,7 @@ ROW_KEYS = (
     "dense_value",
     "seconds",
 )
-METHODS = ("stat", "magnitude", "wanda-sp", "flap")
+METHODS = ("stat", "magnitude", "wanda-sp", "flap", "fisher")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AnalysisCache": "statprune.driver",
     "CompressionOptions": "statprune.driver",
     "compress": "statprune.driver",
     "StatpruneError": "statprune.errors",
@@ -30,7 +31,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from statprune.driver import CompressionOptions, compress
+    from statprune.driver import AnalysisCache, CompressionOptions, compress
     from statprune.errors import StatpruneError
     from statprune.persist import load, load_report, save
     from statprune.report import CompressionReport, LayerReport
@@ -43,6 +44,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AnalysisCache",
     "CompressionOptions",
     "CompressionReport",
     "LayerReport",

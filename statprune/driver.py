@@ -27,7 +27,7 @@ from statprune.argtypes import resolve_device
 from statprune.calibration import CalibrationBatch, count_tokens, sample_examples, tokenize_examples
 from statprune.checkpoint import Checkpoint, fingerprint
 from statprune.errors import BudgetError, DataError, ModelError
-from statprune.fisher_grads import LayerPlan, collect_mask_gradients, plan_masks
+from statprune.fisher_grads import LayerPlan, MaskGradients, collect_mask_gradients, plan_masks
 from statprune.flops import LayerShape, model_shapes, total_cost
 from statprune.linalg import (
     GramAccumulator,
@@ -107,6 +107,44 @@ class _LayerStats:
     neurons: GramAccumulator | None
     energy: float = 0.0  # Σ ‖h‖² of the layer input over real tokens
     tokens: int = 0
+    # selections made from these statistics (kept when the pruning pass reuses them)
+    head_selection: HeadSelection | None = None
+    neuron_selection: InterpolativeDecomposition | None = None
+
+
+@dataclass
+class Analysis:
+    """What the analysis pass learns, independent of the budget.
+
+    ``curves`` drive the allocation; ``stats`` (one per layer, with ``activations="original"``)
+    let the pruning pass skip its forward passes, since its inputs would be the same; ``grads``
+    are fisher's mask gradients.
+    """
+
+    curves: list[BlockCurve] | None = None
+    stats: list[_LayerStats] | None = None
+    grads: MaskGradients | None = None
+
+
+class AnalysisCache:
+    """Reuse one analysis across budgets: pass the same cache to ``compress`` for every budget.
+
+    Holds the most recent analysis, keyed by the model object, its config, the calibration
+    batches and every option except the budget; the model must not change in between.
+    """
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._analysis: Analysis | None = None
+
+    def get(self, key: str) -> Analysis | None:
+        return self._analysis if key == self._key else None
+
+    def put(self, key: str, analysis: Analysis) -> None:
+        self._key, self._analysis = key, analysis
+
+    def clear(self) -> None:
+        self._key = self._analysis = None
 
 
 @dataclass
@@ -343,6 +381,7 @@ def compress(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     offload: bool = False,
+    cache: AnalysisCache | None = None,
     **option_overrides,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress a transformers model with STAT; returns the pruned model and its report.
@@ -353,7 +392,8 @@ def compress(
     ``inplace``. With ``checkpoint_dir`` progress is saved after every layer; ``resume`` continues
     an interrupted run of the same job from there, with identical results. With ``offload`` the
     model stays in CPU memory and one layer at a time visits the device (for models larger than
-    the GPU).
+    the GPU). ``cache`` (an ``AnalysisCache``) reuses the budget-independent analysis when the
+    same model is compressed at several budgets.
     """
     options = CompressionOptions(keep_flops=keep_flops, keep_params=keep_params, **option_overrides)
     options.validate()
@@ -366,6 +406,15 @@ def compress(
     if checkpoint_dir is not None:
         job = fingerprint(model.config.to_json_string(), asdict(options), batches)
         checkpoint = Checkpoint(checkpoint_dir, job, resume)
+    cache_key = None
+    if cache is not None:
+        unbudgeted = asdict(options) | {"keep_flops": None, "keep_params": None}
+        cache_key = f"{id(model)}:{fingerprint(model.config.to_json_string(), unbudgeted, batches)}"
+    analysis = cache.get(cache_key) if cache is not None else None
+    # Original activations: the pruning pass would see the analysis pass's inputs again, so keep
+    # its statistics (one Gram per block in memory) instead of recomputing them. Not with
+    # offloading (models too large for that) or checkpoints (a resumed run has no statistics).
+    keep_stats = options.activations == "original" and not offload and checkpoint is None
     start = time.perf_counter()
     if not inplace:
         model = copy.deepcopy(model)
@@ -381,10 +430,17 @@ def compress(
         with _timed(stages, "capture"):
             calib = _capture_inputs(model, adapter, batches, device)
         with _timed(stages, "analyse"):
-            if options.method == "fisher":  # mask gradients of the whole model (Kwon et al. 2022)
-                grads = collect_mask_gradients(model, adapter, batches, options.prune)
-            else:
-                curves = _analyse(adapter, base, calib, shapes, options, kind, checkpoint, visit)
+            if analysis is None:
+                analysis = Analysis()
+                if options.method == "fisher":  # mask gradients of the whole model (Kwon et al.)
+                    analysis.grads = collect_mask_gradients(model, adapter, batches, options.prune)
+                if options.method != "fisher" or keep_stats:
+                    analysis.curves, analysis.stats = _analyse(
+                        adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats
+                    )
+                if cache is not None:
+                    cache.put(cache_key, analysis)
+            curves, grads = analysis.curves, analysis.grads
         with _timed(stages, "allocate"):
             if options.method == "fisher":
                 counts = plan_masks(shapes, grads, kind, budget, options.seq_len, options.round_to, device)
@@ -399,7 +455,9 @@ def compress(
                     reserve=_bias_reserve(shapes, curves, kind, options),
                 )
         with _timed(stages, "prune"):
-            layer_reports, ops = _prune(adapter, base, calib, counts, options, checkpoint, visit)
+            layer_reports, ops = _prune(
+                adapter, base, calib, counts, options, checkpoint, visit, analysis.stats
+            )
     if checkpoint is not None:
         checkpoint.finish()
     model.config.statprune_ops = list(getattr(model.config, "statprune_ops", None) or []) + ops
@@ -461,40 +519,62 @@ def _check_enough_tokens(shapes: list[LayerShape], tokens: int) -> None:
         )
 
 
-def _analyse(adapter, base, calib, shapes, options, kind, checkpoint, visit) -> list[BlockCurve]:
-    """Analysis pass on the original model: error curves of every prunable block."""
+def _analyse(
+    adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats
+) -> tuple[list[BlockCurve], list[_LayerStats] | None]:
+    """Analysis pass on the original model: error curves of every prunable block, and with
+    ``keep_stats`` every layer's statistics and selections (None if any layer's are missing)."""
     curves: list[BlockCurve] = []
+    kept: list[_LayerStats] | None = [] if keep_stats else None
     inputs, start = calib.hidden, 0
     state = checkpoint.load("analyse", inputs[0].device) if checkpoint else None
     if state is not None:
         start, inputs = state.done + 1, state.inputs
         curves = [BlockCurve(**c) for c in state.data["curves"]]
+        kept = None
     layers = adapter.layers(base)
     for i in progress_bar(range(start, len(layers)), desc="analyse layers"):
         with _visiting(layers[i], visit):
-            inputs = _analyse_layer(adapter, layers[i], i, calib, inputs, shapes, options, kind, curves)
+            stats, inputs = _analyse_layer(
+                adapter, layers[i], i, calib, inputs, shapes, options, kind, curves
+            )
+        if kept is not None:
+            kept.append(stats)
         if checkpoint is not None:
             checkpoint.save("analyse", i, {"curves": [asdict(c) for c in curves]}, inputs)
-    return curves
+    return curves, kept
 
 
-def _analyse_layer(adapter, layer, i, calib, inputs, shapes, options, kind, curves) -> list[torch.Tensor]:
-    """Error curves of one layer's blocks (appended to ``curves``); returns the layer outputs."""
+def _analyse_layer(
+    adapter, layer, i, calib, inputs, shapes, options, kind, curves
+) -> tuple[_LayerStats, list[torch.Tensor]]:
+    """Error curves of one layer's blocks (appended to ``curves``); returns the layer's statistics
+    (with their selections) and outputs."""
     stats, outputs = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
+    if options.method == "fisher":  # its allocation comes from the mask gradients
+        return stats, outputs
     weight = 1.0
     if options.layer_weighting == "residual" and options.method == "stat":
         weight = stats.tokens / max(stats.energy, 1e-30)  # 1 / mean ‖h‖²
     if stats.heads is not None:
-        errors = _head_selection(adapter, layer, stats, options).errors
+        stats.head_selection = _head_selection(adapter, layer, stats, options)
+        errors = stats.head_selection.errors
         curves.append(curve_from_errors(i, "heads", shapes[i], errors, weight, kind, options.seq_len))
     if stats.neurons is not None:
-        errors = _neuron_selection(adapter, layer, stats, options).errors
+        stats.neuron_selection = _neuron_selection(adapter, layer, stats, options)
         curves.append(
             curve_from_errors(
-                i, "neurons", shapes[i], errors, weight, kind, options.seq_len, options.round_to
+                i,
+                "neurons",
+                shapes[i],
+                stats.neuron_selection.errors,
+                weight,
+                kind,
+                options.seq_len,
+                options.round_to,
             )
         )
-    return outputs
+    return stats, outputs
 
 
 def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str, options) -> int:
@@ -510,8 +590,11 @@ def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str,
     return reserve
 
 
-def _prune(adapter, base, calib, counts, options, checkpoint, visit) -> tuple[list[LayerReport], list[dict]]:
-    """Pruning pass: re-collect statistics layer by layer, select, correct and slice."""
+def _prune(
+    adapter, base, calib, counts, options, checkpoint, visit, known_stats=None
+) -> tuple[list[LayerReport], list[dict]]:
+    """Pruning pass: re-collect statistics layer by layer (or take ``known_stats``, one per layer,
+    from the analysis pass), select, correct and slice."""
     inputs, start = calib.hidden, 0
     layers = adapter.layers(base)
     reports: list[LayerReport] = []
@@ -526,7 +609,7 @@ def _prune(adapter, base, calib, counts, options, checkpoint, visit) -> tuple[li
     for i in progress_bar(range(start, len(layers)), desc="prune layers"):
         with _visiting(layers[i], visit):
             report, layer_ops, outputs, reference = _prune_layer(
-                adapter, base, i, calib, inputs, counts[i], options
+                adapter, base, i, calib, inputs, counts[i], options, known_stats[i] if known_stats else None
             )
             if checkpoint is not None:
                 checkpoint.save_layer(i, layers[i])
@@ -539,16 +622,23 @@ def _prune(adapter, base, calib, counts, options, checkpoint, visit) -> tuple[li
     return reports, ops
 
 
-def _prune_layer(adapter, base, i, calib, inputs, count, options):
-    """Select, correct and slice one layer; returns its report, ops, new and original outputs."""
+def _prune_layer(adapter, base, i, calib, inputs, count, options, known: _LayerStats | None = None):
+    """Select, correct and slice one layer; returns its report, ops, new and original outputs.
+
+    With ``known`` statistics (and selections) of this layer's inputs nothing is run: the report
+    has no output error and the outputs are None.
+    """
     layer = adapter.layers(base)[i]
     ops: list[dict] = []
     attn, ffn = adapter.attention(layer), adapter.ffn(layer)
     want_heads, want_neurons = count
-    stats, reference = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
+    if known is not None:
+        stats, reference = known, None
+    else:
+        stats, reference = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
     kept_heads, attn_err = list(range(attn.n_heads)), 0.0
     if stats.heads is not None and want_heads < attn.n_heads:
-        selection = _head_selection(adapter, layer, stats, options, count)
+        selection = stats.head_selection or _head_selection(adapter, layer, stats, options, count)
         per_group = want_heads // attn.groups
         kept_heads, dropped_heads = selection.keep(per_group, attn.n_heads)
         attn_err = _relative(selection.errors, per_group)
@@ -564,14 +654,16 @@ def _prune_layer(adapter, base, i, calib, inputs, count, options):
         ops += prune_heads(adapter, base, i, kept_heads, w, b)
     kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
     if stats.neurons is not None and want_neurons < ffn.width:
-        ident = _neuron_selection(adapter, layer, stats, options, count)
+        ident = stats.neuron_selection or _neuron_selection(adapter, layer, stats, options, count)
         kept_neurons, dropped = ident.keep(want_neurons)
         ffn_err = _relative(ident.errors, want_neurons)
         w, b = _correct(layer, ffn.output, stats.neurons, kept_neurons, dropped, options)
         ops += prune_neurons(adapter, base, i, kept_neurons, w, b)
     del stats
-    outputs = _run_layer(layer, calib, inputs, None, {})
-    out_err = _output_error(outputs, reference, calib.masks)
+    outputs, out_err = None, None
+    if reference is not None:
+        outputs = _run_layer(layer, calib, inputs, None, {})
+        out_err = _output_error(outputs, reference, calib.masks)
     report = LayerReport(
         layer=i,
         heads_total=attn.n_heads,

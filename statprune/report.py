@@ -20,7 +20,9 @@ class LayerReport:
     neurons_kept: list[int]
     attention_error: float  # relative reconstruction error of the attention block (calibration)
     ffn_error: float  # relative reconstruction error of the FFN block (calibration)
-    output_error: float  # ‖y_pruned − y‖ / ‖y‖ of the layer output on its calibration inputs
+    # ‖y_pruned − y‖ / ‖y‖ of the layer output on its calibration inputs; None when not measured
+    # (original activations reuse the analysis statistics and run no second pass)
+    output_error: float | None
 
 
 @dataclass
@@ -82,6 +84,10 @@ class CompressionReport:
             lines.append(
                 f"{lr.layer:>5}  {len(lr.heads_kept):>4} / {lr.heads_total:<4} "
                 f"{len(lr.neurons_kept):>6} / {lr.neurons_total:<6}"
-                f"{lr.attention_error:>9.4f} {lr.ffn_error:>9.4f} {lr.output_error:>14.4f}"
+                f"{lr.attention_error:>9.4f} {lr.ffn_error:>9.4f} {_optional(lr.output_error):>14}"
             )
         return "\n".join(lines)
+
+
+def _optional(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"

@@ -456,7 +456,7 @@ def sweep(
     import torch
 
     from statprune.calibration import read_examples, sample_examples, tokenize_examples
-    from statprune.driver import compress, resolve_device
+    from statprune.driver import AnalysisCache, compress, resolve_device
     from statprune.evaluate import TASKS, detect_task, evaluate, read_labels
     from statprune.persist import check_model_dir, load, load_tokenizer
 
@@ -477,7 +477,9 @@ def sweep(
             raise DataError(f"{label} must be a positive integer, got {value!r}")
     if task not in ("auto", *TASKS):
         raise DataError(f"unknown task {task!r}; use auto, {', '.join(TASKS)}")
-    overlap = {"keep_flops", "keep_params", "method", "seq_len", "device", "inplace"} & set(compress_options)
+    overlap = {"keep_flops", "keep_params", "method", "seq_len", "device", "inplace", "cache"} & set(
+        compress_options
+    )
     if overlap:
         raise TypeError(f"sweep() sets {', '.join(sorted(overlap))} itself")
 
@@ -559,10 +561,13 @@ def sweep(
     kept: tuple[SweepRow, nn.Module, CompressionReport] | None = None
     threshold = None if bar is None else bar.threshold(float(dense_value), higher)
 
+    cache = AnalysisCache()  # budgets of one method share its analysis pass (computed at the first)
+
     def run_one(method: str, budget: float):
         return compress(
             dense, tokenizer, batches, inplace=False, progress=progress, method=method,
-            seq_len=seq_len, device=str(target), **{f"keep_{budget_kind}": budget}, **compress_options,
+            seq_len=seq_len, device=str(target), cache=cache, **{f"keep_{budget_kind}": budget},
+            **compress_options,
         )
 
     total = len(methods) * len(budgets)

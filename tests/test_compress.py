@@ -247,7 +247,57 @@ def test_options_run_and_are_recorded(activations, bias_compensation):
     _, report = _compress(model, keep_flops=0.6, activations=activations, bias_compensation=bias_compensation)
     assert report.options["activations"] == activations
     assert report.options["bias_compensation"] is bias_compensation
-    assert all(0.0 <= lr.output_error < 1.0 for lr in report.layers)
+    if activations == "sequential":
+        assert all(0.0 <= lr.output_error < 1.0 for lr in report.layers)
+    else:  # the analysis statistics are reused: no second pass, so no measured output error
+        assert all(lr.output_error is None for lr in report.layers)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_original_activations_reuse_equals_recomputation(tmp_path):
+    """Reusing the analysis statistics gives the same model as collecting them again (which a
+    checkpointed run does), while running no layer a second time."""
+    model = build_tiny_model("bert")
+    calls = []
+    layer = adapter_for(model.config).layers(model.base_model)[1]
+    handle = layer.register_forward_hook(lambda *a: calls.append(1))
+    reused, _ = _compress(model, keep_flops=0.6, activations="original")
+    runs_reused = len(calls)
+    calls.clear()
+    recomputed, _ = _compress(model, keep_flops=0.6, activations="original", checkpoint_dir=str(tmp_path))
+    handle.remove()
+    assert len(calls) > runs_reused > 0  # the reused run saw layer 1 only in its analysis pass
+    a, b = _state(reused), _state(recomputed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activations", ["sequential", "original"])
+def test_analysis_cache_reuses_the_analysis_across_budgets(activations):
+    model = build_tiny_model("llama")
+    cache = statprune.AnalysisCache()
+    calls = []
+    layer = adapter_for(model.config).layers(model.base_model)[0]
+    handle = layer.register_forward_hook(lambda *a: calls.append(1))
+    _compress(model, keep_flops=0.8, activations=activations, cache=cache)
+    first = len(calls)
+    calls.clear()
+    cached, cached_report = _compress(model, keep_flops=0.5, activations=activations, cache=cache)
+    second = len(calls)
+    handle.remove()
+    fresh, fresh_report = _compress(model, keep_flops=0.5, activations=activations)
+    assert second < first  # the analysis pass was not run again
+    assert [lr.neurons_kept for lr in cached_report.layers] == [lr.neurons_kept for lr in fresh_report.layers]
+    a, b = _state(cached), _state(fresh)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # another option (or another model) is a different analysis
+    _, other = _compress(model, keep_flops=0.5, activations=activations, bias_compensation=False, cache=cache)
+    assert other.options["bias_compensation"] is False
 
 
 def test_uniform_allocation_keeps_equal_fractions():

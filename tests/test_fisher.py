@@ -281,7 +281,7 @@ def test_fisher_params_budget_round_to_and_heads_only():
 
 def test_tuning_lowers_the_layer_output_error():
     model = build_tiny_model("bert")
-    common = {"keep_flops": 0.5, "method": "fisher", "activations": "original"}
+    common = {"keep_flops": 0.5, "method": "fisher", "activations": "sequential"}
     _, tuned = _compress(model, **common)
     _, plain = _compress(model, correction=False, **common)
     assert [lr.heads_kept for lr in tuned.layers] == [lr.heads_kept for lr in plain.layers]

@@ -11,7 +11,7 @@ float64), not by the multiplication, when the blocks are thin.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from scipy.linalg import blas
@@ -24,7 +24,6 @@ class GramStats:
     gram: torch.Tensor  # ZᵀZ, m x m
     total: torch.Tensor  # column sums of Z, m
     count: int  # N, the number of rows (tokens)
-    _centered: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -34,17 +33,14 @@ class GramStats:
         """``ZᵀZ`` or, when ``centered``, ``(Z - 1μᵀ)ᵀ(Z - 1μᵀ)``: the Gram the ID factorizes.
 
         Centering is the "intercept" variant: the next layer's bias absorbs the mean of what is
-        removed, so only the fluctuation around the mean has to be reconstructed. The centered
-        matrix is computed once and kept (callers must not modify it).
+        removed, so only the fluctuation around the mean has to be reconstructed. Callers must not
+        modify the result (uncentered, it is ``gram`` itself).
         """
         if not centered:
             return self.gram
-        if "cov" not in self._centered:
-            mu = self.mean
-            cov = torch.outer(mu, mu)  # exactly symmetric, so the result stays symmetric
-            cov.mul_(-float(self.count)).add_(self.gram)
-            self._centered["cov"] = cov
-        return self._centered["cov"]
+        mu = self.mean
+        cov = torch.outer(mu, mu)  # exactly symmetric, so the result stays exactly symmetric
+        return cov.mul_(-float(self.count)).add_(self.gram)
 
 
 class GramAccumulator:
@@ -78,6 +74,8 @@ class GramAccumulator:
         """Add an (n x m) block of rows. Non-finite values raise ``FloatingPointError``."""
         if rows.ndim != 2 or rows.shape[1] != self.width:
             raise ValueError(f"expected rows of width {self.width}, got shape {tuple(rows.shape)}")
+        if self._finished is not None:
+            raise RuntimeError("this accumulator is finished; start a new one")
         if rows.shape[0] == 0:
             return
         block = rows.to(device=self.device, dtype=self.compute_dtype)
@@ -88,7 +86,6 @@ class GramAccumulator:
         self._count += rows.shape[0]
         self._pending.append(block)
         self._pending_rows += block.shape[0]
-        self._finished = None
         if self._pending_rows >= self.block_rows:
             self._flush()
 
@@ -111,13 +108,14 @@ class GramAccumulator:
         return self._count
 
     def finish(self) -> GramStats:
-        """The statistics so far (computed once; later batches start a new result)."""
+        """The statistics (ends accumulation; the running sum becomes the result, no copy)."""
         if self._finished is None:
             self._flush()
+            gram = self._gram
             if self._upper_only:
-                gram = torch.triu(self._gram)
+                gram.triu_()
                 gram += torch.triu(gram, diagonal=1).T
             else:
-                gram = 0.5 * (self._gram + self._gram.T)
-            self._finished = GramStats(gram=gram, total=self._total.clone(), count=self._count)
+                gram.add_(gram.T.clone()).mul_(0.5)
+            self._finished = GramStats(gram=gram, total=self._total, count=self._count)
         return self._finished
