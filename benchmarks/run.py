@@ -203,6 +203,68 @@ def speed_section(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ablation_section(path: Path) -> str:
+    """Markdown of benchmarks/ablation.json (written by benchmarks/ablation.py)."""
+    if not path.exists():
+        return ""
+    from ablation import ablation_markdown
+
+    return ablation_markdown(json.loads(path.read_text()))
+
+
+def outside_section(path: Path, rows: list[dict] | None = None) -> str:
+    """Markdown of benchmarks/outside_check.json (written by benchmarks/torch_pruning_check.py),
+    next to statprune's own rows (``rows``, from results.json) at the same budgets."""
+    if not path.exists():
+        return ""
+    outside = json.loads(path.read_text())
+    if not outside:
+        return ""
+
+    def ours(model, method, budget):
+        for r in rows or []:
+            if r["model"] == model and r["method"] == method and abs(r["budget"] - budget) < 1e-9:
+                return r["value"]
+        return None
+
+    def fmt(v, spec=".4f"):
+        return "–" if v is None else format(v, spec)
+
+    tools = ", ".join(sorted({r["tool"] for r in outside}))
+    lines = [
+        "## Outside check: torch-pruning\n",
+        f"From `benchmarks/torch_pruning_check.py` ({tools}, installed from PyPI). Its `MetaPruner` "
+        "removes whole attention heads (`prune_num_heads=True`, `prune_head_dims=False`, heads grouped "
+        "via `num_heads` on each query/key/value projection) and FFN neurons (`intermediate.dense` "
+        "outputs); the hidden width, embeddings, pooler and classifier are left alone. One ratio is "
+        "used for heads and neurons, either `uniform` (`global_pruning=False`: the same ratio in every "
+        "layer) or `global` (one ranking over all layers), and bisected so that the attention+FFN "
+        "FLOPs kept, counted by statprune's own accounting (`statprune.flops`, sequence length 128), "
+        "is as close as possible to the budget. Importance: `magnitude` = `MagnitudeImportance(p=2)` "
+        "(group L2 norm of the weights); `taylor` = `TaylorImportance` (|w·∂L/∂w|, L the "
+        "cross-entropy against the dense model's own predictions on the same 512 calibration "
+        "sentences statprune uses; no labels). No correction and no retraining after removal. Each "
+        "pruned model was checked to compute exactly the dense model with the removed heads and "
+        "neurons masked. Accuracy on the same 800 test sentences, with statprune's evaluation; "
+        "`seconds` is torch-pruning's pruning time (plus the gradient pass for `taylor`), not "
+        "counting the ratio search. With `uniform`, heads go one per layer at a time, so a budget "
+        "may be reachable only approximately: the nearest achievable fraction is used, as for "
+        "statprune's uniform-ratio baselines. The last columns repeat statprune's rows at the same "
+        "budget from the table above.\n",
+        "| model | allocation | importance | budget | achieved | accuracy | agreement | dense "
+        "| statprune `stat` | statprune `magnitude` | seconds |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in outside:
+        lines.append(
+            f"| {r['model']} | {r.get('allocation', '–')} | {r['importance']} | {r['budget']:.0%} "
+            f"| {r['achieved']:.1%} | {fmt(r['value'])} | {fmt(r.get('agreement'))} "
+            f"| {fmt(r['dense_value'])} | {fmt(ours(r['model'], 'stat', r['budget']))} "
+            f"| {fmt(ours(r['model'], 'magnitude', r['budget']))} | {fmt(r['seconds'], '.1f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(BENCHMARKS), help=f"subset of {','.join(BENCHMARKS)}")
@@ -239,14 +301,20 @@ def main() -> None:
         '"achieved" is the fraction actually kept; accuracy on held-out test splits that no step '
         "tuned on. Methods: `stat` (this project), `magnitude` (weight norms, no correction), "
         "`wanda-sp` (structured |W|·‖X‖, uniform per-layer ratio), `flap` (fluctuation metric, "
-        "adaptive allocation, bias compensation). Not yet run here: the Kwon et al. `fisher` baseline "
-        "(not implemented) and the `torch-pruning` package. Machine: 2 CPU cores; the `seconds` in "
-        "results.json are compression times and were measured on a shared machine, so treat them "
-        "as indicative.\n\n"
+        "adaptive allocation, bias compensation), `fisher` (Kwon et al. 2022: Fisher mask search "
+        "under the budget, mask rearrangement, layer-wise least-squares mask tuning; gradients of "
+        "the model's own predicted labels for classifiers, next-token loss for LMs). Machine: 2 CPU "
+        "cores; the `seconds` in results.json are compression times (the budgets of one method share "
+        "one analysis pass, counted in the first budget's time) and were measured on a shared "
+        "machine, so treat them as indicative.\n\n"
         "## Targets\n\n" + "\n".join(target_lines(rows)) + "\n\n"
     )
     body = "\n".join(sections[k] for k in sorted(sections))
-    (args.out / "RESULTS.md").write_text(header + body + "\n" + speed_section(args.out / "speed.json"))
+    (args.out / "RESULTS.md").write_text(
+        header + body + "\n" + speed_section(args.out / "speed.json")
+        + "\n" + outside_section(args.out / "outside_check.json", rows)
+        + "\n" + ablation_section(args.out / "ablation.json")
+    )
     print(f"wrote {results_file} and RESULTS.md in {time.perf_counter() - start:.0f} s")
 
 

@@ -74,8 +74,8 @@ def select_heads(
     counts = [0] * groups
     order: list[int] = []
     errors = [float(torch.sum(schur * metric))]
+    weighted = metric @ schur  # M S; the gain of head h is tr(S_hh⁺ S_h: M S_:h)
     while len(order) < n_heads:
-        weighted = metric @ schur  # (M S); gain of head h is tr(S_hh⁺ S_h: M S_:h)
         open_groups = [g for g in range(groups) if counts[g] == min(counts)]
         best, best_gain, best_inv = -1, -1.0, None
         for h in range(n_heads):
@@ -87,7 +87,9 @@ def select_heads(
             if gain > best_gain:
                 best, best_gain, best_inv = h, gain, inv
         b = blocks[best]
-        schur = schur - schur[:, b] @ best_inv @ schur[b, :]
+        update = best_inv @ schur[b, :]  # rank-d_h downdate of S and, alike, of M S
+        weighted = weighted - weighted[:, b] @ update
+        schur = schur - schur[:, b] @ update
         order.append(best)
         counts[best // per_group] += 1
         if all(c == counts[0] for c in counts):

@@ -1,0 +1,134 @@
+"""STAT design choices measured side by side: benchmarks/ablation.json and RESULTS.md's ablation section.
+
+    python benchmarks/ablation.py --model mpnet-mr --budgets 0.5,0.4
+    python benchmarks/ablation.py --model smollm2 --budgets 0.8 --samples 128
+
+Each variant changes one option of the default STAT run (same calibration sample, same
+evaluation as benchmarks/run.py) and is compressed and evaluated at every budget; the compression
+time of every run is recorded beside its quality, since the variants differ in cost as well.
+Rows for the same model and variant are replaced; others are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "scripts"))
+sys.path.insert(0, str(HERE))
+import assets  # noqa: E402
+from run import BENCHMARKS  # noqa: E402
+
+from statprune.sweep import sweep  # noqa: E402
+
+# name -> CompressionOptions overrides of the default run
+VARIANTS: dict[str, dict] = {
+    "original-activations": {"activations": "original"},
+    "sequential-activations": {"activations": "sequential"},
+    "uniform-allocation": {"allocation": "uniform"},
+    "no-bias-compensation": {"bias_compensation": False},
+    "no-layer-weighting": {"layer_weighting": "none"},
+    "no-correction": {"correction": False},
+    "round-to-64": {"round_to": 64},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm-mr", help=f"one of {','.join(BENCHMARKS)}")
+    parser.add_argument("--budgets", default="0.6")
+    parser.add_argument("--variants", default="original-activations,sequential-activations")
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=HERE / "ablation.json")
+    args = parser.parse_args()
+    bench = BENCHMARKS[args.model]
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
+    model_dir, corpora = assets.ensure(bench.asset), assets.ensure("corpora")
+    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    for name in names:
+        tic = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            result = sweep(
+                model_dir,
+                corpora / bench.calib,
+                corpora / bench.eval,
+                budgets=args.budgets,
+                methods=["stat"],
+                budget_kind=bench.budget_kind,
+                samples=args.samples,
+                seq_len=128,
+                eval_samples=bench.eval_samples,
+                out=Path(tmp) / "sweep",
+                name=bench.name,
+                device="cpu",
+                **VARIANTS[name],
+            )
+        rows = [r for r in rows if not (r["model"] == bench.name and r["variant"] == name)]
+        for r in result.rows:
+            rows.append(
+                {
+                    "model": bench.name,
+                    "variant": name,
+                    "options": VARIANTS[name],
+                    "budget_kind": r.budget_kind,
+                    "budget": r.budget,
+                    "achieved": r.achieved,
+                    "metric": r.metric,
+                    "value": r.value,
+                    "dense_value": r.dense_value,
+                    "agreement": r.agreement,
+                    "seconds": r.seconds,
+                    "samples": args.samples,
+                    "error": r.error,
+                }
+            )
+        print(f"{name}: {time.perf_counter() - tic:.0f} s", flush=True)
+    args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    print(ablation_markdown(rows))
+
+
+def ablation_markdown(rows: list[dict]) -> str:
+    """One table per model: variants by budgets, quality and compression seconds."""
+    if not rows:
+        return ""
+    parts = [
+        "## Ablations (`benchmarks/ablation.py`)\n\n"
+        "STAT with one option changed at a time; same calibration sample and evaluation as the "
+        "tables above. Each cell: quality (compression seconds; with budgets of one variant "
+        "sharing an analysis pass, the first budget carries it).\n"
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        budgets = sorted({r["budget"] for r in mine}, reverse=True)
+        metric, samples = mine[0]["metric"], sorted({r["samples"] for r in mine})
+        dense = mine[0]["dense_value"]
+        head = f"| variant | {' | '.join(f'{b:g}' for b in budgets)} |"
+        lines = [
+            f"\n### {model}\n",
+            f"{metric}; dense {dense:.4g}; {', '.join(map(str, samples))} calibration examples.\n",
+            head,
+            "|" + "---|" * (len(budgets) + 1),
+        ]
+        for variant in dict.fromkeys(r["variant"] for r in mine):
+            cells = []
+            for b in budgets:
+                r = next((x for x in mine if x["variant"] == variant and x["budget"] == b), None)
+                if r is None or r["value"] is None:
+                    cells.append("—")
+                else:
+                    cells.append(f"{r['value']:.4g} ({r['seconds']:.0f} s)")
+            lines.append(f"| {variant} | {' | '.join(cells)} |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
