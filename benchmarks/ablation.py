@@ -66,6 +66,7 @@ def main() -> None:
                 samples=args.samples,
                 seq_len=128,
                 eval_samples=bench.eval_samples,
+                pack=bench.pack,
                 out=Path(tmp) / "sweep",
                 name=bench.name,
                 device="cpu",

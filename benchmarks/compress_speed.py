@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--keep-flops", type=float, default=0.5)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--activations", default="sequential", choices=["sequential", "original"])
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--base-model",
@@ -87,6 +88,8 @@ def main() -> None:
             str(args.samples),
             "--seq-len",
             str(args.seq_len),
+            "--activations",
+            args.activations,
             "--out",
             f"{tmp}/out",
             "--quiet",
@@ -109,6 +112,7 @@ def main() -> None:
         "kind": "compression",
         "model": args.name or args.model.name,
         "budget": args.keep_flops,
+        "activations": args.activations,
         "backend": "torch",
         "device": "cpu",
         "batch": 16,
@@ -129,7 +133,8 @@ def main() -> None:
     print(json.dumps(row, indent=2))
     if args.json:  # merge: replace this model's compression row, keep every other row
         rows = json.loads(args.json.read_text()) if args.json.exists() else []
-        rows = [r for r in rows if not (r.get("kind") == "compression" and r.get("model") == row["model"])]
+        same = ("kind", "model", "activations")
+        rows = [r for r in rows if any(r.get(k, "sequential") != row[k] for k in same)]
         args.json.write_text(json.dumps([*rows, row], indent=2) + "\n")
 
 

@@ -349,6 +349,52 @@ def tokenize_examples(
     return batches
 
 
+def pack_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    n: int,
+    seed: int,
+    seq_len: int = 128,
+    batch_size: int = 16,
+) -> list[CalibrationBatch]:
+    """Concatenate the texts (eos between them) and cut ``seq_len``-token windows; draw ``n``.
+
+    The usual calibration for causal LMs (SparseGPT, Wanda): every example is a full window of
+    running text, however short the lines of the source are. Windows do not overlap; the draw
+    uses :func:`sample_examples` (same seed, same windows).
+    """
+    _check_sizes(seq_len, batch_size)
+    if not examples:
+        raise DataError("there are no calibration examples to pack; provide some data")
+    if any(isinstance(e, tuple) for e in examples):
+        raise DataError("--pack joins plain texts into windows; sentence pairs cannot be packed")
+    encoded = tokenizer(list(examples), add_special_tokens=False, verbose=False)["input_ids"]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) else eos
+    stream: list[int] = []
+    for ids in encoded:
+        if ids:
+            stream.extend(ids)
+            if eos is not None:
+                stream.append(int(eos))
+    windows = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    if not windows:
+        raise DataError(
+            f"the calibration text has only {len(stream)} tokens, less than one --seq-len window "
+            f"of {seq_len}; give more text or a shorter --seq-len"
+        )
+    chosen = sample_examples(windows, n, seed)
+    return [
+        CalibrationBatch(
+            {
+                "input_ids": torch.tensor(chosen[i : i + batch_size], dtype=torch.long),
+                "attention_mask": torch.ones(len(chosen[i : i + batch_size]), seq_len, dtype=torch.long),
+            }
+        )
+        for i in range(0, len(chosen), batch_size)
+    ]
+
+
 def batches_from_tensors(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,

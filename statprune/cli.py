@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=positive_int, default=128, help="max tokens per example (and FLOPs s)")
     c.add_argument("--samples", type=positive_int, default=512, help="calibration examples to draw")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--pack",
+        action="store_true",
+        help="join the texts and cut --seq-len token windows; --samples windows are drawn (for LMs)",
+    )
     c.add_argument("--batch-size", type=positive_int, default=16)
     c.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
     c.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
@@ -127,6 +132,7 @@ def _compress(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
         batch_size=args.batch_size,
+        pack=args.pack,
         inplace=True,
         progress=not args.quiet,
         checkpoint_dir=args.checkpoint_dir,

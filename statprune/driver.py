@@ -24,7 +24,13 @@ from torch import nn
 from statprune.adapters import ModelAdapter, adapter_for
 from statprune.allocation import BlockCurve, allocate, curve_from_errors
 from statprune.argtypes import resolve_device
-from statprune.calibration import CalibrationBatch, count_tokens, sample_examples, tokenize_examples
+from statprune.calibration import (
+    CalibrationBatch,
+    count_tokens,
+    pack_examples,
+    sample_examples,
+    tokenize_examples,
+)
 from statprune.checkpoint import Checkpoint, fingerprint
 from statprune.errors import BudgetError, DataError, ModelError
 from statprune.fisher_grads import LayerPlan, MaskGradients, collect_mask_gradients, plan_masks
@@ -382,6 +388,7 @@ def compress(
     resume: bool = False,
     offload: bool = False,
     cache: AnalysisCache | None = None,
+    pack: bool = False,
     **option_overrides,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress a transformers model with STAT; returns the pruned model and its report.
@@ -392,8 +399,10 @@ def compress(
     ``inplace``. With ``checkpoint_dir`` progress is saved after every layer; ``resume`` continues
     an interrupted run of the same job from there, with identical results. With ``offload`` the
     model stays in CPU memory and one layer at a time visits the device (for models larger than
-    the GPU). ``cache`` (an ``AnalysisCache``) reuses the budget-independent analysis when the
-    same model is compressed at several budgets.
+    the GPU). With ``pack`` the texts are joined and cut into ``seq_len``-token windows, of which
+    ``samples`` are drawn (the usual calibration for causal LMs). ``cache`` (an
+    ``AnalysisCache``) reuses the budget-independent analysis when the same model is compressed
+    at several budgets.
     """
     options = CompressionOptions(keep_flops=keep_flops, keep_params=keep_params, **option_overrides)
     options.validate()
@@ -401,7 +410,7 @@ def compress(
     adapter = adapter_for(model.config)
     device = resolve_device(options.device)
     check_finite_weights(model)
-    batches = _prepare_batches(tokenizer, data, samples, seed, options.seq_len, batch_size)
+    batches = _prepare_batches(tokenizer, data, samples, seed, options.seq_len, batch_size, pack)
     checkpoint = None
     if checkpoint_dir is not None:
         job = fingerprint(model.config.to_json_string(), asdict(options), batches)
@@ -493,7 +502,7 @@ def _visiting(layer: nn.Module, device: torch.device | None):
         layer.to("cpu")
 
 
-def _prepare_batches(tokenizer, data, samples, seed, seq_len, batch_size) -> list[CalibrationBatch]:
+def _prepare_batches(tokenizer, data, samples, seed, seq_len, batch_size, pack) -> list[CalibrationBatch]:
     if data is None:
         raise DataError("no calibration data given: pass a list of texts or tokenized batches")
     items = list(data)
@@ -503,6 +512,8 @@ def _prepare_batches(tokenizer, data, samples, seed, seq_len, batch_size) -> lis
         return items
     if tokenizer is None:
         raise DataError("texts were given without a tokenizer; pass the model's tokenizer")
+    if pack:
+        return pack_examples(tokenizer, items, samples, seed, seq_len=seq_len, batch_size=batch_size)
     chosen = sample_examples(items, samples, seed)
     batches = tokenize_examples(tokenizer, chosen, seq_len=seq_len, batch_size=batch_size)
     if not batches:

@@ -193,13 +193,16 @@ class SweepResult:
     selection: Selection | None = None
     out: Path | None = None
     seconds: float = 0.0
+    calibration_packed: bool = False  # examples are --seq-len windows of the joined texts
 
     def protocol(self) -> str:
         """One line: what was compressed, on what, evaluated how, and what "%" means."""
         direction = "higher" if self.higher_is_better else "lower"
         return (
             f"Protocol: model `{self.model}` ({self.architecture}, task {self.task}); "
-            f"calibration: {self.calibration_examples} of {self.calibration_available} examples from "
+            f"calibration: {self.calibration_examples} "
+            f"{'packed windows' if self.calibration_packed else 'examples'} from "
+            f"{self.calibration_available} lines of "
             f"`{self.calibration_path.name}` (seed {self.seed}, {self.calibration_tokens:,} tokens), "
             f"seq len {self.seq_len}; evaluation: {self.eval_examples} examples from "
             f"`{self.eval_path.name}`, metric {_metric_label(self.metric)} ({direction} is better), "
@@ -425,6 +428,7 @@ def sweep(
     seq_len: int = 128,
     seed: int = 0,
     batch_size: int = 16,
+    pack: bool = False,
     eval_batch_size: int = 32,
     eval_samples: int | None = None,
     task: str = "auto",
@@ -447,15 +451,17 @@ def sweep(
     ``budgets`` are fractions of ``budget_kind`` (``flops`` or ``params``) to keep. Calibration
     examples (``samples`` drawn with ``seed`` from ``calib_path``) are tokenized once and shared by
     every run; evaluation examples come from ``eval_path`` (labels from ``label_field``, default
-    ``label`` when present; ``eval_samples`` keeps the first N). ``min_quality`` (``0.80`` or
-    ``99%``) selects the smallest run meeting it (see :data:`SELECTION_RULE`); ``save_best`` also
-    saves that model into ``out/best``. With ``out`` the results are written there atomically.
+    ``label`` when present; ``eval_samples`` keeps the first N). With ``pack`` the calibration
+    examples are ``seq_len``-token windows of the joined texts (see ``pack_examples``).
+    ``min_quality`` (``0.80`` or ``99%``) selects the smallest run meeting it (see
+    :data:`SELECTION_RULE`); ``save_best`` also saves that model into ``out/best``. With ``out``
+    the results are written there atomically.
     ``log`` receives one progress line per run (None: silent); ``progress`` shows compression bars.
     Other keyword arguments are :class:`~statprune.driver.CompressionOptions` fields.
     """
     import torch
 
-    from statprune.calibration import read_examples, sample_examples, tokenize_examples
+    from statprune.calibration import pack_examples, read_examples, sample_examples, tokenize_examples
     from statprune.driver import AnalysisCache, compress, resolve_device
     from statprune.evaluate import TASKS, detect_task, evaluate, read_labels
     from statprune.persist import check_model_dir, load, load_tokenizer
@@ -518,8 +524,12 @@ def sweep(
     if bar is not None:
         _check_bar(bar, metric)
 
-    chosen = sample_examples(texts, samples, seed)
-    batches = tokenize_examples(tokenizer, chosen, seq_len=seq_len, batch_size=batch_size)
+    if pack:
+        batches = pack_examples(tokenizer, texts, samples, seed, seq_len=seq_len, batch_size=batch_size)
+        chosen = [None] * sum(int(b.inputs["input_ids"].shape[0]) for b in batches)
+    else:
+        chosen = sample_examples(texts, samples, seed)
+        batches = tokenize_examples(tokenizer, chosen, seq_len=seq_len, batch_size=batch_size)
     calib_tokens = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
 
     def run_eval(model, reference):
@@ -550,6 +560,7 @@ def sweep(
         calibration_path=calib_path,
         calibration_available=len(texts),
         calibration_examples=len(chosen),
+        calibration_packed=pack,
         calibration_tokens=calib_tokens,
         eval_path=eval_path,
         eval_examples=dense_result.n_examples,
@@ -794,6 +805,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                    help="max tokens per example (calibration, evaluation and FLOPs accounting)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=positive_int, default=16, help="calibration batch size")
+    s.add_argument("--pack", action="store_true",
+                   help="calibrate on --seq-len token windows of the joined texts (for LMs)")
     s.add_argument("--eval-samples", type=positive_int, help="evaluate on the first N examples only")
     s.add_argument("--task", default="auto", choices=["auto", "classify", "lm", "embed"],
                    help="how to evaluate (auto: from the model class)")
@@ -828,7 +841,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     result = sweep(
         args.model, args.data, args.eval_data, budgets=args.budgets, methods=args.methods,
         budget_kind=args.budget_kind, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-        batch_size=args.batch_size, eval_samples=args.eval_samples, task=args.task,
+        batch_size=args.batch_size, pack=args.pack, eval_samples=args.eval_samples, task=args.task,
         text_field=args.text_field, pair_field=args.pair_field, label_field=args.label_field,
         min_quality=args.min_quality, save_best=args.save_best, out=args.out,
         overwrite=args.overwrite, name=args.name, device=args.device, dtype=args.dtype,

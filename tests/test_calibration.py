@@ -11,6 +11,7 @@ from statprune.calibration import (
     CalibrationWarning,
     batches_from_tensors,
     count_tokens,
+    pack_examples,
     read_examples,
     sample_examples,
     tokenize_examples,
@@ -418,3 +419,27 @@ def test_calibration_batch_validates_and_moves():
     )
     moved = batch.to("cpu")
     assert moved is not batch and moved.num_tokens == 2
+
+
+def test_pack_cuts_full_windows_of_the_joined_texts(tiny_tokenizer):
+    texts = [f"line {i} with a few words" for i in range(60)]
+    batches = pack_examples(tiny_tokenizer, texts, n=10, seed=0, seq_len=16, batch_size=4)
+    assert [b.inputs["input_ids"].shape for b in batches] == [(4, 16), (4, 16), (2, 16)]
+    assert all(bool(b.token_mask.all()) for b in batches)  # no padding: every token is text
+    eos = tiny_tokenizer.eos_token_id
+    stream = []
+    for ids in tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream += [*ids, eos] if eos is not None else ids
+    windows = [stream[i : i + 16] for i in range(0, len(stream) - 15, 16)]  # non-overlapping
+    drawn = [row.tolist() for b in batches for row in b.inputs["input_ids"]]
+    assert len(windows) > 10 and drawn == sample_examples(windows, 10, 0)
+    again = pack_examples(tiny_tokenizer, texts, n=10, seed=0, seq_len=16, batch_size=4)
+    first = [b.inputs["input_ids"].tolist() for b in batches]
+    assert [b.inputs["input_ids"].tolist() for b in again] == first
+
+
+def test_pack_rejects_too_little_text_and_pairs(tiny_tokenizer):
+    with pytest.raises(DataError, match="less than one --seq-len window"):
+        pack_examples(tiny_tokenizer, ["short"], n=4, seed=0, seq_len=64)
+    with pytest.raises(DataError, match="pairs cannot be packed"):
+        pack_examples(tiny_tokenizer, [("a", "b")], n=4, seed=0, seq_len=4)
