@@ -1,7 +1,7 @@
 """STAT design choices measured side by side: benchmarks/ablation.json and RESULTS.md's ablation section.
 
     python benchmarks/ablation.py --model mpnet-mr --budgets 0.5,0.4
-    python benchmarks/ablation.py --model smollm2 --budgets 0.8 --samples 128
+    python benchmarks/ablation.py --model smollm2 --budgets 0.8
 
 Each variant changes one option of the default STAT run (same calibration sample, same
 evaluation as benchmarks/run.py) and is compressed and evaluated at every budget; the compression
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--model", default="minilm-mr", help=f"one of {','.join(BENCHMARKS)}")
     parser.add_argument("--budgets", default="0.6")
     parser.add_argument("--variants", default="original-activations,sequential-activations")
-    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--samples", type=int, help="default: the benchmark's (512, SmolLM2 128)")
     parser.add_argument("--out", type=Path, default=HERE / "ablation.json")
     args = parser.parse_args()
     bench = BENCHMARKS[args.model]
@@ -52,6 +52,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
     model_dir, corpora = assets.ensure(bench.asset), assets.ensure("corpora")
+    samples = args.samples or bench.samples or 512
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     for name in names:
         tic = time.perf_counter()
@@ -63,7 +64,7 @@ def main() -> None:
                 budgets=args.budgets,
                 methods=["stat"],
                 budget_kind=bench.budget_kind,
-                samples=args.samples,
+                samples=samples,
                 seq_len=128,
                 eval_samples=bench.eval_samples,
                 pack=bench.pack,
@@ -87,7 +88,8 @@ def main() -> None:
                     "dense_value": r.dense_value,
                     "agreement": r.agreement,
                     "seconds": r.seconds,
-                    "samples": args.samples,
+                    "samples": samples,
+                    "packed": bench.pack,
                     "error": r.error,
                 }
             )
@@ -110,11 +112,12 @@ def ablation_markdown(rows: list[dict]) -> str:
         mine = [r for r in rows if r["model"] == model]
         budgets = sorted({r["budget"] for r in mine}, reverse=True)
         metric, samples = mine[0]["metric"], sorted({r["samples"] for r in mine})
+        unit = "packed 128-token windows" if mine[0].get("packed") else "calibration examples"
         dense = mine[0]["dense_value"]
         head = f"| variant | {' | '.join(f'{b:g}' for b in budgets)} |"
         lines = [
             f"\n### {model}\n",
-            f"{metric}; dense {dense:.4g}; {', '.join(map(str, samples))} calibration examples.\n",
+            f"{metric}; dense {dense:.4g}; {', '.join(map(str, samples))} {unit}.\n",
             head,
             "|" + "---|" * (len(budgets) + 1),
         ]
