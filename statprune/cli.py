@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.add_argument(
         "--activations",
-        default="sequential",
-        choices=["sequential", "original"],
-        help="calibrate each layer on the pruned (sequential) or original upstream outputs",
+        default="auto",
+        choices=["auto", "sequential", "original"],
+        help="calibrate each layer on the pruned (sequential) or original upstream outputs; "
+        "original reuses the analysis pass (about half the time); auto: sequential for causal LMs, "
+        "original for encoders (default)",
     )
     c.add_argument(
         "--allocation",

@@ -5,9 +5,9 @@
    the head outputs (input of the attention output projection) and of the FFN neurons (input of
    the down projection); factorize them into error curves; feed the outputs to the next layer.
 3. Allocate per-layer head and neuron counts under the global budget.
-4. Pruning pass: run each layer again (on the outputs of the already-pruned layers in
-   ``sequential`` mode, on the original activations in ``original`` mode), select the units,
-   fold the least-squares correction into the next projection, and slice the layer.
+4. Pruning pass: select the units, fold the least-squares correction into the next projection,
+   and slice the layer. In ``sequential`` mode each layer is run again on the outputs of the
+   already-pruned layers; in ``original`` mode the analysis statistics are reused (no forward).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -60,7 +60,9 @@ class CompressionOptions:
     keep_params: float | None = None
     prune: tuple[str, ...] = ("heads", "neurons")
     seq_len: int = 128
-    activations: str = "sequential"  # "sequential" (pruned upstream) or "original"
+    # "sequential" (pruned upstream), "original", or "auto": sequential for decoders (causal LMs),
+    # original for encoders — the better of the two on each in benchmarks/ablation.py
+    activations: str = "auto"
     bias_compensation: bool = True  # intercept: the next bias absorbs the mean of what is removed
     correction: bool = True  # fold the least-squares correction (False: plain removal, for ablations)
     method: str = "stat"  # "stat", or a baseline: "magnitude", "wanda-sp", "flap", "fisher"
@@ -99,8 +101,8 @@ class CompressionOptions:
             raise BudgetError(f"unknown method {self.method!r}; choose stat, {', '.join(BASELINES)}")
         if self.method == "fisher" and self.allocation != "auto":
             raise BudgetError("fisher sets the per-layer widths by its own mask search; drop --allocation")
-        if self.activations not in ("sequential", "original"):
-            raise ValueError(f"activations must be sequential or original, not {self.activations!r}")
+        if self.activations not in ("auto", "sequential", "original"):
+            raise ValueError(f"activations must be auto, sequential or original, not {self.activations!r}")
         if self.seq_len < 1 or self.round_to < 1:
             raise ValueError("seq_len and round_to must be positive")
 
@@ -408,6 +410,8 @@ def compress(
     options.validate()
     kind, budget = options.budget()
     adapter = adapter_for(model.config)
+    if options.activations == "auto":
+        options = replace(options, activations="sequential" if adapter.is_decoder else "original")
     device = resolve_device(options.device)
     check_finite_weights(model)
     batches = _prepare_batches(tokenizer, data, samples, seed, options.seq_len, batch_size, pack)
@@ -423,7 +427,12 @@ def compress(
     # Original activations: the pruning pass would see the analysis pass's inputs again, so keep
     # its statistics (one Gram per block in memory) instead of recomputing them. Not with
     # offloading (models too large for that) or checkpoints (a resumed run has no statistics).
-    keep_stats = options.activations == "original" and not offload and checkpoint is None
+    keep_stats = (
+        options.activations == "original"
+        and not offload
+        and checkpoint is None
+        and _stats_bytes(model_shapes(adapter, model.base_model)) <= KEEP_STATS_BYTES
+    )
     start = time.perf_counter()
     if not inplace:
         model = copy.deepcopy(model)
@@ -500,6 +509,14 @@ def _visiting(layer: nn.Module, device: torch.device | None):
         yield
     finally:
         layer.to("cpu")
+
+
+KEEP_STATS_BYTES = 4 * 2**30  # beyond this, original activations recompute the statistics instead
+
+
+def _stats_bytes(shapes: list[LayerShape]) -> int:
+    """Memory of every layer's float64 Gram matrices (heads and neurons)."""
+    return sum(8 * ((s.n_heads * s.head_dim) ** 2 + s.ffn_width**2) for s in shapes)
 
 
 def _prepare_batches(tokenizer, data, samples, seed, seq_len, batch_size, pack) -> list[CalibrationBatch]:

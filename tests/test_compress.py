@@ -253,6 +253,14 @@ def test_options_run_and_are_recorded(activations, bias_compensation):
         assert all(lr.output_error is None for lr in report.layers)
 
 
+@pytest.mark.parametrize(("family", "resolved"), [("bert", "original"), ("llama", "sequential")])
+def test_auto_activations_are_sequential_for_decoders_original_for_encoders(family, resolved):
+    _, report = _compress(build_tiny_model(family), keep_flops=0.7)
+    assert report.options["activations"] == resolved
+    _, explicit = _compress(build_tiny_model(family), keep_flops=0.7, activations=resolved)
+    assert [lr.neurons_kept for lr in report.layers] == [lr.neurons_kept for lr in explicit.layers]
+
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
