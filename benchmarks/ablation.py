@@ -1,7 +1,7 @@
 """STAT design choices measured side by side: benchmarks/ablation.json and RESULTS.md's ablation section.
 
     python benchmarks/ablation.py --model mpnet-mr --budgets 0.5,0.4
-    python benchmarks/ablation.py --model smollm2 --budgets 0.8
+    python benchmarks/ablation.py --model smollm2 --budgets 0.8,0.6 --samples 512 --no-pack
 
 Each variant changes one option of the default STAT run (same calibration sample, same
 evaluation as benchmarks/run.py) and is compressed and evaluated at every budget; the compression
@@ -12,6 +12,7 @@ Rows for the same model and variant are replaced; others are kept.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -19,12 +20,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "scripts"))
 sys.path.insert(0, str(HERE))
-import assets  # noqa: E402
-from run import BENCHMARKS  # noqa: E402
-
-from statprune.sweep import sweep  # noqa: E402
+from run import BENCHMARKS, run_sweep  # noqa: E402
 
 # name -> CompressionOptions overrides of the default run
 VARIANTS: dict[str, dict] = {
@@ -44,34 +41,23 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.6")
     parser.add_argument("--variants", default="original-activations,sequential-activations")
     parser.add_argument("--samples", type=int, help="default: the benchmark's (512, SmolLM2 128)")
+    parser.add_argument("--no-pack", action="store_true", help="calibrate on lines even for LMs")
     parser.add_argument("--out", type=Path, default=HERE / "ablation.json")
     args = parser.parse_args()
     bench = BENCHMARKS[args.model]
+    if args.no_pack:
+        bench = dataclasses.replace(bench, pack=False)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
-    model_dir, corpora = assets.ensure(bench.asset), assets.ensure("corpora")
     samples = args.samples or bench.samples or 512
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     for name in names:
         tic = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            result = sweep(
-                model_dir,
-                corpora / bench.calib,
-                corpora / bench.eval,
-                budgets=args.budgets,
-                methods=["stat"],
-                budget_kind=bench.budget_kind,
-                samples=samples,
-                seq_len=128,
-                eval_samples=bench.eval_samples,
-                pack=bench.pack,
-                out=Path(tmp) / "sweep",
-                name=bench.name,
-                device="cpu",
-                **VARIANTS[name],
+            result = run_sweep(
+                bench, samples, ["stat"], Path(tmp) / "sweep", budgets=args.budgets, **VARIANTS[name]
             )
         rows = [r for r in rows if not (r["model"] == bench.name and r["variant"] == name)]
         for r in result.rows:
@@ -105,14 +91,15 @@ def ablation_markdown(rows: list[dict]) -> str:
     parts = [
         "## Ablations (`benchmarks/ablation.py`)\n\n"
         "STAT with one option changed at a time; same calibration sample and evaluation as the "
-        "tables above. Each cell: quality (compression seconds; with budgets of one variant "
-        "sharing an analysis pass, the first budget carries it).\n"
+        "tables above unless stated. Each cell: quality (compression seconds; with budgets of one "
+        "variant sharing an analysis pass, the first budget carries it; measured on a machine "
+        "shared with other jobs, so treat them as indicative).\n"
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         budgets = sorted({r["budget"] for r in mine}, reverse=True)
         metric, samples = mine[0]["metric"], sorted({r["samples"] for r in mine})
-        unit = "packed 128-token windows" if mine[0].get("packed") else "calibration examples"
+        unit = "packed 128-token windows" if mine[0].get("packed") else "calibration examples (one per line)"
         dense = mine[0]["dense_value"]
         head = f"| variant | {' | '.join(f'{b:g}' for b in budgets)} |"
         lines = [

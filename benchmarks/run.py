@@ -102,25 +102,30 @@ QUICK = Benchmark(
 )
 
 
-def run_one(bench: Benchmark, samples: int, methods: tuple[str, ...], plot_dir: Path) -> tuple[list, str]:
-    model_dir = assets.ensure(bench.asset)
+def run_sweep(bench: Benchmark, samples: int, methods, out: Path, budgets=None, **options):
+    """The benchmark's sweep (same calibration, evaluation and protocol everywhere), into ``out``."""
     corpora = assets.ensure("corpora")
+    return sweep(
+        assets.ensure(bench.asset),
+        corpora / bench.calib,
+        corpora / bench.eval,
+        budgets=bench.budgets if budgets is None else budgets,
+        methods=methods,
+        budget_kind=bench.budget_kind,
+        samples=samples,
+        seq_len=128,
+        eval_samples=bench.eval_samples,
+        pack=bench.pack,
+        out=out,
+        name=bench.name,
+        device="cpu",
+        **options,
+    )
+
+
+def run_one(bench: Benchmark, samples: int, methods: tuple[str, ...], plot_dir: Path) -> tuple[list, str]:
     with tempfile.TemporaryDirectory() as tmp:
-        result = sweep(
-            model_dir,
-            corpora / bench.calib,
-            corpora / bench.eval,
-            budgets=bench.budgets,
-            methods=methods,
-            budget_kind=bench.budget_kind,
-            samples=samples,
-            seq_len=128,
-            eval_samples=bench.eval_samples,
-            pack=bench.pack,
-            out=Path(tmp) / "sweep",
-            name=bench.name,
-            device="cpu",
-        )
+        result = run_sweep(bench, samples, methods, Path(tmp) / "sweep")
         plot_dir.mkdir(parents=True, exist_ok=True)
         plot = plot_dir / f"{bench.asset}.png"
         shutil.copyfile(Path(tmp) / "sweep" / "plot.png", plot)
