@@ -653,8 +653,9 @@ def _prune(
 def _prune_layer(adapter, base, i, calib, inputs, count, options, known: _LayerStats | None = None):
     """Select, correct and slice one layer; returns its report, ops, new and original outputs.
 
-    With ``known`` statistics (and selections) of this layer's inputs nothing is run: the report
-    has no output error and the outputs are None.
+    With ``known`` statistics (and selections) of this layer's inputs nothing is run. Only
+    sequential mode runs the pruned layer (its outputs feed the next layer) and so measures the
+    layer's output error; otherwise both are None.
     """
     layer = adapter.layers(base)[i]
     ops: list[dict] = []
@@ -689,7 +690,7 @@ def _prune_layer(adapter, base, i, calib, inputs, count, options, known: _LayerS
         ops += prune_neurons(adapter, base, i, kept_neurons, w, b)
     del stats
     outputs, out_err = None, None
-    if reference is not None:
+    if options.activations == "sequential":  # the next layer's inputs; original mode needs none
         outputs = _run_layer(layer, calib, inputs, None, {})
         out_err = _output_error(outputs, reference, calib.masks)
     report = LayerReport(

@@ -21,7 +21,7 @@ class LayerReport:
     attention_error: float  # relative reconstruction error of the attention block (calibration)
     ffn_error: float  # relative reconstruction error of the FFN block (calibration)
     # ‖y_pruned − y‖ / ‖y‖ of the layer output on its calibration inputs; None when not measured
-    # (original activations reuse the analysis statistics and run no second pass)
+    # (with original activations the pruned layers are never run)
     output_error: float | None
 
 

@@ -201,9 +201,12 @@ class SweepResult:
         return (
             f"Protocol: model `{self.model}` ({self.architecture}, task {self.task}); "
             f"calibration: {self.calibration_examples} "
-            f"{'packed windows' if self.calibration_packed else 'examples'} from "
-            f"{self.calibration_available} lines of "
-            f"`{self.calibration_path.name}` (seed {self.seed}, {self.calibration_tokens:,} tokens), "
+            + (
+                f"packed {self.seq_len}-token windows of the {self.calibration_available} examples in "
+                if self.calibration_packed
+                else f"of {self.calibration_available} examples from "
+            )
+            + f"`{self.calibration_path.name}` (seed {self.seed}, {self.calibration_tokens:,} tokens), "
             f"seq len {self.seq_len}; evaluation: {self.eval_examples} examples from "
             f"`{self.eval_path.name}`, metric {_metric_label(self.metric)} ({direction} is better), "
             f"compared with the dense model; budget kind: {self.budget_kind} — "
