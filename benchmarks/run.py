@@ -188,6 +188,16 @@ def target_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def coverage_line(rows: list[dict]) -> str:
+    """Which methods each model's table has (a subset when `--methods` limited the run)."""
+    parts = []
+    for model in sorted({r["model"] for r in rows}):
+        present = {r["method"] for r in rows if r["model"] == model}
+        missing = [m for m in METHODS if m not in present]
+        parts.append(f"{model}: " + ("every method" if not missing else "not run: " + ", ".join(missing)))
+    return "Methods per model — " + "; ".join(parts) + "."
+
+
 def speed_section(path: Path) -> str:
     """Markdown of benchmarks/speed.json (written by benchmarks/speed.py, compress_speed.py)."""
     if not path.exists():
@@ -342,7 +352,7 @@ def main() -> None:
         "cores; the `seconds` in results.json are compression times (the budgets of one method share "
         "one analysis pass, counted in the first budget's time) and were measured on a shared "
         "machine, so treat them as indicative.\n\n"
-        "## Targets\n\n" + "\n".join(target_lines(rows)) + "\n\n"
+        "## Targets\n\n" + "\n".join(target_lines(rows)) + "\n\n" + coverage_line(rows) + "\n\n"
     )
     body = "\n".join(sections[k] for k in sorted(sections))
     (args.out / "RESULTS.md").write_text(
