@@ -690,6 +690,8 @@ def test_ctrl_c_during_compression(tmp_path):
             "0.5",
             "--samples",
             "2000",
+            "--activations",  # the slower mode, so that Ctrl-C lands mid-compression
+            "sequential",
             "--out",
             str(out),
             "--quiet",
