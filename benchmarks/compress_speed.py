@@ -133,8 +133,10 @@ def main() -> None:
     print(json.dumps(row, indent=2))
     if args.json:  # merge: replace this model's compression row, keep every other row
         rows = json.loads(args.json.read_text()) if args.json.exists() else []
-        same = ("kind", "model", "activations")
-        rows = [r for r in rows if any(r.get(k, "sequential") != row[k] for k in same)]
+        def key(r: dict) -> tuple:  # rows from before --activations existed were sequential
+            return r["kind"], r["model"], r.get("activations", "sequential")
+
+        rows = [r for r in rows if key(r) != key(row)]
         args.json.write_text(json.dumps([*rows, row], indent=2) + "\n")
 
 

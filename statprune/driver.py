@@ -427,12 +427,7 @@ def compress(
     # Original activations: the pruning pass would see the analysis pass's inputs again, so keep
     # its statistics (one Gram per block in memory) instead of recomputing them. Not with
     # offloading (models too large for that) or checkpoints (a resumed run has no statistics).
-    keep_stats = (
-        options.activations == "original"
-        and not offload
-        and checkpoint is None
-        and _stats_bytes(model_shapes(adapter, model.base_model)) <= KEEP_STATS_BYTES
-    )
+    keep_stats = options.activations == "original" and not offload and checkpoint is None
     start = time.perf_counter()
     if not inplace:
         model = copy.deepcopy(model)
@@ -444,6 +439,7 @@ def compress(
     stages: dict[str, float] = {}
     with torch.no_grad(), progress_bar.enabled(progress):
         shapes = model_shapes(adapter, base)
+        keep_stats = keep_stats and _stats_bytes(shapes) <= KEEP_STATS_BYTES
         _check_enough_tokens(shapes, count_tokens(batches))
         with _timed(stages, "capture"):
             calib = _capture_inputs(model, adapter, batches, device)
