@@ -30,6 +30,7 @@ VARIANTS: dict[str, dict] = {
     "uniform-allocation": {"allocation": "uniform"},
     "no-bias-compensation": {"bias_compensation": False},
     "no-layer-weighting": {"layer_weighting": "none"},
+    "mean-layer-weighting": {"layer_weighting": "residual-mean"},
     "no-correction": {"correction": False},
     "round-to-64": {"round_to": 64},
 }

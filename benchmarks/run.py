@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                       # every model below (hours on a 2-core CPU)
     python benchmarks/run.py --models minilm-mr    # a subset; rows of other models are kept
+    python benchmarks/run.py --models mpnet-mr --methods stat --update   # rerun one method only
     python benchmarks/run.py --quick --out DIR     # CI smoke test: tiny subset on all-MiniLM-L6-v2
 
 Every row comes from `statprune.sweep` run here: same calibration data (512 unlabeled examples,
@@ -23,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))
 import assets  # noqa: E402
 
-from statprune.sweep import results_markdown, sweep  # noqa: E402
+from statprune.sweep import SweepRow, results_markdown, sweep, write_plot  # noqa: E402
 
 ROW_KEYS = (
     "model",
@@ -123,13 +124,23 @@ def run_sweep(bench: Benchmark, samples: int, methods, out: Path, budgets=None, 
     )
 
 
-def run_one(bench: Benchmark, samples: int, methods: tuple[str, ...], plot_dir: Path) -> tuple[list, str]:
+def run_one(
+    bench: Benchmark, samples: int, methods: tuple[str, ...], plot_dir: Path, kept: list[dict] | None = None
+) -> tuple[list, str]:
+    """Run the benchmark's sweep; ``kept`` rows (other methods of the same model and protocol,
+    from an earlier run) join the new ones in the table, the plot and the returned rows."""
     with tempfile.TemporaryDirectory() as tmp:
         result = run_sweep(bench, samples, methods, Path(tmp) / "sweep")
-        plot_dir.mkdir(parents=True, exist_ok=True)
-        plot = plot_dir / f"{bench.asset}.png"
-        shutil.copyfile(Path(tmp) / "sweep" / "plot.png", plot)
-    rows = [{k: getattr(r, k) for k in ROW_KEYS} | {"error": r.error} for r in result.rows]
+    if kept:
+        fields = SweepRow.__dataclass_fields__
+        old = [SweepRow(**{k: v for k, v in r.items() if k in fields}) for r in kept]
+        result.rows = sorted(old + result.rows, key=lambda r: (METHODS.index(r.method), -r.budget))
+        result.methods = [m for m in METHODS if any(r.method == m for r in result.rows)]
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot_dir / f"{bench.asset}.png"
+    write_plot(result, plot)
+    # the issue's keys first, then every other measurement (agreement, KL, fractions kept, ...)
+    rows = [{k: getattr(r, k) for k in ROW_KEYS} | r.to_dict() for r in result.rows]
     figure = f"![{bench.name}](plots/{plot.name})"
     section = f"## {bench.name}\n\n{bench.note}.\n\n{results_markdown(result)}\n\n{figure}\n"
     return rows, section
@@ -207,21 +218,25 @@ def speed_section(path: Path) -> str:
         "## Speed\n",
         "From `benchmarks/speed.py` (inference: dense and compressed measured side by side in one run, "
         "warm-up then interleaved trials, medians) and `benchmarks/compress_speed.py` (the compressor's "
-        "own cost). CPU rows: 2 cores. No GPU was available to the session that produced these rows.\n",
-        "| kind | model | backend | device | batch | seq len | value | dense | speedup | peak MB "
-        "| fwd ratio |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "own cost). CPU rows: 2 cores. `generate` rows: latency of generating the new tokens after the "
+        "prompt, throughput in generated tokens/s. No GPU was available to the sessions that produced "
+        "these rows.\n",
+        "| kind | model | call | backend | device | batch | seq len | value | dense | speedup "
+        "| throughput | peak MB | fwd ratio |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
 
         def fmt(v, spec):
             return "–" if v is None else format(v, spec)
 
+        rate = "–" if r.get("throughput") is None else f"{r['throughput']:.1f} {r['throughput_unit']}"
         lines.append(
-            f"| {r['kind']}{_variant(r)} | {r['model']} | {r['backend']} | {r['device']} | {r['batch']} "
-            f"| {r['seq_len']} "
+            f"| {r['kind']}{_variant(r)} | {r['model']} | {r.get('call') or '–'} | {r['backend']} "
+            f"| {r['device']} | {r['batch']} | {r['seq_len']} "
             f"| {fmt(r['value'], '.1f')} {r['unit']} | {fmt(r['dense_value'], '.1f')} "
-            f"| {fmt(r['speedup'], '.2f')} | {fmt(r['peak_mb'], '.0f')} | {fmt(r['forward_ratio'], '.2f')} |"
+            f"| {fmt(r['speedup'], '.2f')} | {rate} | {fmt(r['peak_mb'], '.0f')} "
+            f"| {fmt(r['forward_ratio'], '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -298,11 +313,18 @@ def outside_section(path: Path, rows: list[dict] | None = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(BENCHMARKS), help=f"subset of {','.join(BENCHMARKS)}")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", help=f"subset of {','.join(METHODS)} (default: all; --quick: stat,magnitude)"
+    )
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="CI smoke test (MiniLM, one budget)")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from the saved rows")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="rerun only --methods and keep the saved rows of the model's other methods",
+    )
     parser.add_argument(
         "--merge",
         type=Path,
@@ -311,12 +333,18 @@ def main() -> None:
         help="also take the models found in these output folders (runs made in parallel with --out)",
     )
     args = parser.parse_args()
-    methods = ("stat", "magnitude") if args.quick else tuple(args.methods.split(","))
+    if args.methods:
+        methods = tuple(args.methods.split(","))
+        if unknown := [m for m in methods if m not in METHODS]:
+            parser.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
+    else:
+        methods = ("stat", "magnitude") if args.quick else METHODS
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
-    rows = [] if args.quick or not results_file.exists() else json.loads(results_file.read_text())
+    fresh = args.quick and not args.update  # a quick run starts from nothing unless it updates one
+    rows = [] if fresh or not results_file.exists() else json.loads(results_file.read_text())
     sections_file = args.out / "sections.json"
-    sections = {} if args.quick or not sections_file.exists() else json.loads(sections_file.read_text())
+    sections = {} if fresh or not sections_file.exists() else json.loads(sections_file.read_text())
     benches = [QUICK] if args.quick else [BENCHMARKS[m] for m in args.models.split(",")]
     if args.render:
         benches = []
@@ -332,9 +360,14 @@ def main() -> None:
             shutil.copyfile(plot, args.out / "plots" / plot.name)
     for bench in benches:
         t0 = time.perf_counter()
-        new_rows, section = run_one(bench, bench.samples or samples, methods, args.out / "plots")
+        mine = [r for r in rows if r["model"] == bench.name]
+        kept = [r for r in mine if r["method"] not in methods] if args.update else []
+        new_rows, section = run_one(bench, bench.samples or samples, methods, args.out / "plots", kept)
         rows = [r for r in rows if r["model"] != bench.name] + new_rows
-        sections[bench.name] = section + f"\nWall time of this section: {time.perf_counter() - t0:.0f} s.\n"
+        wall = f"{time.perf_counter() - t0:.0f} s"
+        if kept:
+            wall = f"{wall} for {', '.join(methods)}, rerun alone (the other methods' rows kept from before)"
+        sections[bench.name] = section + f"\nWall time of this section: {wall}.\n"
     results_file.write_text(json.dumps(rows, indent=2) + "\n")
     sections_file.write_text(json.dumps(sections, indent=2) + "\n")
     header = (

@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stat (default) or a retraining-free baseline, for comparisons (fisher: Kwon et al. "
         "2022, needs a classifier or causal-LM head)",
     )
-    c.add_argument("--layer-weighting", default="residual", choices=["residual", "none"])
+    c.add_argument(
+        "--layer-weighting",
+        default="residual",
+        choices=["residual", "residual-mean", "none"],
+        help="normalize each layer's errors by the median token's residual-stream energy (default), "
+        "by the mean (skewed by LLMs' massive-activation tokens), or not at all",
+    )
     c.add_argument(
         "--no-bias-compensation",
         action="store_true",

@@ -16,7 +16,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -67,7 +67,9 @@ class CompressionOptions:
     correction: bool = True  # fold the least-squares correction (False: plain removal, for ablations)
     method: str = "stat"  # "stat", or a baseline: "magnitude", "wanda-sp", "flap", "fisher"
     allocation: str = "auto"  # "greedy" (global, error per cost), "uniform", or "auto" (per method)
-    layer_weighting: str = "residual"  # normalize layer errors by residual-stream energy, or "none"
+    # normalize each layer's errors by its typical residual-stream energy: "residual" (the median
+    # token's ‖h‖², robust to the few massive-activation tokens of LLMs), "residual-mean", or "none"
+    layer_weighting: str = "residual"
     round_to: int = 1  # kept FFN widths are multiples of this
     device: str = "auto"
     gram_dtype: str = "float32"  # precision of each batch's Gram product (sums are float64)
@@ -103,6 +105,10 @@ class CompressionOptions:
             raise BudgetError("fisher sets the per-layer widths by its own mask search; drop --allocation")
         if self.activations not in ("auto", "sequential", "original"):
             raise ValueError(f"activations must be auto, sequential or original, not {self.activations!r}")
+        if self.layer_weighting not in ("residual", "residual-mean", "none"):
+            raise ValueError(
+                f"layer_weighting must be residual, residual-mean or none, not {self.layer_weighting!r}"
+            )
         if self.seq_len < 1 or self.round_to < 1:
             raise ValueError("seq_len and round_to must be positive")
 
@@ -113,8 +119,7 @@ class _LayerStats:
 
     heads: GramAccumulator | None
     neurons: GramAccumulator | None
-    energy: float = 0.0  # Σ ‖h‖² of the layer input over real tokens
-    tokens: int = 0
+    token_energy: list[torch.Tensor] = field(default_factory=list)  # ‖h‖² of each real input token
     # selections made from these statistics (kept when the pruning pass reuses them)
     head_selection: HeadSelection | None = None
     neuron_selection: InterpolativeDecomposition | None = None
@@ -253,8 +258,7 @@ def _run_layer(
             current["mask"] = mask.reshape(-1)
             if stats is not None:
                 real = hidden.reshape(-1, hidden.shape[-1])[current["mask"]].double()
-                stats.energy += float((real * real).sum())
-                stats.tokens += int(real.shape[0])
+                stats.token_energy.append((real * real).sum(dim=1).cpu())
             out = _layer_output(layer(hidden, *args, **kwargs))
             if not torch.isfinite(out).all():
                 raise ModelError("activations became NaN or Inf; try --dtype float32")
@@ -578,8 +582,9 @@ def _analyse_layer(
     if options.method == "fisher":  # its allocation comes from the mask gradients
         return stats, outputs
     weight = 1.0
-    if options.layer_weighting == "residual" and options.method == "stat":
-        weight = stats.tokens / max(stats.energy, 1e-30)  # 1 / mean ‖h‖²
+    if options.layer_weighting != "none" and options.method == "stat":
+        weight = 1.0 / max(_typical_energy(stats.token_energy, options.layer_weighting), 1e-30)
+    stats.token_energy.clear()
     if stats.heads is not None:
         stats.head_selection = _head_selection(adapter, layer, stats, options)
         errors = stats.head_selection.errors
@@ -599,6 +604,17 @@ def _analyse_layer(
             )
         )
     return stats, outputs
+
+
+def _typical_energy(token_energy: list[torch.Tensor], rule: str) -> float:
+    """The median (``residual``) or mean (``residual-mean``) of the tokens' ‖h‖².
+
+    LLMs carry a few "massive activation" tokens (e.g. the first one) whose ‖h‖² exceeds the
+    others' by 10⁴×, from some layer on; the mean jumps there and the allocation then guts the
+    following layers (measured in benchmarks/ablation.py, variant ``mean-layer-weighting``).
+    """
+    energy = torch.cat(token_energy)
+    return float(energy.median() if rule == "residual" else energy.mean())
 
 
 def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str, options) -> int:

@@ -339,3 +339,36 @@ def test_offloading_layers_gives_identical_results():
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     assert set(rep_b.stage_seconds) == {"capture", "analyse", "allocate", "prune"}
+
+
+def _spike_first_token(layer, size=1e4):
+    """Add a huge constant to the first token's output of ``layer``: an LLM's "massive activation"."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[:, 0, :] += size
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return layer.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("rule", ["residual", "residual-mean"])
+def test_layer_weighting_median_ignores_massive_activation_tokens(rule):
+    """One token with 10⁸× the energy from layer 1 on leaves the median rule's allocation where it
+    was; the mean rule then sees layers 2-3 as nearly free and prunes them far more."""
+    model = build_tiny_model("llama", num_hidden_layers=4)
+    _, plain = _compress(model, keep_params=0.6, layer_weighting=rule, activations="original")
+    handle = _spike_first_token(adapter_for(model.config).layers(model.base_model)[1])
+    try:
+        _, spiked = _compress(model, keep_params=0.6, layer_weighting=rule, activations="original")
+    finally:
+        handle.remove()
+
+    def late_kept(report):  # neurons kept in the layers after the spike
+        return sum(len(lr.neurons_kept) for lr in report.layers[2:])
+
+    if rule == "residual":
+        assert abs(late_kept(spiked) - late_kept(plain)) <= 0.1 * late_kept(plain)
+    else:
+        assert late_kept(spiked) < 0.5 * late_kept(plain)

@@ -124,3 +124,18 @@ def test_benchmark_quick_subset_runs(tmp_path, minilm):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "Protocol" in text and "## Targets" in text
     assert (tmp_path / "plots" / "minilm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --update reruns one method and keeps the other's rows as they were
+    update = ["--quick", "--update", "--methods", "magnitude", "--out", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, str(script), *update],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    updated = json.loads((tmp_path / "results.json").read_text())
+    assert [r for r in updated if r["method"] == "stat"] == [r for r in rows if r["method"] == "stat"]
+    assert {r["method"] for r in updated} == {"stat", "magnitude"} and len(updated) == len(rows)
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert "| stat | magnitude |" in table and "rerun alone" in table
