@@ -23,6 +23,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from run import BENCHMARKS, run_sweep  # noqa: E402
 
+from statprune import CompressionOptions  # noqa: E402
+
+DEFAULT_WEIGHTING = CompressionOptions().layer_weighting
 # name -> CompressionOptions overrides of the default run
 VARIANTS: dict[str, dict] = {
     "original-activations": {"activations": "original"},
@@ -77,6 +80,7 @@ def main() -> None:
                     "seconds": r.seconds,
                     "samples": samples,
                     "packed": bench.pack,
+                    "base_layer_weighting": DEFAULT_WEIGHTING,  # what the variant's other runs used
                     "error": r.error,
                 }
             )
@@ -99,27 +103,44 @@ def ablation_markdown(rows: list[dict]) -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         budgets = sorted({r["budget"] for r in mine}, reverse=True)
-        metric, samples = mine[0]["metric"], sorted({r["samples"] for r in mine})
-        unit = "packed 128-token windows" if mine[0].get("packed") else "calibration examples (one per line)"
-        dense = mine[0]["dense_value"]
+        metric, dense = mine[0]["metric"], mine[0]["dense_value"]
+        # rows measured under another protocol than the model's latest runs say so in their label
+        latest = _setup(mine[-1])
         head = f"| variant | {' | '.join(f'{b:g}' for b in budgets)} |"
         lines = [
             f"\n### {model}\n",
-            f"{metric}; dense {dense:.4g}; {', '.join(map(str, samples))} {unit}.\n",
+            f"{metric}; dense {dense:.4g}; {_describe(latest)} unless the variant says otherwise.\n",
             head,
             "|" + "---|" * (len(budgets) + 1),
         ]
-        for variant in dict.fromkeys(r["variant"] for r in mine):
+        for variant, setup in dict.fromkeys((r["variant"], _setup(r)) for r in mine):
             cells = []
             for b in budgets:
-                r = next((x for x in mine if x["variant"] == variant and x["budget"] == b), None)
+                r = next(
+                    (x for x in mine if (x["variant"], _setup(x)) == (variant, setup) and x["budget"] == b),
+                    None,
+                )
                 if r is None or r["value"] is None:
                     cells.append("—")
                 else:
                     cells.append(f"{r['value']:.4g} ({r['seconds']:.0f} s)")
-            lines.append(f"| {variant} | {' | '.join(cells)} |")
+            label = variant if setup == latest else f"{variant} ({_describe(setup)})"
+            lines.append(f"| {label} | {' | '.join(cells)} |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+def _setup(row: dict) -> tuple:
+    """The protocol a row was measured under: calibration size and form, and the default layer
+    weighting of the time (rows from before the median rule have no record of it: the mean)."""
+    return row["samples"], bool(row.get("packed")), row.get("base_layer_weighting", "residual-mean")
+
+
+def _describe(setup: tuple) -> str:
+    samples, packed, weighting = setup
+    unit = "packed 128-token windows" if packed else "calibration examples (one per line)"
+    rule = {"residual": "median", "residual-mean": "mean", "none": "no"}.get(weighting, weighting)
+    return f"{samples} {unit}, default {rule} layer weighting"
 
 
 if __name__ == "__main__":

@@ -289,6 +289,8 @@ def _collect(
         if "neurons" in options.prune and ffn.width
         else None,
     )
+    if not _uses_activations(options):  # nothing is measured: the inputs pass through unused
+        return stats, inputs
     hooks = {}
     if stats.heads is not None:
         hooks[attn.o] = stats.heads
@@ -298,13 +300,18 @@ def _collect(
     return stats, outputs
 
 
+def _uses_activations(options: CompressionOptions) -> bool:
+    """Whether the method reads calibration activations (magnitude scores weights alone)."""
+    return options.method != "magnitude"
+
+
 def _head_selection(
     adapter, layer, stats: _LayerStats, options: CompressionOptions, plan: LayerPlan | None = None
 ) -> HeadSelection:
     if options.method == "fisher":  # decided up front from the mask gradients
         return plan.head_selection
     attn = adapter.attention(layer)
-    finished = stats.heads.finish()
+    finished = stats.heads.finish() if _uses_activations(options) else None
     w_o = layer.get_submodule(attn.o).weight.detach()
     if options.method == "stat":
         gram = finished.second_moment(options.bias_compensation)
@@ -324,7 +331,7 @@ def _neuron_selection(
     if options.method == "fisher":
         return plan.neuron_selection
     ffn = adapter.ffn(layer)
-    finished = stats.neurons.finish()
+    finished = stats.neurons.finish() if _uses_activations(options) else None
     w = layer.get_submodule(ffn.output).weight.detach().double()
     if options.method == "stat":
         gram = finished.second_moment(options.bias_compensation)
@@ -702,7 +709,9 @@ def _prune_layer(adapter, base, i, calib, inputs, count, options, known: _LayerS
         ops += prune_neurons(adapter, base, i, kept_neurons, w, b)
     del stats
     outputs, out_err = None, None
-    if options.activations == "sequential":  # the next layer's inputs; original mode needs none
+    if not _uses_activations(options):
+        outputs = inputs  # unused downstream
+    elif options.activations == "sequential":  # the next layer's inputs; original mode needs none
         outputs = _run_layer(layer, calib, inputs, None, {})
         out_err = _output_error(outputs, reference, calib.masks)
     report = LayerReport(

@@ -65,3 +65,23 @@ def test_baselines_meet_the_budget_and_are_recorded(method, family):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.isfinite(pruned(input_ids=ids).logits).all()
+
+
+def test_magnitude_reads_no_activations():
+    """magnitude scores weights alone: any calibration data gives the same model, and no
+    transformer layer runs (only the capture of the first layer's inputs)."""
+    model = build_tiny_model(DECODER_FAMILIES[0], num_hidden_layers=3)
+    tokenizer = _build_tiny_tokenizer()
+    layers = model.base_model.layers
+    calls = []
+    handles = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in layers]
+    kwargs = {"keep_params": 0.6, "method": "magnitude", "progress": False}
+    try:
+        first, _ = statprune.compress(model, tokenizer, tiny_texts(200, seed=1), **kwargs)
+        second, _ = statprune.compress(model, tokenizer, tiny_texts(120, seed=7), **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not calls
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
