@@ -219,11 +219,13 @@ def speed_section(path: Path) -> str:
         "From `benchmarks/speed.py` (inference: dense and compressed measured side by side in one run, "
         "warm-up then interleaved trials, medians) and `benchmarks/compress_speed.py` (the compressor's "
         "own cost). CPU rows: 2 cores. `generate` rows: latency of generating the new tokens after the "
-        "prompt, throughput in generated tokens/s. No GPU was available to the sessions that produced "
-        "these rows.\n",
+        "prompt, throughput in generated tokens/s. `load`: the 1-minute load average at the end of the "
+        "measurement, where recorded; above the thread count (2) another job shared the cores, which "
+        "slows dense and compressed alike since their trials interleave. No GPU was available to the "
+        "sessions that produced these rows.\n",
         "| kind | model | call | backend | device | batch | seq len | value | dense | speedup "
-        "| throughput | peak MB | fwd ratio |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| throughput | peak MB | fwd ratio | load |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
 
@@ -236,7 +238,7 @@ def speed_section(path: Path) -> str:
             f"| {r['device']} | {r['batch']} | {r['seq_len']} "
             f"| {fmt(r['value'], '.1f')} {r['unit']} | {fmt(r['dense_value'], '.1f')} "
             f"| {fmt(r['speedup'], '.2f')} | {rate} | {fmt(r['peak_mb'], '.0f')} "
-            f"| {fmt(r['forward_ratio'], '.2f')} |"
+            f"| {fmt(r['forward_ratio'], '.2f')} | {fmt(r.get('load_avg'), '.1f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -127,6 +128,9 @@ def main() -> None:
                         "flops_kept": report.flops_kept,
                         "params_kept": report.params_kept,
                         "round_to": n,
+                        # 1-min load average when the measurement ended: above the thread count,
+                        # other jobs shared the cores (the interleaved trials still share it evenly)
+                        "load_avg": round(os.getloadavg()[0], 2),
                         "throughput": r.throughput,
                         "dense_throughput": dense.throughput,
                         "throughput_unit": r.unit,
