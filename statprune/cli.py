@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         "by the mean (skewed by LLMs' massive-activation tokens), or not at all",
     )
     c.add_argument(
+        "--fisher-labels",
+        default="predicted",
+        choices=["expected", "predicted"],
+        help="fisher on unlabelled data for a classifier: the loss against its own argmax predictions "
+        "(default) or the expected Fisher under its predictive distribution",
+    )
+    c.add_argument(
         "--no-bias-compensation",
         action="store_true",
         help="do not let the next bias absorb the mean of removed units",
@@ -115,6 +122,7 @@ def _compress(args: argparse.Namespace) -> int:
         allocation=args.allocation,
         method=args.method,
         layer_weighting=args.layer_weighting,
+        fisher_labels=args.fisher_labels,
         round_to=args.round_to,
         device=args.device,
     )

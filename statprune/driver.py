@@ -71,6 +71,9 @@ class CompressionOptions:
     # token's ‖h‖², robust to the few massive-activation tokens of LLMs), "residual-mean", or "none"
     layer_weighting: str = "residual"
     round_to: int = 1  # kept FFN widths are multiples of this
+    # fisher on a classifier whose calibration data has no labels: cross entropy against its argmax
+    # ("predicted"), or the "expected" Fisher under the model's predictive distribution
+    fisher_labels: str = "predicted"
     device: str = "auto"
     gram_dtype: str = "float32"  # precision of each batch's Gram product (sums are float64)
 
@@ -109,6 +112,8 @@ class CompressionOptions:
             raise ValueError(
                 f"layer_weighting must be residual, residual-mean or none, not {self.layer_weighting!r}"
             )
+        if self.fisher_labels not in ("expected", "predicted"):
+            raise ValueError(f"fisher_labels must be expected or predicted, not {self.fisher_labels!r}")
         if self.seq_len < 1 or self.round_to < 1:
             raise ValueError("seq_len and round_to must be positive")
 
@@ -458,7 +463,9 @@ def compress(
             if analysis is None:
                 analysis = Analysis()
                 if options.method == "fisher":  # mask gradients of the whole model (Kwon et al.)
-                    analysis.grads = collect_mask_gradients(model, adapter, batches, options.prune)
+                    analysis.grads = collect_mask_gradients(
+                        model, adapter, batches, options.prune, options.fisher_labels
+                    )
                 if options.method != "fisher" or keep_stats:
                     analysis.curves, analysis.stats = _analyse(
                         adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats

@@ -9,8 +9,13 @@ The loss depends on the model's head (a bare encoder has none to differentiate, 
 refuses it):
 
 - sequence classification: cross entropy against the batch's ``labels`` when the calibration
-  batches carry them, else against the dense model's own predictions (``predicted``; multi-label
-  heads use the thresholded logits); a regression head needs labels;
+  batches carry them; else, by default, cross entropy against the dense model's argmax
+  predictions (``predicted``; multi-label heads use the thresholded logits); or, with
+  ``fisher_labels="expected"``, the expected Fisher under the model's own predictive distribution
+  (one gradient per class c, weighted by √p_c, so that their outer products sum to
+  E_{y~p}[g gᵀ]). The argmax loss of a confident classifier is nearly zero on most examples, so a
+  few uncertain ones dominate its ranking; the expected Fisher weighs every example, but ranked
+  no better on the benchmarks' training portions. A regression head needs labels;
 - causal LM: the next-token loss on the calibration text (``next-token``; padding ignored), each
   example's mean over its tokens;
 - token-level heads (token classification, masked LM): per-token cross entropy against the
@@ -46,13 +51,14 @@ from statprune.progress import progress_bar
 class MaskGradients:
     """Per-example gradients of the loss with respect to the masks, per layer (float32, CPU).
 
-    ``heads[i]`` is (examples x heads of layer i) and ``neurons[i]`` (examples x FFN width), or
-    None for a block that is not pruned. ``labels`` says what the loss was measured against.
+    ``heads[i]`` is (rows x heads of layer i) and ``neurons[i]`` (rows x FFN width), or None for
+    a block that is not pruned; a row is an example's gradient (with the expected Fisher, one per
+    example and class). ``labels`` says what the loss was measured against.
     """
 
     heads: list[torch.Tensor | None]
     neurons: list[torch.Tensor | None]
-    labels: str  # "given", "predicted" or "next-token"
+    labels: str  # "given", "expected", "predicted" or "next-token"
     examples: int
 
     @staticmethod
@@ -81,9 +87,15 @@ def _frozen(model: nn.Module):
 
 
 def _per_example_loss(
-    logits: torch.Tensor, inputs: dict, labels: torch.Tensor | None, decoder: bool, config
+    logits: torch.Tensor,
+    inputs: dict,
+    labels: torch.Tensor | None,
+    decoder: bool,
+    config,
+    unlabelled: str = "predicted",
 ) -> tuple[torch.Tensor, str]:
-    """The loss of every example of a batch (batch,) and what it was measured against."""
+    """The loss of every example of a batch, and what it was measured against: (batch,), or
+    (batch, classes) for the expected Fisher (column c: √p_c · the cross entropy against class c)."""
     mask = inputs["attention_mask"].bool()
     kind = "given" if labels is not None else "predicted"
     logits = logits.float()
@@ -110,8 +122,11 @@ def _per_example_loss(
     if problem == "multi_label_classification":
         target = labels.float() if labels is not None else (logits > 0).float()
         return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=-1), kind
+    log_p = F.log_softmax(logits, dim=-1)
+    if labels is None and unlabelled == "expected":
+        return -(log_p.detach().exp().sqrt() * log_p), "expected"
     target = labels if labels is not None else logits.argmax(dim=-1)
-    return F.cross_entropy(logits, target, reduction="none"), kind
+    return F.nll_loss(log_p, target, reduction="none"), kind
 
 
 def collect_mask_gradients(
@@ -119,9 +134,16 @@ def collect_mask_gradients(
     adapter: ModelAdapter,
     batches: Sequence[CalibrationBatch],
     prune: Sequence[str] = ("heads", "neurons"),
+    unlabelled: str = "predicted",
 ) -> MaskGradients:
     """Forward and backward every calibration batch through the whole model with head and neuron
-    masks (all ones) in place; returns each example's gradient with respect to every mask."""
+    masks (all ones) in place; returns each example's gradient with respect to every mask (with
+    the expected Fisher, one row per example and class: rows only enter through Σ g gᵀ).
+
+    ``unlabelled`` is the loss of a classifier whose batches carry no labels: ``expected`` or
+    ``predicted`` (see the module docstring)."""
+    if unlabelled not in ("expected", "predicted"):
+        raise ValueError(f"unlabelled must be expected or predicted, not {unlabelled!r}")
     if model.base_model is model:
         raise BudgetError(
             f"fisher needs a task head to differentiate (sequence classification or causal LM); "
@@ -172,15 +194,21 @@ def collect_mask_gradients(
                 logits = getattr(model(**inputs), "logits", None)
                 if logits is None:
                     raise BudgetError(f"fisher needs a model with logits; {type(model).__name__} has none")
-                loss, kind = _per_example_loss(logits, inputs, labels, adapter.is_decoder, model.config)
+                loss, kind = _per_example_loss(
+                    logits, inputs, labels, adapter.is_decoder, model.config, unlabelled
+                )
                 if not torch.isfinite(loss).all():
                     raise ModelError("the loss became NaN or Inf; try --dtype float32")
                 kinds.add(kind)
                 keys = list(widths)
                 wrt = [masks[k] for k in keys]
-                grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True) if keys else ()
-                for key, g, m in zip(keys, grads, wrt, strict=True):
-                    collected[key].append((torch.zeros_like(m) if g is None else g).detach().float().cpu())
+                columns = loss.reshape(size, -1).unbind(dim=1)
+                for c, column in enumerate(columns if keys else ()):
+                    last = c == len(columns) - 1
+                    grads = torch.autograd.grad(column.sum(), wrt, allow_unused=True, retain_graph=not last)
+                    for key, g, m in zip(keys, grads, wrt, strict=True):
+                        g = torch.zeros_like(m) if g is None else g
+                        collected[key].append(g.detach().float().cpu())
                 examples += size
     finally:
         for h in handles:

@@ -15,7 +15,7 @@ from statprune.adapters import adapter_for
 from statprune.calibration import CalibrationBatch, tokenize_examples
 from statprune.cli import main
 from statprune.errors import BudgetError
-from statprune.fisher_grads import collect_mask_gradients
+from statprune.fisher_grads import MaskGradients, collect_mask_gradients
 from statprune.linalg.fisher import (
     SearchBlock,
     kept_importance,
@@ -223,6 +223,46 @@ def test_batched_masks_give_per_example_gradients(family):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-7)
 
 
+def test_expected_fisher_is_the_label_average_weighted_by_the_model():
+    """Without labels a classifier's Fisher is E_{y~p(y|x)}[g gᵀ]: the per-class gradients (each
+    obtained with that class as the given label) weighted by the model's probabilities."""
+    model = build_tiny_model("bert")  # 3 classes
+    adapter = adapter_for(model.config)
+    (batch,) = tokenize_examples(TOKENIZER, tiny_texts(4, seed=7), seq_len=32, batch_size=4)
+    with torch.no_grad():
+        probs = model(**batch.inputs).logits.softmax(-1).double()
+    expected = collect_mask_gradients(model, adapter, [batch], unlabelled="expected")
+    assert expected.labels == "expected" and expected.examples == 4
+    assert expected.neurons[0].shape[0] == 4 * 3  # one row per example and class
+    per_class = [
+        collect_mask_gradients(
+            model, adapter, [CalibrationBatch({**batch.inputs, "labels": torch.full((4,), c)})]
+        )
+        for c in range(3)
+    ]
+    for i in range(len(expected.neurons)):
+        for part in ("heads", "neurons"):
+            got = getattr(expected, part)[i]
+            want = sum(
+                MaskGradients.fisher(getattr(g, part)[i] * probs[:, c, None].sqrt().float())
+                for c, g in enumerate(per_class)
+            )
+            torch.testing.assert_close(MaskGradients.fisher(got), want, rtol=1e-4, atol=1e-12)
+    # the argmax loss differs, and batching does not change the expected Fisher
+    predicted = collect_mask_gradients(model, adapter, [batch], unlabelled="predicted")
+    assert not torch.allclose(
+        MaskGradients.importance(predicted.neurons[0]), MaskGradients.importance(expected.neurons[0])
+    )
+    singles = tokenize_examples(TOKENIZER, tiny_texts(4, seed=7), seq_len=32, batch_size=1)
+    one_by_one = collect_mask_gradients(model, adapter, singles, unlabelled="expected")
+    torch.testing.assert_close(
+        MaskGradients.fisher(one_by_one.heads[1]),
+        MaskGradients.fisher(expected.heads[1]),
+        rtol=1e-4,
+        atol=1e-12,
+    )
+
+
 def test_given_labels_are_used_and_recorded():
     model = build_tiny_model("bert")
     adapter = adapter_for(model.config)
@@ -309,3 +349,21 @@ def test_cli_compress_and_sweep_accept_fisher(tiny_model_dir, calib_file, tmp_pa
     eval_path.write_text("\n".join(json.dumps({"text": t, "label": 0}) for t in tiny_texts(8, seed=3)))
     result = sweep(model_dir, calib, eval_path, budgets=[0.7], methods="stat,fisher", samples=60, log=None)
     assert [(r.method, r.error) for r in result.rows] == [("stat", None), ("fisher", None)]
+
+
+def test_expected_fisher_labels_through_compress_and_cli(tmp_path):
+    model = build_tiny_model("bert")
+    _, report = _compress(model, keep_flops=0.6, method="fisher", fisher_labels="expected")
+    assert report.options["fisher_labels"] == "expected" and 0.5 <= report.flops_kept <= 0.6
+    with pytest.raises(ValueError, match="fisher_labels"):
+        _compress(model, keep_flops=0.6, method="fisher", fisher_labels="argmax")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    TOKENIZER.save_pretrained(folder)
+    (tmp_path / "calib.txt").write_text("\n".join(tiny_texts(300)) + "\n")
+    args = ["compress", folder, "--data", tmp_path / "calib.txt", "--keep-flops", "0.6", "--quiet"]
+    out = tmp_path / "out"
+    assert (
+        main([*map(str, args), "--method", "fisher", "--fisher-labels", "expected", "--out", str(out)]) == 0
+    )
+    assert json.loads((out / "statprune.json").read_text())["options"]["fisher_labels"] == "expected"
