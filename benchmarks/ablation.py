@@ -3,10 +3,14 @@
     python benchmarks/ablation.py --model mpnet-mr --budgets 0.5,0.4
     python benchmarks/ablation.py --model smollm2 --budgets 0.8,0.6 --samples 512 --no-pack
 
+    python benchmarks/ablation.py --model mpnet-mr --budgets 0.5,0.4 --variants default --samples 128
+
 Each variant changes one option of the default STAT run (same calibration sample, same
 evaluation as benchmarks/run.py) and is compressed and evaluated at every budget; the compression
 time of every run is recorded beside its quality, since the variants differ in cost as well.
-Rows for the same model and variant are replaced; others are kept.
+``default`` with another ``--samples`` measures the calibration size. Rows for the same model,
+variant and protocol (calibration size and form, default layer weighting) are replaced; others
+are kept.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from statprune import CompressionOptions  # noqa: E402
 DEFAULT_WEIGHTING = CompressionOptions().layer_weighting
 # name -> CompressionOptions overrides of the default run
 VARIANTS: dict[str, dict] = {
+    "default": {},  # with --samples: the calibration-size ablation
     "original-activations": {"activations": "original"},
     "sequential-activations": {"activations": "sequential"},
     "uniform-allocation": {"allocation": "uniform"},
@@ -35,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "no-layer-weighting": {"layer_weighting": "none"},
     "mean-layer-weighting": {"layer_weighting": "residual-mean"},
     "no-correction": {"correction": False},
+    "round-to-8": {"round_to": 8},
     "round-to-64": {"round_to": 64},
 }
 
@@ -63,7 +69,8 @@ def main() -> None:
             result = run_sweep(
                 bench, samples, ["stat"], Path(tmp) / "sweep", budgets=args.budgets, **VARIANTS[name]
             )
-        rows = [r for r in rows if not (r["model"] == bench.name and r["variant"] == name)]
+        setup = (samples, bench.pack, DEFAULT_WEIGHTING)
+        rows = [r for r in rows if (r["model"], r["variant"], _setup(r)) != (bench.name, name, setup)]
         for r in result.rows:
             rows.append(
                 {
@@ -98,14 +105,17 @@ def ablation_markdown(rows: list[dict]) -> str:
         "STAT with one option changed at a time; same calibration sample and evaluation as the "
         "tables above unless stated. Each cell: quality (compression seconds; with budgets of one "
         "variant sharing an analysis pass, the first budget carries it; measured on a machine "
-        "shared with other jobs, so treat them as indicative).\n"
+        "shared with other jobs, so treat them as indicative). The default run is "
+        "`original-activations` for the encoders and `sequential-activations` for SmolLM2; "
+        "`default` rows repeat it with another calibration size.\n"
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         budgets = sorted({r["budget"] for r in mine}, reverse=True)
         metric, dense = mine[0]["metric"], mine[0]["dense_value"]
-        # rows measured under another protocol than the model's latest runs say so in their label
-        latest = _setup(mine[-1])
+        # rows measured under another protocol than the model's usual one say so in their label
+        setups = [_setup(r) for r in mine]
+        latest = max(setups, key=lambda s: (s[2] == DEFAULT_WEIGHTING, setups.count(s)))
         head = f"| variant | {' | '.join(f'{b:g}' for b in budgets)} |"
         lines = [
             f"\n### {model}\n",
