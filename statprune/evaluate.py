@@ -85,6 +85,10 @@ class EvalResult:
     perplexity_ratio: float | None = None
     reference_perplexity: float | None = None
     reference_accuracy: float | None = None
+    # 95 % intervals: Wilson's for the accuracy; for accuracy − reference accuracy, the normal
+    # interval of the paired per-example differences (both models scored on the same examples)
+    accuracy_interval: tuple[float, float] | None = None
+    accuracy_change_interval: tuple[float, float] | None = None
     seconds: float = 0.0
     seq_len: int | None = None
 
@@ -101,8 +105,14 @@ class EvalResult:
             lines.append(f"window: {self.window}   stride: {self.stride}")
         if self.accuracy is not None:
             ref = ""
+            if self.accuracy_interval is not None:
+                ref = f"   (95% CI {self.accuracy_interval[0]:.4f}–{self.accuracy_interval[1]:.4f})"
             if self.reference_accuracy is not None:
-                ref = f"   (reference {self.reference_accuracy:.4f})"
+                ref += f"   reference {self.reference_accuracy:.4f}"
+            if self.accuracy_change_interval is not None:
+                low, high = self.accuracy_change_interval
+                change = self.accuracy - self.reference_accuracy
+                ref += f", change {change:+.4f} (95% CI {low:+.4f} to {high:+.4f})"
             lines.append(f"accuracy: {self.accuracy:.4f}{ref}")
         if self.perplexity is not None:
             ref = ""
@@ -424,15 +434,43 @@ def _evaluate_classify(model, reference, tokenizer, examples, labels, seq_len, b
     logit = torch.cat(logits)
     target = None if label_ids is None else torch.tensor(label_ids)
     if target is not None:
-        result.accuracy = float((logit.argmax(-1) == target).double().mean())
+        correct = logit.argmax(-1) == target
+        result.accuracy = float(correct.double().mean())
+        result.accuracy_interval = wilson_interval(int(correct.sum()), len(correct))
     if reference is not None:
         ref_logit = torch.cat(ref_logits)
         result.agreement = float((logit.argmax(-1) == ref_logit.argmax(-1)).double().mean())
         logp, ref_logp = logit.double().log_softmax(-1), ref_logit.double().log_softmax(-1)
         result.kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
         if target is not None:
-            result.reference_accuracy = float((ref_logit.argmax(-1) == target).double().mean())
+            ref_correct = ref_logit.argmax(-1) == target
+            result.reference_accuracy = float(ref_correct.double().mean())
+            result.accuracy_change_interval = paired_change_interval(correct, ref_correct)
     return result
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion (95 % for ``z = 1.96``); None without examples."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_change_interval(
+    correct: torch.Tensor, ref_correct: torch.Tensor, z: float = 1.96
+) -> tuple[float, float] | None:
+    """Normal interval of mean(correct − ref_correct) over the same examples: the accuracy change
+    and its uncertainty, which only the examples where the two models differ carry."""
+    n = len(correct)
+    if n < 2:
+        return None
+    diff = correct.double() - ref_correct.double()
+    mean, sd = float(diff.mean()), float(diff.std())
+    half = z * sd / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def _mean_pooled(model, inputs, which: str) -> torch.Tensor:

@@ -20,8 +20,10 @@ from statprune.evaluate import (
     evaluate,
     evaluate_paths,
     lm_windows,
+    paired_change_interval,
     read_labels,
     run_eval,
+    wilson_interval,
 )
 
 LABELS = {0: "neg", 1: "neu", 2: "pos"}
@@ -155,6 +157,35 @@ def test_accuracy_matches_hand_computation(tok):
     assert evaluate(model, tok, texts, labels=names).accuracy == pytest.approx(expected)
     ref = evaluate(perturbed(model, 0.2), tok, texts, labels=labels, reference=model)
     assert ref.reference_accuracy == pytest.approx(expected)
+    low, high = ref.accuracy_interval
+    assert low <= ref.accuracy <= high and 0 < high - low < 0.5
+    low, high = ref.accuracy_change_interval
+    assert low <= ref.accuracy - ref.reference_accuracy <= high
+    same = evaluate(model, tok, texts, labels=labels, reference=model)
+    assert same.accuracy_change_interval == (0.0, 0.0)  # identical predictions: no uncertainty
+    assert "95% CI" in ref.summary() and "change" in ref.summary()
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(8, 10)  # textbook: 0.490 to 0.943
+    assert (round(low, 3), round(high, 3)) == (0.49, 0.943)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    assert wilson_interval(0, 0) is None
+    narrow, wide = wilson_interval(400, 800), wilson_interval(5, 10)
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+
+
+def test_paired_change_interval_counts_only_disagreements():
+    ref = torch.tensor([True] * 90 + [False] * 10)
+    better = ref.clone()
+    better[90:95] = True  # 5 more right, none lost
+    low, high = paired_change_interval(better, ref)
+    assert low < 0.05 < high and low > 0  # +0.05, significantly above zero
+    mixed = ref.clone()
+    mixed[90:95] = True
+    mixed[:5] = False  # 5 gained, 5 lost: no change, interval around zero
+    low, high = paired_change_interval(mixed, ref)
+    assert low < 0 < high and high == pytest.approx(-low)
 
 
 @pytest.mark.parametrize("pad_token_id", [0, None])
