@@ -33,7 +33,13 @@ from statprune.calibration import (
 )
 from statprune.checkpoint import Checkpoint, fingerprint
 from statprune.errors import BudgetError, DataError, ModelError
-from statprune.fisher_grads import LayerPlan, MaskGradients, collect_mask_gradients, plan_masks
+from statprune.fisher_grads import (
+    UNLABELLED_LOSSES,
+    LayerPlan,
+    MaskGradients,
+    collect_mask_gradients,
+    plan_masks,
+)
 from statprune.flops import LayerShape, model_shapes, total_cost
 from statprune.linalg import (
     GramAccumulator,
@@ -112,8 +118,8 @@ class CompressionOptions:
             raise ValueError(
                 f"layer_weighting must be residual, residual-mean or none, not {self.layer_weighting!r}"
             )
-        if self.fisher_labels not in ("expected", "predicted"):
-            raise ValueError(f"fisher_labels must be expected or predicted, not {self.fisher_labels!r}")
+        if self.fisher_labels not in UNLABELLED_LOSSES:
+            raise ValueError(f"fisher_labels must be one of {UNLABELLED_LOSSES}, not {self.fisher_labels!r}")
         if self.seq_len < 1 or self.round_to < 1:
             raise ValueError("seq_len and round_to must be positive")
 

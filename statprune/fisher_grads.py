@@ -46,6 +46,9 @@ from statprune.linalg.heads import HeadSelection
 from statprune.linalg.interpolative import InterpolativeDecomposition
 from statprune.progress import progress_bar
 
+# what a classifier's loss is measured against when its calibration batches carry no labels
+UNLABELLED_LOSSES = ("predicted", "expected")
+
 
 @dataclass
 class MaskGradients:
@@ -142,8 +145,8 @@ def collect_mask_gradients(
 
     ``unlabelled`` is the loss of a classifier whose batches carry no labels: ``expected`` or
     ``predicted`` (see the module docstring)."""
-    if unlabelled not in ("expected", "predicted"):
-        raise ValueError(f"unlabelled must be expected or predicted, not {unlabelled!r}")
+    if unlabelled not in UNLABELLED_LOSSES:
+        raise ValueError(f"unlabelled must be one of {UNLABELLED_LOSSES}, not {unlabelled!r}")
     if model.base_model is model:
         raise BudgetError(
             f"fisher needs a task head to differentiate (sequence classification or causal LM); "
