@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict] = {
     "no-layer-weighting": {"layer_weighting": "none"},
     "mean-layer-weighting": {"layer_weighting": "residual-mean"},
     "no-correction": {"correction": False},
+    "original-target": {"activations": "sequential", "correction_target": "original"},
     "round-to-8": {"round_to": 8},
     "round-to-64": {"round_to": 64},
 }
@@ -57,10 +58,7 @@ def main() -> None:
     bench = BENCHMARKS[args.model]
     if args.no_pack:
         bench = dataclasses.replace(bench, pack=False)
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
+    names = parse_variants(parser, args.variants)
     samples = args.samples or bench.samples or 512
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     for name in names:
@@ -94,6 +92,14 @@ def main() -> None:
         print(f"{name}: {time.perf_counter() - tic:.0f} s", flush=True)
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
     print(ablation_markdown(rows))
+
+
+def parse_variants(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {','.join(VARIANTS)}")
+    return names
 
 
 def ablation_markdown(rows: list[dict]) -> str:

@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         "original for encoders (default)",
     )
     c.add_argument(
+        "--correction-target",
+        default="activations",
+        choices=["activations", "original"],
+        help="with --activations sequential, what each correction reproduces: the block's own removed "
+        "activations (the ID, default) or the block's output in the original model (repairs upstream "
+        "error on the calibration data, but overfits a few hundred examples)",
+    )
+    c.add_argument(
         "--allocation",
         default="auto",
         choices=["auto", "greedy", "uniform"],
@@ -118,6 +126,7 @@ def _compress(args: argparse.Namespace) -> int:
         prune=tuple(p.strip() for p in args.prune.split(",") if p.strip()),
         seq_len=args.seq_len,
         activations=args.activations,
+        correction_target=args.correction_target,
         bias_compensation=not args.no_bias_compensation,
         allocation=args.allocation,
         method=args.method,

@@ -42,7 +42,9 @@ from statprune.fisher_grads import (
 )
 from statprune.flops import LayerShape, model_shapes, total_cost
 from statprune.linalg import (
+    CrossAccumulator,
     GramAccumulator,
+    fit_to_targets,
     fold_correction,
     interpolation_matrix,
     select_columns,
@@ -56,6 +58,8 @@ from statprune.modeling_statprune import apply_ops
 from statprune.progress import progress_bar
 from statprune.report import CompressionReport, LayerReport
 from statprune.surgery import prune_heads, prune_neurons
+
+CORRECTION_TARGETS = ("activations", "original")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,10 @@ class CompressionOptions:
     activations: str = "auto"
     bias_compensation: bool = True  # intercept: the next bias absorbs the mean of what is removed
     correction: bool = True  # fold the least-squares correction (False: plain removal, for ablations)
+    # what the correction reproduces (sequential activations): "activations", the block's own
+    # removed activations (the ID), or "original", each block's output in the original model
+    # (repairing upstream error in-sample; it overfits a few hundred examples: benchmarks/ablation.py)
+    correction_target: str = "activations"
     method: str = "stat"  # "stat", or a baseline: "magnitude", "wanda-sp", "flap", "fisher"
     allocation: str = "auto"  # "greedy" (global, error per cost), "uniform", or "auto" (per method)
     # normalize each layer's errors by its typical residual-stream energy: "residual" (the median
@@ -114,6 +122,14 @@ class CompressionOptions:
             raise BudgetError("fisher sets the per-layer widths by its own mask search; drop --allocation")
         if self.activations not in ("auto", "sequential", "original"):
             raise ValueError(f"activations must be auto, sequential or original, not {self.activations!r}")
+        if self.correction_target not in CORRECTION_TARGETS:
+            choices = ", ".join(CORRECTION_TARGETS)
+            raise BudgetError(f"unknown correction target {self.correction_target!r}; choose {choices}")
+        if self.correction_target != "activations" and self.activations == "original":
+            raise BudgetError(
+                f"--correction-target {self.correction_target} needs --activations sequential (with "
+                "original activations the pruned model's inputs are the original ones)"
+            )
         if self.layer_weighting not in ("residual", "residual-mean", "none"):
             raise ValueError(
                 f"layer_weighting must be residual, residual-mean or none, not {self.layer_weighting!r}"
@@ -134,6 +150,10 @@ class _LayerStats:
     # selections made from these statistics (kept when the pruning pass reuses them)
     head_selection: HeadSelection | None = None
     neuron_selection: InterpolativeDecomposition | None = None
+    # how far the corrected output projections should move their outputs (``correction_target``
+    # other than "activations"): ZᵀΔ of the activations and the shifts Δ toward the targets
+    head_targets: CrossAccumulator | None = None
+    neuron_targets: CrossAccumulator | None = None
 
 
 @dataclass
@@ -264,22 +284,32 @@ def _run_layer(
 
         handles.append(layer.get_submodule(path).register_forward_pre_hook(pre_hook))
     outputs = []
-    try:
+    with _hooked(handles):
         for hidden, args, kwargs, mask in zip(inputs, calib.args, calib.kwargs, calib.masks, strict=True):
             current["mask"] = mask.reshape(-1)
             if stats is not None:
                 real = hidden.reshape(-1, hidden.shape[-1])[current["mask"]].double()
                 stats.token_energy.append((real * real).sum(dim=1).cpu())
-            out = _layer_output(layer(hidden, *args, **kwargs))
-            if not torch.isfinite(out).all():
-                raise ModelError("activations became NaN or Inf; try --dtype float32")
-            outputs.append(out)
+            outputs.append(_finite(_layer_output(layer(hidden, *args, **kwargs))))
+    return outputs
+
+
+@contextlib.contextmanager
+def _hooked(handles: list):
+    """Remove ``handles`` afterwards; non-finite activations met by an accumulator are a ModelError."""
+    try:
+        yield
     except FloatingPointError as exc:
         raise ModelError(f"{exc}; try --dtype float32") from None
     finally:
         for h in handles:
             h.remove()
-    return outputs
+
+
+def _finite(out: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(out).all():
+        raise ModelError("activations became NaN or Inf; try --dtype float32")
+    return out
 
 
 def _collect(
@@ -291,15 +321,7 @@ def _collect(
     device: torch.device,
 ) -> tuple[_LayerStats, list[torch.Tensor]]:
     attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-    dtype = getattr(torch, options.gram_dtype)
-    stats = _LayerStats(
-        heads=GramAccumulator(attn.n_heads * attn.head_dim, device, dtype)
-        if "heads" in options.prune and attn.n_heads
-        else None,
-        neurons=GramAccumulator(ffn.width, device, dtype)
-        if "neurons" in options.prune and ffn.width
-        else None,
-    )
+    stats = _new_stats(adapter, layer, options, device)
     if not _uses_activations(options):  # nothing is measured: the inputs pass through unused
         return stats, inputs
     hooks = {}
@@ -309,6 +331,85 @@ def _collect(
         hooks[ffn.output] = stats.neurons
     outputs = _run_layer(layer, calib, inputs, stats, hooks)
     return stats, outputs
+
+
+def _new_stats(adapter, layer: nn.Module, options: CompressionOptions, device: torch.device) -> _LayerStats:
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    dtype = getattr(torch, options.gram_dtype)
+    return _LayerStats(
+        heads=GramAccumulator(attn.n_heads * attn.head_dim, device, dtype)
+        if "heads" in options.prune and attn.n_heads
+        else None,
+        neurons=GramAccumulator(ffn.width, device, dtype)
+        if "neurons" in options.prune and ffn.width
+        else None,
+    )
+
+
+def _collect_with_targets(
+    adapter,
+    layer: nn.Module,
+    calib: _Calibration,
+    inputs: list[torch.Tensor],
+    originals: list[torch.Tensor],
+    options: CompressionOptions,
+    device: torch.device,
+) -> tuple[_LayerStats, list[torch.Tensor], list[torch.Tensor]]:
+    """Statistics on the pruned model's inputs plus the correction targets.
+
+    Every batch runs through the (still unpruned) layer twice: on the original model's inputs,
+    recording each block's output there, and on the pruned model's inputs, streaming the Gram
+    matrices and ``ZᵀΔ`` for the shifts Δ from each block's output to its target. Returns the
+    statistics, the outputs on the pruned inputs and those on the original inputs (the next
+    layer's original inputs).
+    """
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    stats = _new_stats(adapter, layer, options, device)
+    blocks = {"heads": (attn.o, stats.heads), "neurons": (ffn.output, stats.neurons)}
+    blocks = {name: block for name, block in blocks.items() if block[1] is not None}
+    dtype = getattr(torch, options.gram_dtype)
+    shifts = {
+        name: CrossAccumulator(acc.width, layer.get_submodule(path).weight.shape[0], device, dtype)
+        for name, (path, acc) in blocks.items()
+    }
+    stats.head_targets, stats.neuron_targets = shifts.get("heads"), shifts.get("neurons")
+    current: dict = {}
+    seen: dict[str, torch.Tensor] = {}  # this batch's block inputs and outputs, per pass
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1])[current["mask"]]
+
+    def block_hooks(name: str, acc: GramAccumulator):
+        def before(module, args):
+            if current["pass"] == "pruned":
+                seen[f"in:{name}"] = rows(args[0])
+                acc.add_batch(seen[f"in:{name}"])
+
+        def after(module, args, output):
+            seen[f"{current['pass']}:{name}"] = rows(output)
+
+        return before, after
+
+    handles = []
+    for name, (path, acc) in blocks.items():
+        before, after = block_hooks(name, acc)
+        module = layer.get_submodule(path)
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    outputs, original_outputs = [], []
+    with _hooked(handles):
+        batches = zip(inputs, originals, calib.args, calib.kwargs, calib.masks, strict=True)
+        for hidden, original, args, kwargs, mask in batches:
+            current["mask"] = mask.reshape(-1)
+            current["pass"] = "original"
+            original_outputs.append(_finite(_layer_output(layer(original, *args, **kwargs))))
+            current["pass"] = "pruned"
+            real = rows(hidden).double()
+            stats.token_energy.append((real * real).sum(dim=1).cpu())
+            outputs.append(_finite(_layer_output(layer(hidden, *args, **kwargs))))
+            for name, acc in shifts.items():  # how far the block's output must move
+                acc.add_batch(seen[f"in:{name}"], seen[f"original:{name}"] - seen[f"pruned:{name}"])
+            seen.clear()
+    return stats, outputs, original_outputs
 
 
 def _uses_activations(options: CompressionOptions) -> bool:
@@ -360,8 +461,10 @@ def _correct(
     dropped: torch.Tensor,
     options: CompressionOptions,
     block: int = 1,
+    targets: CrossAccumulator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Least-squares interpolation of the dropped columns, folded into the next projection.
+    """Least-squares interpolation of the dropped columns, folded into the next projection; with
+    ``targets`` (shifts toward target outputs), refitted to reproduce those (``fit_to_targets``).
 
     fisher instead rescales the kept units (``block`` columns each) by Kwon's least-squares mask
     tuning, ``W_S diag(m)``, bias unchanged."""
@@ -377,6 +480,9 @@ def _correct(
         return tuned, None if bias is None else bias.detach()
     centered = options.bias_compensation
     finished = stats.finish()
+    if targets is not None and options.method == "stat":
+        b = None if bias is None else bias.detach()
+        return fit_to_targets(out.weight.detach(), b, kept, dropped, finished, targets.finish(), centered)
     if options.method == "flap":  # bias compensation only: the bias absorbs the removed means
         interp = torch.zeros(kept.numel(), dropped.numel(), dtype=torch.float64)
     else:
@@ -434,6 +540,7 @@ def compress(
     adapter = adapter_for(model.config)
     if options.activations == "auto":
         options = replace(options, activations="sequential" if adapter.is_decoder else "original")
+        options.validate()  # e.g. a correction target that needs sequential activations
     device = resolve_device(options.device)
     check_finite_weights(model)
     batches = _prepare_batches(tokenizer, data, samples, seed, options.seq_len, batch_size, pack)
@@ -654,22 +761,27 @@ def _prune(
     adapter, base, calib, counts, options, checkpoint, visit, known_stats=None
 ) -> tuple[list[LayerReport], list[dict]]:
     """Pruning pass: re-collect statistics layer by layer (or take ``known_stats``, one per layer,
-    from the analysis pass), select, correct and slice."""
+    from the analysis pass), select, correct and slice. A correction toward the original model
+    carries the original model's hidden states (``originals``) beside the pruned model's."""
     inputs, start = calib.hidden, 0
+    originals = calib.hidden if options.correction_target != "activations" else None
     layers = adapter.layers(base)
     reports: list[LayerReport] = []
     ops: list[dict] = []
     state = checkpoint.load("prune", inputs[0].device) if checkpoint else None
     if state is not None:
         start, inputs, ops = state.done + 1, state.inputs, state.data["ops"]
+        if originals is not None:  # saved after the pruned model's hidden states
+            inputs, originals = inputs[: len(calib.hidden)], inputs[len(calib.hidden) :]
         reports = [LayerReport(**r) for r in state.data["reports"]]
         apply_ops(base, ops)
         for i in range(start):
             checkpoint.restore_layer(i, layers[i])
     for i in progress_bar(range(start, len(layers)), desc="prune layers"):
         with _visiting(layers[i], visit):
-            report, layer_ops, outputs, reference = _prune_layer(
-                adapter, base, i, calib, inputs, counts[i], options, known_stats[i] if known_stats else None
+            known = known_stats[i] if known_stats else None
+            report, layer_ops, outputs, reference, originals = _prune_layer(
+                adapter, base, i, calib, inputs, counts[i], options, known, originals
             )
             if checkpoint is not None:
                 checkpoint.save_layer(i, layers[i])
@@ -678,12 +790,16 @@ def _prune(
         inputs = outputs if options.activations == "sequential" else reference
         if checkpoint is not None:
             data = {"ops": ops, "reports": [asdict(r) for r in reports]}
-            checkpoint.save("prune", i, data, inputs)
+            checkpoint.save("prune", i, data, inputs + (originals or []))
     return reports, ops
 
 
-def _prune_layer(adapter, base, i, calib, inputs, count, options, known: _LayerStats | None = None):
-    """Select, correct and slice one layer; returns its report, ops, new and original outputs.
+def _prune_layer(
+    adapter, base, i, calib, inputs, count, options, known: _LayerStats | None = None, originals=None
+):
+    """Select, correct and slice one layer; returns its report, ops, new outputs, the unpruned
+    layer's outputs on the same inputs, and the original model's outputs (with ``originals``,
+    its inputs; else None).
 
     With ``known`` statistics (and selections) of this layer's inputs nothing is run. Only
     sequential mode runs the pruned layer (its outputs feed the next layer) and so measures the
@@ -695,6 +811,10 @@ def _prune_layer(adapter, base, i, calib, inputs, count, options, known: _LayerS
     want_heads, want_neurons = count
     if known is not None:
         stats, reference = known, None
+    elif originals is not None:
+        stats, reference, originals = _collect_with_targets(
+            adapter, layer, calib, inputs, originals, options, inputs[0].device
+        )
     else:
         stats, reference = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
     kept_heads, attn_err = list(range(attn.n_heads)), 0.0
@@ -711,6 +831,7 @@ def _prune_layer(adapter, base, i, calib, inputs, count, options, known: _LayerS
             head_columns(dropped_heads, attn.head_dim),
             options,
             block=attn.head_dim,
+            targets=stats.head_targets,
         )
         ops += prune_heads(adapter, base, i, kept_heads, w, b)
     kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
@@ -718,7 +839,9 @@ def _prune_layer(adapter, base, i, calib, inputs, count, options, known: _LayerS
         ident = stats.neuron_selection or _neuron_selection(adapter, layer, stats, options, count)
         kept_neurons, dropped = ident.keep(want_neurons)
         ffn_err = _relative(ident.errors, want_neurons)
-        w, b = _correct(layer, ffn.output, stats.neurons, kept_neurons, dropped, options)
+        w, b = _correct(
+            layer, ffn.output, stats.neurons, kept_neurons, dropped, options, targets=stats.neuron_targets
+        )
         ops += prune_neurons(adapter, base, i, kept_neurons, w, b)
     del stats
     outputs, out_err = None, None
@@ -737,7 +860,7 @@ def _prune_layer(adapter, base, i, calib, inputs, count, options, known: _LayerS
         ffn_error=ffn_err,
         output_error=out_err,
     )
-    return report, ops, outputs, reference
+    return report, ops, outputs, reference, originals
 
 
 def _output_error(outputs, reference, masks) -> float:

@@ -409,6 +409,18 @@ def test_heads_only_cannot_meet_budget(bert, calib, tmp_path, capsys):
     )
 
 
+def test_correction_target_original_needs_sequential_activations(bert, calib, tmp_path, capsys):
+    model, before = bert
+    out = tmp_path / "out"
+    # a BERT classifier calibrates on original activations unless told otherwise
+    code, _, err = run(capsys, *compress_args(model, calib, out, "--correction-target", "original"))
+    assert_clean_failure(code, err, out, model, before, "needs --activations sequential")
+    extra = ("--correction-target", "original", "--activations", "sequential")
+    code, _, err = run(capsys, *compress_args(model, calib, out, *extra))
+    assert code == 0, err
+    assert json.loads((out / "statprune.json").read_text())["options"]["correction_target"] == "original"
+
+
 # ---------------------------------------------------------------------------------- bad outputs
 
 

@@ -308,6 +308,65 @@ def test_analysis_cache_reuses_the_analysis_across_budgets(activations):
     assert other.options["bias_compensation"] is False
 
 
+def test_correction_target_on_unpruned_inputs_is_the_interpolative_correction():
+    # one layer: its inputs are the original ones, so each block's target is its own output
+    model = build_tiny_model("llama", num_hidden_layers=1)
+    plain, _ = _compress(model, keep_params=0.5, activations="sequential")
+    fitted, report = _compress(model, keep_params=0.5, activations="sequential", correction_target="original")
+    assert report.options["correction_target"] == "original"
+    a, b = _state(plain), _state(fitted)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def _down_proj_io(model, batches):
+    """The last layer's FFN activations (down projection input) and output on the real tokens."""
+    down = adapter_for(model.config).layers(model.base_model)[-1].mlp.down_proj
+    seen = {"in": [], "out": []}
+
+    def record(module, args, out):
+        seen["in"].append(args[0])
+        seen["out"].append(out)
+
+    handle = down.register_forward_hook(record)
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch.inputs)
+    handle.remove()
+    mask = torch.cat([b.token_mask.reshape(-1) for b in batches])
+    return [torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[k]])[mask].double() for k in ("in", "out")]
+
+
+def test_original_target_fits_the_original_block_output_from_the_pruned_activations():
+    """Neurons only, so the last FFN's statistics are exact: its refitted down projection is the
+    least-squares map (with intercept) from the pruned model's kept activations to the original
+    model's FFN output on the calibration tokens."""
+    model = build_tiny_model("llama", num_hidden_layers=3, intermediate_size=96)
+    enc = TOKENIZER(tiny_texts(200), return_tensors="pt", padding=True)
+    batches = batches_from_tensors(enc["input_ids"], enc["attention_mask"])
+    _, target = _down_proj_io(model, batches)
+    pruned, _ = statprune.compress(
+        model, data=batches, keep_params=0.5, prune=("neurons",), progress=False,
+        correction_target="original", gram_dtype="float64",
+    )
+    kept, _ = _down_proj_io(pruned, batches)
+    design = torch.cat([kept, torch.ones(kept.shape[0], 1, dtype=kept.dtype)], dim=1)
+    solution = torch.linalg.lstsq(design, target).solution.T
+    down = adapter_for(pruned.config).layers(pruned.base_model)[-1].mlp.down_proj
+    torch.testing.assert_close(down.weight.double(), solution[:, :-1], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(down.bias.double(), solution[:, -1], rtol=1e-3, atol=1e-4)
+
+
+def test_correction_target_needs_sequential_activations():
+    with pytest.raises(statprune.StatpruneError, match="sequential"):
+        _compress(
+            build_tiny_model("llama"), keep_params=0.5, activations="original", correction_target="original"
+        )
+    with pytest.raises(statprune.StatpruneError, match="correction target"):
+        _compress(build_tiny_model("llama"), keep_params=0.5, correction_target="dense")
+
+
 def test_uniform_allocation_keeps_equal_fractions():
     model = build_tiny_model("bert", num_hidden_layers=3)
     _, report = _compress(model, keep_flops=0.85, allocation="uniform", prune=("neurons",))

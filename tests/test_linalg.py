@@ -6,7 +6,9 @@ import scipy.linalg
 import torch
 
 from statprune.linalg import (
+    CrossAccumulator,
     GramAccumulator,
+    fit_to_targets,
     fold_correction,
     interpolation_matrix,
     pivoted_cholesky,
@@ -130,6 +132,78 @@ def test_fold_correction_removing_everything_leaves_mean_output():
     )
     assert w_new.shape == (3, 0)
     torch.testing.assert_close(b_new, w @ z.mean(0))
+
+
+def _streamed(z, y, batch=37):
+    gram = GramAccumulator(z.shape[1], compute_dtype=torch.float64)
+    cross = CrossAccumulator(z.shape[1], y.shape[1], compute_dtype=torch.float64)
+    for i in range(0, z.shape[0], batch):
+        gram.add_batch(z[i : i + batch])
+        cross.add_batch(z[i : i + batch], y[i : i + batch])
+    return gram.finish(), cross.finish()
+
+
+def test_cross_accumulator_matches_dense():
+    z, y = _random_z(n=300, m=8, seed=8), _random_z(n=300, m=5, seed=9)
+    _, cross = _streamed(z, y)
+    torch.testing.assert_close(cross.cross, z.T @ y)
+    torch.testing.assert_close(cross.mean, y.mean(0))
+    assert cross.count == 300
+    with pytest.raises(ValueError, match="targets"):
+        CrossAccumulator(8, 5).add_batch(z[:10], y[:9])
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_fit_without_shift_is_the_interpolative_correction(centered):
+    z = _random_z(n=300, m=10, seed=10)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 10, dtype=torch.float64, generator=gen)
+    b = torch.randn(4, dtype=torch.float64, generator=gen)
+    gram, shift = _streamed(z, torch.zeros(300, 4, dtype=torch.float64))
+    kept, dropped = torch.tensor([0, 2, 3, 6, 9]), torch.tensor([1, 4, 5, 7, 8])
+    t = interpolation_matrix(gram.second_moment(centered), kept, dropped)
+    expected = fold_correction(w, b, kept, dropped, t, mean=gram.mean if centered else None)
+    got = fit_to_targets(w, b, kept, dropped, gram, shift, centered)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-12, rtol=1e-12)
+
+
+def test_fit_to_targets_reproduces_outputs_the_kept_columns_explain():
+    # targets that the layer's own output misses (as when upstream pruning moved the activations)
+    # but that are affine in the kept columns are hit exactly, unlike by the ID's fold alone
+    z = _random_z(n=400, m=9, seed=11)
+    kept, dropped = torch.tensor([0, 1, 4, 5, 8]), torch.tensor([2, 3, 6, 7])
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 5, dtype=torch.float64, generator=gen)
+    c = torch.randn(6, dtype=torch.float64, generator=gen)
+    w = torch.randn(6, 9, dtype=torch.float64, generator=gen)
+    b = torch.randn(6, dtype=torch.float64, generator=gen)
+    y = z[:, kept] @ a.T + c
+    gram, shift = _streamed(z, y - (z @ w.T + b))
+    for centered in (True, False):
+        new_w, new_b = fit_to_targets(w, b, kept, dropped, gram, shift, centered)
+        fitted = z[:, kept] @ new_w.T + new_b
+        if centered:
+            torch.testing.assert_close(new_w, a, atol=1e-9, rtol=1e-9)
+            torch.testing.assert_close(new_b, c, atol=1e-9, rtol=1e-9)
+        else:  # the bias stays; the weights fit what they can of y - b
+            torch.testing.assert_close(new_b, b)
+            best = torch.linalg.lstsq(z[:, kept], y - b).solution.T
+            torch.testing.assert_close(new_w, best, atol=1e-9, rtol=1e-9)
+            assert torch.linalg.norm(fitted - y) > 1e-3
+    t = interpolation_matrix(gram.second_moment(True), kept, dropped)
+    fold_w, fold_b = fold_correction(w, b, kept, dropped, t, mean=gram.mean)
+    assert torch.linalg.norm(z[:, kept] @ fold_w.T + fold_b - y) > 1.0
+
+
+def test_fit_to_targets_keeping_nothing_leaves_the_mean_target():
+    z, y = _random_z(n=50, m=4, seed=12), _random_z(n=50, m=3, seed=13)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    gram, shift = _streamed(z, y - z @ w.T)
+    none, every = torch.zeros(0, dtype=torch.long), torch.arange(4)
+    new_w, new_b = fit_to_targets(w, None, none, every, gram, shift, centered=True)
+    assert new_w.shape == (3, 0)
+    torch.testing.assert_close(new_b, y.mean(0))
 
 
 def _head_outputs(n, n_heads, head_dim, seed):

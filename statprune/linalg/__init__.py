@@ -3,10 +3,11 @@
 Nothing here knows about ``torch.nn`` modules: every function takes and returns plain tensors.
 """
 
-from statprune.linalg.gram import GramAccumulator, GramStats
+from statprune.linalg.gram import CrossAccumulator, CrossStats, GramAccumulator, GramStats
 from statprune.linalg.heads import HeadSelection, select_heads
 from statprune.linalg.interpolative import (
     InterpolativeDecomposition,
+    fit_to_targets,
     fold_correction,
     interpolation_matrix,
     pivoted_cholesky,
@@ -14,10 +15,13 @@ from statprune.linalg.interpolative import (
 )
 
 __all__ = [
+    "CrossAccumulator",
+    "CrossStats",
     "GramAccumulator",
     "GramStats",
     "HeadSelection",
     "InterpolativeDecomposition",
+    "fit_to_targets",
     "fold_correction",
     "interpolation_matrix",
     "pivoted_cholesky",

@@ -119,3 +119,51 @@ class GramAccumulator:
                 gram.add_(gram.T.clone()).mul_(0.5)
             self._finished = GramStats(gram=gram, total=self._total, count=self._count)
         return self._finished
+
+
+@dataclass(frozen=True)
+class CrossStats:
+    """Finished statistics of the pairs ``(Z, Y)``: ``ZᵀY`` and the column sums of ``Y``."""
+
+    cross: torch.Tensor  # ZᵀY, m x d
+    total: torch.Tensor  # column sums of Y, d
+    count: int
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+
+class CrossAccumulator:
+    """Accumulates ``ZᵀY`` for row batches of activations ``Z`` (n x m) and targets ``Y`` (n x d).
+
+    The targets are what a corrected next layer should output on those rows (e.g. the original
+    model's block output), so the correction can be solved from streamed sums alone.
+    """
+
+    def __init__(self, width: int, out_width: int, device: torch.device | str = "cpu",
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        self.width, self.out_width = width, out_width
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self._cross = torch.zeros(width, out_width, dtype=torch.float64, device=self.device)
+        self._total = torch.zeros(out_width, dtype=torch.float64, device=self.device)
+        self._count = 0
+
+    def add_batch(self, rows: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add n rows of activations and their n target rows."""
+        if rows.ndim != 2 or rows.shape[1] != self.width or targets.shape != (rows.shape[0], self.out_width):
+            raise ValueError(
+                f"expected n x {self.width} rows and n x {self.out_width} targets, "
+                f"got {tuple(rows.shape)} and {tuple(targets.shape)}"
+            )
+        y = targets.to(device=self.device, dtype=self.compute_dtype)
+        sums = y.sum(dim=0, dtype=torch.float64)
+        if not torch.isfinite(sums).all():
+            raise FloatingPointError("targets contain NaN or Inf")
+        self._total += sums
+        self._count += rows.shape[0]
+        self._cross += (rows.to(device=self.device, dtype=self.compute_dtype).T @ y).double()
+
+    def finish(self) -> CrossStats:
+        return CrossStats(cross=self._cross, total=self._total, count=self._count)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from scipy.linalg import lapack
 
+from statprune.linalg.gram import CrossStats, GramStats
+
 
 @dataclass(frozen=True)
 class InterpolativeDecomposition:
@@ -153,15 +155,21 @@ def interpolation_matrix(
         return g.new_zeros(k, dropped.numel())
     g_ss = g[kept][:, kept]
     g_sd = g[kept][:, dropped]
-    scale = float(torch.diagonal(g_ss).mean())
+    return spd_solve(g_ss, g_sd, ridge)
+
+
+def spd_solve(g_ss: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-12) -> torch.Tensor:
+    """``G⁻¹ B`` for a PSD Gram block by Cholesky, with a tiny ridge (relative to its mean
+    diagonal) that grows only if the factorization fails; least squares as the last resort."""
+    scale = float(torch.diagonal(g_ss).mean()) if g_ss.numel() else 0.0
     if scale <= 0.0:
-        return g.new_zeros(k, dropped.numel())
-    eye = torch.eye(k, dtype=g.dtype, device=g.device)
+        return rhs.new_zeros(g_ss.shape[0], rhs.shape[1])
+    eye = torch.eye(g_ss.shape[0], dtype=g_ss.dtype, device=g_ss.device)
     for attempt in range(4):
         chol, info = torch.linalg.cholesky_ex(g_ss + (ridge * 100**attempt) * scale * eye)
         if int(info) == 0:
-            return torch.cholesky_solve(g_sd, chol)
-    return torch.linalg.lstsq(g_ss.cpu(), g_sd.cpu(), driver="gelsd").solution.to(g.device)
+            return torch.cholesky_solve(rhs, chol)
+    return torch.linalg.lstsq(g_ss.cpu(), rhs.cpu(), driver="gelsd").solution.to(g_ss.device)
 
 
 def fold_correction(
@@ -189,4 +197,46 @@ def fold_correction(
         mu = mean.to(dev, torch.float64)
         shift = w_dropped @ (mu[dropped] - t.T @ mu[kept])
         new_bias = shift if new_bias is None else new_bias + shift
+    return new_weight, new_bias
+
+
+def fit_to_targets(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kept: torch.Tensor,
+    dropped: torch.Tensor,
+    gram: GramStats,
+    shift: CrossStats,
+    centered: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next layer refitted so the kept columns reproduce target outputs, not the layer's own.
+
+    The targets are ``Y = Z Wᵀ + b + Δ`` on the activations ``Z`` the pruned layer will see:
+    its own output moved by ``Δ`` (e.g. back to the original model's output, which pruned upstream
+    layers have moved away from). ``gram`` holds ``ZᵀZ``, ``shift`` holds ``ZᵀΔ``. The least-squares
+    fit ``min ‖Z_S W_newᵀ + b' − Y‖`` is the ID's :func:`fold_correction` plus ``G_SS⁻¹ Z_SᵀΔ``,
+    so with ``Δ = 0`` it is exactly that correction (and rounding in ``ZᵀZ`` cannot make the two
+    disagree). ``centered`` refits the bias too (intercept); otherwise it stays ``bias``.
+    Returns ``(W_new, b')`` in float64.
+    """
+    second = gram.second_moment(centered)
+    interp = interpolation_matrix(second, kept, dropped)
+    new_weight, new_bias = fold_correction(
+        weight, bias, kept, dropped, interp, mean=gram.mean if centered else None
+    )
+    dev = new_weight.device
+    kept_dev = kept.to(shift.cross.device)
+    rhs = shift.cross[kept_dev]
+    if centered:
+        mu = gram.mean.to(shift.cross.device)[kept_dev]
+        rhs = rhs - float(gram.count) * torch.outer(mu, shift.mean)
+    if kept.numel() == 0:
+        delta_w = rhs.new_zeros(shift.cross.shape[1], 0)
+    else:
+        g_ss = second.to(shift.cross.device, torch.float64)[kept_dev][:, kept_dev]
+        delta_w = spd_solve(g_ss, rhs).T
+    new_weight = new_weight + delta_w.to(dev)
+    if centered:
+        delta_b = (shift.mean - delta_w @ mu).to(dev)
+        new_bias = delta_b if new_bias is None else new_bias + delta_b
     return new_weight, new_bias
