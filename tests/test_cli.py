@@ -670,7 +670,10 @@ def analyse_then_wait(*args, **kwargs):
     result = analyse_layer(*args, **kwargs)
     if args[2] == 1:  # the second layer is analysed: we are mid-compression, so wait for Ctrl-C
         print("TEST-MARKER: layer 1 analysed", file=sys.stderr, flush=True)
-        time.sleep(120)
+        # short sleeps: a SIGINT that the OS hands to a worker thread does not cut a long sleep
+        # of the main thread short; Python runs the handler at the next step of the loop
+        for _ in range(1200):
+            time.sleep(0.1)
     return result
 
 driver._analyse_layer = analyse_then_wait
