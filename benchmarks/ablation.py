@@ -113,7 +113,10 @@ def ablation_markdown(rows: list[dict]) -> str:
         "variant sharing an analysis pass, the first budget carries it; measured on a machine "
         "shared with other jobs, so treat them as indicative). The default run is "
         "`original-activations` for the encoders and `sequential-activations` for SmolLM2; "
-        "`default` rows repeat it with another calibration size.\n"
+        "`default` rows repeat it with another calibration size. `original-target` is sequential "
+        "activations with `--correction-target original` (compare it with `sequential-activations`); "
+        "whether to make it the default was judged on training-portion data by `benchmarks/validate.py` "
+        "(`validation.json`), not on these test-split numbers.\n"
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
