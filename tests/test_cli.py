@@ -659,10 +659,15 @@ def test_subprocess_user_error_exit_code(tmp_path):
 
 
 _DRIVER = """
+import signal
 import sys
 import time
 import statprune.driver as driver
 from statprune.cli import main
+
+# a shell that runs the test suite in the background (nohup … &) starts its children with SIGINT
+# ignored; Ctrl-C at a terminal meets Python's default handler, so restore that
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 analyse_layer = driver._analyse_layer
 
@@ -670,10 +675,7 @@ def analyse_then_wait(*args, **kwargs):
     result = analyse_layer(*args, **kwargs)
     if args[2] == 1:  # the second layer is analysed: we are mid-compression, so wait for Ctrl-C
         print("TEST-MARKER: layer 1 analysed", file=sys.stderr, flush=True)
-        # short sleeps: a SIGINT that the OS hands to a worker thread does not cut a long sleep
-        # of the main thread short; Python runs the handler at the next step of the loop
-        for _ in range(1200):
-            time.sleep(0.1)
+        time.sleep(120)
     return result
 
 driver._analyse_layer = analyse_then_wait
