@@ -155,6 +155,11 @@ class _LayerStats:
     head_targets: CrossAccumulator | None = None
     neuron_targets: CrossAccumulator | None = None
 
+    def add_token_energy(self, rows: torch.Tensor) -> None:
+        """Record ‖h‖² of each real input token (rows of the layer input)."""
+        real = rows.double()
+        self.token_energy.append((real * real).sum(dim=1).cpu())
+
 
 @dataclass
 class Analysis:
@@ -288,8 +293,7 @@ def _run_layer(
         for hidden, args, kwargs, mask in zip(inputs, calib.args, calib.kwargs, calib.masks, strict=True):
             current["mask"] = mask.reshape(-1)
             if stats is not None:
-                real = hidden.reshape(-1, hidden.shape[-1])[current["mask"]].double()
-                stats.token_energy.append((real * real).sum(dim=1).cpu())
+                stats.add_token_energy(hidden.reshape(-1, hidden.shape[-1])[current["mask"]])
             outputs.append(_finite(_layer_output(layer(hidden, *args, **kwargs))))
     return outputs
 
@@ -403,8 +407,7 @@ def _collect_with_targets(
             current["pass"] = "original"
             original_outputs.append(_finite(_layer_output(layer(original, *args, **kwargs))))
             current["pass"] = "pruned"
-            real = rows(hidden).double()
-            stats.token_energy.append((real * real).sum(dim=1).cpu())
+            stats.add_token_energy(rows(hidden))
             outputs.append(_finite(_layer_output(layer(hidden, *args, **kwargs))))
             for name, acc in shifts.items():  # how far the block's output must move
                 acc.add_batch(seen[f"in:{name}"], seen[f"original:{name}"] - seen[f"pruned:{name}"])

@@ -219,24 +219,21 @@ def fit_to_targets(
     disagree). ``centered`` refits the bias too (intercept); otherwise it stays ``bias``.
     Returns ``(W_new, b')`` in float64.
     """
-    second = gram.second_moment(centered)
-    interp = interpolation_matrix(second, kept, dropped)
+    second = gram.second_moment(centered).to(torch.float64)
+    dev = second.device
+    kept, dropped = kept.to(dev), dropped.to(dev)
+    rhs = shift.cross.to(dev)[kept]
+    mu = gram.mean.to(dev)[kept]
+    if centered:
+        rhs = rhs - float(gram.count) * torch.outer(mu, shift.mean.to(dev))
+    # one factorization of G_SS serves the interpolation (G_SS⁻¹ G_SD) and the shift term
+    solved = spd_solve(second[kept][:, kept], torch.cat([second[kept][:, dropped], rhs], dim=1))
+    interp, delta_w = solved[:, : dropped.numel()], solved[:, dropped.numel() :].T
     new_weight, new_bias = fold_correction(
         weight, bias, kept, dropped, interp, mean=gram.mean if centered else None
     )
-    dev = new_weight.device
-    kept_dev = kept.to(shift.cross.device)
-    rhs = shift.cross[kept_dev]
+    new_weight = new_weight + delta_w.to(new_weight.device)
     if centered:
-        mu = gram.mean.to(shift.cross.device)[kept_dev]
-        rhs = rhs - float(gram.count) * torch.outer(mu, shift.mean)
-    if kept.numel() == 0:
-        delta_w = rhs.new_zeros(shift.cross.shape[1], 0)
-    else:
-        g_ss = second.to(shift.cross.device, torch.float64)[kept_dev][:, kept_dev]
-        delta_w = spd_solve(g_ss, rhs).T
-    new_weight = new_weight + delta_w.to(dev)
-    if centered:
-        delta_b = (shift.mean - delta_w @ mu).to(dev)
+        delta_b = (shift.mean.to(dev) - delta_w @ mu).to(new_weight.device)
         new_bias = delta_b if new_bias is None else new_bias + delta_b
     return new_weight, new_bias
