@@ -39,6 +39,9 @@ VARIANTS: dict[str, dict] = {
     "no-bias-compensation": {"bias_compensation": False},
     "no-layer-weighting": {"layer_weighting": "none"},
     "mean-layer-weighting": {"layer_weighting": "residual-mean"},
+    "residual-weighting": {"layer_weighting": "residual"},
+    "gradient-weighting": {"layer_weighting": "gradient"},
+    "gradient-only-weighting": {"layer_weighting": "gradient-only"},
     "no-correction": {"correction": False},
     "original-target": {"activations": "sequential", "correction_target": "original"},
     "round-to-8": {"round_to": 8},
@@ -158,7 +161,9 @@ def _setup(row: dict) -> tuple:
 def _describe(setup: tuple) -> str:
     samples, packed, weighting = setup
     unit = "packed 128-token windows" if packed else "calibration examples (one per line)"
-    rule = {"residual": "median", "residual-mean": "mean", "none": "no"}.get(weighting, weighting)
+    rule = {"residual": "median", "residual-mean": "mean", "none": "no", "auto": "gradient (auto)"}.get(
+        weighting, weighting
+    )
     return f"{samples} {unit}, default {rule} layer weighting"
 
 

@@ -77,10 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--layer-weighting",
-        default="residual",
-        choices=["residual", "residual-mean", "none"],
-        help="normalize each layer's errors by the median token's residual-stream energy (default), "
-        "by the mean (skewed by LLMs' massive-activation tokens), or not at all",
+        default="auto",
+        choices=["auto", "residual", "residual-mean", "gradient", "gradient-only", "none"],
+        help="how the allocation weighs each block's error: by the loss-gradient energy at the "
+        "block's output (gradient-only; one backward pass, needs a task head), by the median "
+        "token's residual-stream energy (residual; residual-mean: the mean, skewed by LLMs' "
+        "massive-activation tokens), by the geometric mean of the two (gradient), or not at all; "
+        "auto (default): gradient where the model has a classifier or LM head, else residual",
     )
     c.add_argument(
         "--fisher-labels",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +38,10 @@ from statprune.fisher_grads import (
     UNLABELLED_LOSSES,
     LayerPlan,
     MaskGradients,
+    OutputSensitivity,
     collect_mask_gradients,
+    has_loss_without_labels,
+    output_sensitivity,
     plan_masks,
 )
 from statprune.flops import LayerShape, model_shapes, total_cost
@@ -60,6 +64,7 @@ from statprune.report import CompressionReport, LayerReport
 from statprune.surgery import prune_heads, prune_neurons
 
 CORRECTION_TARGETS = ("activations", "original")
+LAYER_WEIGHTINGS = ("auto", "residual", "residual-mean", "gradient", "gradient-only", "none")
 
 
 @dataclass(frozen=True)
@@ -81,9 +86,14 @@ class CompressionOptions:
     correction_target: str = "activations"
     method: str = "stat"  # "stat", or a baseline: "magnitude", "wanda-sp", "flap", "fisher"
     allocation: str = "auto"  # "greedy" (global, error per cost), "uniform", or "auto" (per method)
-    # normalize each layer's errors by its typical residual-stream energy: "residual" (the median
-    # token's ‖h‖², robust to the few massive-activation tokens of LLMs), "residual-mean", or "none"
-    layer_weighting: str = "residual"
+    # how each block's errors are weighted in the allocation: "residual" (divided by the median
+    # token's residual-stream ‖h‖², robust to the few massive-activation tokens of LLMs),
+    # "residual-mean", "gradient-only" (times the loss-gradient energy at the block's output, from
+    # one backward pass with the model's own predictions as labels; needs a task head: the
+    # first-order loss increase), "gradient" (the geometric mean of the two), "none", or "auto":
+    # gradient where the model has a head to differentiate (classifier, causal LM) and is not
+    # offloaded, else residual — the better on training-portion data (benchmarks/validate.py)
+    layer_weighting: str = "auto"
     round_to: int = 1  # kept FFN widths are multiples of this
     # fisher on a classifier whose calibration data has no labels: cross entropy against its argmax
     # ("predicted"), or the "expected" Fisher under the model's predictive distribution
@@ -130,10 +140,9 @@ class CompressionOptions:
                 f"--correction-target {self.correction_target} needs --activations sequential (with "
                 "original activations the pruned model's inputs are the original ones)"
             )
-        if self.layer_weighting not in ("residual", "residual-mean", "none"):
-            raise ValueError(
-                f"layer_weighting must be residual, residual-mean or none, not {self.layer_weighting!r}"
-            )
+        if self.layer_weighting not in LAYER_WEIGHTINGS:
+            choices = ", ".join(LAYER_WEIGHTINGS)
+            raise ValueError(f"layer_weighting must be one of {choices}, not {self.layer_weighting!r}")
         if self.fisher_labels not in UNLABELLED_LOSSES:
             raise ValueError(f"fisher_labels must be one of {UNLABELLED_LOSSES}, not {self.fisher_labels!r}")
         if self.seq_len < 1 or self.round_to < 1:
@@ -167,12 +176,13 @@ class Analysis:
 
     ``curves`` drive the allocation; ``stats`` (one per layer, with ``activations="original"``)
     let the pruning pass skip its forward passes, since its inputs would be the same; ``grads``
-    are fisher's mask gradients.
+    are fisher's mask gradients; ``sensitivity`` weighs the curves (``layer_weighting="gradient"``).
     """
 
     curves: list[BlockCurve] | None = None
     stats: list[_LayerStats] | None = None
     grads: MaskGradients | None = None
+    sensitivity: OutputSensitivity | None = None
 
 
 class AnalysisCache:
@@ -544,6 +554,10 @@ def compress(
     if options.activations == "auto":
         options = replace(options, activations="sequential" if adapter.is_decoder else "original")
         options.validate()  # e.g. a correction target that needs sequential activations
+    if options.layer_weighting == "auto":  # baselines weigh no block (their own scores rank)
+        gradient = has_loss_without_labels(model) and not offload
+        rule = "gradient" if gradient else "residual"
+        options = replace(options, layer_weighting=rule if options.method == "stat" else "none")
     device = resolve_device(options.device)
     check_finite_weights(model)
     batches = _prepare_batches(tokenizer, data, samples, seed, options.seq_len, batch_size, pack)
@@ -582,9 +596,12 @@ def compress(
                     analysis.grads = collect_mask_gradients(
                         model, adapter, batches, options.prune, options.fisher_labels
                     )
+                if options.method == "stat" and options.layer_weighting.startswith("gradient"):
+                    analysis.sensitivity = output_sensitivity(model, adapter, batches, options.prune)
                 if options.method != "fisher" or keep_stats:
                     analysis.curves, analysis.stats = _analyse(
-                        adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats
+                        adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats,
+                        analysis.sensitivity,
                     )
                 if cache is not None:
                     cache.put(cache_key, analysis)
@@ -678,7 +695,7 @@ def _check_enough_tokens(shapes: list[LayerShape], tokens: int) -> None:
 
 
 def _analyse(
-    adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats
+    adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats, sensitivity=None
 ) -> tuple[list[BlockCurve], list[_LayerStats] | None]:
     """Analysis pass on the original model: error curves of every prunable block, and with
     ``keep_stats`` every layer's statistics and selections (None if any layer's are missing)."""
@@ -694,7 +711,7 @@ def _analyse(
     for i in progress_bar(range(start, len(layers)), desc="analyse layers"):
         with _visiting(layers[i], visit):
             stats, inputs = _analyse_layer(
-                adapter, layers[i], i, calib, inputs, shapes, options, kind, curves
+                adapter, layers[i], i, calib, inputs, shapes, options, kind, curves, sensitivity
             )
         if kept is not None:
             kept.append(stats)
@@ -704,21 +721,21 @@ def _analyse(
 
 
 def _analyse_layer(
-    adapter, layer, i, calib, inputs, shapes, options, kind, curves
+    adapter, layer, i, calib, inputs, shapes, options, kind, curves, sensitivity=None
 ) -> tuple[_LayerStats, list[torch.Tensor]]:
     """Error curves of one layer's blocks (appended to ``curves``); returns the layer's statistics
     (with their selections) and outputs."""
     stats, outputs = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
     if options.method == "fisher":  # its allocation comes from the mask gradients
         return stats, outputs
-    weight = 1.0
-    if options.layer_weighting != "none" and options.method == "stat":
-        weight = 1.0 / max(_typical_energy(stats.token_energy, options.layer_weighting), 1e-30)
+    weight = _block_weights(stats, options, None if sensitivity is None else sensitivity.at(i))
     stats.token_energy.clear()
     if stats.heads is not None:
         stats.head_selection = _head_selection(adapter, layer, stats, options)
         errors = stats.head_selection.errors
-        curves.append(curve_from_errors(i, "heads", shapes[i], errors, weight, kind, options.seq_len))
+        curves.append(
+            curve_from_errors(i, "heads", shapes[i], errors, weight["heads"], kind, options.seq_len)
+        )
     if stats.neurons is not None:
         stats.neuron_selection = _neuron_selection(adapter, layer, stats, options)
         curves.append(
@@ -727,13 +744,26 @@ def _analyse_layer(
                 "neurons",
                 shapes[i],
                 stats.neuron_selection.errors,
-                weight,
+                weight["neurons"],
                 kind,
                 options.seq_len,
                 options.round_to,
             )
         )
     return stats, outputs
+
+
+def _block_weights(stats: _LayerStats, options, sensitivity: dict[str, float] | None) -> dict[str, float]:
+    """What each block's error curve is multiplied by in the allocation (see ``layer_weighting``)."""
+    rule = options.layer_weighting
+    if rule == "none" or options.method != "stat":
+        return {"heads": 1.0, "neurons": 1.0}
+    inverse_energy = 1.0 / max(_typical_energy(stats.token_energy, rule), 1e-30)
+    if sensitivity is None:
+        return {"heads": inverse_energy, "neurons": inverse_energy}
+    if rule == "gradient-only":
+        return sensitivity
+    return {block: math.sqrt(value * inverse_energy) for block, value in sensitivity.items()}
 
 
 def _typical_energy(token_energy: list[torch.Tensor], rule: str) -> float:
@@ -744,7 +774,7 @@ def _typical_energy(token_energy: list[torch.Tensor], rule: str) -> float:
     following layers (measured in benchmarks/ablation.py, variant ``mean-layer-weighting``).
     """
     energy = torch.cat(token_energy)
-    return float(energy.median() if rule == "residual" else energy.mean())
+    return float(energy.mean() if rule == "residual-mean" else energy.median())
 
 
 def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str, options) -> int:

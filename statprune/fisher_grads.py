@@ -89,6 +89,16 @@ def _frozen(model: nn.Module):
             p.requires_grad_(flag)
 
 
+def has_loss_without_labels(model: nn.Module) -> bool:
+    """Whether a loss can be differentiated on unlabelled data: a task head other than regression
+    (whose own predictions give zero gradients)."""
+    config = model.config
+    regression = getattr(config, "problem_type", None) == "regression" or (
+        type(model).__name__.endswith("ForSequenceClassification") and getattr(config, "num_labels", 2) == 1
+    )
+    return model.base_model is not model and not regression
+
+
 def _per_example_loss(
     logits: torch.Tensor,
     inputs: dict,
@@ -132,6 +142,124 @@ def _per_example_loss(
     return F.nll_loss(log_p, target, reduction="none"), kind
 
 
+class _MaskProbe:
+    """Mask variables (all ones, one per example and unit) scaling each block's units."""
+
+    def __init__(self) -> None:
+        self.masks: dict[tuple[str, int], torch.Tensor] = {}
+        self.widths: dict[tuple[str, int], int] = {}
+        self.collected: dict[tuple[str, int], list[torch.Tensor]] = {}
+
+    def hook(self, key: tuple[str, int], module: nn.Module, width: int, block: int):
+        self.widths[key], self.collected[key] = width, []
+
+        def pre_hook(module, args):
+            x = args[0]
+            m = self.masks[key].to(x.dtype)
+            if block > 1:
+                m = m.repeat_interleave(block, dim=1)
+            m = m.reshape(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
+            return (x * m, *args[1:])
+
+        return module.register_forward_pre_hook(pre_hook)
+
+    def start(self, size: int, device: torch.device) -> None:
+        for key, width in self.widths.items():
+            self.masks[key] = torch.ones(size, width, device=device, requires_grad=True)
+
+    def wrt(self) -> dict[tuple[str, int], torch.Tensor]:
+        return self.masks
+
+    def record(self, key: tuple[str, int], grad: torch.Tensor, _batch: CalibrationBatch) -> None:
+        self.collected[key].append(grad.detach().float().cpu())
+
+
+class _OutputProbe:
+    """A zero shift added to each block's output (its output projection's), whose gradient is the
+    loss gradient with respect to what the block writes into the residual stream."""
+
+    def __init__(self) -> None:
+        self.shifts: dict[tuple[str, int], torch.Tensor] = {}
+        self.energy: dict[tuple[str, int], float] = {}
+        self.tokens = 0
+
+    def hook(self, key: tuple[str, int], module: nn.Module, _width: int, _block: int):
+        self.energy[key] = 0.0
+
+        def forward_hook(module, args, output):
+            shift = torch.zeros_like(output, requires_grad=True)
+            self.shifts[key] = shift
+            return output + shift
+
+        return module.register_forward_hook(forward_hook)
+
+    def start(self, size: int, device: torch.device) -> None:
+        self.shifts.clear()
+
+    def wrt(self) -> dict[tuple[str, int], torch.Tensor]:
+        return self.shifts
+
+    def record(self, key: tuple[str, int], grad: torch.Tensor, _batch: CalibrationBatch) -> None:
+        self.energy[key] += float(grad.double().square().sum())  # padding's gradient is zero
+
+
+def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -> tuple[set[str], int]:
+    """Hook ``probe`` onto every pruned block, then forward and backward every calibration batch
+    (one backward per loss column); ``probe`` records the gradients. Returns the loss kinds met
+    and the number of examples."""
+    if unlabelled not in UNLABELLED_LOSSES:
+        raise ValueError(f"unlabelled must be one of {UNLABELLED_LOSSES}, not {unlabelled!r}")
+    if model.base_model is model:
+        raise BudgetError(
+            f"{desc} needs a task head to differentiate (sequence classification or causal LM); "
+            f"{type(model).__name__} is a bare encoder/decoder"
+        )
+    device = next(model.parameters()).device
+    handles = []
+    for i, layer in enumerate(adapter.layers(model.base_model)):
+        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+        if "heads" in prune and attn.n_heads:
+            module = layer.get_submodule(attn.o)
+            handles.append(probe.hook(("heads", i), module, attn.n_heads, attn.head_dim))
+        if "neurons" in prune and ffn.width:
+            handles.append(probe.hook(("neurons", i), layer.get_submodule(ffn.output), ffn.width, 1))
+    kinds: set[str] = set()
+    examples = 0
+    try:
+        with torch.enable_grad(), _frozen(model):
+            for batch in progress_bar(batches, desc=desc):
+                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+                labels = inputs.pop("labels", None)
+                if adapter.is_decoder:
+                    inputs["use_cache"] = False
+                size = int(inputs["input_ids"].shape[0])
+                probe.start(size, device)
+                logits = getattr(model(**inputs), "logits", None)
+                if logits is None:
+                    raise BudgetError(f"{desc} needs a model with logits; {type(model).__name__} has none")
+                loss, kind = _per_example_loss(
+                    logits, inputs, labels, adapter.is_decoder, model.config, unlabelled
+                )
+                if not torch.isfinite(loss).all():
+                    raise ModelError("the loss became NaN or Inf; try --dtype float32")
+                kinds.add(kind)
+                wrt = probe.wrt()
+                keys = list(wrt)
+                columns = loss.reshape(size, -1).unbind(dim=1)
+                for c, column in enumerate(columns if keys else ()):
+                    last = c == len(columns) - 1
+                    grads = torch.autograd.grad(
+                        column.sum(), [wrt[k] for k in keys], allow_unused=True, retain_graph=not last
+                    )
+                    for key, g in zip(keys, grads, strict=True):
+                        probe.record(key, torch.zeros_like(wrt[key]) if g is None else g, batch)
+                examples += size
+    finally:
+        for h in handles:
+            h.remove()
+    return kinds, examples
+
+
 def collect_mask_gradients(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -145,84 +273,58 @@ def collect_mask_gradients(
 
     ``unlabelled`` is the loss of a classifier whose batches carry no labels: ``expected`` or
     ``predicted`` (see the module docstring)."""
-    if unlabelled not in UNLABELLED_LOSSES:
-        raise ValueError(f"unlabelled must be one of {UNLABELLED_LOSSES}, not {unlabelled!r}")
-    if model.base_model is model:
-        raise BudgetError(
-            f"fisher needs a task head to differentiate (sequence classification or causal LM); "
-            f"{type(model).__name__} is a bare encoder/decoder — use stat or another --method"
-        )
-    layers = adapter.layers(model.base_model)
-    device = next(model.parameters()).device
-    masks: dict[tuple[str, int], torch.Tensor] = {}
-    handles = []
-
-    def scaler(key, block):
-        def pre_hook(module, args):
-            x = args[0]
-            m = masks[key].to(x.dtype)
-            if block > 1:
-                m = m.repeat_interleave(block, dim=1)
-            m = m.reshape(m.shape[0], *([1] * (x.dim() - 2)), m.shape[1])
-            return (x * m, *args[1:])
-
-        return pre_hook
-
-    widths: dict[tuple[str, int], int] = {}
-    for i, layer in enumerate(layers):
-        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        if "heads" in prune and attn.n_heads:
-            widths["heads", i] = attn.n_heads
-            handles.append(
-                layer.get_submodule(attn.o).register_forward_pre_hook(scaler(("heads", i), attn.head_dim))
-            )
-        if "neurons" in prune and ffn.width:
-            widths["neurons", i] = ffn.width
-            handles.append(
-                layer.get_submodule(ffn.output).register_forward_pre_hook(scaler(("neurons", i), 1))
-            )
-    collected: dict[tuple[str, int], list[torch.Tensor]] = {key: [] for key in widths}
-    kinds: set[str] = set()
-    examples = 0
-    try:
-        with torch.enable_grad(), _frozen(model):
-            for batch in progress_bar(batches, desc="mask gradients"):
-                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-                labels = inputs.pop("labels", None)
-                if adapter.is_decoder:
-                    inputs["use_cache"] = False
-                size = int(inputs["input_ids"].shape[0])
-                for key, width in widths.items():
-                    masks[key] = torch.ones(size, width, device=device, requires_grad=True)
-                logits = getattr(model(**inputs), "logits", None)
-                if logits is None:
-                    raise BudgetError(f"fisher needs a model with logits; {type(model).__name__} has none")
-                loss, kind = _per_example_loss(
-                    logits, inputs, labels, adapter.is_decoder, model.config, unlabelled
-                )
-                if not torch.isfinite(loss).all():
-                    raise ModelError("the loss became NaN or Inf; try --dtype float32")
-                kinds.add(kind)
-                keys = list(widths)
-                wrt = [masks[k] for k in keys]
-                columns = loss.reshape(size, -1).unbind(dim=1)
-                for c, column in enumerate(columns if keys else ()):
-                    last = c == len(columns) - 1
-                    grads = torch.autograd.grad(column.sum(), wrt, allow_unused=True, retain_graph=not last)
-                    for key, g, m in zip(keys, grads, wrt, strict=True):
-                        g = torch.zeros_like(m) if g is None else g
-                        collected[key].append(g.detach().float().cpu())
-                examples += size
-    finally:
-        for h in handles:
-            h.remove()
-        masks.clear()
-    stacked = {key: torch.cat(parts) for key, parts in collected.items()}
+    probe = _MaskProbe()
+    kinds, examples = _backward_batches(model, adapter, batches, prune, unlabelled, probe, "mask gradients")
+    stacked = {key: torch.cat(parts) for key, parts in probe.collected.items()}
+    layers = len(adapter.layers(model.base_model))
     return MaskGradients(
-        heads=[stacked.get(("heads", i)) for i in range(len(layers))],
-        neurons=[stacked.get(("neurons", i)) for i in range(len(layers))],
+        heads=[stacked.get(("heads", i)) for i in range(layers)],
+        neurons=[stacked.get(("neurons", i)) for i in range(layers)],
         labels="+".join(sorted(kinds)) or "none",
         examples=examples,
+    )
+
+
+@dataclass
+class OutputSensitivity:
+    """How much the loss reacts to each block's output: the mean over real calibration tokens of
+    ‖∂loss/∂y_t‖², y being what the block adds to the residual stream (None: block not pruned).
+
+    A block error E (rows: tokens) then costs about ``sensitivity × ‖E‖²_F / hidden`` in loss,
+    when errors and gradients point in unrelated directions."""
+
+    heads: list[float | None]
+    neurons: list[float | None]
+    labels: str
+
+    def at(self, layer: int) -> dict[str, float]:
+        """The pruned blocks of ``layer`` and their sensitivities."""
+        pairs = (("heads", self.heads[layer]), ("neurons", self.neurons[layer]))
+        return {block: value for block, value in pairs if value is not None}
+
+
+def output_sensitivity(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    batches: Sequence[CalibrationBatch],
+    prune: Sequence[str] = ("heads", "neurons"),
+    unlabelled: str = "expected",
+) -> OutputSensitivity:
+    """Loss-gradient energy at every pruned block's output over the calibration batches (the
+    model's own predictions as labels where the batches carry none; see the module docstring)."""
+    probe = _OutputProbe()
+    kinds, _ = _backward_batches(model, adapter, batches, prune, unlabelled, probe, "output gradients")
+    tokens = max(sum(int(b.token_mask.sum()) for b in batches), 1)
+    layers = len(adapter.layers(model.base_model))
+
+    def mean(kind: str, i: int) -> float | None:
+        energy = probe.energy.get((kind, i))
+        return None if energy is None else energy / tokens
+
+    return OutputSensitivity(
+        heads=[mean("heads", i) for i in range(layers)],
+        neurons=[mean("neurons", i) for i in range(layers)],
+        labels="+".join(sorted(kinds)) or "none",
     )
 
 
