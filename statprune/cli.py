@@ -213,6 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
+    except _device_out_of_memory():
+        print(
+            "error: the device ran out of memory; lower --batch-size, use --layer-weighting residual "
+            "(no backward pass), or --device cpu. Nothing was written",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _device_out_of_memory() -> type[BaseException]:
+    import torch
+
+    return torch.OutOfMemoryError
 
 
 if __name__ == "__main__":

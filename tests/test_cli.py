@@ -562,6 +562,22 @@ def test_other_write_error(bert, calib, tmp_path, capsys, monkeypatch):
     assert_clean_failure(code, err, out, model, before, "cannot write", "Permission denied")
 
 
+def test_device_out_of_memory_is_one_line(bert, calib, tmp_path, capsys, monkeypatch):
+    """A device running out of memory mid-compression (here: during the backward pass of the
+    gradient weighting) says what to lower, writes nothing and leaves the model as it was."""
+    import statprune.driver
+
+    model, before = bert
+    out = tmp_path / "out"
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(statprune.driver, "output_sensitivity", exhausted)
+    code, _, err = run(capsys, *compress_args(model, calib, out))
+    assert_clean_failure(code, err, out, model, before, "ran out of memory", "--batch-size")
+
+
 # ----------------------------------------------------------------------------------- interrupts
 
 
