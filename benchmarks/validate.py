@@ -5,6 +5,14 @@
     python benchmarks/validate.py --model smollm2 --budgets 0.8 \
         --variants sequential-activations,original-target
 
+    # the allocation's layer weighting (the default became gradient from these)
+    python benchmarks/validate.py --model minilm-mr --budgets 0.9,0.8,0.6,0.5,0.4 \
+        --variants residual-weighting,gradient-weighting,gradient-only-weighting
+    python benchmarks/validate.py --model mpnet-mr --budgets 0.7,0.5,0.4 \
+        --variants residual-weighting,gradient-weighting,gradient-only-weighting
+    python benchmarks/validate.py --model smollm2 --budgets 0.8,0.6 \
+        --variants residual-weighting,gradient-weighting,gradient-only-weighting
+
 benchmarks/ablation.py reports variants on the test splits; deciding a default from those would
 be tuning on the test split. This script gives the numbers a decision may use:
 - MR classifiers: 800 training sentences that are not among the calibration sample (drawn with
