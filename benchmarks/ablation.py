@@ -119,7 +119,10 @@ def ablation_markdown(rows: list[dict]) -> str:
         "`default` rows repeat it with another calibration size. `original-target` is sequential "
         "activations with `--correction-target original` (compare it with `sequential-activations`); "
         "whether to make it the default was judged on training-portion data by `benchmarks/validate.py` "
-        "(`validation.json`), not on these test-split numbers.\n"
+        "(`validation.json`), not on these test-split numbers. The same holds for the layer weighting: "
+        "`gradient` (the default since it measured best there) against `residual-weighting` (the "
+        "default before) and `gradient-only-weighting`; rows labelled \"default median layer "
+        "weighting\" were measured when residual was the default.\n"
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]

@@ -161,7 +161,8 @@ def target_lines(rows: list[dict]) -> list[str]:
         if r is None or r["value"] is None:
             lines.append(f"- {model} at {budget:.0%} FLOPs within {points} points of dense: not measured")
             continue
-        drop = 100 * (r["dense_value"] - r["value"])
+        # in points, rounded off float noise: 8 of 800 examples is exactly 1.0, not 1.0000000000000009
+        drop = round(100 * (r["dense_value"] - r["value"]), 9)
         ok = "met" if drop <= points else "MISSED"
         lines.append(
             f"- {model} at {budget:.0%} FLOPs within {points} points of dense: {ok} "
