@@ -113,6 +113,7 @@ def main() -> None:
         "model": args.name or args.model.name,
         "budget": args.keep_flops,
         "activations": args.activations,
+        "layer_weighting": report["options"].get("layer_weighting"),
         "backend": "torch",
         "device": "cpu",
         "batch": 16,
@@ -133,8 +134,15 @@ def main() -> None:
     print(json.dumps(row, indent=2))
     if args.json:  # merge: replace this model's compression row, keep every other row
         rows = json.loads(args.json.read_text()) if args.json.exists() else []
-        def key(r: dict) -> tuple:  # rows from before --activations existed were sequential
-            return r["kind"], r["model"], r.get("activations", "sequential")
+
+        def key(r: dict) -> tuple:  # rows from before --activations existed were sequential, and
+            # rows from before the gradient weighting used the residual one
+            return (
+                r["kind"],
+                r["model"],
+                r.get("activations", "sequential"),
+                r.get("layer_weighting", "residual"),
+            )
 
         rows = [r for r in rows if key(r) != key(row)]
         args.json.write_text(json.dumps([*rows, row], indent=2) + "\n")

@@ -245,9 +245,10 @@ def speed_section(path: Path) -> str:
 
 
 def _variant(row: dict) -> str:
-    """Compression rows name the activations mode; inference rows their budget."""
+    """Compression rows name the activations mode and layer weighting; inference rows their budget."""
     if row["kind"] == "compression":
-        return f" ({row.get('activations', 'sequential')} activations, keep {row['budget']:g})"
+        mode = f"{row.get('activations', 'sequential')} activations, {row.get('layer_weighting', 'residual')}"
+        return f" ({mode} weighting, keep {row['budget']:g})"
     return f" (keep {row['budget']:g}{', round-to ' + str(row['round_to']) if row.get('round_to') else ''})"
 
 
