@@ -122,7 +122,8 @@ def ablation_markdown(rows: list[dict]) -> str:
         "(`validation.json`), not on these test-split numbers. The same holds for the layer weighting: "
         "`gradient` (the default since it measured best there) against `residual-weighting` (the "
         "default before) and `gradient-only-weighting`; rows labelled \"default median layer "
-        "weighting\" were measured when residual was the default.\n"
+        "weighting\" were measured when residual was the default. The current default's own numbers are "
+        "the `stat` columns of the tables above.\n"
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]

@@ -1,4 +1,5 @@
-"""The ``fisher`` baseline on a live model (Kwon et al. 2022): mask gradients and the layer plan.
+"""Loss gradients on a live model: the ``fisher`` baseline's mask gradients and layer plan (Kwon et
+al. 2022), and each block's output sensitivity, which STAT's ``gradient`` layer weighting uses.
 
 A mask variable of value 1 scales every attention head (its block of columns of the input of the
 attention output projection) and every FFN neuron (a column of the input of the down projection),
@@ -24,6 +25,10 @@ refuses it):
 The per-example gradients give the diagonal Fisher that the mask search ranks units by and the
 per-layer Fisher blocks the rearrangement uses (``statprune.linalg.fisher``); :func:`plan_masks`
 turns them into a :class:`LayerPlan` per layer, which the driver's pruning pass follows.
+
+:func:`output_sensitivity` uses the same losses (classifiers: the expected Fisher by default) but
+differentiates with respect to what each block adds to the residual stream, a zero shift on its
+output projection's output; the mean ‖gradient‖² per token weighs that block's error curve.
 """
 
 from __future__ import annotations
