@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -38,7 +39,6 @@ from statprune.fisher_grads import (
     UNLABELLED_LOSSES,
     LayerPlan,
     MaskGradients,
-    OutputSensitivity,
     collect_mask_gradients,
     has_loss_without_labels,
     output_sensitivity,
@@ -176,13 +176,12 @@ class Analysis:
 
     ``curves`` drive the allocation; ``stats`` (one per layer, with ``activations="original"``)
     let the pruning pass skip its forward passes, since its inputs would be the same; ``grads``
-    are fisher's mask gradients; ``sensitivity`` weighs the curves (``layer_weighting="gradient"``).
+    are fisher's mask gradients.
     """
 
     curves: list[BlockCurve] | None = None
     stats: list[_LayerStats] | None = None
     grads: MaskGradients | None = None
-    sensitivity: OutputSensitivity | None = None
 
 
 class AnalysisCache:
@@ -596,12 +595,12 @@ def compress(
                     analysis.grads = collect_mask_gradients(
                         model, adapter, batches, options.prune, options.fisher_labels
                     )
+                measure = None
                 if options.method == "stat" and options.layer_weighting.startswith("gradient"):
-                    analysis.sensitivity = output_sensitivity(model, adapter, batches, options.prune)
+                    measure = functools.partial(output_sensitivity, model, adapter, batches, options.prune)
                 if options.method != "fisher" or keep_stats:
                     analysis.curves, analysis.stats = _analyse(
-                        adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats,
-                        analysis.sensitivity,
+                        adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats, measure
                     )
                 if cache is not None:
                     cache.put(cache_key, analysis)
@@ -695,10 +694,13 @@ def _check_enough_tokens(shapes: list[LayerShape], tokens: int) -> None:
 
 
 def _analyse(
-    adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats, sensitivity=None
+    adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats, measure=None
 ) -> tuple[list[BlockCurve], list[_LayerStats] | None]:
     """Analysis pass on the original model: error curves of every prunable block, and with
-    ``keep_stats`` every layer's statistics and selections (None if any layer's are missing)."""
+    ``keep_stats`` every layer's statistics and selections (None if any layer's are missing).
+
+    ``measure`` returns the blocks' output sensitivities (gradient weighting); it runs only if some
+    layer is left to analyse (a resumed run's saved curves are already weighted)."""
     curves: list[BlockCurve] = []
     kept: list[_LayerStats] | None = [] if keep_stats else None
     inputs, start = calib.hidden, 0
@@ -708,6 +710,7 @@ def _analyse(
         curves = [BlockCurve(**c) for c in state.data["curves"]]
         kept = None
     layers = adapter.layers(base)
+    sensitivity = measure() if measure is not None and start < len(layers) else None
     for i in progress_bar(range(start, len(layers)), desc="analyse layers"):
         with _visiting(layers[i], visit):
             stats, inputs = _analyse_layer(

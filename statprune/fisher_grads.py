@@ -43,7 +43,7 @@ from torch import nn
 
 from statprune.adapters import ModelAdapter
 from statprune.allocation import allowed_neuron_counts
-from statprune.calibration import CalibrationBatch
+from statprune.calibration import CalibrationBatch, count_tokens
 from statprune.errors import BudgetError, ModelError
 from statprune.flops import LayerShape, dense_counts, total_cost
 from statprune.linalg.fisher import SearchBlock, kept_importance, mask_search, nested_losses, rearrange
@@ -175,7 +175,7 @@ class _MaskProbe:
     def wrt(self) -> dict[tuple[str, int], torch.Tensor]:
         return self.masks
 
-    def record(self, key: tuple[str, int], grad: torch.Tensor, _batch: CalibrationBatch) -> None:
+    def record(self, key: tuple[str, int], grad: torch.Tensor) -> None:
         self.collected[key].append(grad.detach().float().cpu())
 
 
@@ -186,7 +186,6 @@ class _OutputProbe:
     def __init__(self) -> None:
         self.shifts: dict[tuple[str, int], torch.Tensor] = {}
         self.energy: dict[tuple[str, int], float] = {}
-        self.tokens = 0
 
     def hook(self, key: tuple[str, int], module: nn.Module, _width: int, _block: int):
         self.energy[key] = 0.0
@@ -204,14 +203,14 @@ class _OutputProbe:
     def wrt(self) -> dict[tuple[str, int], torch.Tensor]:
         return self.shifts
 
-    def record(self, key: tuple[str, int], grad: torch.Tensor, _batch: CalibrationBatch) -> None:
+    def record(self, key: tuple[str, int], grad: torch.Tensor) -> None:
         self.energy[key] += float(grad.double().square().sum())  # padding's gradient is zero
 
 
-def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -> tuple[set[str], int]:
+def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -> tuple[str, int]:
     """Hook ``probe`` onto every pruned block, then forward and backward every calibration batch
-    (one backward per loss column); ``probe`` records the gradients. Returns the loss kinds met
-    and the number of examples."""
+    (one backward per loss column); ``probe`` records the gradients. Returns what the loss was
+    measured against (the kinds met, joined by "+") and the number of examples."""
     if unlabelled not in UNLABELLED_LOSSES:
         raise ValueError(f"unlabelled must be one of {UNLABELLED_LOSSES}, not {unlabelled!r}")
     if model.base_model is model:
@@ -257,12 +256,12 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
                         column.sum(), [wrt[k] for k in keys], allow_unused=True, retain_graph=not last
                     )
                     for key, g in zip(keys, grads, strict=True):
-                        probe.record(key, torch.zeros_like(wrt[key]) if g is None else g, batch)
+                        probe.record(key, torch.zeros_like(wrt[key]) if g is None else g)
                 examples += size
     finally:
         for h in handles:
             h.remove()
-    return kinds, examples
+    return "+".join(sorted(kinds)) or "none", examples
 
 
 def collect_mask_gradients(
@@ -279,13 +278,13 @@ def collect_mask_gradients(
     ``unlabelled`` is the loss of a classifier whose batches carry no labels: ``expected`` or
     ``predicted`` (see the module docstring)."""
     probe = _MaskProbe()
-    kinds, examples = _backward_batches(model, adapter, batches, prune, unlabelled, probe, "mask gradients")
+    labels, examples = _backward_batches(model, adapter, batches, prune, unlabelled, probe, "mask gradients")
     stacked = {key: torch.cat(parts) for key, parts in probe.collected.items()}
     layers = len(adapter.layers(model.base_model))
     return MaskGradients(
         heads=[stacked.get(("heads", i)) for i in range(layers)],
         neurons=[stacked.get(("neurons", i)) for i in range(layers)],
-        labels="+".join(sorted(kinds)) or "none",
+        labels=labels,
         examples=examples,
     )
 
@@ -318,8 +317,8 @@ def output_sensitivity(
     """Loss-gradient energy at every pruned block's output over the calibration batches (the
     model's own predictions as labels where the batches carry none; see the module docstring)."""
     probe = _OutputProbe()
-    kinds, _ = _backward_batches(model, adapter, batches, prune, unlabelled, probe, "output gradients")
-    tokens = max(sum(int(b.token_mask.sum()) for b in batches), 1)
+    labels, _ = _backward_batches(model, adapter, batches, prune, unlabelled, probe, "output gradients")
+    tokens = max(count_tokens(batches), 1)
     layers = len(adapter.layers(model.base_model))
 
     def mean(kind: str, i: int) -> float | None:
@@ -329,7 +328,7 @@ def output_sensitivity(
     return OutputSensitivity(
         heads=[mean("heads", i) for i in range(layers)],
         neurons=[mean("neurons", i) for i in range(layers)],
-        labels="+".join(sorted(kinds)) or "none",
+        labels=labels,
     )
 
 

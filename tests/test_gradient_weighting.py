@@ -201,3 +201,37 @@ def test_auto_layer_weighting(model_kwargs, compress_kwargs, expected):
     model = build_tiny_model(**model_kwargs)
     _, report = _compress(model, keep_flops=0.7, **compress_kwargs)
     assert report.options["layer_weighting"] == expected
+
+
+@pytest.mark.parametrize(("stage", "measured_again"), [("analyse", True), ("prune", False)])
+def test_resume_measures_sensitivity_only_while_layers_are_left_to_analyse(
+    tmp_path, monkeypatch, stage, measured_again
+):
+    """The saved curves are already weighted: a run resumed after its analysis pass skips the
+    backward pass, one resumed inside it runs it again; both match an uninterrupted run."""
+    from statprune.checkpoint import Checkpoint
+
+    model = build_tiny_model("llama", num_hidden_layers=3)
+    options = {"keep_params": 0.5, "layer_weighting": "gradient"}
+    reference, _ = _compress(model, **options)
+    save, measure = Checkpoint.save, statprune.driver.output_sensitivity
+    calls = []
+
+    def save_then_stop(self, name, layer, data, inputs):
+        save(self, name, layer, data, inputs)
+        if name == stage and layer == 0:
+            raise KeyboardInterrupt
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    monkeypatch.setattr(statprune.driver, "output_sensitivity", counted)
+    resumed, _ = _compress(model, checkpoint_dir=tmp_path / "ckpt", resume=True, **options)
+    assert len(calls) == (1 if measured_again else 0)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
