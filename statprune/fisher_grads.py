@@ -12,11 +12,13 @@ refuses it):
 - sequence classification: cross entropy against the batch's ``labels`` when the calibration
   batches carry them; else, by default, cross entropy against the dense model's argmax
   predictions (``predicted``; multi-label heads use the thresholded logits); or, with
-  ``fisher_labels="expected"``, the expected Fisher under the model's own predictive distribution
-  (one gradient per class c, weighted by √p_c, so that their outer products sum to
-  E_{y~p}[g gᵀ]). The argmax loss of a confident classifier is nearly zero on most examples, so a
-  few uncertain ones dominate its ranking; the expected Fisher weighs every example, but ranked
-  no better on the benchmarks' training portions. A regression head needs labels;
+  ``fisher_labels="expected"``, the expected Fisher under the model's own predictive distribution,
+  E_{y~p}[g gᵀ] = Jᵀ (diag p − p pᵀ) J with J the Jacobian of the logits. That K×K covariance has
+  rank K−1 (its null space is the all-ones direction), so K−1 backward passes of the logits
+  projected on its scaled eigenvectors give gradients whose outer products sum to it exactly: one
+  pass for a binary head, √(p₀p₁)·∇(z₀−z₁). The argmax loss of a confident classifier is nearly
+  zero on most examples, so a few uncertain ones dominate its ranking; the expected Fisher weighs
+  every example, but ranked no better on the benchmarks' training portions. A regression head needs labels;
 - causal LM: the next-token loss on the calibration text (``next-token``; padding ignored), each
   example's mean over its tokens;
 - token-level heads (token classification, masked LM): per-token cross entropy against the
@@ -60,8 +62,8 @@ class MaskGradients:
     """Per-example gradients of the loss with respect to the masks, per layer (float32, CPU).
 
     ``heads[i]`` is (rows x heads of layer i) and ``neurons[i]`` (rows x FFN width), or None for
-    a block that is not pruned; a row is an example's gradient (with the expected Fisher, one per
-    example and class). ``labels`` says what the loss was measured against.
+    a block that is not pruned; a row is an example's gradient (with the expected Fisher, K − 1
+    rows per example for K classes). ``labels`` says what the loss was measured against.
     """
 
     heads: list[torch.Tensor | None]
@@ -113,7 +115,7 @@ def _per_example_loss(
     unlabelled: str = "predicted",
 ) -> tuple[torch.Tensor, str]:
     """The loss of every example of a batch, and what it was measured against: (batch,), or
-    (batch, classes) for the expected Fisher (column c: √p_c · the cross entropy against class c)."""
+    (batch, classes − 1) for the expected Fisher (see :func:`_expected_fisher_factors`)."""
     mask = inputs["attention_mask"].bool()
     kind = "given" if labels is not None else "predicted"
     logits = logits.float()
@@ -140,11 +142,24 @@ def _per_example_loss(
     if problem == "multi_label_classification":
         target = labels.float() if labels is not None else (logits > 0).float()
         return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=-1), kind
-    log_p = F.log_softmax(logits, dim=-1)
     if labels is None and unlabelled == "expected":
-        return -(log_p.detach().exp().sqrt() * log_p), "expected"
+        return _expected_fisher_factors(logits), "expected"
+    log_p = F.log_softmax(logits, dim=-1)
     target = labels if labels is not None else logits.argmax(dim=-1)
     return F.nll_loss(log_p, target, reduction="none"), kind
+
+
+def _expected_fisher_factors(logits: torch.Tensor) -> torch.Tensor:
+    """(batch, K − 1) scalar functions of the logits z whose gradients g_k satisfy
+    Σ_k g_k g_kᵀ = Jᵀ (diag p − p pᵀ) J, the expected Fisher of the softmax cross entropy.
+
+    Column k is √λ_k · v_kᵀ z, (λ_k, v_k) the eigenpairs of diag p − p pᵀ (detached, float64),
+    without the zero eigenvalue of the all-ones direction."""
+    p = logits.detach().double().softmax(dim=-1)
+    covariance = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    values, vectors = torch.linalg.eigh(covariance)  # ascending: the first is the zero one
+    factors = vectors[:, :, 1:] * values[:, None, 1:].clamp(min=0).sqrt()
+    return torch.einsum("bk,bkj->bj", logits, factors.to(logits.dtype))
 
 
 class _MaskProbe:
@@ -273,7 +288,7 @@ def collect_mask_gradients(
 ) -> MaskGradients:
     """Forward and backward every calibration batch through the whole model with head and neuron
     masks (all ones) in place; returns each example's gradient with respect to every mask (with
-    the expected Fisher, one row per example and class: rows only enter through Σ g gᵀ).
+    the expected Fisher, K − 1 rows per example for K classes: rows only enter through Σ g gᵀ).
 
     ``unlabelled`` is the loss of a classifier whose batches carry no labels: ``expected`` or
     ``predicted`` (see the module docstring)."""

@@ -89,9 +89,10 @@ def test_sensitivity_is_the_mean_squared_loss_gradient_at_each_block_output(fami
         assert getattr(got, kind)[i] == pytest.approx(value, rel=1e-4)
 
 
-def test_expected_sensitivity_averages_the_classes_by_the_model_probabilities():
+@pytest.mark.parametrize("classes", [2, 3])
+def test_expected_sensitivity_averages_the_classes_by_the_model_probabilities(classes):
     """Without labels a classifier uses E_{y~p}‖g_y‖²: per-class energies weighted by p(y|x)."""
-    model = build_tiny_model("bert")  # 3 classes
+    model = build_tiny_model("bert", num_labels=classes)
     model.eval()
     batches = _batches("bert", n=4, batch_size=1)  # one example per batch: one p per batch
     adapter = adapter_for(model.config)
@@ -102,7 +103,7 @@ def test_expected_sensitivity_averages_the_classes_by_the_model_probabilities():
     for b in batches:
         with torch.no_grad():
             probs = model(**b.inputs).logits.softmax(-1)[0]
-        for c in range(3):
+        for c in range(classes):
             labelled = CalibrationBatch({**b.inputs, "labels": torch.tensor([c])})
             one = output_sensitivity(model, adapter, [labelled])
             for kind in want:
