@@ -30,6 +30,7 @@ from run import BENCHMARKS, run_sweep  # noqa: E402
 from statprune import CompressionOptions  # noqa: E402
 
 DEFAULT_WEIGHTING = CompressionOptions().layer_weighting
+DEFAULT_METRIC = CompressionOptions().error_metric
 # name -> CompressionOptions overrides of the default run
 VARIANTS: dict[str, dict] = {
     "default": {},  # with --samples: the calibration-size ablation
@@ -42,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     "residual-weighting": {"layer_weighting": "residual"},
     "gradient-weighting": {"layer_weighting": "gradient"},
     "gradient-only-weighting": {"layer_weighting": "gradient-only"},
+    "euclidean-metric": {"error_metric": "euclidean"},
     "no-correction": {"correction": False},
     "original-target": {"activations": "sequential", "correction_target": "original"},
     "round-to-8": {"round_to": 8},
@@ -70,7 +72,7 @@ def main() -> None:
             result = run_sweep(
                 bench, samples, ["stat"], Path(tmp) / "sweep", budgets=args.budgets, **VARIANTS[name]
             )
-        setup = (samples, bench.pack, DEFAULT_WEIGHTING)
+        setup = (samples, bench.pack, DEFAULT_WEIGHTING, DEFAULT_METRIC)
         rows = [r for r in rows if (r["model"], r["variant"], _setup(r)) != (bench.name, name, setup)]
         for r in result.rows:
             rows.append(
@@ -88,7 +90,8 @@ def main() -> None:
                     "seconds": r.seconds,
                     "samples": samples,
                     "packed": bench.pack,
-                    "base_layer_weighting": DEFAULT_WEIGHTING,  # what the variant's other runs used
+                    "base_layer_weighting": DEFAULT_WEIGHTING,  # what the variant's other options were
+                    "base_error_metric": DEFAULT_METRIC,
                     "error": r.error,
                 }
             )
@@ -122,8 +125,11 @@ def ablation_markdown(rows: list[dict]) -> str:
         "(`validation.json`), not on these test-split numbers. The same holds for the layer weighting: "
         "`gradient` (the default since it measured best there) against `residual-weighting` (the "
         "default before) and `gradient-only-weighting`; rows labelled \"default median layer "
-        "weighting\" were measured when residual was the default. The current default's own numbers are "
-        "the `stat` columns of the tables above.\n"
+        "weighting\" were measured when residual was the default. And for the error metric: `fisher` "
+        "(the default with the gradient weighting since it measured best there) against "
+        "`euclidean-metric`; rows labelled \"euclidean error metric\" were measured when that was the "
+        "default (their `gradient-weighting` row is then the default of the time). The current "
+        "default's own numbers are the `stat` columns of the tables above.\n"
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -131,7 +137,9 @@ def ablation_markdown(rows: list[dict]) -> str:
         metric, dense = mine[0]["metric"], mine[0]["dense_value"]
         # rows measured under another protocol than the model's usual one say so in their label
         setups = [_setup(r) for r in mine]
-        latest = max(setups, key=lambda s: (s[2] == DEFAULT_WEIGHTING, setups.count(s)))
+        latest = max(
+            setups, key=lambda s: (s[2] == DEFAULT_WEIGHTING, s[3] == DEFAULT_METRIC, setups.count(s))
+        )
         head = f"| variant | {' | '.join(f'{b:g}' for b in budgets)} |"
         lines = [
             f"\n### {model}\n",
@@ -158,17 +166,26 @@ def ablation_markdown(rows: list[dict]) -> str:
 
 def _setup(row: dict) -> tuple:
     """The protocol a row was measured under: calibration size and form, and the default layer
-    weighting of the time (rows from before the median rule have no record of it: the mean)."""
-    return row["samples"], bool(row.get("packed")), row.get("base_layer_weighting", "residual-mean")
+    weighting and error metric of the time (rows from before the median rule have no record of
+    the weighting: the mean; from before the fisher metric none of the metric: euclidean)."""
+    return (
+        row["samples"],
+        bool(row.get("packed")),
+        row.get("base_layer_weighting", "residual-mean"),
+        row.get("base_error_metric", "euclidean"),
+    )
 
 
 def _describe(setup: tuple) -> str:
-    samples, packed, weighting = setup
+    samples, packed, weighting, metric = setup
     unit = "packed 128-token windows" if packed else "calibration examples (one per line)"
     rule = {"residual": "median", "residual-mean": "mean", "none": "no", "auto": "gradient (auto)"}.get(
         weighting, weighting
     )
-    return f"{samples} {unit}, default {rule} layer weighting"
+    described = f"{samples} {unit}, default {rule} layer weighting"
+    if metric == "euclidean" and weighting == "auto":  # the gradient weighting before the fisher metric
+        described += ", euclidean error metric"
+    return described
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@
     python benchmarks/validate.py --model smollm2 --budgets 0.8 \
         --variants sequential-activations,original-target
 
+    # the error metric under the gradient weighting (the default became fisher from these)
+    python benchmarks/validate.py --model minilm-mr --budgets 0.9,0.8,0.6,0.5,0.4 \
+        --variants default,euclidean-metric
+    python benchmarks/validate.py --model mpnet-mr --budgets 0.7,0.5,0.4 --variants default
+    python benchmarks/validate.py --model smollm2 --budgets 0.8,0.6 --variants default
+
     # the allocation's layer weighting (the default became gradient from these)
     python benchmarks/validate.py --model minilm-mr --budgets 0.9,0.8,0.6,0.5,0.4 \
         --variants residual-weighting,gradient-weighting,gradient-only-weighting
@@ -87,7 +93,7 @@ def main() -> None:
             cache = statprune.AnalysisCache()
             for budget in (float(b) for b in args.budgets.split(",")):
                 tic = time.perf_counter()
-                model, _ = statprune.compress(
+                model, report = statprune.compress(
                     dense,
                     tokenizer,
                     calib,
@@ -105,6 +111,9 @@ def main() -> None:
                     "model": bench.name,
                     "variant": name,
                     "options": VARIANTS[name],
+                    # as resolved from "auto" (rows without it: gradient weighting meant euclidean)
+                    "layer_weighting": report.options["layer_weighting"],
+                    "error_metric": report.options["error_metric"],
                     "budget_kind": bench.budget_kind,
                     "budget": budget,
                     "samples": samples,

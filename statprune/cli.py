@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
         "auto (default): gradient where the model has a classifier or LM head, else residual",
     )
     c.add_argument(
+        "--error-metric",
+        default="auto",
+        choices=["auto", "euclidean", "fisher"],
+        help="how a block's output error is measured when choosing which units to keep: the squared "
+        "error added to the residual stream (euclidean), or weighed by the covariance of the loss "
+        "gradients there (fisher: errors in directions the loss reacts to count more; hidden² "
+        "floats per block); auto (default): fisher with the gradient layer weightings",
+    )
+    c.add_argument(
         "--fisher-labels",
         default="predicted",
         choices=["expected", "predicted"],
@@ -134,6 +143,7 @@ def _compress(args: argparse.Namespace) -> int:
         allocation=args.allocation,
         method=args.method,
         layer_weighting=args.layer_weighting,
+        error_metric=args.error_metric,
         fisher_labels=args.fisher_labels,
         round_to=args.round_to,
         device=args.device,

@@ -39,6 +39,7 @@ from statprune.fisher_grads import (
     UNLABELLED_LOSSES,
     LayerPlan,
     MaskGradients,
+    OutputSensitivity,
     collect_mask_gradients,
     has_loss_without_labels,
     output_sensitivity,
@@ -65,6 +66,7 @@ from statprune.surgery import prune_heads, prune_neurons
 
 CORRECTION_TARGETS = ("activations", "original")
 LAYER_WEIGHTINGS = ("auto", "residual", "residual-mean", "gradient", "gradient-only", "none")
+ERROR_METRICS = ("auto", "euclidean", "fisher")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,12 @@ class CompressionOptions:
     # gradient where the model has a head to differentiate (classifier, causal LM) and is not
     # offloaded, else residual — the better on training-portion data (benchmarks/validate.py)
     layer_weighting: str = "auto"
+    # how a block's output error is measured when choosing its units (and drawing its error curve):
+    # "euclidean", the squared error it adds to the residual stream, or "fisher", that error
+    # weighed by the covariance of the loss gradients at the block's output (normalized to trace
+    # hidden: the directions the loss reacts to count more; measured in the gradient weighting's
+    # backward pass); "auto": fisher with the gradient layer weightings, else euclidean
+    error_metric: str = "auto"
     round_to: int = 1  # kept FFN widths are multiples of this
     # fisher on a classifier whose calibration data has no labels: cross entropy against its argmax
     # ("predicted"), or the "expected" Fisher under the model's predictive distribution
@@ -143,6 +151,11 @@ class CompressionOptions:
         if self.layer_weighting not in LAYER_WEIGHTINGS:
             choices = ", ".join(LAYER_WEIGHTINGS)
             raise ValueError(f"layer_weighting must be one of {choices}, not {self.layer_weighting!r}")
+        if self.error_metric not in ERROR_METRICS:
+            choices = ", ".join(ERROR_METRICS)
+            raise ValueError(f"error_metric must be one of {choices}, not {self.error_metric!r}")
+        if self.error_metric == "fisher" and self.method != "stat":
+            raise BudgetError(f"--error-metric fisher is STAT's; {self.method} ranks units by its own scores")
         if self.fisher_labels not in UNLABELLED_LOSSES:
             raise ValueError(f"fisher_labels must be one of {UNLABELLED_LOSSES}, not {self.fisher_labels!r}")
         if self.seq_len < 1 or self.round_to < 1:
@@ -176,12 +189,14 @@ class Analysis:
 
     ``curves`` drive the allocation; ``stats`` (one per layer, with ``activations="original"``)
     let the pruning pass skip its forward passes, since its inputs would be the same; ``grads``
-    are fisher's mask gradients.
+    are fisher's mask gradients; ``sensitivity`` the blocks' output gradients (measured when first
+    needed: by the analysis pass, or by a pruning pass that selects under the fisher metric).
     """
 
     curves: list[BlockCurve] | None = None
     stats: list[_LayerStats] | None = None
     grads: MaskGradients | None = None
+    sensitivity: OutputSensitivity | None = None
 
 
 class AnalysisCache:
@@ -429,9 +444,20 @@ def _uses_activations(options: CompressionOptions) -> bool:
     return options.method != "magnitude"
 
 
+def _metric_factor(sensitivity: OutputSensitivity | None, block: str, layer: int) -> torch.Tensor | None:
+    return None if sensitivity is None else sensitivity.metric_factor(block, layer)
+
+
 def _head_selection(
-    adapter, layer, stats: _LayerStats, options: CompressionOptions, plan: LayerPlan | None = None
+    adapter,
+    layer,
+    stats: _LayerStats,
+    options: CompressionOptions,
+    plan: LayerPlan | None = None,
+    factor: torch.Tensor | None = None,
 ) -> HeadSelection:
+    """The order heads are kept in; STAT measures errors after ``factor @ W_O`` (the fisher
+    metric's factor, see ``OutputSensitivity.metric_factor``) when one is given."""
     if options.method == "fisher":  # decided up front from the mask gradients
         return plan.head_selection
     attn = adapter.attention(layer)
@@ -439,6 +465,8 @@ def _head_selection(
     w_o = layer.get_submodule(attn.o).weight.detach()
     if options.method == "stat":
         gram = finished.second_moment(options.bias_compensation)
+        if factor is not None:
+            w_o = factor.to(w_o.device) @ w_o.double()
         return select_heads(gram, w_o, attn.n_heads, attn.head_dim, attn.groups)
     channel = channel_scores(options.method, finished, w_o)
     if options.method == "magnitude":  # weight norms of each head's query rows and output columns
@@ -450,8 +478,15 @@ def _head_selection(
 
 
 def _neuron_selection(
-    adapter, layer, stats: _LayerStats, options: CompressionOptions, plan: LayerPlan | None = None
+    adapter,
+    layer,
+    stats: _LayerStats,
+    options: CompressionOptions,
+    plan: LayerPlan | None = None,
+    factor: torch.Tensor | None = None,
 ) -> InterpolativeDecomposition:
+    """The order FFN neurons are kept in (STAT: pivoting scaled by ‖factor @ w_j‖, see
+    :func:`_head_selection`)."""
     if options.method == "fisher":
         return plan.neuron_selection
     ffn = adapter.ffn(layer)
@@ -459,7 +494,8 @@ def _neuron_selection(
     w = layer.get_submodule(ffn.output).weight.detach().double()
     if options.method == "stat":
         gram = finished.second_moment(options.bias_compensation)
-        return select_columns(gram, scale=torch.linalg.vector_norm(w, dim=0))
+        seen = w if factor is None else factor.to(w.device) @ w
+        return select_columns(gram, scale=torch.linalg.vector_norm(seen, dim=0))
     w_in = torch.cat([layer.get_submodule(p).weight.detach() for p in ffn.inputs], dim=1)
     scores = channel_scores(options.method, finished, w, w_in)
     return neuron_ranking(scores, standardize=options.method == "flap")
@@ -557,6 +593,9 @@ def compress(
         gradient = has_loss_without_labels(model) and not offload
         rule = "gradient" if gradient else "residual"
         options = replace(options, layer_weighting=rule if options.method == "stat" else "none")
+    if options.error_metric == "auto":
+        fisher = options.method == "stat" and options.layer_weighting.startswith("gradient")
+        options = replace(options, error_metric="fisher" if fisher else "euclidean")
     device = resolve_device(options.device)
     check_finite_weights(model)
     batches = _prepare_batches(tokenizer, data, samples, seed, options.seq_len, batch_size, pack)
@@ -595,12 +634,18 @@ def compress(
                     analysis.grads = collect_mask_gradients(
                         model, adapter, batches, options.prune, options.fisher_labels
                     )
-                measure = None
-                if options.method == "stat" and options.layer_weighting.startswith("gradient"):
-                    measure = functools.partial(output_sensitivity, model, adapter, batches, options.prune)
                 if options.method != "fisher" or keep_stats:
                     analysis.curves, analysis.stats = _analyse(
-                        adapter, base, calib, shapes, options, kind, checkpoint, visit, keep_stats, measure
+                        adapter,
+                        base,
+                        calib,
+                        shapes,
+                        options,
+                        kind,
+                        checkpoint,
+                        visit,
+                        keep_stats,
+                        functools.partial(_sensitivity, analysis, model, adapter, batches, options),
                     )
                 if cache is not None:
                     cache.put(cache_key, analysis)
@@ -619,8 +664,12 @@ def compress(
                     reserve=_bias_reserve(shapes, curves, kind, options),
                 )
         with _timed(stages, "prune"):
+            # selections not kept from the analysis pass are made again, under the same metric;
+            # measured on the unpruned model, before a resumed run restores its pruned layers
+            reselect = analysis.stats is None and options.error_metric == "fisher"
+            sensitivity = _sensitivity(analysis, model, adapter, batches, options) if reselect else None
             layer_reports, ops = _prune(
-                adapter, base, calib, counts, options, checkpoint, visit, analysis.stats
+                adapter, base, calib, counts, options, checkpoint, visit, analysis.stats, sensitivity
             )
     if checkpoint is not None:
         checkpoint.finish()
@@ -633,6 +682,21 @@ def compress(
     if device.type == "cuda":
         report.peak_device_mb = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return model, report
+
+
+def _sensitivity(analysis: Analysis, model, adapter, batches, options) -> OutputSensitivity | None:
+    """The blocks' output sensitivity (and with the fisher metric their gradient covariances),
+    measured by one backward pass on first use and kept in ``analysis``; None if STAT's options
+    use no loss gradient."""
+    wanted = options.method == "stat" and (
+        options.layer_weighting.startswith("gradient") or options.error_metric == "fisher"
+    )
+    if wanted and analysis.sensitivity is None:
+        covariance = options.error_metric == "fisher"
+        analysis.sensitivity = output_sensitivity(
+            model, adapter, batches, options.prune, covariance=covariance
+        )
+    return analysis.sensitivity if wanted else None
 
 
 @contextlib.contextmanager
@@ -734,13 +798,15 @@ def _analyse_layer(
     weight = _block_weights(stats, options, None if sensitivity is None else sensitivity.at(i))
     stats.token_energy.clear()
     if stats.heads is not None:
-        stats.head_selection = _head_selection(adapter, layer, stats, options)
+        factor = _metric_factor(sensitivity, "heads", i)
+        stats.head_selection = _head_selection(adapter, layer, stats, options, factor=factor)
         errors = stats.head_selection.errors
         curves.append(
             curve_from_errors(i, "heads", shapes[i], errors, weight["heads"], kind, options.seq_len)
         )
     if stats.neurons is not None:
-        stats.neuron_selection = _neuron_selection(adapter, layer, stats, options)
+        factor = _metric_factor(sensitivity, "neurons", i)
+        stats.neuron_selection = _neuron_selection(adapter, layer, stats, options, factor=factor)
         curves.append(
             curve_from_errors(
                 i,
@@ -762,7 +828,7 @@ def _block_weights(stats: _LayerStats, options, sensitivity: dict[str, float] | 
     if rule == "none" or options.method != "stat":
         return {"heads": 1.0, "neurons": 1.0}
     inverse_energy = 1.0 / max(_typical_energy(stats.token_energy, rule), 1e-30)
-    if sensitivity is None:
+    if sensitivity is None or not rule.startswith("gradient"):
         return {"heads": inverse_energy, "neurons": inverse_energy}
     if rule == "gradient-only":
         return sensitivity
@@ -794,11 +860,12 @@ def _bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str,
 
 
 def _prune(
-    adapter, base, calib, counts, options, checkpoint, visit, known_stats=None
+    adapter, base, calib, counts, options, checkpoint, visit, known_stats=None, sensitivity=None
 ) -> tuple[list[LayerReport], list[dict]]:
     """Pruning pass: re-collect statistics layer by layer (or take ``known_stats``, one per layer,
-    from the analysis pass), select, correct and slice. A correction toward the original model
-    carries the original model's hidden states (``originals``) beside the pruned model's."""
+    from the analysis pass), select (under ``sensitivity``'s fisher metric when given), correct
+    and slice. A correction toward the original model carries the original model's hidden states
+    (``originals``) beside the pruned model's."""
     inputs, start = calib.hidden, 0
     originals = calib.hidden if options.correction_target != "activations" else None
     layers = adapter.layers(base)
@@ -817,7 +884,7 @@ def _prune(
         with _visiting(layers[i], visit):
             known = known_stats[i] if known_stats else None
             report, layer_ops, outputs, reference, originals = _prune_layer(
-                adapter, base, i, calib, inputs, counts[i], options, known, originals
+                adapter, base, i, calib, inputs, counts[i], options, known, originals, sensitivity
             )
             if checkpoint is not None:
                 checkpoint.save_layer(i, layers[i])
@@ -831,7 +898,16 @@ def _prune(
 
 
 def _prune_layer(
-    adapter, base, i, calib, inputs, count, options, known: _LayerStats | None = None, originals=None
+    adapter,
+    base,
+    i,
+    calib,
+    inputs,
+    count,
+    options,
+    known: _LayerStats | None = None,
+    originals=None,
+    sensitivity: OutputSensitivity | None = None,
 ):
     """Select, correct and slice one layer; returns its report, ops, new outputs, the unpruned
     layer's outputs on the same inputs, and the original model's outputs (with ``originals``,
@@ -855,7 +931,9 @@ def _prune_layer(
         stats, reference = _collect(adapter, layer, calib, inputs, options, inputs[0].device)
     kept_heads, attn_err = list(range(attn.n_heads)), 0.0
     if stats.heads is not None and want_heads < attn.n_heads:
-        selection = stats.head_selection or _head_selection(adapter, layer, stats, options, count)
+        selection = stats.head_selection or _head_selection(
+            adapter, layer, stats, options, count, _metric_factor(sensitivity, "heads", i)
+        )
         per_group = want_heads // attn.groups
         kept_heads, dropped_heads = selection.keep(per_group, attn.n_heads)
         attn_err = _relative(selection.errors, per_group)
@@ -872,7 +950,9 @@ def _prune_layer(
         ops += prune_heads(adapter, base, i, kept_heads, w, b)
     kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
     if stats.neurons is not None and want_neurons < ffn.width:
-        ident = stats.neuron_selection or _neuron_selection(adapter, layer, stats, options, count)
+        ident = stats.neuron_selection or _neuron_selection(
+            adapter, layer, stats, options, count, _metric_factor(sensitivity, "neurons", i)
+        )
         kept_neurons, dropped = ident.keep(want_neurons)
         ffn_err = _relative(ident.errors, want_neurons)
         w, b = _correct(

@@ -196,11 +196,13 @@ class _MaskProbe:
 
 class _OutputProbe:
     """A zero shift added to each block's output (its output projection's), whose gradient is the
-    loss gradient with respect to what the block writes into the residual stream."""
+    loss gradient with respect to what the block writes into the residual stream. With
+    ``covariance`` it also sums the gradients' outer products Σ_t g_t g_tᵀ (float32, on the device)."""
 
-    def __init__(self) -> None:
+    def __init__(self, covariance: bool = False) -> None:
         self.shifts: dict[tuple[str, int], torch.Tensor] = {}
         self.energy: dict[tuple[str, int], float] = {}
+        self.covariance: dict[tuple[str, int], torch.Tensor] | None = {} if covariance else None
 
     def hook(self, key: tuple[str, int], module: nn.Module, _width: int, _block: int):
         self.energy[key] = 0.0
@@ -220,6 +222,10 @@ class _OutputProbe:
 
     def record(self, key: tuple[str, int], grad: torch.Tensor) -> None:
         self.energy[key] += float(grad.double().square().sum())  # padding's gradient is zero
+        if self.covariance is not None:
+            rows = grad.detach().float().reshape(-1, grad.shape[-1])
+            total = self.covariance.get(key)
+            self.covariance[key] = rows.T @ rows if total is None else total.addmm_(rows.T, rows)
 
 
 def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -> tuple[str, int]:
@@ -310,16 +316,38 @@ class OutputSensitivity:
     ‖∂loss/∂y_t‖², y being what the block adds to the residual stream (None: block not pruned).
 
     A block error E (rows: tokens) then costs about ``sensitivity × ‖E‖²_F / hidden`` in loss,
-    when errors and gradients point in unrelated directions."""
+    when errors and gradients point in unrelated directions. ``covariance`` (when measured) holds
+    each block's Σ_t g_t g_tᵀ (hidden x hidden, float64, CPU), keyed by (block, layer): the
+    directions the loss reacts to, which :meth:`metric_factor` turns into an error metric."""
 
     heads: list[float | None]
     neurons: list[float | None]
     labels: str
+    covariance: dict[tuple[str, int], torch.Tensor] | None = None
 
     def at(self, layer: int) -> dict[str, float]:
         """The pruned blocks of ``layer`` and their sensitivities."""
         pairs = (("heads", self.heads[layer]), ("neurons", self.neurons[layer]))
         return {block: value for block, value in pairs if value is not None}
+
+    def metric_factor(self, block: str, layer: int) -> torch.Tensor | None:
+        """Lᵀ with L Lᵀ = F̂ = C · hidden / tr(C), C the block's gradient covariance: the error E
+        of the block's output then costs ‖E L‖²_F = tr(E F̂ Eᵀ) instead of ‖E‖²_F (equal when the
+        gradients are isotropic; F̂ has trace hidden, so the scale stays the weighting's).
+        None without a covariance for that block."""
+        c = (self.covariance or {}).get((block, layer))
+        if c is None:
+            return None
+        trace = float(torch.diagonal(c).sum())
+        if not trace > 0.0:  # the loss does not react at all: no direction is preferred
+            return torch.eye(c.shape[0], dtype=torch.float64)
+        metric = c * (c.shape[0] / trace)
+        metric.diagonal().add_(1e-6)  # F̂ may be singular (fewer tokens than dimensions)
+        factor, info = torch.linalg.cholesky_ex(metric)
+        if int(info) == 0:
+            return factor.T
+        values, vectors = torch.linalg.eigh(metric)  # rounding left it slightly indefinite
+        return (vectors * values.clamp(min=0).sqrt()).T
 
 
 def output_sensitivity(
@@ -328,10 +356,12 @@ def output_sensitivity(
     batches: Sequence[CalibrationBatch],
     prune: Sequence[str] = ("heads", "neurons"),
     unlabelled: str = "expected",
+    covariance: bool = False,
 ) -> OutputSensitivity:
     """Loss-gradient energy at every pruned block's output over the calibration batches (the
-    model's own predictions as labels where the batches carry none; see the module docstring)."""
-    probe = _OutputProbe()
+    model's own predictions as labels where the batches carry none; see the module docstring),
+    and with ``covariance`` the gradients' covariance (hidden² floats per block on the device)."""
+    probe = _OutputProbe(covariance)
     labels, _ = _backward_batches(model, adapter, batches, prune, unlabelled, probe, "output gradients")
     tokens = max(count_tokens(batches), 1)
     layers = len(adapter.layers(model.base_model))
@@ -344,6 +374,9 @@ def output_sensitivity(
         heads=[mean("heads", i) for i in range(layers)],
         neurons=[mean("neurons", i) for i in range(layers)],
         labels=labels,
+        covariance=None
+        if probe.covariance is None
+        else {key: c.to("cpu", torch.float64) for key, c in probe.covariance.items()},
     )
 
 

@@ -390,10 +390,12 @@ def test_bad_budgets_are_rejected():
         _compress(model, keep_flops=0.1, prune=("heads",))
 
 
-def test_offloading_layers_gives_identical_results():
+@pytest.mark.parametrize("weighting", ["residual", "gradient"])  # auto differs: offload -> residual
+def test_offloading_layers_gives_identical_results(weighting):
     model = build_tiny_model("llama")
-    a, rep_a = _compress(model, keep_flops=0.5)
-    b, rep_b = _compress(model, keep_flops=0.5, offload=True)
+    a, rep_a = _compress(model, keep_flops=0.5, layer_weighting=weighting)
+    b, rep_b = _compress(model, keep_flops=0.5, offload=True, layer_weighting=weighting)
+    assert rep_a.options["error_metric"] == rep_b.options["error_metric"]
     assert [lr.heads_kept for lr in rep_a.layers] == [lr.heads_kept for lr in rep_b.layers]
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name

@@ -1,5 +1,6 @@
-"""``layer_weighting="gradient"``: the loss-gradient energy at each block's output, checked against
-an independent autograd computation, and how it enters the allocation, the errors and the CLI."""
+"""``layer_weighting="gradient"`` and ``error_metric="fisher"``: the loss-gradient energy and
+covariance at each block's output, checked against an independent autograd computation, and how
+they enter the allocation, the selections, the errors and the CLI."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def _batches(family: str, n: int = 6, batch_size: int = 3) -> list[CalibrationBa
     return batches
 
 
-def _reference(model, batches, labels_of) -> dict[tuple[str, int], float]:
-    """Σ‖∂loss/∂y‖² over tokens / real tokens, by retain_grad on the block outputs (the graph exists
-    because the embeddings require grad), with the loss written out here."""
+def _reference(model, batches, labels_of):
+    """Σ‖∂loss/∂y‖² over tokens / real tokens, and Σ g gᵀ over tokens, by retain_grad on the block
+    outputs (the graph exists because the embeddings require grad), with the loss written out here."""
     adapter = adapter_for(model.config)
     outputs: dict[tuple[str, int], torch.Tensor] = {}
     handles = []
@@ -46,6 +47,7 @@ def _reference(model, batches, labels_of) -> dict[tuple[str, int], float]:
     energy = dict.fromkeys(
         ((k, i) for i in range(len(adapter.layers(model.base_model))) for k in ("heads", "neurons")), 0.0
     )
+    covariance: dict[tuple[str, int], torch.Tensor] = {}
     tokens = 0
     try:
         for batch in batches:
@@ -64,11 +66,13 @@ def _reference(model, batches, labels_of) -> dict[tuple[str, int], float]:
             for key, out in outputs.items():
                 assert out.grad[~mask].abs().max() == 0  # padding never reaches the loss
                 energy[key] += float(out.grad.double().square().sum())
+                rows = out.grad.double().reshape(-1, out.shape[-1])
+                covariance[key] = covariance.get(key, 0) + rows.T @ rows
             tokens += int(mask.sum())
     finally:
         for h in handles:
             h.remove()
-    return {key: value / tokens for key, value in energy.items()}
+    return {key: value / tokens for key, value in energy.items()}, covariance
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -78,15 +82,34 @@ def test_sensitivity_is_the_mean_squared_loss_gradient_at_each_block_output(fami
     batches = _batches(family)
     with torch.no_grad():
         predicted = {id(b): model(**b.inputs).logits.argmax(-1) for b in batches}
-    got = output_sensitivity(model, adapter_for(model.config), batches, unlabelled="predicted")
+    got = output_sensitivity(
+        model, adapter_for(model.config), batches, unlabelled="predicted", covariance=True
+    )
     assert got.labels == ("next-token" if family == "llama" else "predicted")
     assert all(p.requires_grad for p in model.parameters())  # weights unfrozen again
     embeddings = model.get_input_embeddings().weight
     embeddings.requires_grad_(True)
-    want = _reference(model, batches, lambda b: predicted[id(b)])
+    want, covariance = _reference(model, batches, lambda b: predicted[id(b)])
     for (kind, i), value in want.items():
         assert value > 0
         assert getattr(got, kind)[i] == pytest.approx(value, rel=1e-4)
+        want_c = covariance[kind, i]  # summed in float32 by the probe
+        torch.testing.assert_close(
+            got.covariance[kind, i], want_c, rtol=1e-4, atol=1e-5 * float(want_c.abs().max())
+        )
+    assert output_sensitivity(model, adapter_for(model.config), batches).covariance is None
+
+
+def test_metric_factor_is_a_root_of_the_normalized_covariance():
+    g = torch.randn(5, 8, dtype=torch.float64)  # fewer gradients than dimensions: singular
+    covariance = g.T @ g
+    s = OutputSensitivity(heads=[1.0], neurons=[None], labels="x", covariance={("heads", 0): covariance})
+    factor = s.metric_factor("heads", 0)
+    normalized = covariance * 8 / torch.trace(covariance)
+    torch.testing.assert_close(factor.T @ factor, normalized + 1e-6 * torch.eye(8))
+    assert s.metric_factor("neurons", 0) is None
+    zero = OutputSensitivity([1.0], [None], "x", {("heads", 0): torch.zeros(3, 3, dtype=torch.float64)})
+    assert torch.equal(zero.metric_factor("heads", 0), torch.eye(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("classes", [2, 3])
@@ -125,7 +148,7 @@ def test_the_allocation_spares_the_block_the_loss_is_sensitive_to(monkeypatch, r
     layers = 3
 
     def fake(weight):
-        def sensitivity(model, adapter, batches, prune):
+        def sensitivity(model, adapter, batches, prune, **_):
             neurons = [1.0] * layers
             neurons[1] = weight
             return OutputSensitivity(heads=[1.0] * layers, neurons=neurons, labels="next-token")
@@ -175,7 +198,7 @@ def test_cli_layer_weighting_gradient(tiny_model_dir, calib_file, tmp_path, caps
 def test_gradient_only_with_equal_sensitivities_is_no_weighting(monkeypatch):
     model = build_tiny_model("llama", num_hidden_layers=3)
 
-    def equal(model, adapter, batches, prune):
+    def equal(model, adapter, batches, prune, **_):
         return OutputSensitivity(heads=[2.5] * 3, neurons=[2.5] * 3, labels="next-token")
 
     monkeypatch.setattr(statprune.driver, "output_sensitivity", equal)
@@ -188,32 +211,100 @@ def test_gradient_only_with_equal_sensitivities_is_no_weighting(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("model_kwargs", "compress_kwargs", "expected"),
+    ("model_kwargs", "compress_kwargs", "expected", "metric"),
     [
-        ({"family": "bert"}, {}, "gradient"),
-        ({"family": "llama"}, {}, "gradient"),
-        ({"family": "bert", "task": "base"}, {}, "residual"),  # nothing to differentiate
-        ({"family": "bert", "num_labels": 1}, {}, "residual"),  # regression: needs labels
-        ({"family": "bert"}, {"offload": True}, "residual"),  # the model is not on the device
-        ({"family": "bert"}, {"method": "flap"}, "none"),  # baselines weigh no block
+        ({"family": "bert"}, {}, "gradient", "fisher"),
+        ({"family": "llama"}, {}, "gradient", "fisher"),
+        ({"family": "bert", "task": "base"}, {}, "residual", "euclidean"),  # nothing to differentiate
+        ({"family": "bert", "num_labels": 1}, {}, "residual", "euclidean"),  # regression: needs labels
+        ({"family": "bert"}, {"offload": True}, "residual", "euclidean"),  # the model is not on the device
+        ({"family": "bert"}, {"method": "flap"}, "none", "euclidean"),  # baselines weigh no block
+        ({"family": "bert"}, {"layer_weighting": "residual"}, "residual", "euclidean"),
     ],
 )
-def test_auto_layer_weighting(model_kwargs, compress_kwargs, expected):
+def test_auto_layer_weighting_and_error_metric(model_kwargs, compress_kwargs, expected, metric):
     model = build_tiny_model(**model_kwargs)
     _, report = _compress(model, keep_flops=0.7, **compress_kwargs)
     assert report.options["layer_weighting"] == expected
+    assert report.options["error_metric"] == metric
 
 
-@pytest.mark.parametrize(("stage", "measured_again"), [("analyse", True), ("prune", False)])
-def test_resume_measures_sensitivity_only_while_layers_are_left_to_analyse(
-    tmp_path, monkeypatch, stage, measured_again
+def test_fisher_metric_is_for_stat():
+    with pytest.raises(BudgetError, match="error-metric fisher"):
+        _compress(build_tiny_model("bert"), keep_flops=0.7, method="flap", error_metric="fisher")
+
+
+def _fake_covariance(monkeypatch, make):
+    """Replace the measured covariance of every block by ``make(hidden)``."""
+    measure = statprune.driver.output_sensitivity
+
+    def fake(*args, **kwargs):
+        got = measure(*args, **kwargs)
+        got.covariance = {key: make(c.shape[0]) for key, c in (got.covariance or {}).items()}
+        return got
+
+    monkeypatch.setattr(statprune.driver, "output_sensitivity", fake)
+
+
+@pytest.mark.parametrize("activations", ["original", "sequential"])
+def test_isotropic_gradients_make_the_fisher_metric_euclidean(monkeypatch, activations):
+    model = build_tiny_model("bert", num_hidden_layers=3)
+    options = {"keep_flops": 0.5, "layer_weighting": "residual", "activations": activations}
+    euclidean, _ = _compress(model, error_metric="euclidean", **options)
+    _fake_covariance(monkeypatch, lambda d: 7.0 * torch.eye(d, dtype=torch.float64))
+    fisher, report = _compress(model, error_metric="fisher", **options)
+    assert report.options["error_metric"] == "fisher"
+    for (name, a), b in zip(euclidean.state_dict().items(), fisher.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("activations", ["original", "sequential"])
+def test_the_fisher_metric_keeps_what_the_loss_sees(monkeypatch, activations):
+    """With gradients along one direction u, the selection changes and the pruned FFN's output
+    error along u shrinks (other directions are free to grow)."""
+    model = build_tiny_model("llama", num_hidden_layers=2)
+    u = torch.randn(32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    u /= u.norm()
+    options = {"keep_params": 0.5, "prune": ("neurons",), "layer_weighting": "residual"}
+    options["activations"] = activations
+    euclidean, plain = _compress(model, error_metric="euclidean", **options)
+    _fake_covariance(monkeypatch, lambda d: torch.outer(u, u))
+    fisher, aimed = _compress(model, error_metric="fisher", **options)
+    assert aimed.layers[0].neurons_kept != plain.layers[0].neurons_kept
+
+    def ffn_output(m):  # layer 0's down projection output on the calibration texts
+        got = []
+        module = m.model.layers[0].mlp.down_proj
+        handle = module.register_forward_hook(lambda mod, args, out: got.append(out.double()))
+        batch = TOKENIZER(tiny_texts(40, seed=11), padding=True, return_tensors="pt")
+        batch.pop("token_type_ids", None)
+        with torch.no_grad():
+            m(**batch)
+        handle.remove()
+        return got[0][batch["attention_mask"].bool()]
+
+    dense = ffn_output(model)
+    along = {
+        name: float(((ffn_output(m) - dense) @ u).square().sum())
+        for name, m in (("euclidean", euclidean), ("fisher", fisher))
+    }
+    assert along["fisher"] < 0.5 * along["euclidean"]
+
+
+@pytest.mark.parametrize(
+    ("stage", "metric", "measured_again"),
+    [("analyse", "euclidean", True), ("prune", "euclidean", False), ("prune", "fisher", True)],
+)
+def test_resume_measures_sensitivity_only_while_it_is_needed(
+    tmp_path, monkeypatch, stage, metric, measured_again
 ):
     """The saved curves are already weighted: a run resumed after its analysis pass skips the
-    backward pass, one resumed inside it runs it again; both match an uninterrupted run."""
+    backward pass unless its pruning pass selects under the fisher metric, one resumed inside it
+    runs it again; all match an uninterrupted run."""
     from statprune.checkpoint import Checkpoint
 
     model = build_tiny_model("llama", num_hidden_layers=3)
-    options = {"keep_params": 0.5, "layer_weighting": "gradient"}
+    options = {"keep_params": 0.5, "layer_weighting": "gradient", "error_metric": metric}
     reference, _ = _compress(model, **options)
     save, measure = Checkpoint.save, statprune.driver.output_sensitivity
     calls = []
