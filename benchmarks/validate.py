@@ -26,7 +26,14 @@ be tuning on the test split. This script gives the numbers a decision may use:
   ``--in-sample`` scores the calibration sentences themselves instead, which shows how much of a
   variant's fit is overfitting the calibration sample.
 - SmolLM2: perplexity on the WSJ calibration portion (``wsj-calib.txt``; the model calibrates on
-  OANC, and the benchmark evaluates on ``wsj-heldout.txt``), with ratio, agreement and KL.
+  OANC, and the benchmark evaluates on ``wsj-heldout.txt``), with ratio, agreement and KL. With
+  ``--wsj-split`` the evaluation is lines 601-800 of ``wsj-calib.txt`` only, and ``--lm-calib wsj``
+  calibrates on lines 1-600 (in-domain calibration) instead of OANC, so the two compare on text
+  neither saw:
+
+    python benchmarks/validate.py --model smollm2 --budgets 0.8,0.6 --variants default --wsj-split
+    python benchmarks/validate.py --model smollm2 --budgets 0.8,0.6 --variants default --wsj-split \
+        --lm-calib wsj
 Variants are those of benchmarks/ablation.py. Rows are appended to benchmarks/validation.json
 (same model, variant, budget, calibration size and split replaced).
 """
@@ -73,12 +80,27 @@ def main() -> None:
     parser.add_argument("--samples", default=None, help="calibration sizes (default: the benchmark's)")
     parser.add_argument("--in-sample", action="store_true", help="score the calibration examples")
     parser.add_argument("--out", type=Path, default=HERE / "validation.json")
+    parser.add_argument(
+        "--wsj-split", action="store_true", help="SmolLM2: evaluate on wsj-calib.txt lines 601-800"
+    )
+    parser.add_argument(
+        "--lm-calib",
+        choices=("oanc", "wsj"),
+        default="oanc",
+        help="SmolLM2 calibration text: the benchmark's OANC lines, or wsj-calib.txt lines 1-600 "
+        "(needs --wsj-split)",
+    )
     args = parser.parse_args()
     bench = BENCHMARKS[args.model]
     names = parse_variants(parser, args.variants)
     corpora, model_dir = assets.ensure("corpora"), assets.ensure(bench.asset)
     tokenizer, dense = load_tokenizer(model_dir), load(model_dir)
     calib = read_examples(corpora / bench.calib)
+    calib_name = bench.calib
+    if args.lm_calib == "wsj":
+        if not (args.wsj_split and bench.budget_kind == "params"):
+            parser.error("--lm-calib wsj is for --model smollm2 with --wsj-split")
+        calib, calib_name = read_examples(corpora / "wsj-calib.txt")[:600], "wsj-calib.txt lines 1-600"
     sizes = [int(s) for s in args.samples.split(",")] if args.samples else [bench.samples or 512]
     split = "calibration" if args.in_sample else "validation"
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
@@ -86,6 +108,8 @@ def main() -> None:
         if bench.budget_kind == "params":  # causal LM: a text the compression never sees
             texts, labels = read_examples(corpora / "wsj-calib.txt"), None
             data_name = "wsj-calib.txt"
+            if args.wsj_split:
+                texts, data_name = texts[600:], "wsj-calib.txt lines 601-800"
         else:
             texts, labels = _classifier_split(corpora, calib, samples, args.in_sample)
             data_name = f"rt-train ({'the calibration sample' if args.in_sample else 'not in it'})"
@@ -119,6 +143,7 @@ def main() -> None:
                     "samples": samples,
                     "split": split,
                     "data": data_name,
+                    "calibration": calib_name,
                     "examples": len(texts),
                     "accuracy": result.accuracy,
                     "perplexity": result.perplexity,
@@ -127,8 +152,13 @@ def main() -> None:
                     "kl": result.kl,
                     "seconds": round(seconds, 1),
                 }
-                key = ("model", "variant", "budget", "samples", "split")
-                rows = [r for r in rows if tuple(r[k] for k in key) != tuple(row[k] for k in key)]
+                key = ("model", "variant", "budget", "samples", "split", "data")
+
+                def same(r, row=row, key=key):  # rows without "calibration" used the benchmark's
+                    mine = r.get("calibration", bench.calib)
+                    return all(r[k] == row[k] for k in key) and mine == row["calibration"]
+
+                rows = [r for r in rows if not same(r)]
                 rows.append(row)
                 args.out.write_text(json.dumps(rows, indent=2) + "\n")
                 quality = (
