@@ -114,6 +114,7 @@ def main() -> None:
         "budget": args.keep_flops,
         "activations": args.activations,
         "layer_weighting": report["options"].get("layer_weighting"),
+        "error_metric": report["options"].get("error_metric"),
         "backend": "torch",
         "device": "cpu",
         "batch": 16,
@@ -135,13 +136,15 @@ def main() -> None:
     if args.json:  # merge: replace this model's compression row, keep every other row
         rows = json.loads(args.json.read_text()) if args.json.exists() else []
 
-        def key(r: dict) -> tuple:  # rows from before --activations existed were sequential, and
-            # rows from before the gradient weighting used the residual one
+        def key(r: dict) -> tuple:  # rows from before --activations existed were sequential,
+            # rows from before the gradient weighting used the residual one, and rows from before
+            # the fisher error metric the euclidean one
             return (
                 r["kind"],
                 r["model"],
                 r.get("activations", "sequential"),
                 r.get("layer_weighting", "residual"),
+                r.get("error_metric") or "euclidean",
             )
 
         rows = [r for r in rows if key(r) != key(row)]

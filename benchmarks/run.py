@@ -245,10 +245,12 @@ def speed_section(path: Path) -> str:
 
 
 def _variant(row: dict) -> str:
-    """Compression rows name the activations mode and layer weighting; inference rows their budget."""
+    """Compression rows name the activations mode, layer weighting and error metric; inference
+    rows their budget."""
     if row["kind"] == "compression":
         mode = f"{row.get('activations', 'sequential')} activations, {row.get('layer_weighting', 'residual')}"
-        return f" ({mode} weighting, keep {row['budget']:g})"
+        metric = row.get("error_metric") or "euclidean"
+        return f" ({mode} weighting, {metric} metric, keep {row['budget']:g})"
     return f" (keep {row['budget']:g}{', round-to ' + str(row['round_to']) if row.get('round_to') else ''})"
 
 
@@ -393,9 +395,14 @@ def main() -> None:
     )
     body = "\n".join(sections[k] for k in sorted(sections))
     (args.out / "RESULTS.md").write_text(
-        header + body + "\n" + speed_section(args.out / "speed.json")
-        + "\n" + outside_section(args.out / "outside_check.json", rows)
-        + "\n" + ablation_section(args.out / "ablation.json")
+        header
+        + body
+        + "\n"
+        + speed_section(args.out / "speed.json")
+        + "\n"
+        + outside_section(args.out / "outside_check.json", rows)
+        + "\n"
+        + ablation_section(args.out / "ablation.json")
     )
     print(f"wrote {results_file} and RESULTS.md in {time.perf_counter() - start:.0f} s")
 

@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fisher-labels",
         default="predicted",
         choices=["expected", "predicted"],
-        help="fisher on unlabelled data for a classifier: the loss against its own argmax predictions "
-        "(default) or the expected Fisher under its predictive distribution",
+        help="fisher on unlabelled data: a classifier's loss against its own argmax predictions, a "
+        "causal LM's against the text's next tokens (predicted, default), or the expected Fisher "
+        "under the model's predictive distribution (LMs: next tokens sampled from it)",
     )
     c.add_argument(
         "--no-bias-compensation",

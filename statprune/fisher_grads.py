@@ -20,7 +20,11 @@ refuses it):
   zero on most examples, so a few uncertain ones dominate its ranking; the expected Fisher weighs
   every example, but ranked no better on the benchmarks' training portions. A regression head needs labels;
 - causal LM: the next-token loss on the calibration text (``next-token``; padding ignored), each
-  example's mean over its tokens;
+  example's mean over its tokens; or, with ``expected``, the same loss against next tokens drawn
+  from the model's own distribution at every position (``sampled``, seeded): a one-draw Monte
+  Carlo estimate of the expected Fisher, which the vocabulary makes too large to sum. The text's
+  tokens give the empirical Fisher instead, which weighs where the model is wrong (Kunstner et
+  al. 2019);
 - token-level heads (token classification, masked LM): per-token cross entropy against the
   labels or the dense predictions, each example's mean over its real tokens.
 
@@ -28,9 +32,10 @@ The per-example gradients give the diagonal Fisher that the mask search ranks un
 per-layer Fisher blocks the rearrangement uses (``statprune.linalg.fisher``); :func:`plan_masks`
 turns them into a :class:`LayerPlan` per layer, which the driver's pruning pass follows.
 
-:func:`output_sensitivity` uses the same losses (classifiers: the expected Fisher by default) but
-differentiates with respect to what each block adds to the residual stream, a zero shift on its
-output projection's output; the mean ‖gradient‖² per token weighs that block's error curve.
+:func:`output_sensitivity` uses the same losses (the expected Fisher by default: exact for
+classifiers, sampled for causal LMs) but differentiates with respect to what each block adds to
+the residual stream, a zero shift on its output projection's output; the mean ‖gradient‖² per
+token weighs that block's error curve, and the gradients' covariance is STAT's fisher error metric.
 """
 
 from __future__ import annotations
@@ -113,15 +118,19 @@ def _per_example_loss(
     decoder: bool,
     config,
     unlabelled: str = "predicted",
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, str]:
     """The loss of every example of a batch, and what it was measured against: (batch,), or
-    (batch, classes − 1) for the expected Fisher (see :func:`_expected_fisher_factors`)."""
+    (batch, classes − 1) for a classifier's expected Fisher (see :func:`_expected_fisher_factors`);
+    ``generator`` draws a causal LM's sampled next tokens."""
     mask = inputs["attention_mask"].bool()
     kind = "given" if labels is not None else "predicted"
     logits = logits.float()
     if logits.dim() == 3:
         if decoder and logits.shape[-1] == getattr(config, "vocab_size", None):  # causal LM
-            if labels is None:
+            if labels is None and unlabelled == "expected":
+                labels, kind = _sampled_next_tokens(logits, mask, generator), "sampled"
+            elif labels is None:
                 labels, kind = inputs["input_ids"].masked_fill(~mask, -100), "next-token"
             logits, targets = logits[:, :-1], labels[:, 1:]
         else:  # token classification / masked LM heads
@@ -147,6 +156,19 @@ def _per_example_loss(
     log_p = F.log_softmax(logits, dim=-1)
     target = labels if labels is not None else logits.argmax(dim=-1)
     return F.nll_loss(log_p, target, reduction="none"), kind
+
+
+def _sampled_next_tokens(
+    logits: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Labels laid out like ``input_ids`` (position t + 1 holds the token drawn from the model's
+    distribution at position t; -100 where that position is padding or first)."""
+    probs = logits.detach().float().softmax(dim=-1)
+    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    drawn = drawn.reshape(probs.shape[:-1])
+    labels = torch.full_like(drawn, -100)
+    labels[:, 1:] = drawn[:, :-1].masked_fill(~mask[:, 1:], -100)
+    return labels
 
 
 def _expected_fisher_factors(logits: torch.Tensor) -> torch.Tensor:
@@ -250,6 +272,7 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
             handles.append(probe.hook(("neurons", i), layer.get_submodule(ffn.output), ffn.width, 1))
     kinds: set[str] = set()
     examples = 0
+    generator = torch.Generator(device=device).manual_seed(0)  # sampled next tokens: reproducible
     try:
         with torch.enable_grad(), _frozen(model):
             for batch in progress_bar(batches, desc=desc):
@@ -263,7 +286,7 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
                 if logits is None:
                     raise BudgetError(f"{desc} needs a model with logits; {type(model).__name__} has none")
                 loss, kind = _per_example_loss(
-                    logits, inputs, labels, adapter.is_decoder, model.config, unlabelled
+                    logits, inputs, labels, adapter.is_decoder, model.config, unlabelled, generator
                 )
                 if not torch.isfinite(loss).all():
                     raise ModelError("the loss became NaN or Inf; try --dtype float32")
@@ -296,8 +319,8 @@ def collect_mask_gradients(
     masks (all ones) in place; returns each example's gradient with respect to every mask (with
     the expected Fisher, K − 1 rows per example for K classes: rows only enter through Σ g gᵀ).
 
-    ``unlabelled`` is the loss of a classifier whose batches carry no labels: ``expected`` or
-    ``predicted`` (see the module docstring)."""
+    ``unlabelled`` is the loss where the batches carry no labels: ``expected`` or ``predicted``
+    (see the module docstring; a causal LM's ``predicted`` is the text's next token)."""
     probe = _MaskProbe()
     labels, examples = _backward_batches(model, adapter, batches, prune, unlabelled, probe, "mask gradients")
     stacked = {key: torch.cat(parts) for key, parts in probe.collected.items()}

@@ -100,6 +100,35 @@ def test_sensitivity_is_the_mean_squared_loss_gradient_at_each_block_output(fami
     assert output_sensitivity(model, adapter_for(model.config), batches).covariance is None
 
 
+def test_a_causal_lm_samples_its_own_next_tokens():
+    """The expected Fisher of an LM draws each next token from the model (seeded)."""
+    model = build_tiny_model("llama", num_hidden_layers=2)
+    model.eval()
+    adapter = adapter_for(model.config)
+    batches = _batches("llama")
+    text = output_sensitivity(model, adapter, batches, unlabelled="predicted")
+    sampled = output_sensitivity(model, adapter, batches)
+    assert (text.labels, sampled.labels) == ("next-token", "sampled")
+    assert output_sensitivity(model, adapter, batches).heads == sampled.heads
+    assert all(a != pytest.approx(b, rel=1e-3) for a, b in zip(text.heads, sampled.heads, strict=True))
+
+
+def test_sampled_next_tokens_follow_the_distribution_and_the_label_layout():
+    from statprune.fisher_grads import _sampled_next_tokens
+
+    certain = torch.tensor([[1, 2, 3, 4], [0, 0, 2, 1]])
+    logits = torch.full((2, 4, 5), -1e4).scatter(2, certain[:, :, None], 0.0)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
+    labels = _sampled_next_tokens(logits, mask, torch.Generator().manual_seed(1))
+    # position t + 1 holds what position t predicts; the first and padded positions hold -100
+    assert labels.tolist() == [[-100, 1, 2, 3], [-100, 0, 0, -100]]
+    p = torch.tensor([0.7, 0.2, 0.1])
+    logits = p.log().expand(1, 20001, 3)
+    drawn = _sampled_next_tokens(logits, torch.ones(1, 20001).bool(), torch.Generator().manual_seed(2))
+    frequency = torch.bincount(drawn[0, 1:], minlength=3) / 20000
+    torch.testing.assert_close(frequency, p, atol=0.015, rtol=0)
+
+
 def test_metric_factor_is_a_root_of_the_normalized_covariance():
     g = torch.randn(5, 8, dtype=torch.float64)  # fewer gradients than dimensions: singular
     covariance = g.T @ g
