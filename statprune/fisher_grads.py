@@ -340,7 +340,7 @@ class OutputSensitivity:
 
     A block error E (rows: tokens) then costs about ``sensitivity × ‖E‖²_F / hidden`` in loss,
     when errors and gradients point in unrelated directions. ``covariance`` (when measured) holds
-    each block's Σ_t g_t g_tᵀ (hidden x hidden, float64, CPU), keyed by (block, layer): the
+    each block's Σ_t g_t g_tᵀ (hidden x hidden, float32, CPU), keyed by (block, layer): the
     directions the loss reacts to, which :meth:`metric_factor` turns into an error metric."""
 
     heads: list[float | None]
@@ -361,10 +361,10 @@ class OutputSensitivity:
         c = (self.covariance or {}).get((block, layer))
         if c is None:
             return None
-        trace = float(torch.diagonal(c).sum())
+        trace = float(torch.diagonal(c).double().sum())
         if not trace > 0.0:  # the loss does not react at all: no direction is preferred
             return torch.eye(c.shape[0], dtype=torch.float64)
-        metric = c * (c.shape[0] / trace)
+        metric = c.double() * (c.shape[0] / trace)
         metric.diagonal().add_(1e-6)  # F̂ may be singular (fewer tokens than dimensions)
         factor, info = torch.linalg.cholesky_ex(metric)
         if int(info) == 0:
@@ -399,7 +399,7 @@ def output_sensitivity(
         labels=labels,
         covariance=None
         if probe.covariance is None
-        else {key: c.to("cpu", torch.float64) for key, c in probe.covariance.items()},
+        else {key: c.cpu() for key, c in probe.covariance.items()},
     )
 
 

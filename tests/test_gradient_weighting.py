@@ -95,7 +95,7 @@ def test_sensitivity_is_the_mean_squared_loss_gradient_at_each_block_output(fami
         assert getattr(got, kind)[i] == pytest.approx(value, rel=1e-4)
         want_c = covariance[kind, i]  # summed in float32 by the probe
         torch.testing.assert_close(
-            got.covariance[kind, i], want_c, rtol=1e-4, atol=1e-5 * float(want_c.abs().max())
+            got.covariance[kind, i].double(), want_c, rtol=1e-4, atol=1e-5 * float(want_c.abs().max())
         )
     assert output_sensitivity(model, adapter_for(model.config), batches).covariance is None
 
