@@ -59,6 +59,9 @@ from statprune.calibration import read_examples, sample_examples  # noqa: E402
 from statprune.evaluate import evaluate  # noqa: E402
 from statprune.persist import load, load_tokenizer  # noqa: E402
 
+WSJ_SPLIT = 600  # --wsj-split: wsj-calib.txt lines before it may calibrate, lines from it evaluate
+ROW_KEY = ("model", "variant", "budget", "samples", "split", "data")  # with "calibration": one row
+
 
 def _classifier_split(corpora: Path, calib: list[str], samples: int, in_sample: bool):
     chosen = set(sample_examples(calib, samples, 0))
@@ -70,6 +73,11 @@ def _classifier_split(corpora: Path, calib: list[str], samples: int, in_sample: 
         random.Random(1).shuffle(rows)
         rows = rows[:800]
     return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+def _row_key(row: dict, benchmark_calib: str) -> tuple:
+    """What identifies a row (rows without "calibration" used the benchmark's calibration file)."""
+    return (*(row[k] for k in ROW_KEY), row.get("calibration", benchmark_calib))
 
 
 def main() -> None:
@@ -100,7 +108,8 @@ def main() -> None:
     if args.lm_calib == "wsj":
         if not (args.wsj_split and bench.budget_kind == "params"):
             parser.error("--lm-calib wsj is for --model smollm2 with --wsj-split")
-        calib, calib_name = read_examples(corpora / "wsj-calib.txt")[:600], "wsj-calib.txt lines 1-600"
+        calib = read_examples(corpora / "wsj-calib.txt")[:WSJ_SPLIT]
+        calib_name = f"wsj-calib.txt lines 1-{WSJ_SPLIT}"
     sizes = [int(s) for s in args.samples.split(",")] if args.samples else [bench.samples or 512]
     split = "calibration" if args.in_sample else "validation"
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
@@ -109,7 +118,7 @@ def main() -> None:
             texts, labels = read_examples(corpora / "wsj-calib.txt"), None
             data_name = "wsj-calib.txt"
             if args.wsj_split:
-                texts, data_name = texts[600:], "wsj-calib.txt lines 601-800"
+                texts, data_name = texts[WSJ_SPLIT:], f"wsj-calib.txt lines {WSJ_SPLIT + 1}-{len(texts)}"
         else:
             texts, labels = _classifier_split(corpora, calib, samples, args.in_sample)
             data_name = f"rt-train ({'the calibration sample' if args.in_sample else 'not in it'})"
@@ -152,13 +161,7 @@ def main() -> None:
                     "kl": result.kl,
                     "seconds": round(seconds, 1),
                 }
-                key = ("model", "variant", "budget", "samples", "split", "data")
-
-                def same(r, row=row, key=key):  # rows without "calibration" used the benchmark's
-                    mine = r.get("calibration", bench.calib)
-                    return all(r[k] == row[k] for k in key) and mine == row["calibration"]
-
-                rows = [r for r in rows if not same(r)]
+                rows = [r for r in rows if _row_key(r, bench.calib) != _row_key(row, bench.calib)]
                 rows.append(row)
                 args.out.write_text(json.dumps(rows, indent=2) + "\n")
                 quality = (
