@@ -46,6 +46,8 @@ VARIANTS: dict[str, dict] = {
     "euclidean-metric": {"error_metric": "euclidean"},
     "no-correction": {"correction": False},
     "original-target": {"activations": "sequential", "correction_target": "original"},
+    "correction-ridge-0.01": {"correction_ridge": 0.01},
+    "correction-ridge-0.1": {"correction_ridge": 0.1},
     "round-to-8": {"round_to": 8},
     "round-to-64": {"round_to": 64},
 }
@@ -174,6 +176,11 @@ def _setup(row: dict) -> tuple:
         row.get("base_layer_weighting", "residual-mean"),
         row.get("base_error_metric", "euclidean"),
     )
+
+
+def current_setup(row: dict) -> bool:
+    """Whether a row's other options were today's defaults (layer weighting and error metric)."""
+    return _setup(row)[2:] == (DEFAULT_WEIGHTING, DEFAULT_METRIC)
 
 
 def _describe(setup: tuple) -> str:

@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         "error on the calibration data, but overfits a few hundred examples)",
     )
     c.add_argument(
+        "--correction-ridge",
+        type=float,
+        default=0.0,
+        metavar="LAMBDA",
+        help="damp the correction's least squares by LAMBDA × the mean diagonal of the kept units' "
+        "Gram (shrinks it toward plain removal where the calibration data is thin; default 0)",
+    )
+    c.add_argument(
         "--allocation",
         default="auto",
         choices=["auto", "greedy", "uniform"],
@@ -140,6 +148,7 @@ def _compress(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         activations=args.activations,
         correction_target=args.correction_target,
+        correction_ridge=args.correction_ridge,
         bias_compensation=not args.no_bias_compensation,
         allocation=args.allocation,
         method=args.method,

@@ -50,3 +50,26 @@ def test_stat_must_be_strictly_better_at_07_and_below():
     lines = target_lines(rows)
     assert "- M: STAT not strictly better at: fisher@0.6" in lines
     assert "- L: STAT at least as good everywhere, strictly better at ≤ 0.7" in lines
+
+
+def _ablation_row(samples, metric="auto", variant="default"):
+    row = _row("SmolLM2-135M", "stat", 0.8, 38.0, 30.0, "perplexity")
+    del row["method"]
+    return row | {
+        "variant": variant,
+        "samples": samples,
+        "packed": True,
+        "base_layer_weighting": "auto",
+        "base_error_metric": metric,
+    }
+
+
+def test_the_lm_target_is_also_checked_on_the_full_calibration_row_of_the_current_default():
+    rows = [_row("SmolLM2-135M", "stat", 0.8, 41.0, 30.0, "perplexity")]
+    lines = target_lines(rows, [_ablation_row(512)])
+    assert any("ratio 1.37" in line and "MISSED" in line for line in lines)
+    full = [line for line in lines if "512 calibration examples" in line]
+    assert len(full) == 1 and ": MISSED (ratio 1.27)" not in full[0] and "met (ratio 1.27)" in full[0]
+    # other calibration sizes, other variants and rows measured under older defaults are not it
+    for other in (_ablation_row(128), _ablation_row(512, "euclidean"), _ablation_row(512, variant="x")):
+        assert not any("512 calibration examples" in line for line in target_lines(rows, [other]))

@@ -1,6 +1,7 @@
 """End-to-end properties of STAT compression on tiny random-weight models of every family."""
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -162,6 +163,49 @@ def test_correction_beats_plain_removal_of_the_same_units(family):
     assert [lr.neurons_kept for lr in rep_c.layers] == [lr.neurons_kept for lr in rep_p.layers]
     assert [lr.heads_kept for lr in rep_c.layers] == [lr.heads_kept for lr in rep_p.layers]
     assert _rel_error(_output(corrected, inputs), reference) < _rel_error(_output(plain, inputs), reference)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_huge_correction_ridge_is_plain_removal_and_a_zero_one_the_exact_correction(family):
+    model = build_tiny_model(family)
+    inputs = _inputs(family, seed=7)
+    common = {"keep_flops": 0.5, "activations": "original", "bias_compensation": False}
+    plain, rep_p = _compress(model, correction=False, **common)
+    damped, rep_d = _compress(model, correction_ridge=1e9, **common)
+    exact, _ = _compress(model, **common)
+    zero, rep_z = _compress(model, correction_ridge=0.0, **common)
+    assert [lr.neurons_kept for lr in rep_d.layers] == [lr.neurons_kept for lr in rep_p.layers]
+    assert [lr.heads_kept for lr in rep_d.layers] == [lr.heads_kept for lr in rep_p.layers]
+    assert rep_d.options["correction_ridge"] == 1e9 and rep_z.options["correction_ridge"] == 0.0
+    assert _rel_error(_output(damped, inputs), _output(plain, inputs)) < 1e-6
+    assert _rel_error(_output(zero, inputs), _output(exact, inputs)) == 0.0
+    assert _rel_error(_output(exact, inputs), _output(plain, inputs)) > 1e-3
+
+
+def test_thin_calibration_data_warns_that_the_corrections_may_overfit():
+    model = build_tiny_model("llama")
+    shapes = model_shapes(adapter_for(model.config), model.base_model)
+    widest = max(max(s.n_heads * s.head_dim, s.ffn_width) for s in shapes)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(tokens, **kwargs):
+        ids = torch.randint(5, model.config.vocab_size, (tokens // 16, 16), generator=gen)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = batches_from_tensors(ids)
+            statprune.compress(model, data=batches, keep_flops=0.5, progress=False, **kwargs)
+        return [str(w.message) for w in caught if "may overfit" in str(w.message)]
+
+    thin = run(2 * widest)
+    assert len(thin) == 1 and "--correction-ridge" in thin[0]
+    assert run(2 * widest, correction_ridge=0.1) == []  # already damped
+    assert run(5 * widest) == []
+
+
+@pytest.mark.parametrize("ridge", [-0.1, float("nan"), float("inf")])
+def test_bad_correction_ridges_are_rejected(ridge):
+    with pytest.raises(statprune.StatpruneError, match="correction-ridge"):
+        _compress(build_tiny_model("bert"), keep_flops=0.5, correction_ridge=ridge)
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)

@@ -153,19 +153,53 @@ def test_cross_accumulator_matches_dense():
         CrossAccumulator(8, 5).add_batch(z[:10], y[:9])
 
 
+@pytest.mark.parametrize("ridge", [1e-12, 0.3])
 @pytest.mark.parametrize("centered", [True, False])
-def test_fit_without_shift_is_the_interpolative_correction(centered):
+def test_fit_without_shift_is_the_interpolative_correction(centered, ridge):
     z = _random_z(n=300, m=10, seed=10)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(4, 10, dtype=torch.float64, generator=gen)
     b = torch.randn(4, dtype=torch.float64, generator=gen)
     gram, shift = _streamed(z, torch.zeros(300, 4, dtype=torch.float64))
     kept, dropped = torch.tensor([0, 2, 3, 6, 9]), torch.tensor([1, 4, 5, 7, 8])
-    t = interpolation_matrix(gram.second_moment(centered), kept, dropped)
+    t = interpolation_matrix(gram.second_moment(centered), kept, dropped, ridge)
     expected = fold_correction(w, b, kept, dropped, t, mean=gram.mean if centered else None)
-    got = fit_to_targets(w, b, kept, dropped, gram, shift, centered)
+    got = fit_to_targets(w, b, kept, dropped, gram, shift, centered, ridge)
     torch.testing.assert_close(got[0], expected[0], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(got[1], expected[1], atol=1e-12, rtol=1e-12)
+
+
+def test_ridge_is_the_damped_least_squares_and_shrinks_the_correction():
+    z = _random_z(n=200, m=12, seed=4)
+    g = z.T @ z
+    kept, dropped = torch.tensor([0, 3, 5, 7, 10]), torch.tensor([1, 2, 4, 6, 8, 9, 11])
+    g_ss = g[kept][:, kept]
+    lam = 0.2 * float(torch.diagonal(g_ss).mean())
+    expected = torch.linalg.solve(g_ss + lam * torch.eye(5, dtype=g.dtype), g[kept][:, dropped])
+    torch.testing.assert_close(interpolation_matrix(g, kept, dropped, 0.2), expected)
+    norms = [float(torch.linalg.norm(interpolation_matrix(g, kept, dropped, r))) for r in (0, 0.1, 1, 10)]
+    assert norms == sorted(norms, reverse=True) and norms[-1] < 0.2 * norms[0]
+
+
+def test_ridge_beats_the_exact_fit_out_of_sample_when_calibration_is_thin():
+    # 40 noisy samples for 30 kept columns: the exact least squares fits the noise; a damped one
+    # reconstructs fresh samples from the same distribution better (and the calibration ones worse)
+    rng = np.random.default_rng(3)
+    mix = rng.standard_normal((8, 40))
+
+    def draw(n):
+        return torch.from_numpy(rng.standard_normal((n, 8)) @ mix + 0.5 * rng.standard_normal((n, 40)))
+
+    calib, fresh = draw(40), draw(20000)
+    kept, dropped = torch.arange(30), torch.arange(30, 40)
+
+    def residual(z, t):
+        return float(torch.linalg.norm(z[:, dropped] - z[:, kept] @ t) ** 2 / z.shape[0])
+
+    exact = interpolation_matrix(calib.T @ calib, kept, dropped)
+    damped = interpolation_matrix(calib.T @ calib, kept, dropped, 0.1)
+    assert residual(fresh, damped) < 0.8 * residual(fresh, exact)
+    assert residual(calib, damped) > residual(calib, exact)
 
 
 def test_fit_to_targets_reproduces_outputs_the_kept_columns_explain():

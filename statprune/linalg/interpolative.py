@@ -17,6 +17,8 @@ from scipy.linalg import lapack
 
 from statprune.linalg.gram import CrossStats, GramStats
 
+RIDGE_FLOOR = 1e-12  # relative ridge of every solve: rounding level, grown only on failure
+
 
 @dataclass(frozen=True)
 class InterpolativeDecomposition:
@@ -140,12 +142,13 @@ def select_columns(gram: torch.Tensor, scale: torch.Tensor | None = None) -> Int
 
 
 def interpolation_matrix(
-    gram: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor, ridge: float = 1e-12
+    gram: torch.Tensor, kept: torch.Tensor, dropped: torch.Tensor, ridge: float = RIDGE_FLOOR
 ) -> torch.Tensor:
-    """Least-squares ``T = argmin ‖Z_D − Z_S T‖`` from the Gram matrix: ``T = G_SS⁻¹ G_SD``.
+    """Least-squares ``T = argmin ‖Z_D − Z_S T‖² + λ‖T‖²`` from the Gram matrix:
+    ``T = (G_SS + λ I)⁻¹ G_SD`` with ``λ = ridge`` × the mean diagonal of ``G_SS``.
 
-    A tiny ridge (relative to the mean diagonal of ``G_SS``) keeps the solve stable when kept
-    columns are nearly collinear; it changes well-conditioned results only at rounding level.
+    The default ridge only keeps the solve stable when kept columns are nearly collinear (it
+    changes well-conditioned results at rounding level); a larger one damps the fit.
     """
     g = gram.to(torch.float64)
     kept = kept.to(g.device)
@@ -158,7 +161,7 @@ def interpolation_matrix(
     return spd_solve(g_ss, g_sd, ridge)
 
 
-def spd_solve(g_ss: torch.Tensor, rhs: torch.Tensor, ridge: float = 1e-12) -> torch.Tensor:
+def spd_solve(g_ss: torch.Tensor, rhs: torch.Tensor, ridge: float = RIDGE_FLOOR) -> torch.Tensor:
     """``G⁻¹ B`` for a PSD Gram block by Cholesky, with a tiny ridge (relative to its mean
     diagonal) that grows only if the factorization fails; least squares as the last resort."""
     scale = float(torch.diagonal(g_ss).mean()) if g_ss.numel() else 0.0
@@ -208,6 +211,7 @@ def fit_to_targets(
     gram: GramStats,
     shift: CrossStats,
     centered: bool,
+    ridge: float = RIDGE_FLOOR,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next layer refitted so the kept columns reproduce target outputs, not the layer's own.
 
@@ -217,6 +221,7 @@ def fit_to_targets(
     fit ``min ‖Z_S W_newᵀ + b' − Y‖`` is the ID's :func:`fold_correction` plus ``G_SS⁻¹ Z_SᵀΔ``,
     so with ``Δ = 0`` it is exactly that correction (and rounding in ``ZᵀZ`` cannot make the two
     disagree). ``centered`` refits the bias too (intercept); otherwise it stays ``bias``.
+    ``ridge`` damps the fit as in :func:`interpolation_matrix`.
     Returns ``(W_new, b')`` in float64.
     """
     second = gram.second_moment(centered).to(torch.float64)
@@ -227,7 +232,7 @@ def fit_to_targets(
     if centered:
         rhs = rhs - float(gram.count) * torch.outer(mu, shift.mean.to(dev))
     # one factorization of G_SS serves the interpolation (G_SS⁻¹ G_SD) and the shift term
-    solved = spd_solve(second[kept][:, kept], torch.cat([second[kept][:, dropped], rhs], dim=1))
+    solved = spd_solve(second[kept][:, kept], torch.cat([second[kept][:, dropped], rhs], dim=1), ridge)
     interp, delta_w = solved[:, : dropped.numel()], solved[:, dropped.numel() :].T
     new_weight, new_bias = fold_correction(
         weight, bias, kept, dropped, interp, mean=gram.mean if centered else None
