@@ -223,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("always")
             try:
                 return commands[args.command](args)
-            finally:
-                for w in caught:
-                    if w.category.__module__.startswith("statprune"):
-                        print(f"warning: {w.message}", file=sys.stderr)
+            finally:  # each message once, though a sweep meets it at every budget
+                ours = (str(w.message) for w in caught if w.category.__module__.startswith("statprune"))
+                for message in dict.fromkeys(ours):
+                    print(f"warning: {message}", file=sys.stderr)
     except StatpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

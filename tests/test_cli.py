@@ -761,3 +761,16 @@ def test_ctrl_c_during_compression(tmp_path):
     assert proc.stdout.read() == ""
     assert not out.exists() and leftovers(out) == []
     assert digest(model) == before
+
+
+def test_a_warning_met_at_every_budget_of_a_sweep_is_printed_once(bert, calib_file, tmp_path, capsys):
+    model, before = bert
+    thin = calib_file(12, name="thin.txt")  # more tokens than the widest layer, not 4x as many
+    code, _, err = run(
+        capsys, "sweep", model, "--data", thin, "--eval", calib_file(20, name="eval.txt"),
+        "--budgets", "0.8,0.6", "--methods", "stat", "--out", tmp_path / "sweep",
+    )  # fmt: skip
+    assert code == 0, err
+    overfit = [line for line in err.splitlines() if line.startswith("warning:") and "may overfit" in line]
+    assert len(overfit) == 1 and "--correction-ridge" in overfit[0]
+    assert digest(model) == before
