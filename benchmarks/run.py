@@ -303,13 +303,13 @@ def ffn_fit_section(path: Path) -> str:
     )
 
 
-def ablation_section(path: Path) -> str:
-    """Markdown of benchmarks/ablation.json (written by benchmarks/ablation.py)."""
-    if not path.exists():
+def ablation_section(rows: list[dict]) -> str:
+    """Markdown of the rows of benchmarks/ablation.json (written by benchmarks/ablation.py)."""
+    if not rows:
         return ""
     from ablation import ablation_markdown
 
-    return ablation_markdown(json.loads(path.read_text()))
+    return ablation_markdown(rows)
 
 
 def outside_section(path: Path, rows: list[dict] | None = None) -> str:
@@ -453,7 +453,7 @@ def main() -> None:
         + "\n"
         + outside_section(args.out / "outside_check.json", rows)
         + "\n"
-        + ablation_section(ablation_file)
+        + ablation_section(ablation)
         + "\n"
         + ffn_fit_section(args.out / "ffn_fit.json")
     )

@@ -60,7 +60,7 @@ from statprune.linalg import (
 from statprune.linalg.baselines import BASELINES, channel_scores, head_ranking, neuron_ranking
 from statprune.linalg.fisher import tune_mask_scales
 from statprune.linalg.heads import HeadSelection, head_columns
-from statprune.linalg.interpolative import RIDGE_FLOOR, InterpolativeDecomposition
+from statprune.linalg.interpolative import InterpolativeDecomposition
 from statprune.modeling_statprune import apply_ops
 from statprune.progress import progress_bar
 from statprune.report import CompressionReport, LayerReport
@@ -539,7 +539,7 @@ def _correct(
         tuned = w.double()[:, cols] * scales.to(w.device).repeat_interleave(block)[None, :]
         return tuned, None if bias is None else bias.detach()
     centered = options.bias_compensation
-    ridge = max(options.correction_ridge, RIDGE_FLOOR)
+    ridge = options.correction_ridge
     finished = stats.finish()
     if targets is not None and options.method == "stat":
         b = None if bias is None else bias.detach()

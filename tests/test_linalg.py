@@ -311,3 +311,16 @@ def test_gram_accumulator_gemm_path_matches_syrk_path():
     assert torch.equal(a, a.T) and torch.equal(b, b.T)
     torch.testing.assert_close(a, (z.T @ z).double(), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(b, a, rtol=3e-2, atol=1.0)
+
+
+def test_a_zero_ridge_still_gets_the_floor_so_collinear_kept_columns_solve():
+    z = _random_z(n=100, m=6, seed=5)
+    z = torch.cat([z, z[:, :1]], dim=1)  # column 6 duplicates column 0: G_SS is singular
+    g = z.T @ z
+    kept, dropped = torch.tensor([0, 2, 4, 6]), torch.tensor([1, 3, 5])
+    zero = interpolation_matrix(g, kept, dropped, 0.0)
+    assert torch.isfinite(zero).all()
+    torch.testing.assert_close(zero, interpolation_matrix(g, kept, dropped))
+    residual = z[:, dropped] - z[:, kept] @ zero
+    best = z[:, dropped] - z[:, kept] @ torch.linalg.lstsq(z[:, kept], z[:, dropped]).solution
+    assert float(torch.linalg.norm(residual)) <= float(torch.linalg.norm(best)) * (1 + 1e-6)

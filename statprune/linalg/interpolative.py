@@ -162,8 +162,10 @@ def interpolation_matrix(
 
 
 def spd_solve(g_ss: torch.Tensor, rhs: torch.Tensor, ridge: float = RIDGE_FLOOR) -> torch.Tensor:
-    """``G⁻¹ B`` for a PSD Gram block by Cholesky, with a tiny ridge (relative to its mean
-    diagonal) that grows only if the factorization fails; least squares as the last resort."""
+    """``(G + λ I)⁻¹ B`` for a PSD Gram block by Cholesky, ``λ`` = ``ridge`` (at least
+    :data:`RIDGE_FLOOR`) × its mean diagonal, grown only if the factorization fails; least
+    squares as the last resort."""
+    ridge = max(ridge, RIDGE_FLOOR)
     scale = float(torch.diagonal(g_ss).mean()) if g_ss.numel() else 0.0
     if scale <= 0.0:
         return rhs.new_zeros(g_ss.shape[0], rhs.shape[1])
