@@ -13,7 +13,8 @@ relative to the FFN's output energy ``‖Z Wᵀ‖²`` (mean over the layers, eu
 activations). The rules: STAT's pivoting with next-layer column scales, and the exact greedy that
 adds, at each step, the neuron lowering the output error most (``tr(W S Wᵀ)`` with ``S`` the
 residual Gram), a reference for how far the scaled pivoting is from the objective. The correction
-is solved with a ridge of ``λ`` times the mean diagonal of the kept block.
+is solved by ``interpolation_matrix`` with a ridge of ``λ`` times the mean diagonal of the kept block
+(λ = 0: the rounding-level floor every solve has).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))
 import assets  # noqa: E402
 
+from statprune.adapters import adapter_for  # noqa: E402
 from statprune.calibration import pack_examples, read_examples  # noqa: E402
-from statprune.linalg import select_columns  # noqa: E402
+from statprune.linalg import GramAccumulator, interpolation_matrix, select_columns  # noqa: E402
 from statprune.persist import load, load_tokenizer  # noqa: E402
 
 RIDGES = (0.0, 0.01, 0.1, 0.3)
@@ -39,17 +41,17 @@ KEEPS = (0.8, 0.6)
 
 
 def down_proj_grams(model, tokenizer, path: Path, windows: int, seed: int, layers: list[int]) -> dict:
-    """``ZᵀZ`` (float64) of every chosen layer's ``down_proj`` input over packed windows."""
+    """``ZᵀZ`` (float64) of every chosen layer's FFN output-projection input over packed windows."""
     batches = pack_examples(tokenizer, read_examples(path), windows, seed, seq_len=128, batch_size=16)
-    grams: dict[int, torch.Tensor] = {}
+    width = ffn_output(model, layers[0]).in_features
+    accumulators = {i: GramAccumulator(width, compute_dtype=torch.float64) for i in layers}
     handles = []
-    for i in layers:
+    for i, acc in accumulators.items():
 
-        def hook(module, args, i=i):
-            z = args[0].reshape(-1, args[0].shape[-1]).double()
-            grams[i] = grams.get(i, 0) + z.T @ z
+        def hook(module, args, acc=acc):
+            acc.add_batch(args[0].reshape(-1, args[0].shape[-1]))
 
-        handles.append(model.model.layers[i].mlp.down_proj.register_forward_pre_hook(hook))
+        handles.append(ffn_output(model, i).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for batch in batches:
@@ -57,7 +59,14 @@ def down_proj_grams(model, tokenizer, path: Path, windows: int, seed: int, layer
     finally:
         for h in handles:
             h.remove()
-    return grams
+    return {i: acc.finish().gram for i, acc in accumulators.items()}
+
+
+def ffn_output(model, index: int) -> torch.nn.Linear:
+    """Layer ``index``'s FFN output projection (``down_proj``), found through the model's adapter."""
+    adapter = adapter_for(model.config)
+    layer = adapter.layers(model.base_model)[index]
+    return layer.get_submodule(adapter.ffn(layer).output)
 
 
 def exact_greedy_order(gram: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -87,10 +96,7 @@ def relative_error(weight, order, keep, fit_gram, eval_gram, ridge) -> float:
     m = weight.shape[1]
     k = round(keep * m)
     kept, dropped = torch.sort(order[:k]).values, torch.sort(order[k:]).values
-    g_ss = fit_gram[kept][:, kept]
-    scale = float(torch.diagonal(g_ss).mean())
-    damped = g_ss + ridge * scale * torch.eye(k, dtype=g_ss.dtype)
-    interp = torch.linalg.solve(damped, fit_gram[kept][:, dropped])
+    interp = interpolation_matrix(fit_gram, kept, dropped, ridge)
     new = torch.zeros_like(weight)
     new[:, kept] = weight[:, kept] + weight[:, dropped] @ interp.T
     diff = weight - new
@@ -107,7 +113,7 @@ def main() -> None:
     cache = assets.cache_dir()
     model = load(cache / "smollm2").eval()
     tokenizer = load_tokenizer(cache / "smollm2")
-    layers = list(range(0, len(model.model.layers), args.layer_step))
+    layers = list(range(0, model.config.num_hidden_layers, args.layer_step))
     corpora = cache / "corpora"
     held_out = down_proj_grams(model, tokenizer, corpora / "wsj-calib.txt", 64, 1, layers)
     sizes = [int(w) for w in args.windows.split(",")]
@@ -118,7 +124,7 @@ def main() -> None:
         fit = down_proj_grams(model, tokenizer, corpora / "oanc-calib.txt", windows, 0, layers)
         sums: dict[tuple, list[float]] = {}
         for i in layers:
-            weight = model.model.layers[i].mlp.down_proj.weight.detach().double()
+            weight = ffn_output(model, i).weight.detach().double()
             orders = {
                 "stat-pivoting": select_columns(fit[i], scale=torch.linalg.vector_norm(weight, dim=0)).order,
                 "exact-greedy": exact_greedy_order(fit[i], weight),
