@@ -8,12 +8,13 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: venv assets assets-all demo test lint bench clean
 
-# torch is pinned first so that no dependency resolves a multi-GB CUDA build
+# torch is pinned first so that no dependency resolves a multi-GB CUDA build; the assets extra
+# holds what scripts/assets.py needs beyond statprune (it never installs anything itself)
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,assets]'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -1,43 +1,37 @@
-"""Tests for scripts/assets.py: the pure helpers and the cache/marker logic. No network: every
-test that reaches ``ensure`` or ``main`` swaps in fake builders and makes ``pip`` fail loudly."""
+"""Tests for scripts/assets.py and its statprune_assets package: the pure helpers and the
+cache/marker logic. No network: every test that reaches ``ensure`` or ``main`` swaps in fake
+builders and makes any child process (``pip`` included) fail loudly."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import itertools
 import json
 import random
+import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_assets():
-    spec = importlib.util.spec_from_file_location("statprune_assets", ROOT / "scripts" / "assets.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-assets = _load_assets()
+sys.path.insert(0, str(ROOT / "scripts"))
+import assets  # noqa: E402  (the entry point: its public names)
+from statprune_assets import cache, classifiers, corpora, fetch, registry, training  # noqa: E402
 
 
 @pytest.fixture
 def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("tests must not download anything")
+    """Any child process (pip download, pip install, a model worker) fails the test."""
 
-    monkeypatch.setattr(assets, "pip_download", refuse)
-    monkeypatch.setattr(assets, "ensure_packages", refuse)
+    def refuse(*args, **kwargs):
+        raise AssertionError("tests must not download, install or run anything")
+
+    monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(subprocess, "Popen", refuse)
 
 
 @pytest.fixture
@@ -60,19 +54,19 @@ def fake_builder(monkeypatch, no_network):
 
 
 def test_split_tagged_uses_last_slash():
-    assert assets.split_tagged("The/DT dog/NN ./.") == [("The", "DT"), ("dog", "NN"), (".", ".")]
-    assert assets.split_tagged(r"a/b/NN \/NN one/NN|CD bare") == [
+    assert corpora.split_tagged("The/DT dog/NN ./.") == [("The", "DT"), ("dog", "NN"), (".", ".")]
+    assert corpora.split_tagged(r"a/b/NN \/NN one/NN|CD bare") == [
         ("a/b", "NN"),
         ("\\", "NN"),
         ("one", "NN|CD"),
         ("bare", ""),
     ]
-    assert assets.split_tagged("   ") == []
+    assert corpora.split_tagged("   ") == []
 
 
 def test_strip_tags_wsj_line():
     line = "Pierre/NNP Vinken/NNP ,/, 61/CD years/NNS old/JJ ,/, will/MD join/VB Nov./NNP 29/CD ./."
-    assert assets.strip_tags(line) == "Pierre Vinken, 61 years old, will join Nov. 29."
+    assert corpora.strip_tags(line) == "Pierre Vinken, 61 years old, will join Nov. 29."
 
 
 def _words(text: str) -> list[str]:
@@ -81,20 +75,20 @@ def _words(text: str) -> list[str]:
 
 def test_detokenize_quotes_clitics_and_currency():
     toks = _words("He said `` I ca n't pay $ 5 '' ; it 's 10 % off ( really ) .")
-    assert assets.detokenize(toks) == "He said \"I can't pay $5\"; it's 10% off (really)."
-    assert assets.detokenize(_words('a " b c " d " e " .')) == 'a "b c" d "e".'
-    assert assets.detokenize(_words("-LRB- x -RRB- the investors ' money")) == "(x) the investors' money"
-    assert assets.detokenize(_words("'' Neither was aware .")) == "Neither was aware."
-    assert assets.detokenize([]) == ""
+    assert corpora.detokenize(toks) == "He said \"I can't pay $5\"; it's 10% off (really)."
+    assert corpora.detokenize(_words('a " b c " d " e " .')) == 'a "b c" d "e".'
+    assert corpora.detokenize(_words("-LRB- x -RRB- the investors ' money")) == "(x) the investors' money"
+    assert corpora.detokenize(_words("'' Neither was aware .")) == "Neither was aware."
+    assert corpora.detokenize([]) == ""
 
 
 def test_tagged_to_lines_drops_blank_and_punctuation_only_lines():
     text = 'Hello/UH ,/, world/NN !/.\n\n"/"\n  \nIt/PRP works/VBZ ./.\n'
-    assert assets.tagged_to_lines(text) == ["Hello, world!", "It works."]
+    assert corpora.tagged_to_lines(text) == ["Hello, world!", "It works."]
 
 
 def test_clean_lines():
-    assert assets.clean_lines("  To be,\n\n\tor not\n   \n") == ["To be,", "or not"]
+    assert corpora.clean_lines("  To be,\n\n\tor not\n   \n") == ["To be,", "or not"]
 
 
 # --- polarity csv -> jsonl -----------------------------------------------------------------
@@ -109,7 +103,7 @@ POLARITY_CSV = (
 
 
 def test_parse_polarity_csv_bom_quotes_and_multiline():
-    rows = assets.parse_polarity_csv(POLARITY_CSV)
+    rows = corpora.parse_polarity_csv(POLARITY_CSV)
     assert rows == [
         {"text": 'a gorgeous , " witty " film .', "label": 1},
         {"text": "dull and long , spanning two lines .", "label": 0},
@@ -120,9 +114,9 @@ def test_parse_polarity_csv_bom_quotes_and_multiline():
 def test_parse_polarity_csv_from_file_and_jsonl_roundtrip(tmp_path):
     src = tmp_path / "polarity.csv"
     src.write_bytes(POLARITY_CSV)
-    rows = assets.parse_polarity_csv(src.read_bytes())
+    rows = corpora.parse_polarity_csv(src.read_bytes())
     out = tmp_path / "rt.jsonl"
-    assert assets.write_jsonl(out, rows) == 3
+    assert corpora.write_jsonl(out, rows) == 3
     back = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert back == rows
     assert not out.read_bytes().startswith(b"\xef\xbb\xbf")
@@ -135,7 +129,7 @@ def test_parse_polarity_csv_from_file_and_jsonl_roundtrip(tmp_path):
 )
 def test_parse_polarity_csv_rejects_bad_rows(data):
     with pytest.raises(assets.AssetError):
-        assets.parse_polarity_csv(data)
+        corpora.parse_polarity_csv(data)
 
 
 # --- splits ------------------------------------------------------------------------------------
@@ -143,32 +137,32 @@ def test_parse_polarity_csv_rejects_bad_rows(data):
 
 def test_split_rows_sizes_determinism_and_recipe():
     rows = [{"text": f"s{i}", "label": i % 2} for i in range(4000)]
-    train, test = assets.split_rows(rows)
+    train, test = corpora.split_rows(rows)
     assert (len(train), len(test)) == (3200, 800)
-    assert assets.split_rows(rows) == (train, test)
+    assert corpora.split_rows(rows) == (train, test)
     texts = [r["text"] for r in train + test]
     assert len(set(texts)) == 4000
     assert rows[0]["text"] == "s0"  # input not shuffled in place
     reference = list(rows)
     random.Random(0).shuffle(reference)
     assert train + test == reference  # documented recipe: random.Random(0).shuffle, then slice
-    other_train, _ = assets.split_rows(rows, seed=1)
+    other_train, _ = corpora.split_rows(rows, seed=1)
     assert other_train != train
 
 
 def test_split_rows_small_and_too_small():
-    train, test = assets.split_rows(list(range(10)), n_train=6, n_test=3)
+    train, test = corpora.split_rows(list(range(10)), n_train=6, n_test=3)
     assert len(train) == 6
     assert len(test) == 3
     assert not set(train) & set(test)
     with pytest.raises(assets.AssetError):
-        assets.split_rows(list(range(10)), n_train=8, n_test=3)
+        corpora.split_rows(list(range(10)), n_train=8, n_test=3)
 
 
 def test_split_lines_keeps_order():
     lines = [f"l{i}" for i in range(10)]
-    assert assets.split_lines(lines) == (lines[:8], lines[8:])
-    calib, held = assets.split_lines([str(i) for i in range(1001)])
+    assert corpora.split_lines(lines) == (lines[:8], lines[8:])
+    calib, held = corpora.split_lines([str(i) for i in range(1001)])
     assert (len(calib), len(held)) == (800, 201)
     assert held[0] == "800"
 
@@ -196,23 +190,23 @@ def test_extract_zip_folder_strips_prefix_and_skips_junk(tmp_path):
         }
     )
     with zipfile.ZipFile(buf) as zf:
-        got = assets.extract_zip_folder(zf, "pkg/model/", tmp_path)
+        got = fetch.extract_zip_folder(zf, "pkg/model/", tmp_path)
     assert sorted(got) == ["1_Pooling/config.json", "config.json"]
-    assert assets.list_files(tmp_path) == ["1_Pooling/config.json", "config.json"]
+    assert cache.list_files(tmp_path) == ["1_Pooling/config.json", "config.json"]
 
 
 def test_extract_zip_folder_rejects_unsafe_and_empty(tmp_path):
     for members in ({"m/../../evil": b"x"}, {"x/y": b"x"}):
         with zipfile.ZipFile(_zip_bytes(members)) as zf, pytest.raises(assets.AssetError):
-            assets.extract_zip_folder(zf, "m/", tmp_path)
+            fetch.extract_zip_folder(zf, "m/", tmp_path)
 
 
 def test_find_model_folder():
     names = ["a/", "a/b/config.json", "a/b/model.safetensors", "a/b/1_Pooling/config.json"]
-    assert assets.find_model_folder(names) == "a/b/"
-    assert assets.find_model_folder(["config.json", "pytorch_model.bin"]) == ""
+    assert fetch.find_model_folder(names) == "a/b/"
+    assert fetch.find_model_folder(["config.json", "pytorch_model.bin"]) == ""
     with pytest.raises(assets.AssetError):
-        assets.find_model_folder(["a/config.json", "a/tokenizer.json"])
+        fetch.find_model_folder(["a/config.json", "a/tokenizer.json"])
 
 
 def test_read_tar_member(tmp_path):
@@ -223,9 +217,9 @@ def test_read_tar_member(tmp_path):
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     with tarfile.open(path) as tf:
-        assert assets.read_tar_member(tf, "test/corpora/a&b.csv") == b"hello"
+        assert fetch.read_tar_member(tf, "test/corpora/a&b.csv") == b"hello"
         with pytest.raises(assets.AssetError):
-            assets.read_tar_member(tf, "missing.txt")
+            fetch.read_tar_member(tf, "missing.txt")
 
 
 def test_convert_bin_to_safetensors_with_tied_weights(tmp_path):
@@ -233,7 +227,7 @@ def test_convert_bin_to_safetensors_with_tied_weights(tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     shared = torch.randn(4, 3)
     torch.save({"emb.weight": shared, "head.weight": shared, "b": torch.zeros(2)}, tmp_path / "w.bin")
-    assert assets.convert_bin_to_safetensors(tmp_path / "w.bin", tmp_path / "m.safetensors") == 3
+    assert fetch.convert_bin_to_safetensors(tmp_path / "w.bin", tmp_path / "m.safetensors") == 3
     back = safetensors_torch.load_file(str(tmp_path / "m.safetensors"))
     assert torch.equal(back["emb.weight"], shared)
     assert torch.equal(back["head.weight"], shared)
@@ -243,7 +237,7 @@ def test_convert_bin_refuses_non_tensor_pickles(tmp_path):
     torch = pytest.importorskip("torch")
     torch.save({"w": torch.zeros(1), "note": "text"}, tmp_path / "w.bin")
     with pytest.raises(assets.AssetError):
-        assets.convert_bin_to_safetensors(tmp_path / "w.bin", tmp_path / "m.safetensors")
+        fetch.convert_bin_to_safetensors(tmp_path / "w.bin", tmp_path / "m.safetensors")
 
 
 # --- DONE.json marker --------------------------------------------------------------------------
@@ -260,7 +254,7 @@ def _folder(tmp_path: Path) -> Path:
 def test_marker_roundtrip_and_cheap_vs_deep_checks(tmp_path):
     root = _folder(tmp_path)
     assert assets.marker_problem(root, "corpora") == "no valid DONE.json"
-    marker = assets.write_marker(root, "corpora", {"k": 1})
+    marker = cache.write_marker(root, "corpora", {"k": 1})
     assert set(marker["files"]) == {"a.txt", "sub/b.txt"}
     assert marker["files"]["a.txt"]["bytes"] == 6
     assert assets.read_marker(root) == marker
@@ -279,8 +273,8 @@ def test_marker_roundtrip_and_cheap_vs_deep_checks(tmp_path):
 
 def test_marker_recipe_bump_and_corrupt_marker(tmp_path, monkeypatch):
     root = _folder(tmp_path)
-    assets.write_marker(root, "corpora")
-    monkeypatch.setitem(assets.RECIPES, "corpora", assets.RECIPES["corpora"] + 1)
+    cache.write_marker(root, "corpora")
+    monkeypatch.setitem(cache.RECIPES, "corpora", cache.RECIPES["corpora"] + 1)
     assert "recipe version" in assets.marker_problem(root, "corpora")
     (root / "DONE.json").write_text("{not json")
     assert assets.read_marker(root) is None
@@ -289,7 +283,7 @@ def test_marker_recipe_bump_and_corrupt_marker(tmp_path, monkeypatch):
 
 def test_write_marker_refuses_empty_folder(tmp_path):
     with pytest.raises(assets.AssetError):
-        assets.write_marker(tmp_path, "corpora")
+        cache.write_marker(tmp_path, "corpora")
 
 
 # --- ensure(): idempotence, atomicity ---------------------------------------------------------
@@ -298,7 +292,7 @@ def test_write_marker_refuses_empty_folder(tmp_path):
 def test_ensure_builds_once_then_skips(tmp_path, fake_builder):
     path = assets.ensure("corpora", cache=tmp_path)
     assert path == tmp_path / "corpora"
-    assert assets.list_files(path) == ["a.txt", "sub/b.txt"]
+    assert cache.list_files(path) == ["a.txt", "sub/b.txt"]
     assert assets.read_marker(path)["info"]["n"] == 1
     assert assets.ensure("corpora", cache=tmp_path) == path
     assert len(fake_builder) == 1
@@ -381,26 +375,86 @@ def test_main_builds_skips_verifies_and_reports_errors(tmp_path, fake_builder, c
     assert "\n" not in err
 
 
+def test_entry_script_runs_as_a_command(tmp_path):
+    """The Makefile, README and workers run ``python scripts/assets.py ...`` (package beside it)."""
+    script = str(ROOT / "scripts" / "assets.py")
+    listed = subprocess.run(
+        [sys.executable, script, "--list", "--cache", str(tmp_path)], capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[:2] for line in listed.stdout.splitlines()] == [
+        [name, "missing"] for name in assets.BUILDERS
+    ]
+    worker = subprocess.run([sys.executable, script, "_worker", "nonsense"], capture_output=True, text=True)
+    assert worker.returncode == 2
+    assert worker.stderr.strip() == "assets.py: error: unknown worker"
+    assert Path(script) == fetch.ENTRY
+
+
+# --- extra Python packages: declared, checked, never installed -------------------------------
+
+MISSING = "statprune_test_no_such_module"
+
+
+def test_missing_module_stops_before_anything_with_one_line(tmp_path, monkeypatch, no_network, capsys):
+    built = []
+    for name in ("minilm", "corpora", "mpnet"):
+        monkeypatch.setitem(assets.BUILDERS, name, lambda out, work: built.append(out) or {})
+    monkeypatch.setitem(registry.REQUIRES, "smollm2", ("json", MISSING))
+    before = set(sys.modules)
+    assert assets.main(["all-models", "--cache", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"assets.py: error: smollm2 needs the Python packages {MISSING}, which are not installed: "
+        "install them with pip install 'statprune[assets]'\n"
+    )
+    assert built == []  # checked up front: nothing fetched before the failure
+    assert not (tmp_path / "smollm2").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert MISSING not in set(sys.modules) - before
+    with pytest.raises(assets.AssetError, match=r"pip install 'statprune\[assets\]'$"):
+        assets.ensure("smollm2", cache=tmp_path)
+
+
+def test_a_finished_asset_needs_no_extra_module(tmp_path, monkeypatch, no_network):
+    folder = tmp_path / "smollm2"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    cache.write_marker(folder, "smollm2")
+    monkeypatch.setitem(registry.REQUIRES, "smollm2", (MISSING,))
+    assert assets.ensure("smollm2", cache=tmp_path) == folder
+    assert assets.main(["smollm2", "--cache", str(tmp_path)]) == 0
+
+
+def test_extra_modules_are_declared_in_the_assets_extra():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    declared = {req.split(">")[0].split("=")[0].split("[")[0].strip().lower() for req in extras["assets"]}
+    needed = {m for modules in registry.REQUIRES.values() for m in modules}
+    assert needed == {"gguf", "accelerate", "psutil"}
+    assert needed <= declared
+    assert any(req.startswith("statprune[") and "assets" in req for req in extras["dev"])
+
+
 # --- fine-tuning helpers ----------------------------------------------------------------------
 
 
 def test_steps_and_warmup():
-    assert assets.steps_per_epoch(3200, 32) == 100
-    assert assets.steps_per_epoch(2800, 32) == 88  # last batch of 16 still counts
-    assert assets.steps_per_epoch(1, 32) == 1
-    assert assets.warmup_steps(300, 0.1) == 30  # no float noise: 300 * 0.1 = 30.000000000000004
-    assert assets.warmup_steps(264, 0.1) == 27
-    assert assets.warmup_steps(10, 0.0) == 0
+    assert training.steps_per_epoch(3200, 32) == 100
+    assert training.steps_per_epoch(2800, 32) == 88  # last batch of 16 still counts
+    assert training.steps_per_epoch(1, 32) == 1
+    assert training.warmup_steps(300, 0.1) == 30  # no float noise: 300 * 0.1 = 30.000000000000004
+    assert training.warmup_steps(264, 0.1) == 27
+    assert training.warmup_steps(10, 0.0) == 0
     for bad in ((0, 32), (10, 0)):
         with pytest.raises(ValueError):
-            assets.steps_per_epoch(*bad)
+            training.steps_per_epoch(*bad)
     with pytest.raises(ValueError):
-        assets.warmup_steps(10, 1.5)
+        training.warmup_steps(10, 1.5)
 
 
 def test_linear_schedule_shape():
     total, warm = 300, 30
-    lrs = [assets.linear_schedule(s, total, warm) for s in range(total + 5)]
+    lrs = [training.linear_schedule(s, total, warm) for s in range(total + 5)]
     assert lrs[0] == 0.0
     assert lrs[15] == pytest.approx(0.5)
     assert lrs[warm] == 1.0
@@ -410,7 +464,7 @@ def test_linear_schedule_shape():
     assert lrs[165] == pytest.approx(0.5)
     assert lrs[total - 1] == pytest.approx(1 / 270)
     assert lrs[total:] == [0.0] * 5
-    assert assets.linear_schedule(0, 10, 0) == 1.0  # no warmup: start at the full rate
+    assert training.linear_schedule(0, 10, 0) == 1.0  # no warmup: start at the full rate
 
 
 def test_linear_schedule_matches_transformers():
@@ -419,36 +473,36 @@ def test_linear_schedule_matches_transformers():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     ref = optimization.get_linear_schedule_with_warmup(opt, 27, 264)
     for step in range(270):
-        assert ref.lr_lambdas[0](step) == pytest.approx(assets.linear_schedule(step, 264, 27))
+        assert ref.lr_lambdas[0](step) == pytest.approx(training.linear_schedule(step, 264, 27))
 
 
 def test_epoch_batches_are_deterministic_permutations():
-    a = assets.epoch_batches(100, 32, epoch=0, seed=0)
+    a = training.epoch_batches(100, 32, epoch=0, seed=0)
     assert [len(b) for b in a] == [32, 32, 32, 4]
     flat = [i for b in a for i in b]
     assert sorted(flat) == list(range(100))
     assert flat != list(range(100))
-    assert assets.epoch_batches(100, 32, epoch=0, seed=0) == a
-    assert flat == assets.epoch_order(100, 0, 0)
-    assert assets.epoch_order(100, 1, 0) != flat  # a new order every epoch
-    assert assets.epoch_order(100, 0, 1) != flat  # and for every seed
+    assert training.epoch_batches(100, 32, epoch=0, seed=0) == a
+    assert flat == training.epoch_order(100, 0, 0)
+    assert training.epoch_order(100, 1, 0) != flat  # a new order every epoch
+    assert training.epoch_order(100, 0, 1) != flat  # and for every seed
     # documented recipe: random.Random(seed * 1_000_003 + epoch).shuffle(range(n))
     ref = list(range(100))
     random.Random(7 * 1_000_003 + 2).shuffle(ref)
-    assert assets.epoch_order(100, 2, 7) == ref
+    assert training.epoch_order(100, 2, 7) == ref
 
 
 def test_accuracy():
-    assert assets.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    assert training.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
     with pytest.raises(ValueError):
-        assets.accuracy([1], [1, 0])
+        training.accuracy([1], [1, 0])
     with pytest.raises(ValueError):
-        assets.accuracy([], [])
+        training.accuracy([], [])
 
 
 def test_check_head_loading():
     ok = {"missing_keys": {"classifier.weight", "classifier.bias"}, "unexpected_keys": {"pooler.dense.bias"}}
-    info = assets._check_head_loading({**ok, "mismatched_keys": set(), "error_msgs": []})
+    info = classifiers._check_head_loading({**ok, "mismatched_keys": set(), "error_msgs": []})
     assert info == {
         "missing_keys": ["classifier.bias", "classifier.weight"],
         "unexpected_keys": ["pooler.dense.bias"],
@@ -460,32 +514,32 @@ def test_check_head_loading():
         {"missing_keys": set()},  # a checkpoint that already has a head is not a base model
     ):
         with pytest.raises(assets.AssetError):
-            assets._check_head_loading(bad)
+            classifiers._check_head_loading(bad)
 
 
 def test_train_threads(monkeypatch):
-    monkeypatch.setattr(assets, "THREADS", None)
+    monkeypatch.setattr(classifiers, "THREADS", None)
     monkeypatch.delenv("STATPRUNE_THREADS", raising=False)
-    assert assets.train_threads() is None
+    assert classifiers.train_threads() is None
     monkeypatch.setenv("STATPRUNE_THREADS", "3")
-    assert assets.train_threads() == 3
-    monkeypatch.setattr(assets, "THREADS", 2)
-    assert assets.train_threads() == 2
-    monkeypatch.setattr(assets, "THREADS", None)
+    assert classifiers.train_threads() == 3
+    monkeypatch.setattr(classifiers, "THREADS", 2)
+    assert classifiers.train_threads() == 2
+    monkeypatch.setattr(classifiers, "THREADS", None)
     for bad in ("two", "0"):
         monkeypatch.setenv("STATPRUNE_THREADS", bad)
         with pytest.raises(assets.AssetError):
-            assets.train_threads()
+            classifiers.train_threads()
 
 
 def test_finetune_recipe_constants():
-    assert set(assets.FINETUNED) <= set(assets.RECIPES)
-    assert set(assets.FINETUNED) <= set(assets.BUILDERS)
-    assert assets.FT_LABELS == {0: "negative", 1: "positive"}
-    hp = assets.FT_HPARAMS
+    assert set(classifiers.FINETUNED) <= set(cache.RECIPES)
+    assert set(classifiers.FINETUNED) <= set(assets.BUILDERS)
+    assert classifiers.FT_LABELS == {0: "negative", 1: "positive"}
+    hp = classifiers.FT_HPARAMS
     assert (hp["batch_size"], hp["max_length"], hp["warmup_frac"]) == (32, 64, 0.1)
-    for name, spec in assets.FINETUNED.items():
-        assert assets.DEPENDS[name] == [spec["base"], "corpora"]
+    for name, spec in classifiers.FINETUNED.items():
+        assert registry.DEPENDS[name] == [spec["base"], "corpora"]
         assert spec["base"] in assets.BUILDERS
 
 
@@ -511,21 +565,21 @@ def test_ensure_finetuned_prepares_dependencies_then_runs_the_worker(tmp_path, m
         (Path(job["out"]) / "model.safetensors").write_bytes(b"w")
         return {"summary": "fake", "dense_test_accuracy": 0.5}
 
-    monkeypatch.setattr(assets, "run_worker", worker)
-    monkeypatch.setattr(assets, "THREADS", 2)
+    monkeypatch.setattr(classifiers, "run_worker", worker)
+    monkeypatch.setattr(classifiers, "THREADS", 2)
     path = assets.ensure("minilm-mr", cache=tmp_path)
     assert built == ["minilm", "corpora"]
     (job,) = jobs
     assert job["base"] == str((tmp_path / "minilm").resolve())
     assert job["corpora"] == str((tmp_path / "corpora").resolve())
     assert job["model_class"] == "BertForSequenceClassification"
-    assert job["lr"] == assets.FINETUNED["minilm-mr"]["lr"]
+    assert job["lr"] == classifiers.FINETUNED["minilm-mr"]["lr"]
     assert job["threads"] == 2
-    assert job["hparams"]["epochs"] == assets.FT_HPARAMS["epochs"]
+    assert job["hparams"]["epochs"] == classifiers.FT_HPARAMS["epochs"]
     info = assets.read_marker(path)["info"]
     assert info["dense_test_accuracy"] == 0.5
     assert info["inputs"]["base_asset"] == "minilm"
-    assert assets.list_files(path) == ["model.safetensors"]
+    assert cache.list_files(path) == ["model.safetensors"]
     assets.ensure("minilm-mr", cache=tmp_path)  # finished: nothing runs again
     assert len(jobs) == 1
 
@@ -534,7 +588,7 @@ def test_finetuned_builder_refuses_missing_dependencies(tmp_path):
     out = tmp_path / ".tmp-minilm-mr-x" / "out"
     out.mkdir(parents=True)
     with pytest.raises(assets.AssetError, match="needs asset minilm"):
-        assets.build_minilm_mr(out, tmp_path / "work")
+        classifiers.build_minilm_mr(out, tmp_path / "work")
 
 
 def test_main_tune_lr_only_for_finetuned_assets(tmp_path, capsys, no_network):
@@ -594,7 +648,7 @@ def test_finetune_classifier_tiny_model_is_deterministic(tmp_path):
         torch, model, tok = _tiny_classifier(tmp_path)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         lines: list[str] = []
-        res = assets.finetune_classifier(model, tok, TINY_ROWS, progress=lines.append, **kwargs)
+        res = training.finetune_classifier(model, tok, TINY_ROWS, progress=lines.append, **kwargs)
         runs.append((res, model, before, lines))
     (res, model, before, lines), (res2, model2, before2, _) = runs
     assert all(torch.equal(before[k], before2[k]) for k in before)  # same seeded initial weights
@@ -608,7 +662,7 @@ def test_finetune_classifier_tiny_model_is_deterministic(tmp_path):
     for k in state:  # same seed, same data order, same dropout masks -> bit-identical weights
         assert torch.equal(state[k], state2[k]), k
     assert [h["train_loss"] for h in res["history"]] == [h["train_loss"] for h in res2["history"]]
-    preds, logits = assets.predict_labels(model, tok, [r["text"] for r in TINY_ROWS], 8, 5)
+    preds, logits = training.predict_labels(model, tok, [r["text"] for r in TINY_ROWS], 8, 5)
     assert logits.shape == (8, 2)
     assert preds == logits.argmax(-1).tolist()
     assert not model.training
