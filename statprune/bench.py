@@ -14,12 +14,12 @@ greedy generation of exactly ``new_tokens`` tokens (``min_new_tokens = max_new_t
 Peak memory:
 - torch on CUDA: ``torch.cuda.max_memory_allocated`` during one forward, minus what was allocated
   before it, plus this model's weights and buffers (the other loaded models do not count);
-- CPU (both backends): measured in a fresh child process per model, which loads the model (or
-  the onnxruntime session) and runs one forward per batch size; the value is the peak resident set
-  size during that forward minus the resident size before loading (so weights + activations,
-  without the Python/torch import baseline). The peak is reset before each forward through
-  ``/proc/self/clear_refs``; where that is unavailable, ``getrusage`` maxrss is used and the value
-  also includes transient loading memory (``memory_method`` says which);
+- CPU (both backends): measured in a fresh child process per model (``statprune.bench_worker``),
+  which loads the model (or the onnxruntime session) and runs one forward per batch size; the value
+  is the peak resident set size during that forward minus the resident size before loading (so
+  weights + activations, without the Python/torch import baseline). The peak is reset before each
+  forward through ``/proc/self/clear_refs``; where that is unavailable, ``getrusage`` maxrss is
+  used and the value also includes transient loading memory (``memory_method`` says which);
 - onnxruntime on CUDA: not measured (None).
 """
 
@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from statprune import bench_worker
 from statprune.argtypes import current_umask, positive_int
 from statprune.errors import DeviceError, ModelError, OutputError, StatpruneError
 
@@ -386,81 +387,6 @@ def _with_ratios(rows: list[BenchRow]) -> list[BenchRow]:
 
 # --- peak memory ------------------------------------------------------------------------------
 
-_CHILD = r"""
-import gc, json, os, resource, sys
-args = json.loads(sys.argv[1])
-
-def status_kb(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-def maxrss_kb():
-    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return value // 1024 if sys.platform == "darwin" else value
-
-def reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return status_kb("VmHWM") is not None
-    except OSError:
-        return False
-
-spec, seq_len = args["spec"], args["seq_len"]
-if args["backend"] == "onnxruntime":  # numpy and onnxruntime only: no torch import to wait for
-    import numpy as np
-    import onnxruntime as ort
-
-    def run_batch(batch):
-        rng = np.random.default_rng(batch)
-        feed = {
-            "input_ids": rng.integers(min(4, spec["vocab_size"] - 1), spec["vocab_size"], (batch, seq_len)),
-            "attention_mask": np.ones((batch, seq_len), dtype=np.int64),
-            "token_type_ids": np.zeros((batch, seq_len), dtype=np.int64),
-        }
-        session.run(None, {k: v.astype(np.int64) for k, v in feed.items() if k in names})
-
-    options = ort.SessionOptions()
-    if args["threads"]:
-        options.intra_op_num_threads = args["threads"]
-        options.inter_op_num_threads = 1
-    gc.collect()
-    base = status_kb("VmRSS") or maxrss_kb()
-    session = ort.InferenceSession(args["onnx"], sess_options=options, providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-else:
-    import torch
-    if args["threads"]:
-        torch.set_num_threads(args["threads"])
-    from statprune.export import load_model, token_inputs
-
-    def run_batch(batch):
-        inputs = token_inputs(spec, batch, seq_len, seed=batch)
-        if args["causal"]:
-            inputs["use_cache"] = False
-        with torch.inference_mode():
-            model(**inputs)
-
-    gc.collect()
-    base = status_kb("VmRSS") or maxrss_kb()
-    model = load_model(args["path"], dtype=getattr(torch, args["dtype"]))
-gc.collect()
-result, method = {}, "rss-peak"
-for batch in sorted(args["batches"]):
-    if not reset_peak():
-        method = "maxrss"
-    run_batch(batch)
-    peak = status_kb("VmHWM") if method == "rss-peak" else maxrss_kb()
-    result[batch] = max(0, peak - base) / 1024
-print("STATPRUNE-MEMORY " + json.dumps({"method": method, "mb": result}))
-"""
-
 _METHODS = {
     "rss-peak": "child process: peak RSS during the forward − RSS before loading",
     "maxrss": "child process: maxrss − RSS before loading (includes loading transients)",
@@ -502,9 +428,12 @@ def _child_memory(m: _Model, batches, seq_len, backend, dtype, threads):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.setdefault("HF_HUB_OFFLINE", "1")
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "statprune.bench_worker", json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
-    line = next((x for x in result.stdout.splitlines() if x.startswith("STATPRUNE-MEMORY ")), None)
+    line = next((x for x in result.stdout.splitlines() if x.startswith(bench_worker.PREFIX)), None)
     if result.returncode != 0 or line is None:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise ModelError(f"measuring the memory of {m.path} failed ({tail}); pass --no-memory to skip it")
@@ -712,5 +641,3 @@ def _write_json(path: Path, data: dict) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
