@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import HERE, assets, ffn_fit_markdown
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "scripts"))
-import assets  # noqa: E402
-
-from statprune.adapters import adapter_for  # noqa: E402
-from statprune.calibration import pack_examples, read_examples  # noqa: E402
-from statprune.linalg import GramAccumulator, interpolation_matrix, select_columns  # noqa: E402
-from statprune.persist import load, load_tokenizer  # noqa: E402
+from statprune.adapters import adapter_for
+from statprune.calibration import pack_examples, read_examples
+from statprune.linalg import GramAccumulator, interpolation_matrix, select_columns
+from statprune.persist import load, load_tokenizer
 
 RIDGES = (0.0, 0.01, 0.1, 0.3)
 KEEPS = (0.8, 0.6)
@@ -149,22 +145,8 @@ def main() -> None:
                 }
             )
     args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    print(markdown(rows))
+    print(ffn_fit_markdown(rows))
     print(f"{time.perf_counter() - start:.0f} s")
-
-
-def markdown(rows: list[dict]) -> str:
-    lines = [
-        "| windows | rule | keep | ridge | calibration | wsj-validation |",
-        "|---|---|---|---|---|---|",
-    ]
-    fields = ("calibration_windows", "rule", "keep_neurons", "ridge", "scored_on")
-    index = {tuple(r[f] for f in fields): r for r in rows}
-    for w, rule, keep, ridge, _ in sorted({k for k in index if k[4] == "calibration"}):
-        cal = index[(w, rule, keep, ridge, "calibration")]["relative_error"]
-        val = index[(w, rule, keep, ridge, "wsj-validation")]["relative_error"]
-        lines.append(f"| {w} | {rule} | {keep} | {ridge} | {cal:.4f} | {val:.4f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from common import assets
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "scripts"))
-import assets  # noqa: E402
-
-import statprune.driver as driver  # noqa: E402
-from statprune.persist import load_tokenizer  # noqa: E402
-from statprune.sweep import sweep  # noqa: E402
+import statprune.driver as driver
+from statprune.persist import load_tokenizer
+from statprune.sweep import sweep
 
 
 def _attach_training_labels(model_dir: Path, train: list[dict]) -> None:

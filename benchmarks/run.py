@@ -14,17 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "scripts"))
-import assets  # noqa: E402
+from common import BENCHMARKS, HERE, Benchmark, ablation_markdown, current_setup, ffn_fit_markdown, run_sweep
 
-from statprune.sweep import SweepRow, results_markdown, sweep, write_plot  # noqa: E402
+from statprune.sweep import SweepRow, results_markdown, write_plot
 
 ROW_KEYS = (
     "model",
@@ -41,56 +37,6 @@ ROW_KEYS = (
 METHODS = ("stat", "magnitude", "wanda-sp", "flap", "fisher")
 
 
-@dataclass(frozen=True)
-class Benchmark:
-    name: str
-    asset: str
-    calib: str  # file in the corpora asset
-    eval: str
-    budget_kind: str
-    budgets: tuple[float, ...]
-    eval_samples: int | None = None
-    note: str = ""
-    pack: bool = False  # calibrate on 128-token windows of the joined lines (causal LMs)
-    samples: int | None = None  # calibration examples, when not the run's --samples
-
-
-BENCHMARKS = {
-    "minilm-mr": Benchmark(
-        "MiniLM-MR",
-        "minilm-mr",
-        "rt-calib.txt",
-        "rt-test.jsonl",
-        "flops",
-        (0.9, 0.8, 0.7, 0.6, 0.5, 0.4),
-        note="all-MiniLM-L6-v2 fine-tuned by scripts/assets.py on 3,200 Rotten-Tomatoes sentences; "
-        "calibration = the training sentences (labels unused), test = the 800 held-out ones",
-    ),
-    "mpnet-mr": Benchmark(
-        "MPNet-MR",
-        "mpnet-mr",
-        "rt-calib.txt",
-        "rt-test.jsonl",
-        "flops",
-        (0.9, 0.8, 0.7, 0.6, 0.5, 0.4),
-        note="all-mpnet-base-v2 (BERT-base sized) fine-tuned the same way",
-    ),
-    "smollm2": Benchmark(
-        "SmolLM2-135M",
-        "smollm2",
-        "oanc-calib.txt",
-        "wsj-heldout.txt",
-        "params",
-        (0.9, 0.8, 0.7, 0.6, 0.5),
-        note="SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32, so dense scores sit slightly below "
-        "the bf16 original); calibration = 128 windows of 128 tokens (16,384 tokens) cut from the "
-        "joined OANC calibration lines (`--pack`) — 128 rather than 512 examples to fit the 2-core "
-        "CPU budget (each sequential pruning pass of 30 layers over 65 k tokens takes ~5 min here); "
-        "perplexity on held-out WSJ lines (non-overlapping 256-token windows)",
-        pack=True,
-        samples=128,
-    ),
-}
 QUICK = Benchmark(
     "MiniLM (quick)",
     "minilm",
@@ -101,27 +47,6 @@ QUICK = Benchmark(
     100,
     note="CI smoke test: all-MiniLM-L6-v2 embeddings, 128 calibration examples, 100 test sentences",
 )
-
-
-def run_sweep(bench: Benchmark, samples: int, methods, out: Path, budgets=None, **options):
-    """The benchmark's sweep (same calibration, evaluation and protocol everywhere), into ``out``."""
-    corpora = assets.ensure("corpora")
-    return sweep(
-        assets.ensure(bench.asset),
-        corpora / bench.calib,
-        corpora / bench.eval,
-        budgets=bench.budgets if budgets is None else budgets,
-        methods=methods,
-        budget_kind=bench.budget_kind,
-        samples=samples,
-        seq_len=128,
-        eval_samples=bench.eval_samples,
-        pack=bench.pack,
-        out=out,
-        name=bench.name,
-        device="cpu",
-        **options,
-    )
 
 
 def run_one(
@@ -269,8 +194,6 @@ def _variant(row: dict) -> str:
 def _full_calibration_row(ablation: list[dict], model: str, budget: float) -> dict | None:
     """The ablation's ``default`` STAT row with 512 calibration examples, measured under the
     current defaults (layer weighting and error metric), or None."""
-    from ablation import current_setup
-
     for r in ablation:
         if (
             r["model"] == model
@@ -288,8 +211,6 @@ def ffn_fit_section(path: Path) -> str:
     """Markdown of benchmarks/ffn_fit.json (written by benchmarks/ffn_fit.py)."""
     if not path.exists():
         return ""
-    from ffn_fit import markdown
-
     rows = json.loads(path.read_text())
     layers = ", ".join(str(i) for i in rows[0]["layers"]) if rows else ""
     return (
@@ -299,7 +220,7 @@ def ffn_fit_section(path: Path) -> str:
         "on those windows and on 64 windows of WSJ validation text (mean over the layers; original "
         "activations, euclidean metric). `exact-greedy` adds at each step the neuron that lowers "
         "that error most (a reference for STAT's scaled pivoting); `ridge` damps the correction "
-        "(`--correction-ridge`).\n\n" + markdown(rows) + "\n"
+        "(`--correction-ridge`).\n\n" + ffn_fit_markdown(rows) + "\n"
     )
 
 
@@ -307,8 +228,6 @@ def ablation_section(rows: list[dict]) -> str:
     """Markdown of the rows of benchmarks/ablation.json (written by benchmarks/ablation.py)."""
     if not rows:
         return ""
-    from ablation import ablation_markdown
-
     return ablation_markdown(rows)
 
 

@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "scripts"))
-import assets  # noqa: E402
+from common import HERE, assets
 
-import statprune  # noqa: E402
-from statprune.bench import benchmark  # noqa: E402
-from statprune.calibration import read_examples  # noqa: E402
-from statprune.persist import load_tokenizer  # noqa: E402
+import statprune
+from statprune.bench import benchmark
+from statprune.calibration import read_examples
+from statprune.persist import load_tokenizer
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -38,15 +37,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import HERE, assets
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "scripts"))
-import assets  # noqa: E402
-
-from statprune.adapters import adapter_for  # noqa: E402
-from statprune.calibration import read_examples, sample_examples, tokenize_examples  # noqa: E402
-from statprune.evaluate import evaluate, read_labels  # noqa: E402
-from statprune.flops import model_shapes, total_cost  # noqa: E402
+from statprune.adapters import adapter_for
+from statprune.calibration import read_examples, sample_examples, tokenize_examples
+from statprune.evaluate import evaluate, read_labels
+from statprune.flops import model_shapes, total_cost
 
 MODEL = "MiniLM-MR"
 SEQ_LEN = 128
@@ -158,8 +154,9 @@ def masked_equivalent(dense, model):
     zeroed: exactly what removing them computes. Also returns (heads kept, neurons kept)."""
     masked = copy.deepcopy(dense)
     heads, neurons = [], []
-    for lp, ld, lm in zip(model.bert.encoder.layer, dense.bert.encoder.layer, masked.bert.encoder.layer,
-                          strict=True):
+    for lp, ld, lm in zip(
+        model.bert.encoder.layer, dense.bert.encoder.layer, masked.bert.encoder.layer, strict=True
+    ):
         sa, sd = lp.attention.self, ld.attention.self
         hd = sd.attention_head_size
         kept = _match_rows(
@@ -263,8 +260,9 @@ def main() -> None:
     print(f"dense accuracy {dense_value:.4f} on {dense_eval.n_examples} test sentences", flush=True)
 
     calib = sample_examples(read_examples(corpora / "rt-calib.txt"), SAMPLES, SEED)
-    example_inputs = dict(tokenizer(calib[:2], padding=True, truncation=True, max_length=SEQ_LEN,
-                                    return_tensors="pt"))
+    example_inputs = dict(
+        tokenizer(calib[:2], padding=True, truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+    )
     grads, grad_seconds = None, 0.0
     if "taylor" in args.importances.split(","):
         t0 = time.perf_counter()
@@ -272,8 +270,12 @@ def main() -> None:
         grad_seconds = time.perf_counter() - t0
         print(f"Taylor gradients on {len(calib)} calibration sentences: {grad_seconds:.1f} s", flush=True)
 
-    probe = {k: v[:8] for k, v in dict(tokenizer(texts[:8], padding=True, truncation=True,
-                                                  max_length=SEQ_LEN, return_tensors="pt")).items()}
+    probe = {
+        k: v[:8]
+        for k, v in dict(
+            tokenizer(texts[:8], padding=True, truncation=True, max_length=SEQ_LEN, return_tensors="pt")
+        ).items()
+    }
     rows = []
     for allocation in args.allocations.split(","):
         for importance in args.importances.split(","):

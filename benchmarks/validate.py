@@ -43,21 +43,15 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "scripts"))
-import assets  # noqa: E402
-from ablation import VARIANTS, parse_variants  # noqa: E402
-from run import BENCHMARKS  # noqa: E402
+from common import BENCHMARKS, HERE, VARIANTS, assets, parse_variants
 
-import statprune  # noqa: E402
-from statprune.calibration import read_examples, sample_examples  # noqa: E402
-from statprune.evaluate import evaluate  # noqa: E402
-from statprune.persist import load, load_tokenizer  # noqa: E402
+import statprune
+from statprune.calibration import read_examples, sample_examples
+from statprune.evaluate import evaluate
+from statprune.persist import load, load_tokenizer
 
 WSJ_SPLIT = 600  # --wsj-split: wsj-calib.txt lines before it may calibrate, lines from it evaluate
 ROW_KEY = ("model", "variant", "budget", "samples", "split", "data")  # with "calibration": one row

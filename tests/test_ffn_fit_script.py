@@ -9,7 +9,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "scripts"))
 from ffn_fit import exact_greedy_order, relative_error  # noqa: E402
 
 
