@@ -53,6 +53,16 @@ def tok_summary(tok) -> dict:
     }
 
 
+def model_summary(model, tok) -> dict:
+    """What a worker reports of a loaded model: class, main config fields, parameters, tokenizer."""
+    return {
+        "model_class": type(model).__name__,
+        "config": config_summary(model.config),
+        "params": sum(p.numel() for p in model.parameters()),
+        "tokenizer": tok_summary(tok),
+    }
+
+
 def worker_verify_encoder(folder: str) -> dict:
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -78,13 +88,10 @@ def worker_verify_encoder(folder: str) -> dict:
         raise AssetError(
             f"embeddings look wrong: sim(paraphrase)={sim_close:.3f} <= sim(unrelated)={sim_far:.3f}"
         )
-    params = sum(p.numel() for p in model.parameters())
-    cfg = config_summary(model.config)
+    described = model_summary(model, tok)
+    cfg, params = described["config"], described["params"]
     return {
-        "model_class": type(model).__name__,
-        "config": cfg,
-        "params": params,
-        "tokenizer": tok_summary(tok),
+        **described,
         "loading": {k: list(v)[:10] for k, v in loading.items() if v},
         "sim_paraphrase": round(sim_close, 4),
         "sim_unrelated": round(sim_far, 4),

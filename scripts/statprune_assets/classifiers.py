@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .cache import AssetError, log, marker_problem, read_marker
-from .checks import config_summary, tok_summary
+from .checks import model_summary
 from .corpora import read_jsonl, split_rows
 from .fetch import run_worker
 from .training import accuracy, finetune_classifier, predict_labels
@@ -217,7 +217,8 @@ def worker_finetune(job_json: str) -> dict:
     diff = float((logits2 - logits[:k]).abs().max())
     if diff > 1e-4 or preds2 != preds[:k]:
         raise AssetError(f"reloaded classifier's logits differ from the trained one by {diff:.2e}")
-    params = sum(p.numel() for p in reloaded.parameters())
+    described = model_summary(reloaded, tok2)
+    params = described["params"]
     return {
         **common,
         "dense_test_accuracy": round(acc, 5),
@@ -235,10 +236,7 @@ def worker_finetune(job_json: str) -> dict:
         "truncated": {"train": n_truncated(train), "test": n_truncated(test)},
         "labels": {str(k): v for k, v in FT_LABELS.items()},
         "loading": loading,
-        "model_class": type(reloaded).__name__,
-        "config": config_summary(reloaded.config),
-        "params": params,
-        "tokenizer": tok_summary(tok2),
+        **described,
         "reload_max_abs_logit_diff": diff,
         "summary": (
             f"{type(reloaded).__name__} {params / 1e6:.1f}M params, dense rt-test accuracy "

