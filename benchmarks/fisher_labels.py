@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))
 import assets  # noqa: E402
 
-import statprune.driver as driver  # noqa: E402
+import statprune.fisher_grads as fisher_grads  # noqa: E402
 from statprune.persist import load_tokenizer  # noqa: E402
 from statprune.sweep import sweep  # noqa: E402
 
@@ -36,7 +36,7 @@ def _attach_training_labels(model_dir: Path, train: list[dict]) -> None:
     label_of = {
         tuple(tokenizer(r["text"], truncation=True, max_length=128)["input_ids"]): r["label"] for r in train
     }
-    collect = driver.collect_mask_gradients
+    collect = fisher_grads.collect_mask_gradients
 
     def with_labels(model, adapter, batches, *args, **kwargs):
         for b in batches:
@@ -48,7 +48,7 @@ def _attach_training_labels(model_dir: Path, train: list[dict]) -> None:
             for b in batches:
                 b.inputs.pop("labels")
 
-    driver.collect_mask_gradients = with_labels
+    fisher_grads.collect_mask_gradients = with_labels
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
         evaluation.write_text("".join(json.dumps(r) + "\n" for r in held[:800]))
         for labels in args.labels.split(","):
             options = {} if labels == "given" else {"fisher_labels": labels}
-            plain = driver.collect_mask_gradients
+            plain = fisher_grads.collect_mask_gradients
             if labels == "given":
                 _attach_training_labels(model_dir, train)
             try:
@@ -84,7 +84,7 @@ def main() -> None:
                     **options,
                 )
             finally:
-                driver.collect_mask_gradients = plain
+                fisher_grads.collect_mask_gradients = plain
             for r in result.rows:
                 print(
                     f"{args.model} labels={labels} keep={r.budget:g}: accuracy {r.value:.4f} "

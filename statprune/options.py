@@ -348,6 +348,16 @@ def add_option_arguments(
         parser.add_argument(meta["flag"], **kwargs)
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser | Any) -> None:
+    """``--keep-flops`` / ``--keep-params`` (give exactly one) in their own argument group."""
+    from statprune.argtypes import fraction
+
+    group = parser.add_argument_group("budget (give exactly one)")
+    for name in ("keep_flops", "keep_params"):
+        meta = _fields()[name].metadata
+        group.add_argument(meta["flag"], type=fraction, help=meta["help"], dest=name)
+
+
 def options_from_args(args: argparse.Namespace, *, for_sweep: bool = False) -> dict[str, Any]:
     """The option values given on the command line (see :func:`add_option_arguments`), as
     keyword arguments of ``statprune.compress`` (budgets excluded)."""
