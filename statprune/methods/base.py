@@ -213,7 +213,15 @@ class ChannelRanking(PruningMethod):
     ) -> torch.Tensor:
         return self.channel_scores(stats, w_o)
 
-    def select_heads(self, adapter, layer, stats, options, plan=None, factor=None):
+    def select_heads(
+        self,
+        adapter: ModelAdapter,
+        layer: nn.Module,
+        stats: LayerStats,
+        options: CompressionOptions,
+        plan: Any | None = None,
+        factor: torch.Tensor | None = None,
+    ) -> HeadSelection:
         from statprune.linalg.baselines import head_ranking
 
         attn = adapter.attention(layer)
@@ -222,7 +230,15 @@ class ChannelRanking(PruningMethod):
         channel = self.head_channel_scores(adapter, layer, finished, w_o)
         return head_ranking(channel, attn.n_heads, attn.head_dim, attn.groups, standardize=self.standardize)
 
-    def select_neurons(self, adapter, layer, stats, options, plan=None, factor=None):
+    def select_neurons(
+        self,
+        adapter: ModelAdapter,
+        layer: nn.Module,
+        stats: LayerStats,
+        options: CompressionOptions,
+        plan: Any | None = None,
+        factor: torch.Tensor | None = None,
+    ) -> InterpolativeDecomposition:
         import torch
 
         from statprune.linalg.baselines import neuron_ranking

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from statprune.methods import register
 from statprune.methods.base import ChannelRanking, fold_interpolation
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from statprune.linalg import CrossAccumulator, GramAccumulator
+    from statprune.linalg.gram import GramStats
+    from statprune.options import CompressionOptions
 
 
 @register
@@ -16,12 +26,23 @@ class Flap(ChannelRanking):
     order = 30
     standardize = True
 
-    def channel_scores(self, stats, w_out, w_in_rows=None):
+    def channel_scores(
+        self, stats: GramStats | None, w_out: torch.Tensor, w_in_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         from statprune.linalg.baselines import flap_scores
 
         return flap_scores(stats, w_out)
 
-    def fold(self, out, stats, kept, dropped, options, block, targets):
+    def fold(
+        self,
+        out: nn.Module,
+        stats: GramAccumulator,
+        kept: torch.Tensor,
+        dropped: torch.Tensor,
+        options: CompressionOptions,
+        block: int,
+        targets: CrossAccumulator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         import torch
 
         finished = stats.finish()

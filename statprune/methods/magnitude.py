@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from statprune.methods import register
 from statprune.methods.base import ChannelRanking
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from statprune.adapters import ModelAdapter
+    from statprune.linalg.gram import GramStats
 
 
 @register
@@ -17,12 +26,16 @@ class Magnitude(ChannelRanking):
     corrects = False
     default_allocation = "uniform"
 
-    def channel_scores(self, stats, w_out, w_in_rows=None):
+    def channel_scores(
+        self, stats: GramStats | None, w_out: torch.Tensor, w_in_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         from statprune.linalg.baselines import magnitude_scores
 
         return magnitude_scores(w_out, w_in_rows)
 
-    def head_channel_scores(self, adapter, layer, stats, w_o):
+    def head_channel_scores(
+        self, adapter: ModelAdapter, layer: nn.Module, stats: GramStats | None, w_o: torch.Tensor
+    ) -> torch.Tensor:
         import torch
 
         q_rows = layer.get_submodule(adapter.attention(layer).q).weight.detach().double().cpu()

@@ -4,9 +4,21 @@ least-squares correction folded into the next projection."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from statprune.methods import register
 from statprune.methods.base import PruningMethod, fold_interpolation
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from statprune.adapters import ModelAdapter
+    from statprune.linalg import CrossAccumulator, GramAccumulator
+    from statprune.linalg.heads import HeadSelection
+    from statprune.linalg.interpolative import InterpolativeDecomposition
+    from statprune.options import CompressionOptions
+    from statprune.pipeline.records import LayerStats
 
 
 @register
@@ -22,7 +34,7 @@ class Stat(PruningMethod):
     weighs_blocks = True
     measures_output_error = True
 
-    def resolve_auto(self, options, gradient_available):
+    def resolve_auto(self, options: CompressionOptions, gradient_available: bool) -> CompressionOptions:
         """``layer_weighting`` auto: gradient where the model has a label-free loss and is on
         the device, else residual; ``error_metric`` auto: fisher with the gradient weightings."""
         if options.layer_weighting == "auto":
@@ -32,13 +44,21 @@ class Stat(PruningMethod):
             options = replace(options, error_metric="fisher" if fisher else "euclidean")
         return options
 
-    def wants_output_sensitivity(self, options):
+    def wants_output_sensitivity(self, options: CompressionOptions) -> bool:
         return options.layer_weighting.startswith("gradient") or options.error_metric == "fisher"
 
-    def warns_thin_data(self, options):
+    def warns_thin_data(self, options: CompressionOptions) -> bool:
         return options.correction_ridge == 0.0
 
-    def select_heads(self, adapter, layer, stats, options, plan=None, factor=None):
+    def select_heads(
+        self,
+        adapter: ModelAdapter,
+        layer: nn.Module,
+        stats: LayerStats,
+        options: CompressionOptions,
+        plan: Any | None = None,
+        factor: torch.Tensor | None = None,
+    ) -> HeadSelection:
         from statprune.linalg import select_heads
 
         attn = adapter.attention(layer)
@@ -49,7 +69,15 @@ class Stat(PruningMethod):
             w_o = factor.to(w_o.device) @ w_o.double()
         return select_heads(gram, w_o, attn.n_heads, attn.head_dim, attn.groups)
 
-    def select_neurons(self, adapter, layer, stats, options, plan=None, factor=None):
+    def select_neurons(
+        self,
+        adapter: ModelAdapter,
+        layer: nn.Module,
+        stats: LayerStats,
+        options: CompressionOptions,
+        plan: Any | None = None,
+        factor: torch.Tensor | None = None,
+    ) -> InterpolativeDecomposition:
         import torch
 
         from statprune.linalg import select_columns
@@ -61,7 +89,16 @@ class Stat(PruningMethod):
         seen = w if factor is None else factor.to(w.device) @ w
         return select_columns(gram, scale=torch.linalg.vector_norm(seen, dim=0))
 
-    def fold(self, out, stats, kept, dropped, options, block, targets):
+    def fold(
+        self,
+        out: nn.Module,
+        stats: GramAccumulator,
+        kept: torch.Tensor,
+        dropped: torch.Tensor,
+        options: CompressionOptions,
+        block: int,
+        targets: CrossAccumulator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from statprune.linalg import fit_to_targets, interpolation_matrix
 
         centered = options.bias_compensation

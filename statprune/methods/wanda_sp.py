@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from statprune.methods import register
 from statprune.methods.base import ChannelRanking
+
+if TYPE_CHECKING:
+    import torch
+
+    from statprune.linalg.gram import GramStats
 
 
 @register
@@ -16,7 +23,9 @@ class WandaSP(ChannelRanking):
     corrects = False
     default_allocation = "uniform"
 
-    def channel_scores(self, stats, w_out, w_in_rows=None):
+    def channel_scores(
+        self, stats: GramStats | None, w_out: torch.Tensor, w_in_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         from statprune.linalg.baselines import wanda_scores
 
         return wanda_scores(stats, w_out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,7 +123,8 @@ class Analysis:
 
     @property
     def grads(self) -> Any | None:
-        """Former name of ``plan`` (fisher's ``MaskGradients``)."""
+        """Former name of ``plan`` (fisher's ``MaskGradients``); deprecated."""
+        warnings.warn("Analysis.grads is now Analysis.plan", DeprecationWarning, stacklevel=2)
         return self.plan
 
 
