@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from statprune.calibration import CalibrationBatch
-from statprune.checkpoint import Checkpoint, fingerprint
+from statprune.checkpoint import Checkpoint, PassState, fingerprint
 from statprune.flops import LayerShape
+from statprune.modeling_statprune import apply_ops
 from statprune.options import CompressionOptions
-from statprune.pipeline.records import Analysis
+from statprune.pipeline.records import Analysis, Job
 
 KEEP_STATS_BYTES = 4 * 2**30  # beyond this, original activations recompute the statistics instead
 
@@ -82,6 +83,36 @@ def open_checkpoint(
         return None
     job = fingerprint(model.config.to_json_string(), asdict(options), batches)
     return Checkpoint(folder, job, resume)
+
+
+def resume_pass(job: Job, stage: str, inputs: list[torch.Tensor]) -> PassState | None:
+    """The saved progress of pass ``stage`` (``analyse`` or ``prune``) of a resumed job, its
+    tensors on the device of ``inputs``; None when there is none (start at layer 0)."""
+    return job.checkpoint.load(stage, inputs[0].device) if job.checkpoint is not None else None
+
+
+def record_progress(
+    job: Job, stage: str, layer: int, state: Callable[[], tuple[dict, list[torch.Tensor]]]
+) -> None:
+    """Layers ``0 … layer`` of ``stage`` are done: when the job is checkpointed, save what
+    ``state()`` returns (only built then): JSON data and the tensors the next layer needs."""
+    if job.checkpoint is not None:
+        data, inputs = state()
+        job.checkpoint.save(stage, layer, data, inputs)
+
+
+def save_pruned_layer(job: Job, index: int, layer: nn.Module) -> None:
+    """Keep a pruned layer's weights for a resumed run (checkpointed jobs only)."""
+    if job.checkpoint is not None:
+        job.checkpoint.save_layer(index, layer)
+
+
+def restore_pruned_layers(job: Job, ops: list[dict], done: int) -> None:
+    """A resumed pruning pass: replay the saved surgery ops, then load layers ``0 … done``."""
+    apply_ops(job.base, ops)
+    layers = job.layers()
+    for i in range(done + 1):
+        job.checkpoint.restore_layer(i, layers[i])
 
 
 class AnalysisCache:

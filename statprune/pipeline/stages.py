@@ -43,9 +43,15 @@ from statprune.fisher_grads import OutputSensitivity, has_loss_without_labels, o
 from statprune.flops import LayerShape, model_shapes, total_cost
 from statprune.linalg.heads import head_columns
 from statprune.methods import get_method
-from statprune.modeling_statprune import apply_ops
 from statprune.options import make_options, resolve_auto
-from statprune.pipeline.execution import to_device, visiting
+from statprune.pipeline.execution import (
+    record_progress,
+    restore_pruned_layers,
+    resume_pass,
+    save_pruned_layer,
+    to_device,
+    visiting,
+)
 from statprune.pipeline.records import Analysis, Calibration, Job, LayerResult, LayerStats, Plan, Pruned
 from statprune.pipeline.statistics import collect, collect_with_targets, output_error, run_layer
 from statprune.progress import progress_bar
@@ -230,21 +236,23 @@ def analyse_layers(
     curves: list[BlockCurve] = []
     kept: list[LayerStats] | None = [] if job.keep_stats else None
     inputs, start = calib.hidden, 0
-    checkpoint = job.checkpoint
-    state = checkpoint.load("analyse", inputs[0].device) if checkpoint else None
+    state = resume_pass(job, "analyse", inputs)
     if state is not None:
         start, inputs = state.done + 1, state.inputs
         curves = [BlockCurve(**c) for c in state.data["curves"]]
         kept = None
     layers = job.layers()
     sensitivity = measure() if start < len(layers) else None
+
+    def progress() -> tuple[dict, list[torch.Tensor]]:
+        return {"curves": [asdict(c) for c in curves]}, inputs
+
     for i in progress_bar(range(start, len(layers)), desc="analyse layers"):
         with visiting(layers[i], job.visit):
             stats, inputs = analyse_layer(job, i, calib, inputs, curves, sensitivity)
         if kept is not None:
             kept.append(stats)
-        if checkpoint is not None:
-            checkpoint.save("analyse", i, {"curves": [asdict(c) for c in curves]}, inputs)
+        record_progress(job, "analyse", i, progress)
     return curves, kept
 
 
@@ -332,7 +340,7 @@ def prune(job: Job, calib: Calibration, counts: list, analysis: Analysis) -> Pru
     layer), select (under the fisher metric when the options ask for it), correct and slice. A
     correction toward the original model carries the original model's hidden states
     (``originals``) beside the pruned model's."""
-    options, checkpoint = job.options, job.checkpoint
+    options = job.options
     # selections not kept from the analysis pass are made again, under the same metric; measured
     # on the unpruned model, before a resumed run restores its pruned layers
     reselect = analysis.stats is None and options.error_metric == "fisher"
@@ -343,28 +351,27 @@ def prune(job: Job, calib: Calibration, counts: list, analysis: Analysis) -> Pru
     layers = job.layers()
     reports: list[LayerReport] = []
     ops: list[dict] = []
-    state = checkpoint.load("prune", inputs[0].device) if checkpoint else None
+    state = resume_pass(job, "prune", inputs)
     if state is not None:
         start, inputs, ops = state.done + 1, state.inputs, state.data["ops"]
         if originals is not None:  # saved after the pruned model's hidden states
             inputs, originals = inputs[: len(calib.hidden)], inputs[len(calib.hidden) :]
         reports = [LayerReport(**r) for r in state.data["reports"]]
-        apply_ops(job.base, ops)
-        for i in range(start):
-            checkpoint.restore_layer(i, layers[i])
+        restore_pruned_layers(job, ops, state.done)
+
+    def progress() -> tuple[dict, list[torch.Tensor]]:
+        return {"ops": ops, "reports": [asdict(r) for r in reports]}, inputs + (originals or [])
+
     for i in progress_bar(range(start, len(layers)), desc="prune layers"):
         with visiting(layers[i], job.visit):
             known = known_stats[i] if known_stats else None
             result = prune_layer(job, i, calib, inputs, counts[i], known, originals, sensitivity)
-            if checkpoint is not None:
-                checkpoint.save_layer(i, layers[i])
+            save_pruned_layer(job, i, layers[i])
         originals = result.originals
         reports.append(result.report)
-        ops += result.ops
+        ops.extend(result.ops)
         inputs = result.outputs if options.activations == "sequential" else result.reference
-        if checkpoint is not None:
-            data = {"ops": ops, "reports": [asdict(r) for r in reports]}
-            checkpoint.save("prune", i, data, inputs + (originals or []))
+        record_progress(job, "prune", i, progress)
     return Pruned(reports, ops)
 
 
