@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from common import assets
 
-import statprune.driver as driver
+import statprune.fisher_grads as fisher_grads
 from statprune.persist import load_tokenizer
 from statprune.sweep import sweep
 
@@ -32,7 +32,7 @@ def _attach_training_labels(model_dir: Path, train: list[dict]) -> None:
     label_of = {
         tuple(tokenizer(r["text"], truncation=True, max_length=128)["input_ids"]): r["label"] for r in train
     }
-    collect = driver.collect_mask_gradients
+    collect = fisher_grads.collect_mask_gradients
 
     def with_labels(model, adapter, batches, *args, **kwargs):
         for b in batches:
@@ -44,7 +44,7 @@ def _attach_training_labels(model_dir: Path, train: list[dict]) -> None:
             for b in batches:
                 b.inputs.pop("labels")
 
-    driver.collect_mask_gradients = with_labels
+    fisher_grads.collect_mask_gradients = with_labels
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
         evaluation.write_text("".join(json.dumps(r) + "\n" for r in held[:800]))
         for labels in args.labels.split(","):
             options = {} if labels == "given" else {"fisher_labels": labels}
-            plain = driver.collect_mask_gradients
+            plain = fisher_grads.collect_mask_gradients
             if labels == "given":
                 _attach_training_labels(model_dir, train)
             try:
@@ -80,7 +80,7 @@ def main() -> None:
                     **options,
                 )
             finally:
-                driver.collect_mask_gradients = plain
+                fisher_grads.collect_mask_gradients = plain
             for r in result.rows:
                 print(
                     f"{args.model} labels={labels} keep={r.budget:g}: accuracy {r.value:.4f} "

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "AnalysisCache": "statprune.driver",
-    "CompressionOptions": "statprune.driver",
+    "AnalysisCache": "statprune.pipeline.execution",
+    "CompressionOptions": "statprune.options",
     "compress": "statprune.driver",
+    "OptionsError": "statprune.errors",
     "StatpruneError": "statprune.errors",
     "load": "statprune.persist",
     "load_report": "statprune.persist",
@@ -31,9 +32,11 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from statprune.driver import AnalysisCache, CompressionOptions, compress
-    from statprune.errors import StatpruneError
+    from statprune.driver import compress
+    from statprune.errors import OptionsError, StatpruneError
+    from statprune.options import CompressionOptions
     from statprune.persist import load, load_report, save
+    from statprune.pipeline.execution import AnalysisCache
     from statprune.report import CompressionReport, LayerReport
 
 
@@ -48,6 +51,7 @@ __all__ = [
     "CompressionOptions",
     "CompressionReport",
     "LayerReport",
+    "OptionsError",
     "StatpruneError",
     "__version__",
     "compress",

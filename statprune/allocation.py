@@ -174,6 +174,19 @@ def _allocate_uniform(curves: list[BlockCurve], state: _Counts, target: float) -
     apply(lo)
 
 
+def bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str, enabled: bool) -> int:
+    """Parameters that bias compensation may add (``enabled``: the method folds a correction with
+    bias compensation): a bias on each pruned block that had none. 0 for FLOPs budgets."""
+    if kind != "params" or not enabled:
+        return 0
+    reserve = 0
+    for curve in curves:
+        shape = shapes[curve.layer]
+        has_bias = shape.o_bias if curve.kind == "heads" else shape.ffn_out_bias
+        reserve += 0 if has_bias else shape.hidden
+    return reserve
+
+
 def curve_from_errors(
     layer: int,
     kind: str,

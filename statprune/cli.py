@@ -11,11 +11,19 @@ import sys
 import warnings
 from pathlib import Path
 
-from statprune.argtypes import fraction, positive_int
+from statprune.argtypes import positive_int
 from statprune.bench import add_bench_parser, run_bench
 from statprune.errors import ModelError, StatpruneError
 from statprune.evaluate import add_eval_parser, run_eval
 from statprune.export import add_export_parser, run_export
+from statprune.options import (
+    RESEARCH,
+    USER,
+    add_budget_arguments,
+    add_option_arguments,
+    option_names,
+    options_from_args,
+)
 from statprune.sweep import add_sweep_parser, run_sweep
 
 
@@ -29,11 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", type=Path, help="Hugging Face model folder")
     c.add_argument("--data", type=Path, required=True, help="calibration data: .txt, .jsonl, .csv or folder")
     c.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
-    budget = c.add_argument_group("budget (give exactly one)")
-    budget.add_argument("--keep-flops", type=fraction, help="fraction of attention+FFN FLOPs to keep")
-    budget.add_argument("--keep-params", type=fraction, help="fraction of attention+FFN params to keep")
-    c.add_argument("--prune", default="heads,neurons", help="what may be removed: heads,neurons")
-    c.add_argument("--seq-len", type=positive_int, default=128, help="max tokens per example (and FLOPs s)")
+    add_budget_arguments(c)
     c.add_argument("--samples", type=positive_int, default=512, help="calibration examples to draw")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument(
@@ -44,78 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=positive_int, default=16)
     c.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
     c.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
-    c.add_argument("--device", default="auto", help="auto, cpu or cuda")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    c.add_argument(
-        "--activations",
-        default="auto",
-        choices=["auto", "sequential", "original"],
-        help="calibrate each layer on the pruned (sequential) or original upstream outputs; "
-        "original reuses the analysis pass (about half the time); auto: sequential for causal LMs, "
-        "original for encoders (default)",
-    )
-    c.add_argument(
-        "--correction-target",
-        default="activations",
-        choices=["activations", "original"],
-        help="with --activations sequential, what each correction reproduces: the block's own removed "
-        "activations (the ID, default) or the block's output in the original model (repairs upstream "
-        "error on the calibration data, but overfits a few hundred examples)",
-    )
-    c.add_argument(
-        "--correction-ridge",
-        type=float,
-        default=0.0,
-        metavar="LAMBDA",
-        help="damp the correction's least squares by LAMBDA × the mean diagonal of the kept units' "
-        "Gram (shrinks it toward plain removal where the calibration data is thin; default 0)",
-    )
-    c.add_argument(
-        "--allocation",
-        default="auto",
-        choices=["auto", "greedy", "uniform"],
-        help="per-layer widths: greedy (global error per cost) or uniform; auto picks per method",
-    )
-    c.add_argument(
-        "--method",
-        default="stat",
-        choices=["stat", "magnitude", "wanda-sp", "flap", "fisher"],
-        help="stat (default) or a retraining-free baseline, for comparisons (fisher: Kwon et al. "
-        "2022, needs a classifier or causal-LM head)",
-    )
-    c.add_argument(
-        "--layer-weighting",
-        default="auto",
-        choices=["auto", "residual", "residual-mean", "gradient", "gradient-only", "none"],
-        help="how the allocation weighs each block's error: by the loss-gradient energy at the "
-        "block's output (gradient-only; one backward pass, needs a task head), by the median "
-        "token's residual-stream energy (residual; residual-mean: the mean, skewed by LLMs' "
-        "massive-activation tokens), by the geometric mean of the two (gradient), or not at all; "
-        "auto (default): gradient where the model has a classifier or LM head, else residual",
-    )
-    c.add_argument(
-        "--error-metric",
-        default="auto",
-        choices=["auto", "euclidean", "fisher"],
-        help="how a block's output error is measured when choosing which units to keep: the squared "
-        "error added to the residual stream (euclidean), or weighed by the covariance of the loss "
-        "gradients there (fisher: errors in directions the loss reacts to count more; hidden² "
-        "floats per block); auto (default): fisher with the gradient layer weightings",
-    )
-    c.add_argument(
-        "--fisher-labels",
-        default="predicted",
-        choices=["expected", "predicted"],
-        help="fisher on unlabelled data: a classifier's loss against its own argmax predictions, a "
-        "causal LM's against the text's next tokens (predicted, default), or the expected Fisher "
-        "under the model's predictive distribution (LMs: next tokens sampled from it)",
-    )
-    c.add_argument(
-        "--no-bias-compensation",
-        action="store_true",
-        help="do not let the next bias absorb the mean of removed units",
-    )
-    c.add_argument("--round-to", type=positive_int, default=1, help="kept FFN widths are multiples of N")
+    add_option_arguments(c.add_argument_group("compression options"), names=option_names(USER))
+    research = c.add_argument_group("research options (ablations; the defaults are the measured best)")
+    add_option_arguments(research, names=option_names(RESEARCH))
     c.add_argument("--checkpoint-dir", type=Path, help="save progress after every layer into this folder")
     c.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -138,27 +74,11 @@ def _compress(args: argparse.Namespace) -> int:
     from statprune.adapters import adapter_for
     from statprune.argtypes import resolve_device
     from statprune.calibration import read_examples
-    from statprune.driver import CompressionOptions
+    from statprune.options import CompressionOptions
     from statprune.persist import check_model_dir, check_output_dir, load_tokenizer
 
-    options = CompressionOptions(
-        keep_flops=args.keep_flops,
-        keep_params=args.keep_params,
-        prune=tuple(p.strip() for p in args.prune.split(",") if p.strip()),
-        seq_len=args.seq_len,
-        activations=args.activations,
-        correction_target=args.correction_target,
-        correction_ridge=args.correction_ridge,
-        bias_compensation=not args.no_bias_compensation,
-        allocation=args.allocation,
-        method=args.method,
-        layer_weighting=args.layer_weighting,
-        error_metric=args.error_metric,
-        fisher_labels=args.fisher_labels,
-        round_to=args.round_to,
-        device=args.device,
-    )
-    options.validate()
+    fields = {"keep_flops": args.keep_flops, "keep_params": args.keep_params, **options_from_args(args)}
+    CompressionOptions(**fields).validate()
     if args.quiet:  # also transformers' own bars ("Loading weights", "Writing model shards")
         transformers.utils.logging.disable_progress_bar()
     resolve_device(args.device)
@@ -172,7 +92,6 @@ def _compress(args: argparse.Namespace) -> int:
     texts = read_examples(args.data, text_field=args.text_field, pair_field=args.pair_field)
     tokenizer = load_tokenizer(args.model)
     model = statprune.load(args.model, dtype=getattr(torch, args.dtype))
-    fields = {f: getattr(options, f) for f in options.__dataclass_fields__}
     model, report = statprune.compress(
         model,
         tokenizer,

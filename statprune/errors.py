@@ -27,3 +27,10 @@ class OutputError(StatpruneError):
 
 class DeviceError(StatpruneError):
     """The requested device is not available."""
+
+
+class OptionsError(BudgetError, ValueError):
+    """An option is unknown, out of range or contradicts another one.
+
+    A ``BudgetError`` (and a ``ValueError``) too, so that callers written when bad options raised
+    those keep catching them."""

@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from statprune.argtypes import current_umask, positive_int
-from statprune.errors import BudgetError, DataError, OutputError
+from statprune.errors import BudgetError, DataError, OptionsError, OutputError
+from statprune.methods import default_sweep_methods, method_names
+from statprune.options import add_option_arguments, options_from_args
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,20 +53,22 @@ __all__ = [
     "METHODS",
     "QualityBar",
     "Selection",
+    "SweepConfig",
     "SweepResult",
     "SweepRow",
     "add_sweep_parser",
     "parse_budgets",
     "parse_methods",
     "parse_min_quality",
+    "run",
     "run_sweep",
     "select_best",
     "sweep",
 ]
 
-METHODS = ("stat", "magnitude", "wanda-sp", "flap", "fisher")
+METHODS = method_names()  # the registered methods (statprune.methods)
 # fisher is opt-in (--methods stat,fisher): it needs a task head, which embedding models lack
-DEFAULT_METHODS = ("stat", "magnitude", "wanda-sp", "flap")
+DEFAULT_METHODS = default_sweep_methods()
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 BUDGET_KINDS = ("flops", "params")
 # The selected model is kept in memory during the sweep when the dense weights take at most this
@@ -270,15 +274,16 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     """``stat,flap`` (or a sequence) as distinct known method names, in the order given."""
     items = text.split(",") if isinstance(text, str) else list(text)
     methods: list[str] = []
+    known = method_names()
     for item in (str(i).strip() for i in items):
         if not item:
             continue
-        if item not in METHODS:
-            raise BudgetError(f"--methods: unknown method {item!r}; choose from {','.join(METHODS)}")
+        if item not in known:
+            raise OptionsError(f"--methods: unknown method {item!r}; choose from {','.join(known)}")
         if item not in methods:
             methods.append(item)
     if not methods:
-        raise BudgetError(f"--methods is empty; choose from {','.join(METHODS)}")
+        raise OptionsError(f"--methods is empty; choose from {','.join(known)}")
     return methods
 
 
@@ -292,13 +297,13 @@ def parse_min_quality(text: str) -> QualityBar:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise BudgetError(
+        raise OptionsError(
             f"--min-quality {text!r} is not a number; give an absolute value (0.80) or a share of "
             "the dense quality (99%)"
         )
     if relative:
         if value <= 0:
-            raise BudgetError(f"--min-quality {text!r} must be above 0%, e.g. 99%")
+            raise OptionsError(f"--min-quality {text!r} must be above 0%, e.g. 99%")
         return QualityBar(value / 100.0, True, f"{value:g}%")
     return QualityBar(value, False, f"{value:g}")
 
@@ -308,9 +313,9 @@ def _check_bar(bar: QualityBar, metric: str) -> None:
         return
     low, high = _METRICS[metric][1]
     if metric == "perplexity" and bar.value <= 0:
-        raise BudgetError(f"--min-quality {bar.text}: a perplexity bar must be positive (e.g. 25.0 or 99%)")
+        raise OptionsError(f"--min-quality {bar.text}: a perplexity bar must be positive (e.g. 25.0 or 99%)")
     if not low <= bar.value <= high:
-        raise BudgetError(
+        raise OptionsError(
             f"--min-quality {bar.text} is not a possible {metric} ({low:g}..{high:g}); "
             f"write e.g. 0.80, or 99% for a share of the dense value"
         )
@@ -333,7 +338,7 @@ def select_best(
     """``(best, closest)``: ``best`` is the run meeting the bar with the smallest achieved fraction
     (ties: better metric, then the method earlier in ``methods``), or None; ``closest`` is the run
     with the best metric (ties: smaller achieved), reported when nothing meets the bar."""
-    order = list(methods) if methods is not None else list(METHODS)
+    order = list(methods) if methods is not None else list(method_names())
 
     def rank(row: SweepRow) -> int:
         return order.index(row.method) if row.method in order else len(order)
@@ -419,6 +424,103 @@ def _check_out(out: Path, overwrite: bool, model_dir: Path) -> None:
     check_output_dir(out, overwrite, source=model_dir)
 
 
+@dataclass
+class SweepConfig:
+    """Everything one sweep is asked to do (the arguments of :func:`sweep`, parsed and checked).
+
+    Build it with :meth:`from_arguments` (which validates, raising the same one-line errors as
+    ``sweep``) and run it with :func:`run`."""
+
+    model_dir: Path
+    calib_path: Path
+    eval_path: Path
+    budgets: list[float]
+    methods: list[str]
+    budget_kind: str = "flops"
+    samples: int = 512
+    seq_len: int = 128
+    seed: int = 0
+    batch_size: int = 16
+    pack: bool = False
+    eval_batch_size: int = 32
+    eval_samples: int | None = None
+    task: str = "auto"
+    text_field: str | None = None
+    pair_field: str | None = None
+    label_field: str | None = None
+    bar: QualityBar | None = None
+    save_best: bool = False
+    out: Path | None = None
+    overwrite: bool = False
+    name: str | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    progress: bool = False
+    log: Callable[[str], None] | None = print
+    compress_options: dict[str, Any] = field(default_factory=dict)  # CompressionOptions fields
+
+    @classmethod
+    def from_arguments(
+        cls,
+        model_dir: str | Path,
+        calib_path: str | Path,
+        eval_path: str | Path,
+        *,
+        budgets: Sequence[float] | str = DEFAULT_BUDGETS,
+        methods: Sequence[str] | str = DEFAULT_METHODS,
+        min_quality: str | QualityBar | None = None,
+        out: str | Path | None = None,
+        **settings: Any,
+    ) -> SweepConfig:
+        """Parse and check ``sweep``'s arguments (``settings``: the other fields, and any
+        ``CompressionOptions`` field, collected into ``compress_options``); nothing is read yet."""
+        known = {f for f in cls.__dataclass_fields__} - {"compress_options", "bar"}
+        own = {k: v for k, v in settings.items() if k in known}
+        parsed_budgets, parsed_methods = parse_budgets(budgets), parse_methods(methods)
+        if settings.get("budget_kind", "flops") not in BUDGET_KINDS:
+            raise OptionsError(f"--budget-kind must be flops or params, not {settings['budget_kind']!r}")
+        bar = parse_min_quality(min_quality) if isinstance(min_quality, str) else min_quality
+        config = cls(
+            model_dir=Path(model_dir),
+            calib_path=Path(calib_path),
+            eval_path=Path(eval_path),
+            budgets=parsed_budgets,
+            methods=parsed_methods,
+            bar=bar,
+            out=None if out is None else Path(out),
+            compress_options={k: v for k, v in settings.items() if k not in known},
+            **own,
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """One-line errors for bad settings, before any work (models and data are not read)."""
+        from statprune.evaluate import TASKS
+        from statprune.options import make_options
+
+        if self.budget_kind not in BUDGET_KINDS:
+            raise OptionsError(f"--budget-kind must be flops or params, not {self.budget_kind!r}")
+        if self.save_best and self.bar is None:
+            raise OptionsError("--save-best needs --min-quality Q (e.g. 0.80, or 99% of the dense quality)")
+        if self.save_best and self.out is None:
+            raise OutputError("save_best needs an output folder (out=...)")
+        for label in ("samples", "seq_len", "batch_size", "eval_batch_size", "eval_samples"):
+            value = getattr(self, label)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(f"{label} must be a positive integer, got {value!r}")
+        if self.task not in ("auto", *TASKS):
+            raise DataError(f"unknown task {self.task!r}; use auto, {', '.join(TASKS)}")
+        overlap = {"keep_flops", "keep_params", "method", "seq_len", "device", "inplace", "cache"} & set(
+            self.compress_options
+        )
+        if overlap:
+            raise TypeError(f"sweep() sets {', '.join(sorted(overlap))} itself")
+        # the options every method shares (names, choices, ranges); a method's own constraints
+        # fail that method's runs only, as an impossible budget does
+        make_options(keep_flops=1.0, seq_len=self.seq_len, **self.compress_options).validate()
+
+
 def sweep(
     model_dir: str | Path,
     calib_path: str | Path,
@@ -460,88 +562,111 @@ def sweep(
     :data:`SELECTION_RULE`); ``save_best`` also saves that model into ``out/best``. With ``out``
     the results are written there atomically.
     ``log`` receives one progress line per run (None: silent); ``progress`` shows compression bars.
-    Other keyword arguments are :class:`~statprune.driver.CompressionOptions` fields.
+    Other keyword arguments are :class:`~statprune.options.CompressionOptions` fields. The same
+    as ``run(SweepConfig.from_arguments(...))``.
     """
+    started = time.perf_counter()
+    config = SweepConfig.from_arguments(
+        model_dir, calib_path, eval_path, budgets=budgets, methods=methods, budget_kind=budget_kind,
+        samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, pack=pack,
+        eval_batch_size=eval_batch_size, eval_samples=eval_samples, task=task, text_field=text_field,
+        pair_field=pair_field, label_field=label_field, min_quality=min_quality, save_best=save_best,
+        out=out, overwrite=overwrite, name=name, device=device, dtype=dtype, progress=progress, log=log,
+        **compress_options,
+    )
+    return run(config, started)
+
+
+@dataclass
+class _Inputs:
+    """What a sweep reads once and shares between its runs."""
+
+    tokenizer: Any
+    dense: Any
+    texts: list
+    examples: list
+    labels: list | None
+    task: str
+    metric: str
+    batches: list
+    chosen: list
+    target: Any  # torch.device
+
+
+def _read_inputs(config: SweepConfig) -> _Inputs:
+    """Check the folders, read the data and the dense model, tokenize the calibration sample."""
     import torch
 
+    from statprune.argtypes import resolve_device
     from statprune.calibration import pack_examples, read_examples, sample_examples, tokenize_examples
-    from statprune.driver import AnalysisCache, compress, resolve_device
-    from statprune.evaluate import TASKS, detect_task, evaluate, read_labels
+    from statprune.evaluate import detect_task, read_labels
     from statprune.persist import check_model_dir, load, load_tokenizer
 
-    started = time.perf_counter()
-    say = log or (lambda _line: None)
-    budgets = parse_budgets(budgets)
-    methods = parse_methods(methods)
-    if budget_kind not in BUDGET_KINDS:
-        raise BudgetError(f"--budget-kind must be flops or params, not {budget_kind!r}")
-    bar = parse_min_quality(min_quality) if isinstance(min_quality, str) else min_quality
-    if save_best and bar is None:
-        raise BudgetError("--save-best needs --min-quality Q (e.g. 0.80, or 99% of the dense quality)")
-    if save_best and out is None:
-        raise OutputError("save_best needs an output folder (out=...)")
-    for label, value in (("samples", samples), ("seq_len", seq_len), ("batch_size", batch_size),
-                         ("eval_batch_size", eval_batch_size), ("eval_samples", eval_samples)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise DataError(f"{label} must be a positive integer, got {value!r}")
-    if task not in ("auto", *TASKS):
-        raise DataError(f"unknown task {task!r}; use auto, {', '.join(TASKS)}")
-    overlap = {"keep_flops", "keep_params", "method", "seq_len", "device", "inplace", "cache"} & set(
-        compress_options
-    )
-    if overlap:
-        raise TypeError(f"sweep() sets {', '.join(sorted(overlap))} itself")
-
-    model_dir, calib_path, eval_path = Path(model_dir), Path(calib_path), Path(eval_path)
+    model_dir, calib_path, eval_path = config.model_dir, config.calib_path, config.eval_path
     check_model_dir(model_dir)
-    out_path = None if out is None else Path(out)
-    if out_path is not None:
-        _check_out(out_path, overwrite, model_dir)
+    if config.out is not None:
+        _check_out(config.out, config.overwrite, model_dir)
     if not eval_path.exists():
         raise DataError(
             f"evaluation data not found: {eval_path}; pass an existing .txt, .jsonl, .csv or folder"
         )
     torch_dtype = None
-    if dtype is not None:
-        torch_dtype = getattr(torch, dtype, None)
+    if config.dtype is not None:
+        torch_dtype = getattr(torch, config.dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
-            raise DataError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    target = resolve_device(device)
+            raise DataError(f"unknown dtype {config.dtype!r}; use float32, bfloat16 or float16")
+    target = resolve_device(config.device)
 
+    text_field, pair_field = config.text_field, config.pair_field
     texts = read_examples(calib_path, *_fields_for(calib_path, text_field, pair_field))
     eval_text_field, eval_pair_field = _fields_for(eval_path, text_field, pair_field)
     examples = read_examples(eval_path, eval_text_field, eval_pair_field)
     tokenizer = load_tokenizer(model_dir)
     dense = load(model_dir, device=str(target), dtype=torch_dtype)
-    task = detect_task(dense) if task == "auto" else task
+    task = detect_task(dense) if config.task == "auto" else config.task
     labels = None
     if task == "classify":
-        labels = read_labels(eval_path, label_field, eval_text_field)
-    elif label_field is not None:
+        labels = read_labels(eval_path, config.label_field, eval_text_field)
+    elif config.label_field is not None:
         raise DataError(f"--label-field only applies to classifiers, but the task is {task}; drop it")
-    if eval_samples is not None:
-        examples = examples[:eval_samples]
-        labels = None if labels is None else labels[:eval_samples]
+    if config.eval_samples is not None:
+        examples = examples[: config.eval_samples]
+        labels = None if labels is None else labels[: config.eval_samples]
     metric = _primary(task, labels is not None)
-    higher = _METRICS[metric][0]
-    if bar is not None:
-        _check_bar(bar, metric)
+    if config.bar is not None:
+        _check_bar(config.bar, metric)
 
-    if pack:
+    samples, seed, seq_len, batch_size = config.samples, config.seed, config.seq_len, config.batch_size
+    if config.pack:
         batches = pack_examples(tokenizer, texts, samples, seed, seq_len=seq_len, batch_size=batch_size)
         chosen = [None] * sum(int(b.inputs["input_ids"].shape[0]) for b in batches)
     else:
         chosen = sample_examples(texts, samples, seed)
         batches = tokenize_examples(tokenizer, chosen, seq_len=seq_len, batch_size=batch_size)
-    calib_tokens = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
+    return _Inputs(tokenizer, dense, texts, examples, labels, task, metric, batches, chosen, target)
+
+
+def run(config: SweepConfig, started: float | None = None) -> SweepResult:
+    """Run a checked sweep: the dense reference, then every method at every budget (see
+    :func:`sweep`)."""
+    from statprune.driver import AnalysisCache, compress
+    from statprune.evaluate import evaluate
+
+    started = time.perf_counter() if started is None else started
+    say = config.log or (lambda _line: None)
+    inputs = _read_inputs(config)
+    tokenizer, dense, metric, target = inputs.tokenizer, inputs.dense, inputs.metric, inputs.target
+    higher = _METRICS[metric][0]
+    bar, budget_kind, methods = config.bar, config.budget_kind, config.methods
+    calib_tokens = sum(int(b.inputs["attention_mask"].sum()) for b in inputs.batches)
 
     def run_eval(model, reference):
-        return evaluate(model, tokenizer, examples, task=task, reference=reference, labels=labels,
-                        seq_len=seq_len, batch_size=eval_batch_size)
+        return evaluate(model, tokenizer, inputs.examples, task=inputs.task, reference=reference,
+                        labels=inputs.labels, seq_len=config.seq_len, batch_size=config.eval_batch_size)
 
     dense_result = run_eval(dense, dense if metric == "cosine" else None)
     dense_value = 1.0 if metric in ("agreement", "cosine") else _metric_value(dense_result, metric)
-    model_name = name or model_dir.resolve().name
+    model_name = config.name or config.model_dir.resolve().name
     say(
         f"dense: {_metric_label(metric)} {_fmt(metric, dense_value)} on {dense_result.n_examples} "
         f"examples ({dense_result.seconds:.1f} s)"
@@ -549,29 +674,29 @@ def sweep(
 
     result = SweepResult(
         model=model_name,
-        model_dir=model_dir,
+        model_dir=config.model_dir,
         architecture=type(dense).__name__,
-        task=task,
+        task=inputs.task,
         metric=metric,
         higher_is_better=higher,
         dense_value=float(dense_value),
         budget_kind=budget_kind,
-        budgets=budgets,
+        budgets=config.budgets,
         methods=methods,
-        seq_len=seq_len,
-        seed=seed,
-        calibration_path=calib_path,
-        calibration_available=len(texts),
-        calibration_examples=len(chosen),
-        calibration_packed=pack,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        calibration_path=config.calib_path,
+        calibration_available=len(inputs.texts),
+        calibration_examples=len(inputs.chosen),
+        calibration_packed=config.pack,
         calibration_tokens=calib_tokens,
-        eval_path=eval_path,
+        eval_path=config.eval_path,
         eval_examples=dense_result.n_examples,
-        out=out_path,
+        out=config.out,
     )
     dense_bytes = _param_bytes(dense)
     large = dense_bytes > _COLLECT_BYTES
-    keep_best = bar is not None and save_best and dense_bytes <= KEEP_IN_MEMORY_BYTES
+    keep_best = bar is not None and config.save_best and dense_bytes <= KEEP_IN_MEMORY_BYTES
     kept: tuple[SweepRow, nn.Module, CompressionReport] | None = None
     threshold = None if bar is None else bar.threshold(float(dense_value), higher)
 
@@ -579,15 +704,15 @@ def sweep(
 
     def run_one(method: str, budget: float):
         return compress(
-            dense, tokenizer, batches, inplace=False, progress=progress, method=method,
-            seq_len=seq_len, device=str(target), cache=cache, **{f"keep_{budget_kind}": budget},
-            **compress_options,
+            dense, tokenizer, inputs.batches, inplace=False, progress=config.progress, method=method,
+            seq_len=config.seq_len, device=str(target), cache=cache, **{f"keep_{budget_kind}": budget},
+            **config.compress_options,
         )
 
-    total = len(methods) * len(budgets)
-    for number, (method, budget) in enumerate(((m, b) for m in methods for b in budgets), start=1):
+    total = len(methods) * len(config.budgets)
+    for number, (method, budget) in enumerate(((m, b) for m in methods for b in config.budgets), start=1):
         head = f"[{number:>{len(str(total))}}/{total}] {method:<9} keep {budget:.2f} {budget_kind}"
-        row = SweepRow(model_name, task, method, budget_kind, budget, None, metric, None,
+        row = SweepRow(model_name, inputs.task, method, budget_kind, budget, None, metric, None,
                        float(dense_value), 0.0)
         tic = time.perf_counter()
         try:
@@ -624,14 +749,14 @@ def sweep(
     if bar is not None:
         result.selection = _selection(result.rows, bar, metric, float(dense_value), methods)
     saved = None
-    if save_best and result.selection is not None and result.selection.best is not None:
+    if config.save_best and result.selection is not None and result.selection.best is not None:
         best = result.selection.best
         if kept is not None and kept[0] is best:
             saved = (kept[1], kept[2])
         else:
             say(f"re-compressing the best configuration ({best.method}, keep {best.budget:g} {budget_kind})")
             saved = run_one(best.method, best.budget)
-        saved[1].source_model = str(model_dir.resolve())
+        saved[1].source_model = str(config.model_dir.resolve())
         result.selection.saved = "best"
         result.selection.saved_achieved = (
             saved[1].flops_kept if budget_kind == "flops" else saved[1].params_kept
@@ -639,8 +764,8 @@ def sweep(
     kept = None
     _free(target, large)
     result.seconds = round(time.perf_counter() - started, 3)
-    if out_path is not None:
-        _write(result, out_path, overwrite, saved, tokenizer, calib_path=calib_path)
+    if config.out is not None:
+        _write(result, config.out, config.overwrite, saved, tokenizer, calib_path=config.calib_path)
     if result.selection is not None:
         say(result.selection.message)
     return result
@@ -801,8 +926,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                    help="fractions to keep, comma-separated (default: %(default)s)")
     s.add_argument("--budget-kind", default="flops", choices=BUDGET_KINDS,
                    help="what the budgets keep: attention+FFN flops (default) or params")
-    s.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from {','.join(METHODS)} (default: %(default)s)")
+    s.add_argument("--methods", default=",".join(default_sweep_methods()),
+                   help=f"comma-separated, from {','.join(method_names())} (default: %(default)s)")
     s.add_argument("--samples", type=positive_int, default=512, help="calibration examples to draw")
     s.add_argument("--seq-len", type=positive_int, default=128,
                    help="max tokens per example (calibration, evaluation and FLOPs accounting)")
@@ -827,6 +952,7 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--quiet", action="store_true",
                    help="no progress bars (one line per run is still printed)")
+    add_option_arguments(s.add_argument_group("compression options (every run)"), for_sweep=True)
     return s
 
 
@@ -848,7 +974,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         text_field=args.text_field, pair_field=args.pair_field, label_field=args.label_field,
         min_quality=args.min_quality, save_best=args.save_best, out=args.out,
         overwrite=args.overwrite, name=args.name, device=args.device, dtype=args.dtype,
-        progress=not args.quiet and sys.stderr.isatty(), log=log,
+        progress=not args.quiet and sys.stderr.isatty(), log=log, **options_from_args(args, for_sweep=True),
     )
     out = Path(args.out).resolve()
     written = "results.json, results.md, plot.png"

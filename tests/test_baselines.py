@@ -85,3 +85,44 @@ def test_magnitude_reads_no_activations():
     assert not calls
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_new_method_is_one_class():
+    """A method defined and registered here (one class, as one file under statprune/methods/
+    would be) runs through compress, the CLI's choices and sweep's method list, with nothing
+    else to change: it keeps the lowest-indexed units of every layer."""
+    from statprune.cli import build_parser
+    from statprune.methods import get_method, method_names, register, unregister
+    from statprune.methods.base import ChannelRanking
+    from statprune.sweep import parse_methods
+
+    @register
+    class KeepFirst(ChannelRanking):
+        name = "keep-first"
+        order = 99
+        uses_activations = False
+        corrects = False
+        default_allocation = "uniform"
+
+        def channel_scores(self, stats, w_out, w_in_rows=None):
+            return torch.arange(w_out.shape[1], 0, -1, dtype=torch.float64)
+
+    try:
+        assert method_names()[-1] == "keep-first" and isinstance(get_method("keep-first"), KeepFirst)
+        assert parse_methods("stat,keep-first") == ["stat", "keep-first"]
+        argv = ["compress", "m", "--data", "d", "--out", "o", "--method", "keep-first"]
+        assert build_parser().parse_args(argv).method == "keep-first"
+        model = build_tiny_model("bert", num_hidden_layers=3)
+        kwargs = {"keep_params": 0.5, "method": "keep-first", "progress": False}
+        _, report = statprune.compress(model, _build_tiny_tokenizer(), tiny_texts(200), **kwargs)
+        assert report.options["method"] == "keep-first" and report.options["allocation"] == "uniform"
+        assert report.params_kept <= 0.5
+        for lr in report.layers:
+            assert lr.heads_kept == list(range(len(lr.heads_kept)))
+            assert lr.neurons_kept == list(range(len(lr.neurons_kept))) and len(lr.neurons_kept) < 64
+    finally:
+        unregister("keep-first")
+    assert "keep-first" not in method_names()
+    with pytest.raises(statprune.StatpruneError, match="unknown method 'keep-first'"):
+        statprune.compress(build_tiny_model("bert"), _build_tiny_tokenizer(), tiny_texts(50), keep_params=0.5,
+                           method="keep-first", progress=False)

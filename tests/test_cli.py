@@ -565,7 +565,7 @@ def test_other_write_error(bert, calib, tmp_path, capsys, monkeypatch):
 def test_device_out_of_memory_is_one_line(bert, calib, tmp_path, capsys, monkeypatch):
     """A device running out of memory mid-compression (here: during the backward pass of the
     gradient weighting) says what to lower, writes nothing and leaves the model as it was."""
-    import statprune.driver
+    import statprune.pipeline.stages
 
     model, before = bert
     out = tmp_path / "out"
@@ -573,7 +573,7 @@ def test_device_out_of_memory_is_one_line(bert, calib, tmp_path, capsys, monkeyp
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(statprune.driver, "output_sensitivity", exhausted)
+    monkeypatch.setattr(statprune.pipeline.stages, "output_sensitivity", exhausted)
     code, _, err = run(capsys, *compress_args(model, calib, out))
     assert_clean_failure(code, err, out, model, before, "ran out of memory", "--batch-size")
 
@@ -678,23 +678,23 @@ _DRIVER = """
 import signal
 import sys
 import time
-import statprune.driver as driver
+import statprune.pipeline.stages as stages
 from statprune.cli import main
 
 # a shell that runs the test suite in the background (nohup … &) starts its children with SIGINT
 # ignored; Ctrl-C at a terminal meets Python's default handler, so restore that
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
-analyse_layer = driver._analyse_layer
+analyse_layer = stages.analyse_layer
 
 def analyse_then_wait(*args, **kwargs):
     result = analyse_layer(*args, **kwargs)
-    if args[2] == 1:  # the second layer is analysed: we are mid-compression, so wait for Ctrl-C
+    if args[1] == 1:  # the second layer is analysed: we are mid-compression, so wait for Ctrl-C
         print("TEST-MARKER: layer 1 analysed", file=sys.stderr, flush=True)
         time.sleep(120)
     return result
 
-driver._analyse_layer = analyse_then_wait
+stages.analyse_layer = analyse_then_wait
 sys.exit(main(sys.argv[1:]))
 """
 

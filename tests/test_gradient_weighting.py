@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
 
 import statprune
-import statprune.driver
+import statprune.pipeline.stages
 from statprune.adapters import adapter_for
 from statprune.calibration import CalibrationBatch, tokenize_examples
 from statprune.cli import main
@@ -184,9 +184,9 @@ def test_the_allocation_spares_the_block_the_loss_is_sensitive_to(monkeypatch, r
 
         return sensitivity
 
-    monkeypatch.setattr(statprune.driver, "output_sensitivity", fake(1.0))
+    monkeypatch.setattr(statprune.pipeline.stages, "output_sensitivity", fake(1.0))
     _, even = _compress(model, keep_params=0.5, layer_weighting=rule)
-    monkeypatch.setattr(statprune.driver, "output_sensitivity", fake(1e6))
+    monkeypatch.setattr(statprune.pipeline.stages, "output_sensitivity", fake(1e6))
     _, spared = _compress(model, keep_params=0.5, layer_weighting=rule)
     assert len(even.layers[1].neurons_kept) < even.layers[1].neurons_total
     assert len(spared.layers[1].neurons_kept) == spared.layers[1].neurons_total
@@ -230,7 +230,7 @@ def test_gradient_only_with_equal_sensitivities_is_no_weighting(monkeypatch):
     def equal(model, adapter, batches, prune, **_):
         return OutputSensitivity(heads=[2.5] * 3, neurons=[2.5] * 3, labels="next-token")
 
-    monkeypatch.setattr(statprune.driver, "output_sensitivity", equal)
+    monkeypatch.setattr(statprune.pipeline.stages, "output_sensitivity", equal)
     _, flat = _compress(model, keep_params=0.5, layer_weighting="gradient-only")
     _, plain = _compress(model, keep_params=0.5, layer_weighting="none")
     _, residual = _compress(model, keep_params=0.5, layer_weighting="residual")
@@ -265,14 +265,14 @@ def test_fisher_metric_is_for_stat():
 
 def _fake_covariance(monkeypatch, make):
     """Replace the measured covariance of every block by ``make(hidden)``."""
-    measure = statprune.driver.output_sensitivity
+    measure = statprune.pipeline.stages.output_sensitivity
 
     def fake(*args, **kwargs):
         got = measure(*args, **kwargs)
         got.covariance = {key: make(c.shape[0]) for key, c in (got.covariance or {}).items()}
         return got
 
-    monkeypatch.setattr(statprune.driver, "output_sensitivity", fake)
+    monkeypatch.setattr(statprune.pipeline.stages, "output_sensitivity", fake)
 
 
 @pytest.mark.parametrize("activations", ["original", "sequential"])
@@ -335,7 +335,7 @@ def test_resume_measures_sensitivity_only_while_it_is_needed(
     model = build_tiny_model("llama", num_hidden_layers=3)
     options = {"keep_params": 0.5, "layer_weighting": "gradient", "error_metric": metric}
     reference, _ = _compress(model, **options)
-    save, measure = Checkpoint.save, statprune.driver.output_sensitivity
+    save, measure = Checkpoint.save, statprune.pipeline.stages.output_sensitivity
     calls = []
 
     def save_then_stop(self, name, layer, data, inputs):
@@ -351,7 +351,7 @@ def test_resume_measures_sensitivity_only_while_it_is_needed(
     with pytest.raises(KeyboardInterrupt):
         _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
     monkeypatch.setattr(Checkpoint, "save", save)
-    monkeypatch.setattr(statprune.driver, "output_sensitivity", counted)
+    monkeypatch.setattr(statprune.pipeline.stages, "output_sensitivity", counted)
     resumed, _ = _compress(model, checkpoint_dir=tmp_path / "ckpt", resume=True, **options)
     assert len(calls) == (1 if measured_again else 0)
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):

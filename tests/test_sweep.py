@@ -310,3 +310,30 @@ def test_results_path_types(swept):
     rank = {m: i for i, m in enumerate(METHODS)}
     expected = min(swept.result.rows, key=lambda r: (r.achieved, -r.value, rank[r.method]))
     assert swept.result.selection.best is expected
+
+
+def test_cli_passes_the_shared_compression_options(assets, tmp_path):
+    """sweep's --prune, --round-to and --correction-ridge (defined once in statprune.options, like
+    compress's) reach every run."""
+    out = tmp_path / "out"
+    code = cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--budgets", "0.8",
+               "--methods", "stat", "--samples", "60", "--prune", "neurons", "--round-to", "8",
+               "--correction-ridge", "0.1", "--min-quality", "0", "--save-best", "--out", out, "--quiet")
+    assert code == 0
+    row = json.loads((out / "results.json").read_text())[0]
+    assert row["error"] is None and row["achieved"] <= 0.8
+    report = statprune.load_report(out / "best")
+    assert (report.options["prune"], report.options["round_to"]) == (["neurons"], 8)
+    assert report.options["correction_ridge"] == 0.1
+    assert all(len(lr.heads_kept) == lr.heads_total for lr in report.layers)
+    assert all(len(lr.neurons_kept) % 8 == 0 for lr in report.layers)
+
+
+def test_bad_compression_options_fail_before_any_work(assets, tmp_path):
+    with pytest.raises(BudgetError, match="layer weighting"):  # an OptionsError
+        sweep(assets.model, assets.calib, assets.eval, budgets=[0.8], methods=["stat"], samples=60,
+              out=tmp_path / "out", log=None, layer_weighting="loudest")
+    with pytest.raises(BudgetError, match="unknown option"):
+        sweep(assets.model, assets.calib, assets.eval, budgets=[0.8], methods=["stat"], samples=60,
+              out=tmp_path / "out", log=None, keep_everything=True)
+    assert not (tmp_path / "out").exists()

@@ -25,27 +25,45 @@ from statprune.linalg.heads import HeadSelection
 from statprune.linalg.interpolative import InterpolativeDecomposition
 
 RANKINGS = ("magnitude", "wanda-sp", "flap")  # scored by channel_scores
-BASELINES = (*RANKINGS, "fisher")
+BASELINES = (*RANKINGS, "fisher")  # kept for callers; the methods' registry is statprune.methods
+
+
+def magnitude_scores(w_out: torch.Tensor, w_in_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``‖W_:,j‖₂`` (times ``‖w_in_j‖₂`` of the unit's input rows when given), float64."""
+    score = torch.linalg.vector_norm(w_out.to(torch.float64).cpu(), dim=0)
+    if w_in_rows is not None:
+        score = score * torch.linalg.vector_norm(w_in_rows.to(torch.float64).cpu(), dim=1)
+    return score
+
+
+def wanda_scores(stats: GramStats, w_out: torch.Tensor) -> torch.Tensor:
+    """Structured Wanda: ``Σ_i |W_ij| · ‖X_j‖₂``, float64."""
+    w = w_out.to(torch.float64).cpu()
+    diag = torch.diagonal(stats.gram).cpu()
+    return w.abs().sum(dim=0) * torch.sqrt(diag.clamp(min=0.0))
+
+
+def flap_scores(stats: GramStats, w_out: torch.Tensor) -> torch.Tensor:
+    """FLAP's fluctuation metric: the sample variance of ``X_j`` times ``‖W_:,j‖²``, float64."""
+    w = w_out.to(torch.float64).cpu()
+    diag = torch.diagonal(stats.gram).cpu()
+    n = max(stats.count, 2)
+    mean = stats.mean.cpu()
+    variance = (diag - n * mean * mean).clamp(min=0.0) / (n - 1)
+    return variance * (w * w).sum(dim=0)
 
 
 def channel_scores(
     method: str, stats: GramStats, w_out: torch.Tensor, w_in_rows: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Score of each input channel j of the next linear map ``w_out`` (d x m), float64."""
-    w = w_out.to(torch.float64).cpu()
+    """Score of each input channel j of the next linear map ``w_out`` (d x m), float64, by the
+    baseline's name (the method classes call the scoring functions above directly)."""
     if method == "magnitude":
-        score = torch.linalg.vector_norm(w, dim=0)
-        if w_in_rows is not None:
-            score = score * torch.linalg.vector_norm(w_in_rows.to(torch.float64).cpu(), dim=1)
-        return score
-    diag = torch.diagonal(stats.gram).cpu()
+        return magnitude_scores(w_out, w_in_rows)
     if method == "wanda-sp":
-        return w.abs().sum(dim=0) * torch.sqrt(diag.clamp(min=0.0))
+        return wanda_scores(stats, w_out)
     if method == "flap":
-        n = max(stats.count, 2)
-        mean = stats.mean.cpu()
-        variance = (diag - n * mean * mean).clamp(min=0.0) / (n - 1)
-        return variance * (w * w).sum(dim=0)
+        return flap_scores(stats, w_out)
     raise ValueError(f"unknown baseline {method!r}; choose from {', '.join(RANKINGS)}")
 
 
