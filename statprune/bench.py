@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from statprune.argtypes import current_umask, positive_int
+from statprune.argtypes import positive_int
 from statprune.errors import DeviceError, ModelError, OutputError, StatpruneError
 
 BACKENDS = ("torch", "onnxruntime")
@@ -696,21 +696,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path = path.expanduser().absolute()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the output is an ordinary file
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from statprune.atomic import write_text
 
-
+    write_text(path.expanduser().absolute(), json.dumps(data, indent=2) + "\n")

@@ -14,6 +14,7 @@ from statprune.adapters.base import AttentionLayout, FFNLayout, ModelAdapter
 class MPNetAdapter(ModelAdapter):
     model_types = ("mpnet",)
     layers_path = "encoder.layer"
+    positions_after_pad = True
 
     def attention(self, layer: nn.Module) -> AttentionLayout:
         head_dim = self.config.hidden_size // self.config.num_attention_heads
