@@ -102,14 +102,13 @@ def _frozen(model: nn.Module):
 
 
 def has_loss_without_labels(model: nn.Module) -> bool:
-    """Whether a loss can be differentiated on unlabelled data: a task head other than regression
-    (whose own predictions give zero gradients)."""
-    config = model.config
+    """Whether a loss can be differentiated on unlabelled data: a task head with ``logits`` other
+    than regression (whose own predictions give zero gradients)."""
+    config, head = model.config, task_head(model)
     regression = getattr(config, "problem_type", None) == "regression" or (
-        getattr(task_head(model), "kind", None) == "sequence-classification"
-        and getattr(config, "num_labels", 2) == 1
+        getattr(head, "kind", None) == "sequence-classification" and getattr(config, "num_labels", 2) == 1
     )
-    return model.base_model is not model and not regression
+    return model.base_model is not model and not regression and getattr(head, "logits", True)
 
 
 def _per_example_loss(

@@ -70,12 +70,15 @@ class TaskHead:
     kind: str  # e.g. "sequence-classification", "causal-lm"
     suffix: str  # e.g. "ForSequenceClassification"
     auto_class: str  # the ``transformers.AutoModel…`` class that loads it (the saved ``auto_map``)
+    # its output has ``logits`` that a loss can be taken of without labels (the gradient layer
+    # weighting and ``--method fisher``); question answering returns start/end logits instead
+    logits: bool = True
 
 
 TASK_HEADS: tuple[TaskHead, ...] = (
     TaskHead("sequence-classification", "ForSequenceClassification", "AutoModelForSequenceClassification"),
     TaskHead("token-classification", "ForTokenClassification", "AutoModelForTokenClassification"),
-    TaskHead("question-answering", "ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    TaskHead("question-answering", "ForQuestionAnswering", "AutoModelForQuestionAnswering", logits=False),
     TaskHead("multiple-choice", "ForMultipleChoice", "AutoModelForMultipleChoice"),
     TaskHead("masked-lm", "ForMaskedLM", "AutoModelForMaskedLM"),
     TaskHead("causal-lm", "ForCausalLM", "AutoModelForCausalLM"),
@@ -187,6 +190,12 @@ class ModelAdapter(ABC):
 
     def head_argument_selectors(self, kept_heads: list[int]) -> list[dict]:
         """Extra ``select_argument`` ops for per-head inputs computed outside the layer."""
+        return []
+
+    def shared_head_tables(self, base_model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+        """Per-head parameters outside the layers, shared by all of them, as (parameter, the
+        dimension that indexes heads), e.g. MPNet's relative-position bias: one channel per head,
+        which ``head_argument_selectors`` selects for each layer. Empty for most families."""
         return []
 
     @staticmethod
