@@ -209,6 +209,7 @@ def _labels(models: Sequence[str | Path]) -> list[str]:
 def _load_all(models, backend, device, dtype, seq_len, tmp, threads) -> list[_Model]:
     import torch
 
+    from statprune.adapters import task_head
     from statprune.export import (
         check_seq_len,
         export_onnx,
@@ -225,7 +226,7 @@ def _load_all(models, backend, device, dtype, seq_len, tmp, threads) -> list[_Mo
             model = load_model(
                 path, device=device if backend == "torch" else None, dtype=getattr(torch, dtype)
             )
-        if type(model).__name__.endswith("ForMultipleChoice"):
+        if getattr(task_head(model), "kind", None) == "multiple-choice":
             raise ModelError(f"{path}: multiple-choice models take 3-D inputs; bench the base model instead")
         check_seq_len(model, seq_len)
         params = sum(p.numel() for p in model.parameters())

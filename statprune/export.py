@@ -203,13 +203,15 @@ def export_onnx(
     """
     import torch
 
+    from statprune.adapters import task_head
+
     start = time.perf_counter()
     if seq_len < 2 or batch < 2:
         raise ValueError("seq_len and batch must be at least 2 (a size-1 example fixes that axis)")
     out = _check_output(Path(out_path), overwrite)
     model = load_model(model_dir)
     arch = type(model).__name__
-    if arch.endswith("ForMultipleChoice"):
+    if getattr(task_head(model), "kind", None) == "multiple-choice":
         raise ModelError(f"{arch} takes 3-D inputs; export-onnx supports 2-D (batch, sequence) models only")
     check_seq_len(model, seq_len)
     example = synthetic_inputs(model, batch, seq_len, lengths=[seq_len, max(1, seq_len - 3)])
