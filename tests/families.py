@@ -27,7 +27,8 @@ ENCODER = {
 }
 DISTILBERT = {"vocab_size": VOCAB, "n_layers": 2, "dim": 32, "n_heads": 4, "hidden_dim": 64}
 DISTILBERT |= {"max_position_embeddings": 64, "pad_token_id": 0, "num_labels": 3}
-# grouped-query attention: 4 query heads sharing 2 key/value heads; tied embeddings
+# grouped-query attention: 4 query heads sharing 2 key/value heads; tied embeddings (Qwen3: heads
+# of 16, twice hidden / heads, as in the real Qwen3 models whose head_dim is set apart)
 DECODER = {**ENCODER, "num_key_value_heads": 2, "tie_word_embeddings": True}
 ENCODER_HEADS = ("Model", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
 ENCODER_HEADS += ("ForQuestionAnswering",)
@@ -58,7 +59,7 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaConfig", DECODER, "Llama", DECODER_HEADS),
     "mistral": Family("MistralConfig", DECODER, "Mistral", DECODER_HEADS),
     "qwen2": Family("Qwen2Config", DECODER, "Qwen2", DECODER_HEADS),
-    "qwen3": Family("Qwen3Config", {**DECODER, "head_dim": 8}, "Qwen3", DECODER_HEADS),
+    "qwen3": Family("Qwen3Config", {**DECODER, "head_dim": 16}, "Qwen3", DECODER_HEADS),
 }
 # fmt: on
 

@@ -110,6 +110,20 @@ def test_unsupported_families_are_refused_with_the_supported_list_and_the_reason
         adapter_for(transformers.GPT2Config())
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_max_positions_is_the_longest_input_the_model_accepts(family):
+    """The adapter's position accounting (``positions_after_pad`` for RoBERTa-style numbering)."""
+    model = build(family, main_head(family))
+    limit = adapter_class(model.config).max_positions(model)
+    if limit is None:  # rotary positions: no table to run out of
+        assert FAMILIES[family].decoder
+        return
+    with torch.no_grad():
+        model(**synthetic_inputs(model, batch=1, seq_len=limit))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(**synthetic_inputs(model, batch=1, seq_len=limit + 1))
+
+
 # ------------------------------------------------------------------- every family and task class
 
 

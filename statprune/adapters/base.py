@@ -97,7 +97,7 @@ class ModelAdapter(ABC):
     layers_path: ClassVar[str]  # the ModuleList of transformer layers
     # causal self-attention with a KV cache (decoder-only LMs); encoders are bidirectional
     is_decoder: ClassVar[bool] = False
-    # learned positions numbered from pad_token_id + 1 (RoBERTa and its descendants)
+    # learned positions numbered from the padding index + 1 (RoBERTa and its descendants, MPNet)
     positions_after_pad: ClassVar[bool] = False
     task_heads: ClassVar[tuple[TaskHead, ...]] = TASK_HEADS
 
@@ -146,14 +146,18 @@ class ModelAdapter(ABC):
     @classmethod
     def max_positions(cls, model: Any) -> int | None:
         """The longest sequence a model with a learned position table accepts (None for rotary
-        decoders): the table's size, less ``pad_token_id + 1`` where positions start after it."""
+        decoders): the table's size, less the padding index + 1 where positions start after it
+        (``embeddings.padding_idx``: MPNet fixes it at 1 whatever ``pad_token_id`` says)."""
         embeddings = getattr(model.base_model, "embeddings", None)
         table = getattr(embeddings, "position_embeddings", None)
         if not isinstance(table, nn.Embedding):
             return None
         limit = table.num_embeddings
-        if cls.positions_after_pad:
-            limit -= int(model.config.pad_token_id or 0) + 1
+        if cls.positions_after_pad:  # the index the module numbers from (MPNet: always 1)
+            pad = getattr(embeddings, "padding_idx", None)
+            if pad is None:
+                pad = model.config.pad_token_id
+            limit -= int(pad or 0) + 1
         return int(limit)
 
     def kv_cache_head_dim(self, layout: AttentionLayout) -> int:
