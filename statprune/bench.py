@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from statprune import bench_worker
-from statprune.argtypes import current_umask, positive_int
+from statprune.argtypes import positive_int
 from statprune.errors import DeviceError, ModelError, OutputError, StatpruneError
 
 BACKENDS = ("torch", "onnxruntime")
@@ -210,6 +210,7 @@ def _labels(models: Sequence[str | Path]) -> list[str]:
 def _load_all(models, backend, device, dtype, seq_len, tmp, threads) -> list[_Model]:
     import torch
 
+    from statprune.adapters import task_head
     from statprune.export import (
         check_seq_len,
         export_onnx,
@@ -226,7 +227,7 @@ def _load_all(models, backend, device, dtype, seq_len, tmp, threads) -> list[_Mo
             model = load_model(
                 path, device=device if backend == "torch" else None, dtype=getattr(torch, dtype)
             )
-        if type(model).__name__.endswith("ForMultipleChoice"):
+        if getattr(task_head(model), "kind", None) == "multiple-choice":
             raise ModelError(f"{path}: multiple-choice models take 3-D inputs; bench the base model instead")
         check_seq_len(model, seq_len)
         params = sum(p.numel() for p in model.parameters())
@@ -625,19 +626,6 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path = path.expanduser().absolute()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the output is an ordinary file
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from statprune.atomic import write_text
+
+    write_text(path.expanduser().absolute(), json.dumps(data, indent=2) + "\n")

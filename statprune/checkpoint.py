@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from statprune.atomic import atomic_file, write_text
 from statprune.errors import OutputError
 
 
@@ -69,14 +69,11 @@ class Checkpoint:
             self._write_json("meta.json", {"job": job})
 
     def _write_json(self, name: str, data: dict) -> None:
-        tmp = self.folder / f".{name}.tmp"
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.folder / name)
+        write_text(self.folder / name, json.dumps(data))
 
     def _write_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = self.folder / f".{name}.tmp"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, self.folder / name)
+        with atomic_file(self.folder / name) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
     def load(self, stage: str, device: torch.device) -> PassState | None:
         """The saved state of a pass, or None if it has not finished a layer yet."""

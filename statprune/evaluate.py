@@ -138,12 +138,16 @@ def _class_name(model: Any) -> str:
 
 
 def _is_classifier(model: Any) -> bool:
-    return _class_name(model).endswith("ForSequenceClassification")
+    from statprune.adapters import task_head
+
+    head = task_head(model)
+    return head is not None and head.kind == "sequence-classification"
 
 
 def _is_causal_lm(model: Any) -> bool:
-    name = _class_name(model)
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+    from statprune.adapters import is_causal_lm
+
+    return is_causal_lm(model)
 
 
 def _is_base_model(model: Any) -> bool:
@@ -786,14 +790,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     if path.is_dir():
         raise OutputError(f"--json {path} is a folder; give a file name such as {path / 'eval.json'}")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    from statprune.atomic import write_text
+
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -11,19 +11,16 @@ logits, not a generation loop.
 After exporting, onnxruntime runs the file on inputs of another batch size and sequence length
 (with padding) and its outputs must match PyTorch's on the real tokens within ``rtol``
 (relative error ‖onnx − torch‖ / ‖torch‖). The file (and its ``.data`` file, when the weights are
-too large for one protobuf) is written to a temporary folder beside the output and renamed into
-place only after it passed, so a failed export leaves nothing behind.
+too large for one protobuf) is written with ``statprune.atomic.atomic_file`` and moved into place
+only after it passed, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from statprune.argtypes import positive_int
+from statprune.atomic import atomic_file
 from statprune.errors import ModelError, OutputError, StatpruneError
 
 INPUT_AXES = {0: "batch", 1: "sequence"}
-_POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet")  # positions start at pad+1
 
 
 @dataclass(frozen=True)
@@ -86,30 +83,25 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype=None):
 
 
 def is_causal_lm(model) -> bool:
-    return type(model).__name__.endswith("ForCausalLM")
+    """Whether ``model`` is a causal LM (the adapters' one check, ``ModelAdapter.is_causal_lm``)."""
+    from statprune.adapters import is_causal_lm as causal
+
+    return causal(model)
 
 
 def uses_token_types(model) -> bool:
-    """BERT-style models with segment embeddings; RoBERTa (one type) and the rest get none."""
-    import inspect
+    """Whether inputs carry ``token_type_ids`` (``ModelAdapter.uses_token_types``)."""
+    from statprune.adapters import adapter_class
 
-    if "token_type_ids" not in inspect.signature(model.forward).parameters:
-        return False
-    return int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
+    return adapter_class(model.config).uses_token_types(model)
 
 
 def max_positions(model) -> int | None:
-    """The longest sequence an encoder with learned positions accepts; None for rotary decoders."""
-    from torch import nn
+    """The longest sequence an encoder with learned positions accepts; None for rotary decoders
+    (``ModelAdapter.max_positions``)."""
+    from statprune.adapters import adapter_class
 
-    embeddings = getattr(model.base_model, "embeddings", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if not isinstance(table, nn.Embedding):
-        return None
-    limit = table.num_embeddings
-    if model.config.model_type in _POSITION_OFFSET_TYPES:
-        limit -= int(model.config.pad_token_id or 0) + 1
-    return int(limit)
+    return adapter_class(model.config).max_positions(model)
 
 
 def check_seq_len(model, seq_len: int, what: str = "--seq-len") -> None:
@@ -211,13 +203,15 @@ def export_onnx(
     """
     import torch
 
+    from statprune.adapters import task_head
+
     start = time.perf_counter()
     if seq_len < 2 or batch < 2:
         raise ValueError("seq_len and batch must be at least 2 (a size-1 example fixes that axis)")
     out = _check_output(Path(out_path), overwrite)
     model = load_model(model_dir)
     arch = type(model).__name__
-    if arch.endswith("ForMultipleChoice"):
+    if getattr(task_head(model), "kind", None) == "multiple-choice":
         raise ModelError(f"{arch} takes 3-D inputs; export-onnx supports 2-D (batch, sequence) models only")
     check_seq_len(model, seq_len)
     example = synthetic_inputs(model, batch, seq_len, lengths=[seq_len, max(1, seq_len - 3)])
@@ -228,42 +222,19 @@ def export_onnx(
     program = _torch_export(wrapper, example, names, dynamic, opset, arch)
 
     existed = out.exists()
-    created = [p for p in out.parents if not p.exists()]  # innermost first; removed on failure
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        _remove_empty(created)
-        raise _write_error(out, exc) from None
-    written = False
-    try:
-        tmp_file = tmp / out.name
-        try:
-            program.save(tmp_file)
-        except OSError as exc:
-            raise _write_error(out, exc) from None
-        # external weights: the exporter names them f"{out.name}.data"; move whatever it wrote
-        extra = sorted(p for p in tmp.iterdir() if p.name != out.name and p.is_file())
+    with atomic_file(out) as tmp_file:
+        program.save(tmp_file)
+        # external weights: the exporter names them f"{out.name}.data"; they move along with the file
+        extra = sorted(p for p in tmp_file.parent.iterdir() if p.name != out.name and p.is_file())
         verified, rel, shape = False, None, None
         if verify:
             rel, shape = _verify(tmp_file, wrapper, model, names, batch, seq_len, rtol)
             verified = True
         opset_used = _opset_of(tmp_file)
         size = tmp_file.stat().st_size + sum(p.stat().st_size for p in extra)
-        stale = out.parent / f"{out.name}.data"
-        try:
-            for path in extra:  # the data first: the .onnx appearing commits the set
-                os.replace(path, out.parent / path.name)
-            os.replace(tmp_file, out)
-            if existed and not extra and stale.is_file():
-                stale.unlink()  # the replaced export's external data, now unreferenced
-        except OSError as exc:
-            raise _write_error(out, exc) from None
-        written = True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not written:
-            _remove_empty(created)
+    stale = out.parent / f"{out.name}.data"
+    if existed and not extra and stale.is_file():
+        stale.unlink()  # the replaced export's external data, now unreferenced
     return ExportResult(
         path=out,
         architecture=arch,
@@ -300,20 +271,6 @@ def _check_output(out: Path, overwrite: bool) -> Path:
     if not os.access(existing, os.W_OK):
         raise OutputError(f"cannot write {out}: {existing} is not writable")
     return out
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            break
-
-
-def _write_error(out: Path, exc: OSError) -> OutputError:
-    if exc.errno == errno.ENOSPC:
-        return OutputError(f"disk full while writing {out}; nothing was written — free space")
-    return OutputError(f"cannot write {out}: {exc.strerror or exc}; nothing was written")
 
 
 @contextlib.contextmanager

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from statprune.adapters import ModelAdapter
+from statprune.adapters import ModelAdapter, task_head
 from statprune.allocation import allowed_neuron_counts
 from statprune.calibration import CalibrationBatch, count_tokens
 from statprune.errors import BudgetError, ModelError
@@ -102,13 +102,13 @@ def _frozen(model: nn.Module):
 
 
 def has_loss_without_labels(model: nn.Module) -> bool:
-    """Whether a loss can be differentiated on unlabelled data: a task head other than regression
-    (whose own predictions give zero gradients)."""
-    config = model.config
+    """Whether a loss can be differentiated on unlabelled data: a task head with ``logits`` other
+    than regression (whose own predictions give zero gradients)."""
+    config, head = model.config, task_head(model)
     regression = getattr(config, "problem_type", None) == "regression" or (
-        type(model).__name__.endswith("ForSequenceClassification") and getattr(config, "num_labels", 2) == 1
+        getattr(head, "kind", None) == "sequence-classification" and getattr(config, "num_labels", 2) == 1
     )
-    return model.base_model is not model and not regression
+    return model.base_model is not model and not regression and getattr(head, "logits", True)
 
 
 def _per_example_loss(
@@ -286,7 +286,7 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
                 if logits is None:
                     raise BudgetError(f"{desc} needs a model with logits; {type(model).__name__} has none")
                 loss, kind = _per_example_loss(
-                    logits, inputs, labels, adapter.is_decoder, model.config, unlabelled, generator
+                    logits, inputs, labels, adapter.is_causal_lm(model), model.config, unlabelled, generator
                 )
                 if not torch.isfinite(loss).all():
                     raise ModelError("the loss became NaN or Inf; try --dtype float32")

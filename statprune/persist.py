@@ -9,11 +9,6 @@ appears complete or not at all.
 
 from __future__ import annotations
 
-import errno
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import transformers
@@ -21,20 +16,13 @@ from safetensors import SafetensorError
 from torch import nn
 
 from statprune import modeling_statprune
-from statprune.argtypes import current_umask
+from statprune.adapters import adapter_class
+from statprune.atomic import atomic_folder
 from statprune.errors import ModelError, OutputError
 from statprune.report import CompressionReport
 
 REPORT_FILE = "statprune.json"
 MODELING_FILE = "modeling_statprune.py"
-_AUTO_CLASSES = (
-    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
-    ("ForTokenClassification", "AutoModelForTokenClassification"),
-    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
-    ("ForMultipleChoice", "AutoModelForMultipleChoice"),
-    ("ForMaskedLM", "AutoModelForMaskedLM"),
-    ("ForCausalLM", "AutoModelForCausalLM"),
-)
 
 
 def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
@@ -53,19 +41,9 @@ def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> 
         raise OutputError(f"--out {out} exists and is not empty; pass --overwrite or choose another")
 
 
-def _auto_map(model: nn.Module) -> dict[str, str]:
-    arch = type(model).__name__
-    base_name = type(model.base_model).__name__
-    mapping = {"AutoModel": f"{MODELING_FILE[:-3]}.{base_name}"}
-    for suffix, auto in _AUTO_CLASSES:
-        if arch.endswith(suffix):
-            mapping[auto] = f"{MODELING_FILE[:-3]}.{arch}"
-    return mapping
-
-
 def _modeling_source(model: nn.Module) -> str:
     source = Path(modeling_statprune.__file__).read_text()
-    names = sorted({type(model).__name__, type(model.base_model).__name__})
+    names = adapter_class(model.config).remote_code_classes(model)
     lines = [
         "",
         "",
@@ -88,84 +66,25 @@ def save(
     """Write a compressed model folder atomically; returns its path."""
     out = Path(out_dir).resolve()
     check_output_dir(out, overwrite, Path(source) if source else None)
-    created = [p for p in out.parents if not p.exists()]  # innermost first; removed on failure
-    tmp: Path | None = None
     config = model.config
+    family = adapter_class(config)
     previous_map = getattr(config, "auto_map", None)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
-        config.auto_map = _auto_map(model)
-        config.architectures = [type(model).__name__]
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / MODELING_FILE).write_text(_modeling_source(model))
-        if report is not None:
-            report.save(tmp / REPORT_FILE)
-        _replace(tmp, out)
-    except BaseException as exc:
-        _discard(tmp, created)
-        code = _io_errno(exc)
-        if code == errno.ENOSPC:
-            raise OutputError(f"disk full while writing {out}; nothing was written — free space") from None
-        if code is not None:
-            reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else os.strerror(code)
-            raise OutputError(f"cannot write {out}: {reason}; nothing was written") from None
-        raise
+        with atomic_folder(out) as tmp:
+            config.auto_map = family.auto_map(model, MODELING_FILE[:-3])
+            config.architectures = [type(model).__name__]
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            (tmp / MODELING_FILE).write_text(_modeling_source(model))
+            if report is not None:
+                report.save(tmp / REPORT_FILE)
     finally:
         if previous_map is None:
             config.__dict__.pop("auto_map", None)
         else:
             config.auto_map = previous_map
     return out
-
-
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
-
-
-def _io_errno(exc: BaseException) -> int | None:
-    """The errno of a failed write, or None if ``exc`` is not an I/O error (then it is a bug).
-
-    safetensors and tokenizers (Rust) report I/O errors, e.g. a full disk, not as ``OSError`` but
-    as ``SafetensorError`` / ``Exception`` whose message ends in "(os error N)".
-    """
-    if isinstance(exc, OSError):
-        return exc.errno or 0
-    if isinstance(exc, Exception) and (match := _RUST_OS_ERROR.search(str(exc))):
-        return int(match.group(1))
-    return None
-
-
-def _discard(tmp: Path | None, created: list[Path]) -> None:
-    """Remove the temporary folder and the parent folders ``save`` created."""
-    if tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for folder in created:
-        try:
-            folder.rmdir()
-        except OSError:
-            break
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished temporary folder into place (renames are atomic on one filesystem)."""
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        moved = False
-        try:
-            os.rename(out, trash / "old")
-            moved = True
-            os.rename(tmp, out)
-        except BaseException:
-            if moved:  # interrupted or failed between the renames: put the old folder back
-                os.rename(trash / "old", out)
-            raise
-        finally:
-            shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def check_model_dir(path: Path) -> None:

@@ -60,7 +60,7 @@ def prune_heads(
             "path": prefix + lay.block,
             "out": adapter.hidden_size if lay.o_inside_block else 0,
             "bias": lay.o_inside_block and out_bias is not None,
-            "head_dim": lay.head_dim if adapter.is_decoder else 0,
+            "head_dim": adapter.kv_cache_head_dim(lay),
             "layer_idx": layer_index,
         }
         if not lay.o_inside_block:

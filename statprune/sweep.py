@@ -30,14 +30,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statprune.argtypes import current_umask, positive_int
+from statprune.argtypes import positive_int
 from statprune.errors import BudgetError, DataError, OptionsError, OutputError
 from statprune.methods import default_sweep_methods, method_names
 from statprune.options import add_option_arguments, options_from_args
@@ -880,15 +879,11 @@ def _best_json(result: SweepResult, calib_path: Path) -> dict[str, Any]:
 
 def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path) -> None:
     """Write every output into a temporary folder next to ``out``, then rename it into place."""
-    from statprune.persist import _discard, _replace, save
+    from statprune.atomic import atomic_folder
+    from statprune.persist import save
 
     out = out.resolve()
-    created = [p for p in out.parents if not p.exists()]
-    tmp: Path | None = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o777 & ~current_umask())
+    with atomic_folder(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(result.to_rows(), indent=2) + "\n")
         (tmp / "results.md").write_text(results_markdown(result))
         write_plot(result, tmp / "plot.png")
@@ -898,16 +893,6 @@ def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, ca
             model, report = saved
             save(model, tmp / "best", tokenizer=tokenizer, report=report)
         _check_out(out, overwrite, result.model_dir)  # still free after the (long) sweep?
-        _replace(tmp, out)
-    except BaseException as exc:
-        _discard(tmp, created)
-        if isinstance(exc, OSError):
-            if exc.errno == 28:  # ENOSPC
-                raise OutputError(
-                    f"disk full while writing {out}; nothing was written — free space"
-                ) from None
-            raise OutputError(f"cannot write {out}: {exc.strerror or exc}; nothing was written") from None
-        raise
 
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:

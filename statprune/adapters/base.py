@@ -1,16 +1,23 @@
 """What statprune needs to know about a model family: where heads and FFN neurons live.
 
 An adapter is a description, not an algorithm (the SliceGPT ``ModelAdapter`` pattern): module
-paths of the attention and FFN projections inside one layer, the head geometry, and the module
-attributes that must change when a layer keeps fewer heads. The generic surgery in
-``statprune.surgery`` does the slicing; adding a family is one small file.
+paths of the attention and FFN projections inside one layer, the head geometry, the module
+attributes that must change when a layer keeps fewer heads, and the facts about the family that
+the rest of statprune asks about (encoder or decoder, which task heads it has, how its positions
+are numbered, whether it takes segment ids, what a saved folder needs to load without statprune).
+The generic surgery in ``statprune.surgery`` does the slicing; adding a family is one small file
+in this package (it is found and registered on import, see ``statprune.adapters``).
+
+The class methods answer for any transformers model, including families statprune cannot prune
+(``statprune.adapters.adapter_class`` falls back to ``ModelAdapter`` itself for those), so that
+``eval``, ``export-onnx`` and ``bench`` keep working on uncompressed models of other families.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -56,12 +63,109 @@ class FFNLayout:
         return len(self.inputs) == 2
 
 
-class ModelAdapter(ABC):
-    """Base class of the per-family adapters. Paths are relative to ``model.base_model``."""
+@dataclass(frozen=True)
+class TaskHead:
+    """A task-head class kind, recognized by the ending of the transformers class name."""
 
-    model_types: ClassVar[tuple[str, ...]]  # config.model_type values handled
+    kind: str  # e.g. "sequence-classification", "causal-lm"
+    suffix: str  # e.g. "ForSequenceClassification"
+    auto_class: str  # the ``transformers.AutoModel…`` class that loads it (the saved ``auto_map``)
+    # its output has ``logits`` that a loss can be taken of without labels (the gradient layer
+    # weighting and ``--method fisher``); question answering returns start/end logits instead
+    logits: bool = True
+
+
+TASK_HEADS: tuple[TaskHead, ...] = (
+    TaskHead("sequence-classification", "ForSequenceClassification", "AutoModelForSequenceClassification"),
+    TaskHead("token-classification", "ForTokenClassification", "AutoModelForTokenClassification"),
+    TaskHead("question-answering", "ForQuestionAnswering", "AutoModelForQuestionAnswering", logits=False),
+    TaskHead("multiple-choice", "ForMultipleChoice", "AutoModelForMultipleChoice"),
+    TaskHead("masked-lm", "ForMaskedLM", "AutoModelForMaskedLM"),
+    TaskHead("causal-lm", "ForCausalLM", "AutoModelForCausalLM"),
+    TaskHead("causal-lm", "LMHeadModel", "AutoModelForCausalLM"),  # GPT-2 style names
+)
+
+
+class ModelAdapter(ABC):
+    """Base class of the per-family adapters. Paths are relative to ``model.base_model``.
+
+    A subclass that sets ``model_types`` in its own body is registered for those
+    ``config.model_type`` values; an intermediate base class (none of its own) is not.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()  # config.model_type values handled
     layers_path: ClassVar[str]  # the ModuleList of transformer layers
+    # causal self-attention with a KV cache (decoder-only LMs); encoders are bidirectional
     is_decoder: ClassVar[bool] = False
+    # learned positions numbered from the padding index + 1 (RoBERTa and its descendants, MPNet)
+    positions_after_pad: ClassVar[bool] = False
+    task_heads: ClassVar[tuple[TaskHead, ...]] = TASK_HEADS
+
+    # --- facts about a model of the family (class methods: they need no adapter instance) -----
+
+    @classmethod
+    def task_head(cls, model: Any) -> TaskHead | None:
+        """The task head of ``model`` (None for a bare base model or a head statprune does not
+        know)."""
+        name = type(model).__name__
+        return next((head for head in cls.task_heads if name.endswith(head.suffix)), None)
+
+    @classmethod
+    def is_causal_lm(cls, model: Any) -> bool:
+        """Whether ``model`` is a causal language model (next-token logits over the vocabulary).
+        The one test of this in statprune: ``export``, ``evaluate``, ``bench`` and
+        ``fisher_grads`` ask here."""
+        head = cls.task_head(model)
+        return head is not None and head.kind == "causal-lm"
+
+    @classmethod
+    def auto_map(cls, model: Any, module: str) -> dict[str, str]:
+        """``config.auto_map`` of a saved folder: the base class for ``AutoModel`` and the task
+        class for its ``AutoModelFor…`` (``module``: the remote-code file's name without .py)."""
+        mapping = {"AutoModel": f"{module}.{type(model.base_model).__name__}"}
+        head = cls.task_head(model)
+        if head is not None:
+            mapping[head.auto_class] = f"{module}.{type(model).__name__}"
+        return mapping
+
+    @classmethod
+    def remote_code_classes(cls, model: Any) -> list[str]:
+        """transformers classes the saved ``modeling_statprune.py`` must define (sorted)."""
+        return sorted({type(model).__name__, type(model.base_model).__name__})
+
+    @classmethod
+    def uses_token_types(cls, model: Any) -> bool:
+        """Whether inputs carry ``token_type_ids`` (segment embeddings with more than one type, as
+        in BERT; RoBERTa has one type, decoders none)."""
+        import inspect
+
+        if "token_type_ids" not in inspect.signature(model.forward).parameters:
+            return False
+        return int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
+
+    @classmethod
+    def max_positions(cls, model: Any) -> int | None:
+        """The longest sequence a model with a learned position table accepts (None for rotary
+        decoders): the table's size, less the padding index + 1 where positions start after it
+        (``embeddings.padding_idx``: MPNet fixes it at 1 whatever ``pad_token_id`` says)."""
+        embeddings = getattr(model.base_model, "embeddings", None)
+        table = getattr(embeddings, "position_embeddings", None)
+        if not isinstance(table, nn.Embedding):
+            return None
+        limit = table.num_embeddings
+        if cls.positions_after_pad:  # the index the module numbers from (MPNet: always 1)
+            pad = getattr(embeddings, "padding_idx", None)
+            if pad is None:
+                pad = model.config.pad_token_id
+            limit -= int(pad or 0) + 1
+        return int(limit)
+
+    def kv_cache_head_dim(self, layout: AttentionLayout) -> int:
+        """Head dimension of the zero-head keys/values that a layer which lost every head still
+        records in the KV cache (so cache lengths stay right); 0 for encoders (no cache)."""
+        return layout.head_dim if self.is_decoder else 0
+
+    # --- where heads and neurons live ------------------------------------------------------------
 
     def __init__(self, config) -> None:
         self.config = config
@@ -90,6 +194,12 @@ class ModelAdapter(ABC):
 
     def head_argument_selectors(self, kept_heads: list[int]) -> list[dict]:
         """Extra ``select_argument`` ops for per-head inputs computed outside the layer."""
+        return []
+
+    def shared_head_tables(self, base_model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+        """Per-head parameters outside the layers, shared by all of them, as (parameter, the
+        dimension that indexes heads), e.g. MPNet's relative-position bias: one channel per head,
+        which ``head_argument_selectors`` selects for each layer. Empty for most families."""
         return []
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""BERT and RoBERTa encoders (and their task-head classes)."""
+"""BERT encoders (and their task-head classes); the base of the RoBERTa-style adapters."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from statprune.adapters.base import AttentionLayout, FFNLayout, ModelAdapter
 
 
 class BertAdapter(ModelAdapter):
-    model_types = ("bert", "roberta")
+    model_types = ("bert",)
     layers_path = "encoder.layer"
 
     def attention(self, layer: nn.Module) -> AttentionLayout:

@@ -14,6 +14,7 @@ from statprune.adapters.base import AttentionLayout, FFNLayout, ModelAdapter
 class MPNetAdapter(ModelAdapter):
     model_types = ("mpnet",)
     layers_path = "encoder.layer"
+    positions_after_pad = True
 
     def attention(self, layer: nn.Module) -> AttentionLayout:
         head_dim = self.config.hidden_size // self.config.num_attention_heads
@@ -38,6 +39,10 @@ class MPNetAdapter(ModelAdapter):
 
     def head_attributes(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, dict]:
         return {"attention.attn": {"num_attention_heads": n_heads, "all_head_size": n_heads * head_dim}}
+
+    def shared_head_tables(self, base_model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+        # MPNetEncoder.relative_attention_bias: Embedding(buckets, heads)
+        return [(base_model.get_submodule("encoder.relative_attention_bias").weight, 1)]
 
     def head_argument_selectors(self, kept_heads: list[int]) -> list[dict]:
         # MPNetSelfAttention.forward(hidden_states, attention_mask, position_bias, ...)

@@ -1,0 +1,83 @@
+"""Tiny random-weight configs of every supported family, built in code: the registry that
+``tests/test_conformance.py`` runs the shared adapter checks over.
+
+Adding a family: its adapter file in ``statprune/adapters/`` and ONE line in ``FAMILIES`` below
+(config class, the fields that differ from the shared tiny shape, the transformers class-name
+prefix, the task classes to check).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from conftest import TINY_SPECIALS, TINY_WORDS
+
+VOCAB = len(TINY_SPECIALS) + len(TINY_WORDS)
+# 2 layers, hidden 32, 4 heads of 8, FFN 64; pad id 0 as in the tiny tokenizer
+ENCODER = {
+    "vocab_size": VOCAB,
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "num_labels": 3,
+}
+DISTILBERT = {"vocab_size": VOCAB, "n_layers": 2, "dim": 32, "n_heads": 4, "hidden_dim": 64}
+DISTILBERT |= {"max_position_embeddings": 64, "pad_token_id": 0, "num_labels": 3}
+# grouped-query attention: 4 query heads sharing 2 key/value heads; tied embeddings (Qwen3: heads
+# of 16, twice hidden / heads, as in the real Qwen3 models whose head_dim is set apart)
+DECODER = {**ENCODER, "num_key_value_heads": 2, "tie_word_embeddings": True}
+ENCODER_HEADS = ("Model", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
+ENCODER_HEADS += ("ForQuestionAnswering",)
+DECODER_HEADS = ("ForCausalLM",)
+
+
+@dataclass(frozen=True)
+class Family:
+    config: str  # the transformers config class
+    fields: dict[str, Any] = field(default_factory=dict)
+    prefix: str = ""  # class names are prefix + head, e.g. "Bert" + "ForMaskedLM"
+    heads: tuple[str, ...] = ENCODER_HEADS
+
+    @property
+    def decoder(self) -> bool:
+        return self.heads == DECODER_HEADS
+
+
+# fmt: off
+FAMILIES: dict[str, Family] = {
+    "bert": Family("BertConfig", ENCODER, "Bert"),
+    "roberta": Family("RobertaConfig", {**ENCODER, "type_vocab_size": 1}, "Roberta"),
+    "xlm-roberta": Family("XLMRobertaConfig", {**ENCODER, "type_vocab_size": 1}, "XLMRoberta"),
+    "camembert": Family("CamembertConfig", {**ENCODER, "type_vocab_size": 1}, "Camembert"),
+    "electra": Family("ElectraConfig", {**ENCODER, "embedding_size": 16}, "Electra"),
+    "distilbert": Family("DistilBertConfig", DISTILBERT, "DistilBert"),
+    "mpnet": Family("MPNetConfig", ENCODER, "MPNet"),
+    "llama": Family("LlamaConfig", DECODER, "Llama", DECODER_HEADS),
+    "mistral": Family("MistralConfig", DECODER, "Mistral", DECODER_HEADS),
+    "qwen2": Family("Qwen2Config", DECODER, "Qwen2", DECODER_HEADS),
+    "qwen3": Family("Qwen3Config", {**DECODER, "head_dim": 16}, "Qwen3", DECODER_HEADS),
+}
+# fmt: on
+
+CASES: list[tuple[str, str]] = [(name, head) for name, fam in FAMILIES.items() for head in fam.heads]
+
+
+def build(family: str, head: str, seed: int = 0) -> Any:
+    """The tiny random-weight model of ``family`` with task class ``head`` (eval mode)."""
+    import torch
+    import transformers
+
+    spec = FAMILIES[family]
+    fields = {**spec.fields, "num_labels": 2} if head == "ForQuestionAnswering" else spec.fields
+    config = getattr(transformers, spec.config)(**fields)
+    torch.manual_seed(seed)
+    return getattr(transformers, spec.prefix + head)(config).eval()
+
+
+def main_head(family: str) -> str:
+    """The task class the per-family checks use: a classifier for encoders, the LM for decoders."""
+    return "ForCausalLM" if FAMILIES[family].decoder else "ForSequenceClassification"
