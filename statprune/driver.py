@@ -48,6 +48,7 @@ from statprune.fisher_grads import (
     plan_masks,
 )
 from statprune.flops import LayerShape, model_shapes, total_cost
+from statprune.guards import check_calibration, check_seq_len, non_finite, record_fallback
 from statprune.linalg import (
     CrossAccumulator,
     GramAccumulator,
@@ -340,7 +341,7 @@ def _hooked(handles: list):
     try:
         yield
     except FloatingPointError as exc:
-        raise ModelError(f"{exc}; try --dtype float32") from None
+        raise non_finite(str(exc).replace(" contain NaN or Inf", "")) from None
     finally:
         for h in handles:
             h.remove()
@@ -348,7 +349,7 @@ def _hooked(handles: list):
 
 def _finite(out: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(out).all():
-        raise ModelError("activations became NaN or Inf; try --dtype float32")
+        raise non_finite("activations", out.dtype)
     return out
 
 
@@ -613,6 +614,7 @@ def compress(
         options = replace(options, error_metric="fisher" if fisher else "euclidean")
     device = resolve_device(options.device)
     check_finite_weights(model)
+    check_seq_len(model, options.seq_len)
     batches = _prepare_batches(tokenizer, data, samples, seed, options.seq_len, batch_size, pack)
     checkpoint = None
     if checkpoint_dir is not None:
@@ -640,6 +642,7 @@ def compress(
         shapes = model_shapes(adapter, base)
         keep_stats = keep_stats and _stats_bytes(shapes) <= KEEP_STATS_BYTES
         _check_enough_tokens(shapes, count_tokens(batches), options)
+        check_calibration(batches, shapes, model)
         with _timed(stages, "capture"):
             calib = _capture_inputs(model, adapter, batches, device)
         with _timed(stages, "analyse"):
@@ -692,6 +695,7 @@ def compress(
     model.train(was_training)
     report = _report(adapter, model, shapes, counts, layer_reports, options, calib, kind, budget, start)
     report.stage_seconds = {k: round(v, 3) for k, v in stages.items()}
+    record_fallback(report, analysis.sensitivity)
     if options.method == "fisher":
         report.options["fisher_labels"] = grads.labels
     if device.type == "cuda":
@@ -711,7 +715,7 @@ def _sensitivity(analysis: Analysis, model, adapter, batches, options) -> Output
         analysis.sensitivity = output_sensitivity(
             model, adapter, batches, options.prune, covariance=covariance
         )
-    return analysis.sensitivity if wanted else None
+    return analysis.sensitivity if wanted and analysis.sensitivity.usable else None
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from statprune.argtypes import positive_int, resolve_device
 from statprune.errors import DataError, ModelError, OutputError
+from statprune.guards import check_seq_len
 
 if TYPE_CHECKING:
     import torch
@@ -365,7 +366,7 @@ def evaluate(
             if task == "lm":
                 result = _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride)
             else:
-                seq_len = _truncation_length(tokenizer, seq_len)
+                seq_len = _truncation_length(tokenizer, check_seq_len(model, seq_len))
                 evaluate_batches = _evaluate_classify if task == "classify" else _evaluate_embed
                 result = evaluate_batches(model, reference, tokenizer, examples, labels, seq_len, batch_size)
                 result.seq_len = seq_len

@@ -32,9 +32,9 @@ from typing import Any
 
 from statprune.argtypes import positive_int
 from statprune.errors import ModelError, OutputError, StatpruneError
+from statprune.guards import check_seq_len, max_positions  # noqa: F401  (bench imports them from here)
 
 INPUT_AXES = {0: "batch", 1: "sequence"}
-_POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet")  # positions start at pad+1
 
 
 @dataclass(frozen=True)
@@ -96,30 +96,6 @@ def uses_token_types(model) -> bool:
     if "token_type_ids" not in inspect.signature(model.forward).parameters:
         return False
     return int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
-
-
-def max_positions(model) -> int | None:
-    """The longest sequence an encoder with learned positions accepts; None for rotary decoders."""
-    from torch import nn
-
-    embeddings = getattr(model.base_model, "embeddings", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if not isinstance(table, nn.Embedding):
-        return None
-    limit = table.num_embeddings
-    if model.config.model_type in _POSITION_OFFSET_TYPES:
-        limit -= int(model.config.pad_token_id or 0) + 1
-    return int(limit)
-
-
-def check_seq_len(model, seq_len: int, what: str = "--seq-len") -> None:
-    if seq_len < 1:
-        raise ValueError(f"{what} must be positive, not {seq_len}")
-    limit = max_positions(model)
-    if limit is not None and seq_len > limit:
-        raise ModelError(
-            f"{what} {seq_len} exceeds the {limit} positions of this model; pass {limit} or less"
-        )
 
 
 def input_spec(model) -> dict[str, Any]:
