@@ -343,6 +343,7 @@ def evaluate(
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("window", window),
                         ("stride", stride)):
         _check_positive(name, value)
+    check_seq_len(model, seq_len)  # one rule for every command (statprune.guards)
     examples = list(examples)
     if not examples:
         raise DataError("there are no examples to evaluate; provide some data")
@@ -366,7 +367,7 @@ def evaluate(
             if task == "lm":
                 result = _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride)
             else:
-                seq_len = _truncation_length(tokenizer, check_seq_len(model, seq_len))
+                seq_len = _truncation_length(tokenizer, seq_len)
                 evaluate_batches = _evaluate_classify if task == "classify" else _evaluate_embed
                 result = evaluate_batches(model, reference, tokenizer, examples, labels, seq_len, batch_size)
                 result.seq_len = seq_len

@@ -166,6 +166,11 @@ def non_finite(what: str, dtype: torch.dtype | None = None) -> ModelError:
             f"{what} became NaN or Inf in {short} (its range overflows); run in float32 with "
             f"{option('dtype', 'float32')}"
         )
+    if dtype is None:  # not known where it was met
+        return ModelError(
+            f"{what} became NaN or Inf; in float16 or bfloat16 run in float32 with "
+            f"{option('dtype', 'float32')}, in float32 check the model's weights"
+        )
     return ModelError(
         f"{what} became NaN or Inf; check the model's weights (they may be corrupt or too large) "
         "and its inputs"
