@@ -78,7 +78,7 @@ def read_examples(
     elif suffix == ".csv":
         examples = _read_csv(path, text_field or "text", pair_field)
     else:
-        raise DataError(f"unsupported calibration data file {path}; use {_SUPPORTED}")
+        raise DataError(f"unsupported data file {path}; use {_SUPPORTED}")
     if not examples:
         raise DataError(f"{path} contains no examples; add at least one non-empty text")
     return examples
@@ -101,7 +101,7 @@ def _read_text(path: Path, allow_empty: bool = False) -> str:
             f"line {line}); convert it to UTF-8, e.g. with iconv -f OLD-ENCODING -t UTF-8"
         ) from e
     if not allow_empty and not text.strip():
-        raise DataError(f"{path} is empty; add calibration examples to it")
+        raise DataError(f"{path} is empty; add examples to it")
     return text
 
 
