@@ -250,7 +250,7 @@ def test_too_few_distinct_tokens_is_refused_and_near_constant_inputs_warn():
 def test_results_do_not_depend_on_the_batch_size(family):
     model = build_tiny_model(family)
     texts = tiny_texts(120, seed=3)
-    runs = [_compress(model, texts, batch_size=b)[:2] for b in (1, 7, 32)]
+    runs = [_compress(model, texts, batch_size=b)[:2] for b in (1, 7, 200)]  # 200: one batch
     reference_model, reference = runs[0]
     for pruned, report in runs[1:]:
         assert _kept(report) == _kept(reference)
