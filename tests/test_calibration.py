@@ -442,7 +442,7 @@ def test_pack_cuts_full_windows_of_the_joined_texts(tiny_tokenizer):
 
 
 def test_pack_rejects_too_little_text_and_pairs(tiny_tokenizer):
-    with pytest.raises(DataError, match="less than one window of seq_len=64; .* shorter seq_len"):
+    with pytest.raises(DataError, match=r"less than one window of seq_len=64; .* shorter seq_len"):
         pack_examples(tiny_tokenizer, ["short"], n=4, seed=0, seq_len=64)
     with pytest.raises(DataError, match="pairs cannot be packed"):
         pack_examples(tiny_tokenizer, [("a", "b")], n=4, seed=0, seq_len=4)

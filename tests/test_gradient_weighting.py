@@ -124,7 +124,8 @@ def test_sampled_next_tokens_follow_the_distribution_and_the_label_layout():
     assert labels.tolist() == [[-100, 1, 2, 3], [-100, 0, 0, -100]]
     p = torch.tensor([0.7, 0.2, 0.1])
     logits = p.log().expand(1, 20001, 3)
-    drawn = _sampled_next_tokens(logits, torch.ones(1, 20001).bool(), torch.zeros(1, 20001, dtype=torch.long), 2)
+    ids = torch.zeros(1, 20001, dtype=torch.long)
+    drawn = _sampled_next_tokens(logits, torch.ones(1, 20001).bool(), ids, seed=2)
     frequency = torch.bincount(drawn[0, 1:], minlength=3) / 20000
     torch.testing.assert_close(frequency, p, atol=0.015, rtol=0)
 
