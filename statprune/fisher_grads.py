@@ -55,6 +55,7 @@ from statprune.calibration import CalibrationBatch, count_tokens
 from statprune.errors import BudgetError
 from statprune.flops import LayerShape, dense_counts, total_cost
 from statprune.guards import (
+    option,
     require_finite,
     sensitivity_problem,
     warn_sensitivity_fallback,
@@ -151,7 +152,7 @@ def _per_example_loss(
         if labels is None:
             raise BudgetError(
                 "fisher on a regression head needs labels in the calibration batches (its own "
-                "predictions give zero gradients); use another --method"
+                f"predictions give zero gradients); use another {option('method')}"
             )
         return ((logits - labels.float().reshape(logits.shape)) ** 2).mean(dim=-1), kind
     if problem == "multi_label_classification":
@@ -482,7 +483,8 @@ def plan_masks(
     if floor_cost > target:
         raise BudgetError(
             f"cannot keep only {keep:.0%} of {kind}: removing every prunable unit still keeps "
-            f"{floor_cost / dense_cost:.1%}; raise the budget or allow more with --prune heads,neurons"
+            f"{floor_cost / dense_cost:.1%}; raise the budget or allow more with "
+            f"{option('prune', 'heads,neurons')}"
         )
     if keep >= 1.0:
         return [LayerPlan(h, n) for h, n in dense]

@@ -68,7 +68,10 @@ _NO_VALUE = object()
 # keywords whose CLI flag is not "--" + the keyword with dashes
 _FLAGS = {"calib_path": "--data", "eval_path": "--eval", "data": "--data"}
 # API spellings that are not ``keyword=value`` (the dtype is chosen when loading the model)
-_API = {"dtype": lambda value: f"model.to(torch.{value})"}
+_API = {
+    "dtype": lambda value: f"model.to(torch.{value})",
+    "prune": lambda value: f"prune={tuple(value.split(','))!r}",  # a tuple in the API
+}
 
 
 @contextlib.contextmanager

@@ -234,8 +234,9 @@ def test_duplicated_examples_warn_and_the_budget_is_still_met(family):
         assert budget - 0.01 <= report.flops_kept <= budget
 
 
-def test_too_few_distinct_tokens_is_refused_and_near_constant_inputs_warn():
-    model = build_tiny_model("bert")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_too_few_distinct_tokens_is_refused_and_near_constant_inputs_warn(family):
+    model = build_tiny_model(family)
     with pytest.raises(DataError, match=r"only 2 distinct ones, with .* tokens; .* at least 64"):
         statprune.compress(model, TOK, ["the cat", "a dog"] * 300, keep_flops=0.5, progress=False)
     constant = [" ".join(["the"] * n) for n in range(1, 41)]  # distinct rows, one word
