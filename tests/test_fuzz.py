@@ -5,7 +5,7 @@ or results (``eval``), or with exit 1 and exactly one ``error: …`` line on std
 no output left behind, the data file and the model folder untouched.
 
 Runs in-process through ``statprune.cli.main`` on tiny models (a 2-layer BERT classifier and a
-2-layer Llama), derandomized and bounded for CI: ``FUZZ_EXAMPLES`` examples per test (default 12;
+2-layer Llama), derandomized and bounded for CI: ``FUZZ_EXAMPLES`` examples per test (default 25;
 set the environment variable to fuzz longer locally). Inputs that once broke the property are kept
 as ``@example`` regression cases.
 """
@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_WORDS, _build_tiny_tokenizer, build_tiny_model
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -31,7 +32,7 @@ from hypothesis import strategies as st  # noqa: E402
 from statprune.cli import main  # noqa: E402
 
 FUZZ = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "12")),
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")),
     deadline=20_000,  # ms per example: a valid input runs a whole (tiny) compression
     derandomize=True,  # the same inputs on every CI run
     database=None,  # writes nothing into the repository
@@ -179,7 +180,9 @@ def _run(argv: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-def check_property(model_dir: Path, data: bytes, suffix: str, command: str, *extra: str) -> int:
+def check_property(
+    model_dir: Path, data: bytes, suffix: str, command: str, *extra: str, options: list[str] | None = None
+) -> int:
     """Run ``command`` on ``data`` (saved with ``suffix``); assert the property; return the exit code."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"data{suffix}"
@@ -188,7 +191,8 @@ def check_property(model_dir: Path, data: bytes, suffix: str, command: str, *ext
         model_before = _digest(model_dir)
         if command == "compress":
             argv = ["compress", str(model_dir), "--data", str(path), "--out", str(out)]
-            argv += ["--keep-flops", "0.6", "--samples", "48", "--seq-len", "24", "--quiet"]
+            argv += options or ["--keep-flops", "0.6", "--samples", "48", "--seq-len", "24"]
+            argv += ["--quiet"]
         else:
             argv = ["eval", str(model_dir), "--data", str(path), "--seq-len", "24", "--json", str(out)]
         code, err = _run([*argv, *extra])
@@ -223,10 +227,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fuzz-models")
     tokenizer = _build_tiny_tokenizer()
     folders = {}
-    for family in ("bert", "llama"):
-        folders[family] = root / family
-        build_tiny_model(family).save_pretrained(folders[family])
-        tokenizer.save_pretrained(folders[family])
+    for name in ("bert", "llama", "llama-3000"):
+        model = build_tiny_model(name.split("-")[0])
+        if name.endswith("-3000"):  # finite in float32, overflowing in float16 (issue 15)
+            with torch.no_grad():
+                for param_name, param in model.named_parameters():
+                    if "gate_proj" in param_name or "up_proj" in param_name:
+                        param.mul_(3000)
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
     return folders
 
 
@@ -262,6 +272,28 @@ def test_fuzz_compress_csv(models, data, pair):
 @example(data=b'{"text": "the cat", "label": 2.5}\n', as_csv=False)
 def test_fuzz_eval_labels(models, data, as_csv):
     check_property(models["bert"], data, ".csv" if as_csv else ".jsonl", "eval")
+
+
+@FUZZ
+@given(
+    family=st.sampled_from(["bert", "llama"]),
+    seq_len=st.integers(1, 300),
+    batch_size=st.integers(1, 400),
+    samples=st.integers(1, 800),
+    budget=st.floats(0.02, 1.0),
+    dtype=st.sampled_from(["float32", "float32", "bfloat16", "float16"]),
+)
+# once a traceback from the embeddings (130 positions), now the error naming the limit
+@example(family="bert", seq_len=200, batch_size=16, samples=512, budget=0.5, dtype="float32")
+# once a silent run past the rotary decoder's 128 positions, now the same error
+@example(family="llama", seq_len=256, batch_size=16, samples=512, budget=0.5, dtype="float32")
+# once a traceback from torch.multinomial (probabilities inf/nan), now "--dtype float32"
+@example(family="llama-3000", seq_len=24, batch_size=16, samples=512, budget=0.5, dtype="float16")
+def test_fuzz_compress_options(models, family, seq_len, batch_size, samples, budget, dtype):
+    """Numeric options against what the model and the data allow (a valid 80-line file)."""
+    options = [f"--seq-len={seq_len}", f"--batch-size={batch_size}", f"--samples={samples}"]
+    options += [f"--keep-flops={budget}", f"--dtype={dtype}"]
+    check_property(models[family], _valid_txt(), ".txt", "compress", options=options)
 
 
 def test_fuzz_harness_sees_both_outcomes(models):
