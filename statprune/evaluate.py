@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from statprune.argtypes import positive_int, resolve_device
 from statprune.errors import DataError, ModelError, OutputError
-from statprune.guards import check_seq_len
+from statprune.guards import check_count, check_seq_len
 
 if TYPE_CHECKING:
     import torch
@@ -748,6 +748,7 @@ def evaluate_paths(
         if labels is not None and len(labels) != len(examples):
             raise RuntimeError(f"statprune.evaluate: read {len(labels)} labels for {len(examples)} examples")
     if samples is not None:
+        samples = check_count(samples, len(examples), "samples")
         examples = examples[:samples]
         labels = None if labels is None else labels[:samples]
     return evaluate(

@@ -45,6 +45,7 @@ __all__ = [
     "BUDGET_TOLERANCE",
     "LimitWarning",
     "check_calibration",
+    "check_count",
     "check_seq_len",
     "cli_option_names",
     "fill_budget",
@@ -154,6 +155,23 @@ def check_seq_len(model, seq_len: int, name: str = "seq_len") -> int:
             stacklevel=2,
         )
     return seq_len
+
+
+def check_count(requested: int | None, available: int, name: str, what: str = "examples") -> int:
+    """How many of ``available`` items to use when ``requested`` were asked for (``name``: the
+    option): all of them, with a :class:`LimitWarning` naming both numbers, when there are fewer."""
+    if requested is None:
+        return available
+    if requested > available:
+        warnings.warn(
+            LimitWarning(
+                f"{option(name, requested)} asks for more than the {available} {what} in the data; "
+                f"using all {available}"
+            ),
+            stacklevel=2,
+        )
+        return available
+    return requested
 
 
 # ---------------------------------------------------------------------------------- non-finite
@@ -327,57 +345,82 @@ def fill_budget(shapes, curves: list[BlockCurve], state, target: float, dense_co
     """Spend what the Lagrangian cut left of the budget, when that is more than
     ``BUDGET_TOLERANCE`` of the dense cost (``state``: the allocation's counts, updated in place).
 
-    The greedy cut removes whole hull segments; a coarse block (attention heads, a head per
-    key/value group at a time) whose errors the statistics price near zero — typical of
-    duplicated or near-constant calibration data, whose activations span few directions — goes
-    first, and the slack it leaves is smaller than its step, so the refill cannot spend it. Each
-    candidate exchange keeps one block one allowed step wider and re-allocates the others to the
-    target; among those ending within the tolerance (or else closest to the target), the one with
-    the least total weighted error is taken. Re-allocation is the same greedy cut and refill."""
-    from statprune.allocation import _allocate_greedy, _Counts, _refill
-
+    The greedy cut removes whole hull segments; a coarse block (attention heads, one per key/value
+    group at a time) whose errors the statistics price near zero — typical of duplicated or
+    near-constant calibration data, whose activations span few directions — goes first, and the
+    slack its last step leaves is smaller than the step, so the refill cannot spend it (42 % of
+    the FLOPs kept at a 50 % target). Each candidate exchange widens one block by one allowed
+    step and trims the others back under the target, one allowed step at a time at the least
+    error per cost saved; the candidate ending within the tolerance with the least total weighted
+    error is taken (else the one closest to the target), for up to ``len(curves)`` rounds."""
     tolerance = BUDGET_TOLERANCE * dense_cost
-    if target - state.cost <= tolerance:
-        return
-    base = [list(c) for c in state.counts]
     slot = state.slot
-    best = None
-    for ci, curve in enumerate(curves):
-        current = base[curve.layer][slot[curve.kind]]
-        wider = [c for c in curve.counts if c > current]
-        if not wider:
-            continue
-        counts = [list(c) for c in base]
-        for cj, other in enumerate(curves):  # the others restart from their full widths
-            if cj != ci:
-                counts[other.layer][slot[other.kind]] = other.counts[-1]
-        counts[curve.layer][slot[curve.kind]] = wider[0]
-        rest = [c for cj, c in enumerate(curves) if cj != ci]
-        trial = _Counts(rest, counts, slot, _cost(shapes, counts, curves, state))
-        _allocate_greedy(rest, trial, target)
-        _refill(rest, trial, target)
-        if trial.cost > target or trial.cost <= state.cost:
-            continue
-        error = sum(_error_at(c, counts[c.layer][slot[c.kind]]) for c in curves)
-        within = target - trial.cost <= tolerance
-        key = (0, error) if within else (1, target - trial.cost)
-        if best is None or key < best[0]:
-            best = (key, [list(c) for c in counts], trial.cost)
-    if best is not None:
-        for i, c in enumerate(best[1]):
-            state.counts[i][:] = c
-        state.cost = best[2]
-
-
-def _error_at(curve: BlockCurve, count: int) -> float:
-    return curve.errors[curve.counts.index(count)]
-
-
-def _cost(shapes, counts, curves, state) -> float:
-    """Total cost of ``counts`` from the state's cost and the blocks' cost tables."""
+    costs = [dict(zip(c.counts, c.costs, strict=True)) for c in curves]
+    errors = [dict(zip(c.counts, c.errors, strict=True)) for c in curves]
+    current = [state.counts[c.layer][slot[c.kind]] for c in curves]
     cost = state.cost
+    for _ in range(len(curves)):
+        if target - cost <= tolerance:
+            break
+        best = None
+        for ci, curve in enumerate(curves):
+            wider = [n for n in curve.counts if n > current[ci]]
+            if not wider:
+                continue
+            trial = list(current)
+            trial[ci] = wider[0]
+            trial_cost = _trim(
+                curves,
+                costs,
+                errors,
+                trial,
+                cost + costs[ci][wider[0]] - costs[ci][current[ci]],
+                target,
+                keep=ci,
+                floor=target - tolerance,
+            )
+            if trial_cost is None or trial_cost <= cost:
+                continue
+            error = sum(errors[cj][n] for cj, n in enumerate(trial))
+            key = (0, error) if target - trial_cost <= tolerance else (1, target - trial_cost)
+            if best is None or key < best[0]:
+                best = (key, trial, trial_cost)
+        if best is None:
+            break
+        _, current, cost = best
     for ci, curve in enumerate(curves):
-        table = state.block_cost[ci]
-        now = state.counts[curve.layer][state.slot[curve.kind]]
-        cost += table[counts[curve.layer][state.slot[curve.kind]]] - table[now]
+        state.counts[curve.layer][slot[curve.kind]] = current[ci]
+    state.cost = cost
+
+
+def _trim(
+    curves, costs, errors, counts: list[int], cost: float, target: float, keep: int, floor: float
+) -> float | None:
+    """Lower ``counts`` (in place) one allowed step at a time, the step adding the least error per
+    cost saved first (savings beyond the remaining excess do not count, so a coarse step that
+    overshoots is not preferred for its size; steps that would fall below ``floor`` only when no
+    other is left), never touching block ``keep``, until ``cost`` meets ``target``; returns the
+    cost, or None if it cannot be met."""
+    while cost > target:
+        best = None
+        for ci, curve in enumerate(curves):
+            if ci == keep:
+                continue
+            lower = [n for n in curve.counts if n < counts[ci]]
+            if not lower:
+                continue
+            step = lower[-1]
+            saved = costs[ci][counts[ci]] - costs[ci][step]
+            if saved <= 0:
+                continue
+            # per cost that counts: a step saving more than the excess is charged its whole error
+            ratio = (errors[ci][step] - errors[ci][counts[ci]]) / min(saved, cost - target)
+            key = (cost - saved < floor, ratio)
+            if best is None or key < best[0]:
+                best = (key, ci, step, saved)
+        if best is None:
+            return None
+        _, ci, step, saved = best
+        counts[ci] = step
+        cost -= saved
     return cost

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from statprune.argtypes import current_umask, positive_int
 from statprune.errors import BudgetError, DataError, OutputError
+from statprune.guards import check_count
 
 if TYPE_CHECKING:
     from torch import nn
@@ -520,6 +521,7 @@ def sweep(
     elif label_field is not None:
         raise DataError(f"--label-field only applies to classifiers, but the task is {task}; drop it")
     if eval_samples is not None:
+        eval_samples = check_count(eval_samples, len(examples), "eval_samples", "evaluation examples")
         examples = examples[:eval_samples]
         labels = None if labels is None else labels[:eval_samples]
     metric = _primary(task, labels is not None)

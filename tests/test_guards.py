@@ -299,3 +299,36 @@ def test_options_are_named_as_the_user_sets_them(make_tiny_tokenizer, tmp_path, 
     )
     line = _one_error_line(err)
     assert code == 1 and line.endswith("use --batch-size 1") and "batch_size" not in line
+
+
+def test_counts_beyond_the_data_are_clamped_with_a_warning(tmp_path, capsys):
+    model_dir, data = tmp_path / "model", tmp_path / "eval.txt"
+    build_tiny_model("bert").save_pretrained(model_dir)
+    TOK.save_pretrained(model_dir)
+    data.write_text("\n".join(tiny_texts(30)) + "\n")
+    code, err = _cli(["eval", model_dir, "--data", data, "--samples", "1000"], capsys)
+    assert code == 0 and "warning: --samples 1000 asks for more than the 30 examples in the data" in err
+    code, err = _cli(["eval", model_dir, "--data", data, "--samples", "10"], capsys)
+    assert code == 0 and "warning" not in err
+
+
+def test_budget_fill_spends_slack_that_coarse_head_steps_leave():
+    """Heads priced as free (flat errors, as duplicated data makes them) are cut whole; the slack
+    the last coarse cut leaves is spent by keeping a head and trimming neurons instead."""
+    from statprune.adapters import adapter_for
+    from statprune.allocation import allocate, curve_from_errors
+    from statprune.flops import dense_counts, model_shapes, total_cost
+
+    model = build_tiny_model("bert")
+    shapes = model_shapes(adapter_for(model.config), model.base_model)
+    heads = torch.tensor([3e-4, 6e-8, 2e-8, 3e-9, 0.0])  # errors keeping 0..4 heads
+    neurons = torch.linspace(5e-3, 0.0, 65) ** 2 * 200  # smooth, decreasing to 0 at 64
+    curves = []
+    for i, s in enumerate(shapes):
+        curves.append(curve_from_errors(i, "heads", s, heads, 1.0, "flops", 128))
+        curves.append(curve_from_errors(i, "neurons", s, neurons, 1.0, "flops", 128))
+    dense = total_cost(shapes, dense_counts(shapes), "flops", 128)
+    for keep in (0.5, 0.6, 0.7):
+        counts = allocate(shapes, curves, "flops", keep, 128)
+        kept = total_cost(shapes, counts, "flops", 128) / dense
+        assert keep - 0.01 <= kept <= keep, (keep, kept, counts)
