@@ -87,6 +87,9 @@ def allocate(
     elif method == "greedy":
         _allocate_greedy(curves, state, target)
         _refill(curves, state, target)
+        from statprune.guards import fill_budget  # slack a coarse last cut could not spend
+
+        fill_budget(shapes, curves, state, target, dense_cost)
     else:
         raise ValueError(f"unknown allocation method {method!r}")
     result = [tuple(c) for c in counts]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from statprune.errors import DataError
+from statprune.guards import option
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -68,7 +69,7 @@ def read_examples(
     if path.is_dir() or suffix == ".txt":
         if text_field is not None or pair_field is not None:
             raise DataError(
-                f"{path}: --text-field/--pair-field only apply to .jsonl and .csv files; "
+                f"{path}: {option('text_field')}/{option('pair_field')} only apply to .jsonl and .csv files; "
                 "drop them or convert the data to .jsonl/.csv"
             )
         examples: list[Any] = _read_txt_dir(path) if path.is_dir() else _read_txt(path)
@@ -77,7 +78,7 @@ def read_examples(
     elif suffix == ".csv":
         examples = _read_csv(path, text_field or "text", pair_field)
     else:
-        raise DataError(f"unsupported calibration data file {path}; use {_SUPPORTED}")
+        raise DataError(f"unsupported data file {path}; use {_SUPPORTED}")
     if not examples:
         raise DataError(f"{path} contains no examples; add at least one non-empty text")
     return examples
@@ -100,7 +101,7 @@ def _read_text(path: Path, allow_empty: bool = False) -> str:
             f"line {line}); convert it to UTF-8, e.g. with iconv -f OLD-ENCODING -t UTF-8"
         ) from e
     if not allow_empty and not text.strip():
-        raise DataError(f"{path} is empty; add calibration examples to it")
+        raise DataError(f"{path} is empty; add examples to it")
     return text
 
 
@@ -150,9 +151,9 @@ def _pair(
     record: dict[str, Any], where: str, text_field: str, pair_field: str | None
 ) -> str | tuple[str, str] | None:
     """The example from one record, or None when its text is blank."""
-    fields = [(text_field, "--text-field")]
+    fields = [(text_field, option("text_field"))]
     if pair_field is not None:
-        fields.append((pair_field, "--pair-field"))
+        fields.append((pair_field, option("pair_field")))
     values = []
     for field, flag in fields:
         if field not in record:
@@ -193,7 +194,7 @@ def _read_csv(path: Path, text_field: str, pair_field: str | None) -> list[Any]:
     old_limit = csv.field_size_limit(sys.maxsize)  # long documents exceed the 128 KiB default
     try:
         header = reader.fieldnames or []
-        for field, flag in ((text_field, "--text-field"), (pair_field, "--pair-field")):
+        for field, flag in ((text_field, option("text_field")), (pair_field, option("pair_field"))):
             if field is not None and field not in header:
                 raise _missing_field(f"{path} header", field, header, flag)
         examples = []
@@ -293,7 +294,7 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
             return int(token_id)
     raise DataError(
         "the tokenizer has no pad, eos or unk token to pad batches with; "
-        "set tokenizer.pad_token (e.g. to an existing special token) or use batch_size=1"
+        f"set tokenizer.pad_token (e.g. to an existing special token) or use {option('batch_size', 1)}"
     )
 
 
@@ -367,7 +368,7 @@ def pack_examples(
     if not examples:
         raise DataError("there are no calibration examples to pack; provide some data")
     if any(isinstance(e, tuple) for e in examples):
-        raise DataError("--pack joins plain texts into windows; sentence pairs cannot be packed")
+        raise DataError(f"{option('pack')} joins plain texts into windows; sentence pairs cannot be packed")
     encoded = tokenizer(list(examples), add_special_tokens=False, verbose=False)["input_ids"]
     eos = getattr(tokenizer, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, list) else eos
@@ -380,8 +381,8 @@ def pack_examples(
     windows = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
     if not windows:
         raise DataError(
-            f"the calibration text has only {len(stream)} tokens, less than one --seq-len window "
-            f"of {seq_len}; give more text or a shorter --seq-len"
+            f"the calibration text has only {len(stream)} tokens, less than one window of "
+            f"{option('seq_len', seq_len)}; give more text or a shorter {option('seq_len')}"
         )
     chosen = sample_examples(windows, n, seed)
     return [

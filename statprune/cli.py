@@ -16,6 +16,7 @@ from statprune.bench import add_bench_parser, run_bench
 from statprune.errors import ModelError, StatpruneError
 from statprune.evaluate import add_eval_parser, run_eval
 from statprune.export import add_export_parser, run_export
+from statprune.guards import cli_option_names
 from statprune.options import (
     RESEARCH,
     USER,
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                return commands[args.command](args)
+                with cli_option_names():  # messages name --flags, not the API's keywords
+                    return commands[args.command](args)
             finally:  # each message once, though a sweep meets it at every budget
                 ours = (str(w.message) for w in caught if w.category.__module__.startswith("statprune"))
                 for message in dict.fromkeys(ours):

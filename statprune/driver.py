@@ -20,6 +20,7 @@ from torch import nn
 from statprune.argtypes import resolve_device
 from statprune.calibration import CalibrationBatch, count_tokens
 from statprune.flops import model_shapes
+from statprune.guards import check_calibration, check_seq_len, record_fallback
 from statprune.options import (
     CORRECTION_TARGETS,
     ERROR_METRICS,
@@ -96,6 +97,7 @@ def compress(
     )
     options, device = plan.options, plan.device
     check_finite_weights(model)
+    check_seq_len(model, options.seq_len)
     batches = stages.prepare_calibration(
         tokenizer, data, samples=samples, seed=seed, seq_len=options.seq_len, batch_size=batch_size, pack=pack
     )
@@ -115,6 +117,7 @@ def compress(
         keep_stats = keep_stats and stats_bytes(shapes) <= KEEP_STATS_BYTES
         job = Job(plan, model, batches, shapes, checkpoint, device if offload else None, keep_stats)
         stages.check_enough_tokens(shapes, count_tokens(batches), plan)
+        check_calibration(batches, shapes, model)
         with timed(timings, "capture"):
             calib = stages.capture_inputs(model, plan.adapter, batches, device)
         # after capture: checks of the captured layer inputs go here
@@ -134,6 +137,7 @@ def compress(
     model.train(was_training)
     report = stages.build_report(job, pruned, calib, analysis, start)
     report.stage_seconds = {k: round(v, 3) for k, v in timings.items()}
+    record_fallback(report, analysis.sensitivity)
     if device.type == "cuda":
         report.peak_device_mb = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return model, report

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from statprune.argtypes import positive_int, resolve_device
 from statprune.errors import DataError, ModelError, OutputError
+from statprune.guards import check_count, check_seq_len
 
 if TYPE_CHECKING:
     import torch
@@ -346,6 +347,7 @@ def evaluate(
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("window", window),
                         ("stride", stride)):
         _check_positive(name, value)
+    check_seq_len(model, seq_len)  # one rule for every command (statprune.guards)
     examples = list(examples)
     if not examples:
         raise DataError("there are no examples to evaluate; provide some data")
@@ -750,6 +752,7 @@ def evaluate_paths(
         if labels is not None and len(labels) != len(examples):
             raise RuntimeError(f"statprune.evaluate: read {len(labels)} labels for {len(examples)} examples")
     if samples is not None:
+        samples = check_count(samples, len(examples), "samples")
         examples = examples[:samples]
         labels = None if labels is None else labels[:samples]
     return evaluate(

@@ -30,6 +30,7 @@ from typing import Any
 from statprune.argtypes import positive_int
 from statprune.atomic import atomic_file
 from statprune.errors import ModelError, OutputError, StatpruneError
+from statprune.guards import check_seq_len, max_positions  # noqa: F401  (bench imports them from here)
 
 INPUT_AXES = {0: "batch", 1: "sequence"}
 
@@ -94,24 +95,6 @@ def uses_token_types(model) -> bool:
     from statprune.adapters import adapter_class
 
     return adapter_class(model.config).uses_token_types(model)
-
-
-def max_positions(model) -> int | None:
-    """The longest sequence an encoder with learned positions accepts; None for rotary decoders
-    (``ModelAdapter.max_positions``)."""
-    from statprune.adapters import adapter_class
-
-    return adapter_class(model.config).max_positions(model)
-
-
-def check_seq_len(model, seq_len: int, what: str = "--seq-len") -> None:
-    if seq_len < 1:
-        raise ValueError(f"{what} must be positive, not {seq_len}")
-    limit = max_positions(model)
-    if limit is not None and seq_len > limit:
-        raise ModelError(
-            f"{what} {seq_len} exceeds the {limit} positions of this model; pass {limit} or less"
-        )
 
 
 def input_spec(model) -> dict[str, Any]:

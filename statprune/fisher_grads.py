@@ -41,6 +41,7 @@ token weighs that block's error curve, and the gradients' covariance is STAT's f
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,8 +52,14 @@ from torch import nn
 from statprune.adapters import ModelAdapter, task_head
 from statprune.allocation import allowed_neuron_counts
 from statprune.calibration import CalibrationBatch, count_tokens
-from statprune.errors import BudgetError, ModelError
+from statprune.errors import BudgetError
 from statprune.flops import LayerShape, dense_counts, total_cost
+from statprune.guards import (
+    option,
+    require_finite,
+    sensitivity_problem,
+    warn_sensitivity_fallback,
+)
 from statprune.linalg.fisher import SearchBlock, kept_importance, mask_search, nested_losses, rearrange
 from statprune.linalg.heads import HeadSelection
 from statprune.linalg.interpolative import InterpolativeDecomposition
@@ -118,18 +125,18 @@ def _per_example_loss(
     decoder: bool,
     config,
     unlabelled: str = "predicted",
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, str]:
     """The loss of every example of a batch, and what it was measured against: (batch,), or
     (batch, classes − 1) for a classifier's expected Fisher (see :func:`_expected_fisher_factors`);
-    ``generator`` draws a causal LM's sampled next tokens."""
+    ``seed`` seeds a causal LM's sampled next tokens (see :func:`_sampled_next_tokens`)."""
     mask = inputs["attention_mask"].bool()
     kind = "given" if labels is not None else "predicted"
     logits = logits.float()
     if logits.dim() == 3:
         if decoder and logits.shape[-1] == getattr(config, "vocab_size", None):  # causal LM
             if labels is None and unlabelled == "expected":
-                labels, kind = _sampled_next_tokens(logits, mask, generator), "sampled"
+                labels, kind = _sampled_next_tokens(logits, mask, inputs["input_ids"], seed), "sampled"
             elif labels is None:
                 labels, kind = inputs["input_ids"].masked_fill(~mask, -100), "next-token"
             logits, targets = logits[:, :-1], labels[:, 1:]
@@ -145,7 +152,7 @@ def _per_example_loss(
         if labels is None:
             raise BudgetError(
                 "fisher on a regression head needs labels in the calibration batches (its own "
-                "predictions give zero gradients); use another --method"
+                f"predictions give zero gradients); use another {option('method')}"
             )
         return ((logits - labels.float().reshape(logits.shape)) ** 2).mean(dim=-1), kind
     if problem == "multi_label_classification":
@@ -159,15 +166,26 @@ def _per_example_loss(
 
 
 def _sampled_next_tokens(
-    logits: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
+    logits: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor, seed: int = 0
 ) -> torch.Tensor:
     """Labels laid out like ``input_ids`` (position t + 1 holds the token drawn from the model's
-    distribution at position t; -100 where that position is padding or first)."""
-    probs = logits.detach().float().softmax(dim=-1)
-    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    drawn = drawn.reshape(probs.shape[:-1])
-    labels = torch.full_like(drawn, -100)
-    labels[:, 1:] = drawn[:, :-1].masked_fill(~mask[:, 1:], -100)
+    distribution at position t; -100 where that position is padding or first).
+
+    Each example draws from its own generator, seeded by ``seed`` and its real tokens (CRC-32),
+    and only at its real positions: the draws do not depend on the batch it shares, its padding
+    or its place in the data, so neither does the pruned model (up to float rounding of the
+    probabilities)."""
+    probs = require_finite(logits.detach(), "the model's next-token logits").float().softmax(dim=-1)
+    labels = torch.full(mask.shape, -100, dtype=torch.long, device=logits.device)
+    generator = torch.Generator(device=logits.device)
+    for row in range(mask.shape[0]):
+        real = mask[row].nonzero().reshape(-1)
+        if real.numel() < 2:  # no real next token to predict
+            continue
+        tokens = input_ids[row, real].to("cpu", torch.int64).numpy().tobytes()
+        generator.manual_seed(zlib.crc32(tokens, seed & 0xFFFFFFFF))
+        drawn = torch.multinomial(probs[row, real[:-1]], 1, generator=generator).reshape(-1)
+        labels[row, real[1:]] = drawn
     return labels
 
 
@@ -272,7 +290,7 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
             handles.append(probe.hook(("neurons", i), layer.get_submodule(ffn.output), ffn.width, 1))
     kinds: set[str] = set()
     examples = 0
-    generator = torch.Generator(device=device).manual_seed(0)  # sampled next tokens: reproducible
+    dtype = next(model.parameters()).dtype
     try:
         with torch.enable_grad(), _frozen(model):
             for batch in progress_bar(batches, desc=desc):
@@ -285,11 +303,11 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
                 logits = getattr(model(**inputs), "logits", None)
                 if logits is None:
                     raise BudgetError(f"{desc} needs a model with logits; {type(model).__name__} has none")
+                require_finite(logits, "the model's logits", dtype)
                 loss, kind = _per_example_loss(
-                    logits, inputs, labels, adapter.is_causal_lm(model), model.config, unlabelled, generator
+                    logits, inputs, labels, adapter.is_causal_lm(model), model.config, unlabelled
                 )
-                if not torch.isfinite(loss).all():
-                    raise ModelError("the loss became NaN or Inf; try --dtype float32")
+                require_finite(loss, "the loss", dtype)
                 kinds.add(kind)
                 wrt = probe.wrt()
                 keys = list(wrt)
@@ -300,7 +318,8 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
                         column.sum(), [wrt[k] for k in keys], allow_unused=True, retain_graph=not last
                     )
                     for key, g in zip(keys, grads, strict=True):
-                        probe.record(key, torch.zeros_like(wrt[key]) if g is None else g)
+                        g = torch.zeros_like(wrt[key]) if g is None else g
+                        probe.record(key, require_finite(g, "the loss gradients", dtype))
                 examples += size
     finally:
         for h in handles:
@@ -347,6 +366,13 @@ class OutputSensitivity:
     neurons: list[float | None]
     labels: str
     covariance: dict[tuple[str, int], torch.Tensor] | None = None
+    # why these gradients cannot weigh the allocation (zero or degenerate), None when they can;
+    # the driver then falls back to the residual weighting (see ``guards.sensitivity_problem``)
+    problem: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
 
     def at(self, layer: int) -> dict[str, float]:
         """The pruned blocks of ``layer`` and their sensitivities."""
@@ -393,7 +419,12 @@ def output_sensitivity(
         energy = probe.energy.get((kind, i))
         return None if energy is None else energy / tokens
 
+    causal = adapter.is_decoder and type(model).__name__.endswith("ForCausalLM")
+    problem = sensitivity_problem(probe.energy, batches if causal else None)
+    if problem is not None:
+        warn_sensitivity_fallback(problem)
     return OutputSensitivity(
+        problem=problem,
         heads=[mean("heads", i) for i in range(layers)],
         neurons=[mean("neurons", i) for i in range(layers)],
         labels=labels,
@@ -452,7 +483,8 @@ def plan_masks(
     if floor_cost > target:
         raise BudgetError(
             f"cannot keep only {keep:.0%} of {kind}: removing every prunable unit still keeps "
-            f"{floor_cost / dense_cost:.1%}; raise the budget or allow more with --prune heads,neurons"
+            f"{floor_cost / dense_cost:.1%}; raise the budget or allow more with "
+            f"{option('prune', 'heads,neurons')}"
         )
     if keep >= 1.0:
         return [LayerPlan(h, n) for h, n in dense]

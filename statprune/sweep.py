@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from statprune.argtypes import positive_int
 from statprune.errors import BudgetError, DataError, OptionsError, OutputError
+from statprune.guards import check_count
 from statprune.methods import default_sweep_methods, method_names
 from statprune.options import add_option_arguments, options_from_args
 
@@ -629,8 +630,9 @@ def _read_inputs(config: SweepConfig) -> _Inputs:
     elif config.label_field is not None:
         raise DataError(f"--label-field only applies to classifiers, but the task is {task}; drop it")
     if config.eval_samples is not None:
-        examples = examples[: config.eval_samples]
-        labels = None if labels is None else labels[: config.eval_samples]
+        eval_samples = check_count(config.eval_samples, len(examples), "eval_samples", "evaluation examples")
+        examples = examples[:eval_samples]
+        labels = None if labels is None else labels[:eval_samples]
     metric = _primary(task, labels is not None)
     if config.bar is not None:
         _check_bar(config.bar, metric)

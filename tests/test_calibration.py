@@ -102,7 +102,10 @@ def test_csv_long_field_exceeds_default_limit(tmp_path):
 
 
 def _error(path, **kwargs) -> str:
-    with pytest.raises(DataError) as info:
+    """The message as the CLI shows it (options named by their flags)."""
+    from statprune.guards import cli_option_names
+
+    with pytest.raises(DataError) as info, cli_option_names():
         read_examples(path, **kwargs)
     message = str(info.value)
     assert "\n" not in message
@@ -439,7 +442,7 @@ def test_pack_cuts_full_windows_of_the_joined_texts(tiny_tokenizer):
 
 
 def test_pack_rejects_too_little_text_and_pairs(tiny_tokenizer):
-    with pytest.raises(DataError, match="less than one --seq-len window"):
+    with pytest.raises(DataError, match=r"less than one window of seq_len=64; .* shorter seq_len"):
         pack_examples(tiny_tokenizer, ["short"], n=4, seed=0, seq_len=64)
     with pytest.raises(DataError, match="pairs cannot be packed"):
         pack_examples(tiny_tokenizer, [("a", "b")], n=4, seed=0, seq_len=4)

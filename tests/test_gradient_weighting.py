@@ -119,12 +119,13 @@ def test_sampled_next_tokens_follow_the_distribution_and_the_label_layout():
     certain = torch.tensor([[1, 2, 3, 4], [0, 0, 2, 1]])
     logits = torch.full((2, 4, 5), -1e4).scatter(2, certain[:, :, None], 0.0)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]).bool()
-    labels = _sampled_next_tokens(logits, mask, torch.Generator().manual_seed(1))
+    labels = _sampled_next_tokens(logits, mask, certain, seed=1)
     # position t + 1 holds what position t predicts; the first and padded positions hold -100
     assert labels.tolist() == [[-100, 1, 2, 3], [-100, 0, 0, -100]]
     p = torch.tensor([0.7, 0.2, 0.1])
     logits = p.log().expand(1, 20001, 3)
-    drawn = _sampled_next_tokens(logits, torch.ones(1, 20001).bool(), torch.Generator().manual_seed(2))
+    ids = torch.zeros(1, 20001, dtype=torch.long)
+    drawn = _sampled_next_tokens(logits, torch.ones(1, 20001).bool(), ids, seed=2)
     frequency = torch.bincount(drawn[0, 1:], minlength=3) / 20000
     torch.testing.assert_close(frequency, p, atol=0.015, rtol=0)
 

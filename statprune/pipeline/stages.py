@@ -210,7 +210,7 @@ def measure_sensitivity(job: Job, analysis: Analysis) -> OutputSensitivity | Non
         analysis.sensitivity = output_sensitivity(
             job.model, job.adapter, job.batches, options.prune, covariance=covariance
         )
-    return analysis.sensitivity if wanted else None
+    return analysis.sensitivity if wanted and analysis.sensitivity.usable else None
 
 
 def analyse(job: Job, calib: Calibration) -> Analysis:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from statprune.adapters import ModelAdapter
-from statprune.errors import ModelError
+from statprune.guards import non_finite
 from statprune.linalg import CrossAccumulator, GramAccumulator
 from statprune.options import CompressionOptions
 from statprune.pipeline.records import Calibration, LayerStats
@@ -25,7 +25,7 @@ def hooked(handles: list) -> Iterator[None]:
     try:
         yield
     except FloatingPointError as exc:
-        raise ModelError(f"{exc}; try --dtype float32") from None
+        raise non_finite(str(exc).replace(" contain NaN or Inf", "")) from None
     finally:
         for h in handles:
             h.remove()
@@ -33,7 +33,7 @@ def hooked(handles: list) -> Iterator[None]:
 
 def finite(out: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(out).all():
-        raise ModelError("activations became NaN or Inf; try --dtype float32")
+        raise non_finite("activations", out.dtype)
     return out
 
 
