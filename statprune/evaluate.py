@@ -9,7 +9,9 @@ Three kinds of evaluation, picked from the model's class unless ``task`` says ot
   KL(reference || model).
 * ``embed`` (bare base models such as ``BertModel``; any model with ``task="embed"``):
   attention-mask-weighted mean-pooled last hidden states; against a reference, the mean and minimum
-  per-example cosine similarity.
+  per-example cosine similarity, and what retrieval and clustering rely on: the top-1 / top-10
+  nearest-neighbour overlap with the reference within the evaluated set and the Spearman rank
+  correlation of the pairwise cosine similarities (see :func:`embedding_agreement`).
 
 Everything runs in eval mode under ``torch.no_grad()`` without network access. Only the standard
 library is imported at module level so that the command line stays quick to start.
@@ -45,6 +47,7 @@ __all__ = [
     "EvalResult",
     "add_eval_parser",
     "detect_task",
+    "embedding_agreement",
     "evaluate",
     "evaluate_paths",
     "read_labels",
@@ -58,6 +61,9 @@ DEFAULT_LABEL_FIELD = "label"
 # that each float32 copy of the logits stays around 128 MiB whatever ``batch_size`` says.
 _LM_LOGIT_BUDGET = 2**25
 _SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
+NEIGHBOR_KS = (1, 10)
+# the rank correlation of pairwise similarities uses at most this many examples (n(n-1)/2 pairs)
+SPEARMAN_MAX_EXAMPLES = 2000
 
 
 @dataclass
@@ -82,6 +88,13 @@ class EvalResult:
     kl: float | None = None
     cosine_mean: float | None = None
     cosine_min: float | None = None
+    # embed: mean fraction of each example's k nearest neighbours (cosine, within the evaluated
+    # set, itself excluded) that the reference's embeddings also put among its k nearest
+    neighbor_overlap_at_1: float | None = None
+    neighbor_overlap_at_10: float | None = None
+    # embed: Spearman's rho between the model's and the reference's pairwise cosine similarities
+    similarity_spearman: float | None = None
+    similarity_spearman_examples: int | None = None  # examples whose pairs entered it
     perplexity_ratio: float | None = None
     reference_perplexity: float | None = None
     reference_accuracy: float | None = None
@@ -127,6 +140,16 @@ class EvalResult:
         if self.cosine_mean is not None:
             lines.append(f"cosine similarity to reference: mean {self.cosine_mean:.6f}   "
                          f"min {self.cosine_min:.6f}")
+        if self.neighbor_overlap_at_1 is not None:
+            top10 = self.neighbor_overlap_at_10
+            top10_text = "n/a (needs 11 examples)" if top10 is None else f"{top10:.4f}"
+            lines.append(
+                f"nearest-neighbour overlap with reference: top-1 {self.neighbor_overlap_at_1:.4f}   "
+                f"top-10 {top10_text}   (cosine, within the {self.n_examples:,} examples)"
+            )
+        if self.similarity_spearman is not None:
+            lines.append(f"rank correlation of pairwise similarities with reference (Spearman): "
+                         f"{self.similarity_spearman:.4f}")
         return "\n".join(lines)
 
 
@@ -493,14 +516,89 @@ def _evaluate_embed(model, reference, tokenizer, examples, labels, seq_len, batc
         for batch in batches:
             _mean_pooled(model, batch.inputs, "the model")
         return result
-    cosines = []
+    embs, refs = [], []
     for batch in batches:
-        emb = _mean_pooled(model, batch.inputs, "the model").double().cpu()
-        ref = _mean_pooled(reference, batch.inputs, "the reference model").double().cpu()
-        cosines.append(torch.nn.functional.cosine_similarity(emb, ref, dim=-1))
-    cosine = torch.cat(cosines)
+        embs.append(_mean_pooled(model, batch.inputs, "the model").double().cpu())
+        refs.append(_mean_pooled(reference, batch.inputs, "the reference model").double().cpu())
+    emb, ref = torch.cat(embs), torch.cat(refs)
+    cosine = torch.nn.functional.cosine_similarity(emb, ref, dim=-1)
     result.cosine_mean, result.cosine_min = float(cosine.mean()), float(cosine.min())
+    agreement = embedding_agreement(emb, ref)
+    result.neighbor_overlap_at_1 = agreement["neighbor_overlap_at_1"]
+    result.neighbor_overlap_at_10 = agreement["neighbor_overlap_at_10"]
+    result.similarity_spearman = agreement["similarity_spearman"]
+    result.similarity_spearman_examples = agreement["similarity_spearman_examples"]
     return result
+
+
+def _neighbors(unit: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
+    """Indices (n, k) of each row's k largest cosine similarities to the other rows of ``unit``
+    (rows of unit norm), itself excluded; computed ``block`` rows at a time (O(block·n) memory)."""
+    import torch
+
+    out = []
+    for start in range(0, unit.shape[0], block):
+        sim = unit[start : start + block] @ unit.T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + start] = -math.inf
+        out.append(sim.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def embedding_agreement(
+    emb: torch.Tensor,
+    ref: torch.Tensor,
+    ks: Sequence[int] = NEIGHBOR_KS,
+    spearman_max_examples: int = SPEARMAN_MAX_EXAMPLES,
+) -> dict[str, float | int | None]:
+    """How well embeddings ``emb`` (n, d) keep the similarity structure of ``ref`` (n, d'), row i
+    of both embedding the same example.
+
+    * ``neighbor_overlap_at_k`` for each k in ``ks``: the mean over examples of
+      |N_k(emb, i) ∩ N_k(ref, i)| / k, where N_k(x, i) are the k examples with the largest cosine
+      similarity to example i, i itself excluded (k = 1: the fraction of examples whose nearest
+      neighbour is unchanged). None when n ≤ k.
+    * ``similarity_spearman``: Spearman's rank correlation (scipy.stats.spearmanr) between the
+      two models' cosine similarities over all pairs i < j of the examples, or of
+      ``spearman_max_examples`` evenly spaced ones when there are more (n(n-1)/2 pairs;
+      ``similarity_spearman_examples`` says how many); None for fewer than 3 examples or
+      constant similarities.
+
+    1.0 for identical embeddings (or any rotation or positive rescaling of them). Ties among
+    neighbours are broken by ``torch.topk``. Raises ValueError when the row counts differ.
+    """
+    import numpy as np
+    import torch
+    from scipy.stats import spearmanr
+
+    if emb.shape[0] != ref.shape[0]:
+        raise ValueError(f"embedding_agreement: {emb.shape[0]} rows against {ref.shape[0]}")
+    n = emb.shape[0]
+    unit = torch.nn.functional.normalize(emb.double(), dim=-1)
+    ref_unit = torch.nn.functional.normalize(ref.double(), dim=-1)
+    out: dict[str, float | int | None] = {}
+    for k in ks:
+        if n <= k:
+            out[f"neighbor_overlap_at_{k}"] = None
+            continue
+        mine, theirs = _neighbors(unit, k), _neighbors(ref_unit, k)
+        if k == 1:
+            shared = (mine == theirs).double().squeeze(1)
+        else:  # members of each row's set also in the reference's: compare every pair of slots
+            shared = (mine.unsqueeze(2) == theirs.unsqueeze(1)).any(dim=2).double().sum(dim=1) / k
+        out[f"neighbor_overlap_at_{k}"] = float(shared.mean())
+    m = min(n, spearman_max_examples)
+    rho = None
+    if m >= 3:
+        pick = torch.linspace(0, n - 1, m).round().long()
+        rows, cols = np.triu_indices(m, k=1)
+        sim = (unit[pick] @ unit[pick].T).numpy()[rows, cols]
+        ref_sim = (ref_unit[pick] @ ref_unit[pick].T).numpy()[rows, cols]
+        if np.ptp(sim) > 0 and np.ptp(ref_sim) > 0:
+            rho = float(spearmanr(sim, ref_sim).statistic)
+    out["similarity_spearman"] = rho
+    out["similarity_spearman_examples"] = m if rho is not None else None
+    return out
 
 
 def lm_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:

@@ -17,6 +17,7 @@ from statprune.evaluate import (
     EvalResult,
     add_eval_parser,
     detect_task,
+    embedding_agreement,
     evaluate,
     evaluate_paths,
     lm_windows,
@@ -261,6 +262,71 @@ def test_embed_against_itself_and_perturbed(family, tok):
     assert same.cosine_min == pytest.approx(1.0, abs=1e-6)
     noisy = evaluate(perturbed(model), tok, texts, reference=model)
     assert noisy.cosine_min <= noisy.cosine_mean < 0.999
+
+
+def test_embed_neighbour_metrics_of_identical_and_perturbed_models(tok):
+    model = build_tiny_model("bert", task="base")
+    texts = tiny_texts(30)
+    same = evaluate(model, tok, texts, reference=copy.deepcopy(model), batch_size=7)
+    assert same.neighbor_overlap_at_1 == 1.0
+    assert same.neighbor_overlap_at_10 == 1.0
+    assert same.similarity_spearman == pytest.approx(1.0, abs=1e-9)
+    assert same.similarity_spearman_examples == 30
+    assert "top-10 1.0000" in same.summary() and "(Spearman): 1.0000" in same.summary()
+    noisy = evaluate(perturbed(model, scale=0.2), tok, texts, reference=model)
+    assert 0.0 <= noisy.neighbor_overlap_at_10 < 1.0
+    assert noisy.similarity_spearman < 1.0 - 1e-6
+
+
+def brute_force_overlap(emb, ref, k):
+    def neighbours(x, i):
+        sims = [(float(torch.nn.functional.cosine_similarity(x[i], x[j], dim=0)), j)
+                for j in range(len(x)) if j != i]
+        return {j for _, j in sorted(sims, reverse=True)[:k]}
+
+    return sum(len(neighbours(emb, i) & neighbours(ref, i)) / k for i in range(len(emb))) / len(emb)
+
+
+def test_embedding_agreement_against_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    emb = ref + 0.6 * torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    got = embedding_agreement(emb, ref, ks=(1, 3, 10))
+    for k in (1, 3, 10):
+        assert got[f"neighbor_overlap_at_{k}"] == pytest.approx(brute_force_overlap(emb, ref, k), abs=1e-12)
+    assert 0.0 < got["neighbor_overlap_at_1"] < 1.0
+    from scipy.stats import spearmanr
+
+    iu = torch.triu_indices(40, 40, 1)
+    unit, ref_unit = (torch.nn.functional.normalize(x, dim=1) for x in (emb, ref))
+    pairs = (unit @ unit.T)[iu[0], iu[1]], (ref_unit @ ref_unit.T)[iu[0], iu[1]]
+    assert got["similarity_spearman"] == pytest.approx(spearmanr(*pairs).statistic, abs=1e-12)
+
+
+def test_embedding_agreement_invariances_and_shuffled_outputs():
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.randn(200, 16, generator=gen, dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+    scaled = 3.0 * (ref @ rotation)  # cosine structure unchanged
+    same = embedding_agreement(scaled, ref)
+    assert same["neighbor_overlap_at_1"] == 1.0 and same["neighbor_overlap_at_10"] == 1.0
+    assert same["similarity_spearman"] == pytest.approx(1.0, abs=1e-12)
+    # a model whose outputs belong to other inputs: neighbours at chance level (k / (n - 1))
+    shuffled = embedding_agreement(ref[torch.randperm(200, generator=gen)], ref)
+    assert shuffled["neighbor_overlap_at_1"] < 0.05
+    assert shuffled["neighbor_overlap_at_10"] < 0.15
+    assert abs(shuffled["similarity_spearman"]) < 0.1
+
+
+def test_embedding_agreement_small_sets_and_spearman_cap():
+    ref = torch.randn(5, 4, dtype=torch.float64)
+    small = embedding_agreement(ref, ref)
+    assert small["neighbor_overlap_at_1"] == 1.0
+    assert small["neighbor_overlap_at_10"] is None  # 5 examples have 4 neighbours each
+    capped = embedding_agreement(torch.randn(50, 4), torch.randn(50, 4), spearman_max_examples=20)
+    assert capped["similarity_spearman_examples"] == 20
+    with pytest.raises(ValueError, match="5 rows against 4"):
+        embedding_agreement(ref, ref[:4])
 
 
 def test_embeddings_are_mask_weighted_means(tok):
