@@ -1,0 +1,218 @@
+"""Do compressed sentence-embedding models keep what embeddings are used for? Neighbours and ranks.
+
+    python benchmarks/embedding_agreement.py                       # MiniLM, every method, 0.9/0.7/0.5
+    python benchmarks/embedding_agreement.py --model mpnet --methods stat,flap --budgets 0.7,0.5
+
+Mean cosine to the original embedding says little about retrieval: a model can keep cosine 0.93 and
+still reorder the neighbours. For each model, method and FLOPs budget this compresses the bare
+encoder (mean pooling, no head) on 512 Rotten-Tomatoes calibration sentences (``rt-calib.txt``, seed
+0, 128 tokens) and compares its embeddings of the 800 held-out sentences (``rt-test.jsonl``, the
+test split no step tunes on; labels unused) with the original's: mean and minimum cosine, top-1 and
+top-10 nearest-neighbour overlap within those 800 sentences (cosine, self excluded) and Spearman's
+rank correlation of all 319,600 pairwise cosine similarities (``statprune.evaluate``). ``fisher``
+is not run: it scores with a task head's loss, which a bare embedding model does not have.
+
+Rows accumulate in ``benchmarks/embedding_agreement.json`` (a rerun replaces the rows of the
+configurations it runs and keeps the others; each row is written as soon as it is measured), and
+``benchmarks/embedding_agreement.md`` is rendered from all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from statprune.calibration import read_examples, sample_examples, tokenize_examples
+from statprune.driver import AnalysisCache, compress
+from statprune.evaluate import evaluate
+from statprune.persist import load, load_tokenizer
+
+HERE = Path(__file__).resolve().parent
+MODELS = {  # asset folder -> (display name, description)
+    "minilm": ("MiniLM", "all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7 M parameters)"),
+    "mpnet": ("MPNet", "all-mpnet-base-v2 (12 layers, hidden 768, 109.5 M parameters)"),
+}
+METHODS = ("stat", "magnitude", "wanda-sp", "flap")
+CALIB, TEST = "rt-calib.txt", "rt-test.jsonl"
+SAMPLES, SEQ_LEN, SEED = 512, 128, 0
+METRICS = (
+    "cosine_mean",
+    "cosine_min",
+    "neighbor_overlap_at_1",
+    "neighbor_overlap_at_10",
+    "similarity_spearman",
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STATPRUNE_CACHE", Path.home() / ".cache" / "statprune"))
+
+
+def asset(name: str) -> Path:
+    """A cached asset folder, complete only once its DONE.json exists (``make assets-all``)."""
+    path = cache_dir() / name
+    if not (path / "DONE.json").exists():
+        sys.exit(f"error: {path} is not ready (no DONE.json); run `make assets-all` first")
+    return path
+
+
+def measure(
+    model_key: str, methods: list[str], budgets: list[float], samples: int, eval_samples: int | None, record
+) -> None:
+    """Compress ``model_key`` with every method at every budget; ``record(row)`` after each run."""
+    model_dir, corpora = asset(model_key), asset("corpora")
+    tokenizer = load_tokenizer(model_dir)
+    dense = load(model_dir)
+    texts = read_examples(corpora / CALIB)
+    chosen = sample_examples(texts, samples, SEED)
+    batches = tokenize_examples(tokenizer, chosen, seq_len=SEQ_LEN, batch_size=16)
+    tests = read_examples(corpora / TEST)
+    if eval_samples is not None:
+        tests = tests[:eval_samples]
+    for method in methods:
+        cache = AnalysisCache()  # the budgets of one method share its analysis pass
+        for budget in budgets:
+            tic = time.perf_counter()
+            model, report = compress(
+                dense,
+                tokenizer,
+                batches,
+                keep_flops=budget,
+                method=method,
+                seq_len=SEQ_LEN,
+                cache=cache,
+                progress=False,
+            )
+            seconds = time.perf_counter() - tic
+            result = evaluate(model, tokenizer, tests, task="embed", reference=dense, seq_len=SEQ_LEN)
+            row = {
+                "model": MODELS[model_key][0],
+                "method": method,
+                "budget": budget,
+                "flops_kept": report.flops_kept,
+                "params_kept": report.params_kept,
+                **{m: getattr(result, m) for m in METRICS},
+                "similarity_spearman_examples": result.similarity_spearman_examples,
+                "n_examples": result.n_examples,
+                "calibration_samples": len(chosen),
+                "compress_seconds": round(seconds, 1),
+            }
+            record(row)
+            print(
+                f"{row['model']:<7} {method:<9} {budget:.2f}: cosine {row['cosine_mean']:.4f}  "
+                f"top-1 {row['neighbor_overlap_at_1']:.4f}  top-10 {row['neighbor_overlap_at_10']:.4f}  "
+                f"spearman {row['similarity_spearman']:.4f}  ({seconds:.0f} s)",
+                flush=True,
+            )
+            del model
+
+
+def markdown(data: dict) -> str:
+    """The section for RESULTS.md: protocol, one table per model, and what the numbers say."""
+    rows = data["rows"]
+    samples = sorted({r["calibration_samples"] for r in rows})
+    lines = [
+        "## Embedding models: neighbours and similarity ranks",
+        "",
+        f"Regenerated by `python benchmarks/embedding_agreement.py` (see its docstring for the exact "
+        f"commands; machine: {data['machine']}). Protocol: bare sentence encoders (mean pooling, no "
+        f"head), compressed without retraining on {' / '.join(map(str, samples))} unlabeled "
+        "calibration sentences drawn with "
+        f"seed {SEED} from `{CALIB}`, {SEQ_LEN} tokens; budgets are fractions of attention+FFN FLOPs at "
+        f"sequence length {SEQ_LEN}. Each compressed model's embeddings of the held-out sentences of "
+        f"`{TEST}` are compared with the original's: mean / min cosine to the original embedding of the "
+        "same sentence; top-1 / top-10 nearest-neighbour overlap (the fraction of each sentence's k "
+        "nearest neighbours among the evaluated sentences, by cosine, itself excluded, that the "
+        "original also puts among its k nearest, averaged); Spearman's rank correlation of all "
+        "pairwise cosine similarities. `fisher` is absent: it needs a task head's loss, which bare "
+        "embedding models lack.",
+        "",
+    ]
+    for name, description in MODELS.values():
+        mine = [r for r in rows if r["model"] == name]
+        if not mine:
+            continue
+        methods = [m for m in METHODS if any(r["method"] == m for r in mine)]
+        mine.sort(key=lambda r: (-r["budget"], methods.index(r["method"])))
+        lines += [
+            f"### {name}",
+            "",
+            f"{description}; {mine[0]['n_examples']} held-out sentences.",
+            "",
+            "| keep FLOPs | method | achieved | mean cosine | min cosine | top-1 overlap | top-10 overlap "
+            "| Spearman | compress s |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in mine:
+            lines.append(
+                f"| {r['budget']:.0%} | {r['method']} | {r['flops_kept']:.1%} | {r['cosine_mean']:.4f} | "
+                f"{r['cosine_min']:.4f} | {r['neighbor_overlap_at_1']:.3f} | "
+                f"{r['neighbor_overlap_at_10']:.3f} "
+                f"| {r['similarity_spearman']:.4f} | {r['compress_seconds']:.0f} |"
+            )
+        lines += [""]
+        best = {}
+        for r in mine:
+            if (
+                r["budget"] not in best
+                or r["neighbor_overlap_at_10"] > best[r["budget"]]["neighbor_overlap_at_10"]
+            ):
+                best[r["budget"]] = r
+        wins = ", ".join(
+            f"{b:.0%}: {r['method']} ({r['neighbor_overlap_at_1']:.1%} top-1, "
+            f"{r['neighbor_overlap_at_10']:.1%} top-10)"
+            for b, r in best.items()
+        )
+        lines += [f"Best top-10 overlap per budget — {wins}.", ""]
+    lines += [
+        "Compression seconds: the budgets of one method share one analysis pass, counted in the first "
+        "(largest) budget's time; measured on a shared machine, indicative only.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", choices=list(MODELS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--budgets", default="0.9,0.7,0.5")
+    parser.add_argument("--samples", type=int, default=SAMPLES, help=argparse.SUPPRESS)
+    parser.add_argument("--eval-samples", type=int, help="first N test sentences (default: all 800)")
+    parser.add_argument("--json", type=Path, default=HERE / "embedding_agreement.json")
+    parser.add_argument("--md", type=Path, default=HERE / "embedding_agreement.md")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(
+            f"unknown or inapplicable methods {unknown}; choose from {', '.join(METHODS)} "
+            "(fisher needs a task head)"
+        )
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    data = json.loads(args.json.read_text()) if args.json.exists() else {"rows": []}
+    data["machine"] = (
+        f"{platform.machine()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    )
+
+    def record(row: dict) -> None:
+        key = (row["model"], row["method"], row["budget"])
+        data["rows"] = [r for r in data["rows"] if (r["model"], r["method"], r["budget"]) != key] + [row]
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        args.md.write_text(markdown(data))
+
+    measure(args.model, methods, budgets, args.samples, args.eval_samples, record)
+    print(f"wrote {args.json} and {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
