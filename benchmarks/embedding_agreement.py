@@ -40,6 +40,9 @@ MODELS = {  # asset folder -> (display name, description)
     "mpnet": ("MPNet", "all-mpnet-base-v2 (12 layers, hidden 768, 109.5 M parameters)"),
 }
 METHODS = ("stat", "magnitude", "wanda-sp", "flap")
+# STAT driven by a label-free loss at the embedding instead of the residual-stream weighting
+SIMILARITY = "stat-similarity"
+ANCHORS, TEMPERATURE = 32, 0.05
 CALIB, TEST = "rt-calib.txt", "rt-test.jsonl"
 SAMPLES, SEQ_LEN, SEED = 512, 128, 0
 METRICS = (
@@ -63,13 +66,54 @@ def asset(name: str) -> Path:
     return path
 
 
+class SimilarityToAnchorsForSequenceClassification(torch.nn.Module):
+    """A label-free task head over a bare encoder: an example's logits are the cosine similarities of
+    its mean-pooled embedding to K fixed anchor embeddings (the dense model's, of K calibration
+    sentences), divided by a temperature. The expected Fisher of this softmax (what STAT's gradient
+    layer weighting and fisher error metric use for classifiers) measures how much a change at each
+    block moves the example's similarity profile against the anchors: the similarity structure
+    that retrieval relies on. The class name makes statprune treat it as a classifier head."""
+
+    def __init__(self, encoder, anchors: torch.Tensor, temperature: float = TEMPERATURE):
+        super().__init__()
+        self.base_model, self.config = encoder, encoder.config
+        self.register_buffer("anchors", torch.nn.functional.normalize(anchors.float(), dim=-1))
+        self.temperature = temperature
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        extra = {k: v for k, v in kwargs.items() if k == "token_type_ids"}
+        hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        unit = torch.nn.functional.normalize(pooled, dim=-1)
+        return SequenceClassifierOutput(logits=unit @ self.anchors.T / self.temperature)
+
+
+def anchor_embeddings(encoder, batches, count: int) -> torch.Tensor:
+    """The dense encoder's mean-pooled embeddings of the first ``count`` calibration examples."""
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            inputs = batch.inputs
+            hidden = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+            mask = inputs["attention_mask"].to(hidden.dtype).unsqueeze(-1)
+            out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+            if sum(len(o) for o in out) >= count:
+                break
+    return torch.cat(out)[:count]
+
+
 def measure(
     model_key: str, methods: list[str], budgets: list[float], samples: int, eval_samples: int | None, record
 ) -> None:
     """Compress ``model_key`` with every method at every budget; ``record(row)`` after each run."""
     model_dir, corpora = asset(model_key), asset("corpora")
     tokenizer = load_tokenizer(model_dir)
-    dense = load(model_dir)
+    # the bare encoder: all-mpnet-base-v2's config names MPNetForMaskedLM, whose LM head is not in
+    # the checkpoint (randomly initialised on load) and would otherwise drive STAT's gradient weighting
+    dense = load(model_dir).base_model
     texts = read_examples(corpora / CALIB)
     chosen = sample_examples(texts, samples, SEED)
     batches = tokenize_examples(tokenizer, chosen, seq_len=SEQ_LEN, batch_size=16)
@@ -78,19 +122,25 @@ def measure(
         tests = tests[:eval_samples]
     for method in methods:
         cache = AnalysisCache()  # the budgets of one method share its analysis pass
+        source, options = dense, {"method": method}
+        if method == SIMILARITY:
+            anchors = anchor_embeddings(dense, batches, ANCHORS)
+            source = SimilarityToAnchorsForSequenceClassification(dense, anchors)
+            options = {"method": "stat"}
         for budget in budgets:
             tic = time.perf_counter()
             model, report = compress(
-                dense,
+                source,
                 tokenizer,
                 batches,
                 keep_flops=budget,
-                method=method,
                 seq_len=SEQ_LEN,
                 cache=cache,
                 progress=False,
+                **options,
             )
             seconds = time.perf_counter() - tic
+            model = model.base_model
             result = evaluate(model, tokenizer, tests, task="embed", reference=dense, seq_len=SEQ_LEN)
             row = {
                 "model": MODELS[model_key][0],
@@ -117,7 +167,7 @@ def measure(
 def markdown(data: dict) -> str:
     """The section for RESULTS.md: protocol, one table per model, and what the numbers say."""
     rows = data["rows"]
-    samples = sorted({r["calibration_samples"] for r in rows})
+    samples = sorted({r.get("calibration_samples", SAMPLES) for r in rows})
     lines = [
         "## Embedding models: neighbours and similarity ranks",
         "",
@@ -139,7 +189,7 @@ def markdown(data: dict) -> str:
         mine = [r for r in rows if r["model"] == name]
         if not mine:
             continue
-        methods = [m for m in METHODS if any(r["method"] == m for r in mine)]
+        methods = [m for m in (*METHODS, SIMILARITY) if any(r["method"] == m for r in mine)]
         mine.sort(key=lambda r: (-r["budget"], methods.index(r["method"])))
         lines += [
             f"### {name}",
@@ -190,10 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, default=HERE / "embedding_agreement.md")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - {*METHODS, SIMILARITY})
     if unknown:
         parser.error(
-            f"unknown or inapplicable methods {unknown}; choose from {', '.join(METHODS)} "
+            f"unknown or inapplicable methods {unknown}; choose from {', '.join((*METHODS, SIMILARITY))} "
             "(fisher needs a task head)"
         )
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
