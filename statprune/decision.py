@@ -209,7 +209,9 @@ def build_report(
     measuring the dense folder and/or ``SWEEP_DIR/best``; its forward rows at ``bench_batch``
     (default: the largest batch) give latency (ms, median), throughput (requests/s) and peak memory
     (MB). Rows of ``results.json`` that carry ``latency_ms`` / ``throughput`` / ``peak_memory_mb``
-    are used as they are. ``price_per_hour`` (any currency per machine-hour) and
+    (and optionally ``latency_p90_ms``), and ``sweep.json``'s ``dense_bench`` with the same keys, are
+    used as they are (the contract for a sweep that benchmarks its candidates itself); they take
+    precedence over the bench file. ``price_per_hour`` (any currency per machine-hour) and
     ``requests_per_day`` add the serving cost. ``min_quality`` (``0.80`` or ``99%``) replaces the
     sweep's bar. Raises DataError for a folder that is not a sweep's output or bad numbers.
     """
@@ -318,6 +320,7 @@ def build_report(
     )
     if model_dir is not None:
         _attach(dense, measurements.get(str(model_dir.resolve())))
+    _attach(dense, meta.get("dense_bench"))  # a sweep that measured latency itself
     report.candidates.append(dense)
     for row in rows:
         cand = Candidate(

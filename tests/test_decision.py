@@ -158,6 +158,27 @@ def test_cost_per_million_requests_from_measured_throughput(swept, tmp_path):
     assert build_report(swept.out, bench=bench, bench_batch=1, plots=False).recommended.latency_ms == 5.0
 
 
+def test_latency_recorded_by_the_sweep_itself_is_used(swept, tmp_path):
+    measured = tmp_path / "sweep"
+    shutil.copytree(swept.out, measured)
+    rows = json.loads((measured / "results.json").read_text())
+    for i, row in enumerate(rows):
+        row.update(latency_ms=10.0 + i, latency_p90_ms=10.5 + i, throughput=100.0 - i, peak_memory_mb=30.0)
+    (measured / "results.json").write_text(json.dumps(rows))
+    meta = json.loads((measured / "sweep.json").read_text())
+    meta["dense_bench"] = {
+        "latency_ms": 20.0,
+        "latency_p90_ms": 21.0,
+        "throughput": 50.0,
+        "peak_memory_mb": 60.0,
+    }
+    (measured / "sweep.json").write_text(json.dumps(meta))
+    report = build_report(measured, price_per_hour=1.0)
+    assert [c.latency_ms for c in report.candidates] == [20.0] + [10.0 + i for i in range(len(rows))]
+    assert all(c.cost_per_million == pytest.approx(1e6 / (c.throughput * 3600)) for c in report.candidates)
+    assert report.measured and not report.warnings
+
+
 def test_noisy_measurements_are_flagged(swept, tmp_path):
     bench = bench_file(tmp_path / "bench.json", {swept.model: (40.0, 200.0)}, p90=1.8)
     report = build_report(swept.out, bench=bench, plots=False)
