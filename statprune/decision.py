@@ -35,10 +35,13 @@ from typing import Any
 from statprune.errors import DataError, OutputError
 
 __all__ = [
+    "OBJECTIVES",
     "Candidate",
     "DecisionReport",
     "add_report_parser",
+    "bench_candidates",
     "build_report",
+    "choose_by_objective",
     "render_html",
     "render_markdown",
     "run_report",
@@ -46,6 +49,10 @@ __all__ = [
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# what ``sweep --objective`` minimises among the candidates meeting the bar (field of SweepRow)
+OBJECTIVES = {"latency": "latency_ms", "flops": "flops_kept", "params": "params_kept",
+              "memory": "peak_memory_mb"}
+BENCH_FIELDS = ("latency_ms", "latency_p90_ms", "throughput", "peak_memory_mb")
 NOISY_SPREAD = 1.25  # p90 / median latency above this: the machine was too noisy to trust
 _METRIC_LABELS = {
     "accuracy": "accuracy",
@@ -119,6 +126,118 @@ class DecisionReport:
             "cost per 1M requests = price per hour × 1,000,000 / (throughput in requests/s × 3600); "
             "requests per day × that / 1,000,000 = cost per day"
         )
+
+
+# ------------------------------------------------------------------------- measuring a sweep's runs
+
+
+def bench_candidates(
+    dense_dir: str | Path,
+    folders: dict[Any, Path],
+    *,
+    batch: int = 32,
+    seq_len: int = 128,
+    backend: str = "torch",
+    device: str = "cpu",
+    warmup: int = 3,
+    trials: int = 10,
+) -> tuple[dict[str, float | None], dict[Any, dict[str, float | None]]]:
+    """Measure the dense folder and every candidate folder in one ``statprune bench`` run
+    (:func:`statprune.bench.benchmark`: warm-up, trials interleaved across all models, medians,
+    peak memory in a child process per model) at one batch size of ``seq_len``-token sequences.
+
+    Returns ``(dense, {key: measurement})``, each measurement a dict of ``latency_ms`` (median),
+    ``latency_p90_ms``, ``throughput`` (sequences/s) and ``peak_memory_mb``.
+    """
+    from statprune.bench import benchmark
+
+    keys = list(folders)
+    rows = benchmark([Path(dense_dir), *(folders[k] for k in keys)], batches=(batch,), seq_len=seq_len,
+                     backend=backend, device=device, warmup=warmup, trials=trials, lm_batches=())
+    forward = [r for r in rows if r.kind == "forward" and r.batch == batch]
+    measured = [{f: getattr(r, f) for f in BENCH_FIELDS} for r in forward]
+    return measured[0], dict(zip(keys, measured[1:], strict=True))
+
+
+def choose_by_objective(rows: list, threshold: float, higher_is_better: bool, objective: str):
+    """Among ``rows`` (SweepRow) meeting the bar, the one with the least ``objective`` (see
+    :data:`OBJECTIVES`); ties go to the better metric. None when no row meets the bar or the
+    objective was not measured for every row that does."""
+    from statprune.sweep import meets
+
+    field_name = OBJECTIVES[objective]
+    ok = [r for r in rows if meets(r.value, threshold, higher_is_better)]
+    if not ok or any(getattr(r, field_name, None) is None for r in ok):
+        return None
+    return min(ok, key=lambda r: (getattr(r, field_name), -r.value if higher_is_better else r.value))
+
+
+def apply_objective(selection, rows: list, higher_is_better: bool, objective: str, metric: str) -> None:
+    """Re-pick ``selection.best`` (a sweep's Selection) by ``objective`` among the rows meeting its
+    bar, when that objective was measured for all of them; updates its message and rule."""
+    if selection is None or selection.best is None:
+        return
+    best = choose_by_objective(rows, selection.threshold, higher_is_better, objective)
+    if best is None:
+        return
+    unit = {"latency": "median latency", "memory": "peak memory"}.get(objective, f"{objective} kept")
+    selection.rule = f"least {unit} among the runs that meet the bar (any method); ties: better metric"
+    value = getattr(best, OBJECTIVES[objective])
+    shown = f"{value:.1f} ms" if objective == "latency" else (
+        f"{value:.0f} MB" if objective == "memory" else f"{value:.1%}")
+    selection.best = best
+    selection.message = (f"best: {best.method} at keep {best.budget:g} {best.budget_kind}: {metric} "
+                         f"{_fmt(metric, best.value)}, {unit} {shown} — the least {unit} meeting the bar")
+
+
+def latency_markdown(rows: list, dense: dict | None, setting: str) -> list[str]:
+    """Markdown lines: the measured latency / throughput / memory of the dense model and every run."""
+    lines = ["", f"Measured ({setting}): median latency, throughput and peak memory.", "",
+             "| run | latency (ms) | throughput (seq/s) | peak memory (MB) | speed-up |",
+             "|---|---:|---:|---:|---:|"]
+
+    def line(name: str, m: dict) -> str:
+        memory = "—" if m.get("peak_memory_mb") is None else f"{m['peak_memory_mb']:.0f}"
+        speedup = "—" if not dense else f"{dense['latency_ms'] / m['latency_ms']:.2f}×"
+        return f"| {name} | {m['latency_ms']:.1f} | {m['throughput']:.1f} | {memory} | {speedup} |"
+
+    if dense:
+        lines.append(line("dense", dense))
+    for r in rows:
+        if r.latency_ms is not None:
+            lines.append(line(f"{r.method} @ {r.budget:g}", {f: getattr(r, f) for f in BENCH_FIELDS}))
+    return lines
+
+
+def write_latency_plot(result, path: Path) -> None:
+    """Quality against measured latency: a line per method, the dense point, the bar, the choice."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    for i, method in enumerate(result.methods):
+        points = sorted((r.latency_ms, r.value) for r in result.rows
+                        if r.method == method and r.value is not None and r.latency_ms is not None)
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="osD^v<>p"[i % 8], linewidth=1.6, label=method)
+    if result.dense_bench:
+        ax.plot([result.dense_bench["latency_ms"]], [result.dense_value], marker="s", color="black",
+                markersize=8, linestyle="none", label=f"dense ({_fmt(result.metric, result.dense_value)})")
+    selection = result.selection
+    if selection is not None:
+        ax.axhline(selection.threshold, color="tab:red", linestyle=":", linewidth=1.2,
+                   label=f"bar ({_fmt(result.metric, selection.threshold)})")
+        best = selection.best
+        if best is not None and best.latency_ms is not None:
+            ax.plot([best.latency_ms], [best.value], marker="*", markersize=16, color="gold",
+                    markeredgecolor="black", linestyle="none",
+                    label=f"selected: {best.method} @ {best.budget:g}")
+    ax.set_xlabel(f"measured latency, ms ({result.bench_setting})")
+    ax.set_ylabel(_METRIC_LABELS.get(result.metric, result.metric))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    fig.savefig(path)
 
 
 # ---------------------------------------------------------------------------------------- reading

@@ -113,6 +113,11 @@ class SweepRow:
     error: str | None = None
     # accuracy only: 95 % interval of accuracy − dense accuracy, paired over the same examples
     change_interval: tuple[float, float] | None = None
+    # --bench: median / 90th-percentile latency (ms), throughput (seq/s), peak memory (MB)
+    latency_ms: float | None = None
+    latency_p90_ms: float | None = None
+    throughput: float | None = None
+    peak_memory_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,6 +202,9 @@ class SweepResult:
     out: Path | None = None
     seconds: float = 0.0
     calibration_packed: bool = False  # examples are --seq-len windows of the joined texts
+    dense_bench: dict[str, Any] | None = None  # --bench: the dense model's measurement
+    bench_setting: str | None = None
+    objective: str | None = None
 
     def protocol(self) -> str:
         """One line: what was compressed, on what, evaluated how, and what "%" means."""
@@ -450,6 +458,11 @@ def sweep(
     dtype: str | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = print,
+    bench: bool = False,
+    bench_batch: int = 32,
+    bench_seq_len: int | None = None,
+    backend: str = "torch",
+    objective: str | None = None,
     **compress_options: Any,
 ) -> SweepResult:
     """Compress ``model_dir`` with every method at every budget and evaluate each result.
@@ -463,7 +476,11 @@ def sweep(
     :data:`SELECTION_RULE`); ``save_best`` also saves that model into ``out/best``. With ``out``
     the results are written there atomically.
     ``log`` receives one progress line per run (None: silent); ``progress`` shows compression bars.
-    Other keyword arguments are :class:`~statprune.driver.CompressionOptions` fields.
+    With ``bench`` every run and the dense model are measured together by ``statprune bench``
+    (``bench_batch`` sequences of ``bench_seq_len`` tokens, default ``seq_len``, on ``backend``;
+    see :func:`statprune.decision.bench_candidates`); ``objective`` (latency, flops, params,
+    memory; default latency when measured) is what the selection minimises among the runs that
+    meet the bar. Other keyword arguments are :class:`~statprune.driver.CompressionOptions` fields.
     """
     import torch
 
@@ -489,6 +506,13 @@ def sweep(
             raise DataError(f"{label} must be a positive integer, got {value!r}")
     if task not in ("auto", *TASKS):
         raise DataError(f"unknown task {task!r}; use auto, {', '.join(TASKS)}")
+    from statprune.decision import OBJECTIVES
+
+    objective = objective or ("latency" if bench else budget_kind)
+    if objective not in OBJECTIVES:
+        raise BudgetError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    if objective in ("latency", "memory") and not bench:
+        raise BudgetError(f"--objective {objective} needs measurements: add --bench")
     overlap = {"keep_flops", "keep_params", "method", "seq_len", "device", "inplace", "cache"} & set(
         compress_options
     )
@@ -579,6 +603,8 @@ def sweep(
     threshold = None if bar is None else bar.threshold(float(dense_value), higher)
 
     cache = AnalysisCache()  # budgets of one method share its analysis pass (computed at the first)
+    bench_tmp = tempfile.TemporaryDirectory(prefix="statprune-sweep-bench-") if bench else None
+    bench_folders: dict[tuple[str, float], Path] = {}
 
     def run_one(method: str, budget: float):
         return compress(
@@ -610,6 +636,11 @@ def sweep(
         row.perplexity_ratio, row.cosine_min = evaluated.perplexity_ratio, evaluated.cosine_min
         row.eval_seconds = round(evaluated.seconds, 3)
         row.change_interval = evaluated.accuracy_change_interval if metric == "accuracy" else None
+        if bench_tmp is not None:  # saved for the benchmark after the loop, all models measured together
+            from statprune.persist import save as save_model
+
+            folder = Path(bench_tmp.name) / f"{method}-{budget:g}"
+            bench_folders[(method, budget)] = save_model(model, folder, tokenizer=tokenizer, report=report)
         result.rows.append(row)
         extra = "" if row.agreement is None or metric == "agreement" else f"  agreement {row.agreement:.4f}"
         say(
@@ -625,8 +656,30 @@ def sweep(
 
     if all(r.value is None for r in result.rows):
         raise BudgetError(f"every run failed; first error: {result.rows[0].error}")
+    if bench_tmp is not None:
+        from statprune.decision import BENCH_FIELDS, bench_candidates
+
+        say(f"measuring the dense model and {len(bench_folders)} runs (batch {bench_batch}, {backend})")
+        length = bench_seq_len or seq_len
+        try:
+            result.dense_bench, measured = bench_candidates(
+                model_dir, bench_folders, batch=bench_batch, seq_len=length, backend=backend,
+                device="cuda" if getattr(target, "type", str(target)).startswith("cuda") else "cpu",
+            )
+        finally:
+            bench_tmp.cleanup()
+        for row in result.rows:
+            for name, value in measured.get((row.method, row.budget), {}).items():
+                setattr(row, name, value)
+        result.bench_setting = f"batch {bench_batch}, {length} tokens, {backend} on {target}"
+        assert set(BENCH_FIELDS) <= set(SweepRow.__dataclass_fields__)
+    result.objective = objective
     if bar is not None:
+        from statprune.decision import apply_objective
+
         result.selection = _selection(result.rows, bar, metric, float(dense_value), methods)
+        if objective != budget_kind:
+            apply_objective(result.selection, result.rows, higher, objective, metric)
     saved = None
     if save_best and result.selection is not None and result.selection.best is not None:
         best = result.selection.best
@@ -691,6 +744,10 @@ def results_markdown(result: SweepResult) -> str:
     if failed:
         lines += ["", "Failed runs:", ""]
         lines += [f"- {r.method} at keep {r.budget:g}: {r.error}" for r in failed]
+    if result.dense_bench is not None:
+        from statprune.decision import latency_markdown
+
+        lines += latency_markdown(result.rows, result.dense_bench, result.bench_setting or "")
     if result.selection is not None:
         lines += ["", f"Selection (`--min-quality {result.selection.min_quality}`; rule: "
                       f"{result.selection.rule}): {result.selection.message}."]
@@ -761,7 +818,7 @@ def _sweep_json(result: SweepResult) -> dict[str, Any]:
     """The protocol and settings of a sweep (``statprune report`` reads them)."""
     keys = ("model", "architecture", "task", "metric", "higher_is_better", "dense_value", "budget_kind",
             "budgets", "methods", "seq_len", "seed", "calibration_examples", "calibration_tokens",
-            "eval_examples", "seconds")
+            "eval_examples", "seconds", "dense_bench", "bench_setting", "objective")
     return {"protocol": result.protocol(), "model_dir": str(result.model_dir.resolve()),
             **{k: getattr(result, k) for k in keys}}
 
@@ -781,6 +838,10 @@ def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, ca
         (tmp / "results.md").write_text(results_markdown(result))
         (tmp / "sweep.json").write_text(json.dumps(_sweep_json(result), indent=2) + "\n")
         write_plot(result, tmp / "plot.png")
+        if result.dense_bench is not None:
+            from statprune.decision import write_latency_plot
+
+            write_latency_plot(result, tmp / "plot_latency.png")
         if result.selection is not None:
             (tmp / "best.json").write_text(json.dumps(_best_json(result, calib_path), indent=2) + "\n")
         if saved is not None:
@@ -841,6 +902,15 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--quiet", action="store_true",
                    help="no progress bars (one line per run is still printed)")
+    s.add_argument("--bench", action="store_true",
+                   help="also measure every run and the dense model (latency, throughput, memory)")
+    s.add_argument("--bench-batch", type=positive_int, default=32, help="--bench: batch size (default 32)")
+    s.add_argument("--bench-seq-len", type=positive_int,
+                   help="--bench: tokens per sequence (default --seq-len)")
+    s.add_argument("--backend", default="torch", choices=["torch", "onnxruntime"], help="--bench: runtime")
+    s.add_argument("--objective", choices=["latency", "flops", "params", "memory"],
+                   help="what --min-quality's choice minimises (default: latency with --bench, "
+                        "else the budget kind)")
     return s
 
 
@@ -862,10 +932,12 @@ def run_sweep(args: argparse.Namespace) -> int:
         text_field=args.text_field, pair_field=args.pair_field, label_field=args.label_field,
         min_quality=args.min_quality, save_best=args.save_best, out=args.out,
         overwrite=args.overwrite, name=args.name, device=args.device, dtype=args.dtype,
-        progress=not args.quiet and sys.stderr.isatty(), log=log,
+        progress=not args.quiet and sys.stderr.isatty(), log=log, bench=args.bench,
+        bench_batch=args.bench_batch, bench_seq_len=args.bench_seq_len, backend=args.backend,
+        objective=args.objective,
     )
     out = Path(args.out).resolve()
-    written = "results.json, sweep.json, results.md, plot.png"
+    written = "results.json, sweep.json, results.md, plot.png" + (", plot_latency.png" if args.bench else "")
     if result.selection is not None:
         written += ", best.json"
         if result.selection.saved:

@@ -329,3 +329,47 @@ def test_report_renders_in_a_real_browser(swept, tmp_path):
     # the recommendation box's green and the recommended row's yellow are on screen
     colors = {tuple(round(float(c) * 255) for c in p) for p in pixels.reshape(-1, 3)[::7]}
     assert (0xEE, 0xF7, 0xEE) in colors and (0xFF, 0xF6, 0xCC) in colors
+
+
+# ------------------------------------------------------------------------------ sweep --bench
+
+
+def test_sweep_bench_measures_every_run_and_picks_by_latency(swept, tmp_path):
+    from statprune.errors import BudgetError
+    from statprune.sweep import meets
+
+    calib, data = swept.root / "calib.txt", swept.root / "eval.jsonl"
+    with pytest.raises(BudgetError, match="--objective latency needs measurements: add --bench"):
+        sweep(swept.model, calib, data, budgets=[0.5], methods=["stat"], objective="latency", log=None)
+    out = tmp_path / "measured"
+    result = sweep(
+        swept.model,
+        calib,
+        data,
+        budgets=[0.8, 0.5],
+        methods=["stat", "magnitude"],
+        min_quality="90%",
+        out=out,
+        log=None,
+        bench=True,
+        bench_batch=4,
+        bench_seq_len=16,
+    )
+    assert result.objective == "latency" and result.dense_bench["latency_ms"] > 0
+    for row in result.rows:
+        assert row.latency_ms > 0 and row.latency_p90_ms >= row.latency_ms and row.throughput > 0
+        assert row.throughput == pytest.approx(4 / (row.latency_ms / 1000), rel=1e-6)
+    meeting = [r for r in result.rows if meets(r.value, result.selection.threshold, True)]
+    assert result.selection.best.latency_ms == min(r.latency_ms for r in meeting)
+    assert "least median latency" in result.selection.rule
+    assert (out / "plot_latency.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((out / "results.json").read_text())
+    assert all(r["latency_ms"] is not None and r["peak_memory_mb"] is not None for r in rows)
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["objective"] == "latency" and meta["dense_bench"] == result.dense_bench
+    md = (out / "results.md").read_text()
+    assert "| run | latency (ms) |" in md and md.count("×") == len(rows) + 1
+    report = build_report(out, price_per_hour=1.0, plots=True)
+    assert all(c.latency_ms is not None and c.cost_per_million is not None for c in report.candidates)
+    assert "Quality against measured latency" in report.plots
+    assert report.recommended.name == f"{result.selection.best.method} @ {result.selection.best.budget:.0%}"
