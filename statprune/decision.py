@@ -423,6 +423,8 @@ def build_report(
     if bench_path.is_file():
         measurements, report.bench_setting = _bench_rows(bench_path, bench_batch)
         report.bench_source = str(bench_path)
+    elif meta.get("bench_setting"):
+        report.bench_setting = f"by the sweep: {meta['bench_setting']}"
 
     dense = Candidate(
         "dense",
@@ -528,8 +530,9 @@ def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
     rec = report.recommended
     assert rec is not None
     text = (
-        f"{rec.name} keeps {rec.achieved:.1%} of the dense model's attention+FFN {report.budget_kind}, "
-        f"the least of the candidates meeting the bar {report.bar}: {metric} {_fmt(metric, rec.value)}"
+        f"{rec.name} (keeping {rec.achieved:.1%} of the dense model's attention+FFN {report.budget_kind}) "
+        f"is what the selection rule picks among the candidates meeting the bar {report.bar} "
+        f"(rule: {report.rule}): {metric} {_fmt(metric, rec.value)}"
     )
     if rec.interval is not None:
         text += f" (95% CI {_fmt(metric, rec.interval[0])}–{_fmt(metric, rec.interval[1])})"
