@@ -386,11 +386,19 @@ def build_report(
     methods = meta.get("methods") or list(dict.fromkeys(r.method for r in rows))
     chosen: SweepRow | None = None
     closest: SweepRow | None = None
+    saved_best = (best or {}).get("best") or {}
+    saved_key = (saved_best.get("method"), saved_best.get("budget")) if best and best.get("saved") else None
     if min_quality is not None:
         bar = parse_min_quality(min_quality)
         report.threshold = bar.threshold(dense_value, higher)
         report.bar = bar.describe(metric, dense_value, higher)
         chosen, closest = select_best(rows, report.threshold, higher, methods)
+        objective = meta.get("objective")
+        if chosen is not None and objective in OBJECTIVES and objective != first.budget_kind:
+            by_objective = choose_by_objective(rows, report.threshold, higher, objective)
+            if by_objective is not None:
+                chosen = by_objective
+                report.rule = f"least {objective} among the runs that meet the bar; ties: better metric"
     elif best is not None:
         report.threshold = best.get("threshold")
         sign = ">=" if higher else "<="
@@ -465,6 +473,7 @@ def build_report(
         if row is chosen:
             cand.recommended = True
             report.recommended = cand
+        if (row.method, row.budget) == saved_key:  # the sweep saved this one into best/
             saved = _weight_bytes(best_dir)
             if saved is not None:
                 cand.size_bytes, cand.size_measured = saved, True

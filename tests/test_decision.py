@@ -194,6 +194,9 @@ def test_bar_given_to_the_report_replaces_the_sweep_s(swept):
     lenient = build_report(swept.out, min_quality="0.0", plots=False)
     smallest = min(c.achieved for c in lenient.candidates[1:])
     assert lenient.recommended.achieved == smallest
+    saved = json.loads((swept.out / "best.json").read_text())["best"]
+    measured = [(c.method, c.budget) for c in lenient.candidates[1:] if c.size_measured]
+    assert measured == [(saved["method"], saved["budget"])]  # best/ holds the sweep's choice only
 
 
 def test_report_without_a_bar_says_how_to_agree_one(swept, tmp_path):
