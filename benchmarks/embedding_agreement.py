@@ -221,6 +221,37 @@ def markdown(data: dict) -> str:
             for b, r in best.items()
         )
         lines += [f"Best top-10 overlap per budget — {wins}.", ""]
+        stat = {r["budget"]: r for r in mine if r["method"] == "stat"}
+        if stat:
+            lowest = stat[min(stat)]
+            lines += [
+                f"Neighbours move long before the mean cosine does: at {lowest['budget']:.0%} FLOPs STAT "
+                f"keeps a mean cosine of {lowest['cosine_mean']:.3f} to the original embeddings, yet only "
+                f"{lowest['neighbor_overlap_at_1']:.1%} of the sentences keep their nearest neighbour and "
+                f"{lowest['neighbor_overlap_at_10']:.1%} of the 10 nearest stay among the 10 nearest.",
+                "",
+            ]
+        similarity = {r["budget"]: r for r in mine if r["method"] == SIMILARITY}
+        shared = sorted(set(similarity) & set(stat), reverse=True)
+        if shared:
+
+            def delta(b: float, key: str, similarity=similarity, stat=stat) -> float:
+                return similarity[b][key] - stat[b][key]
+
+            deltas = "; ".join(
+                f"{b:.0%}: top-1 {delta(b, 'neighbor_overlap_at_1'):+.3f}, "
+                f"top-10 {delta(b, 'neighbor_overlap_at_10'):+.3f}, "
+                f"Spearman {delta(b, 'similarity_spearman'):+.4f}, cosine {delta(b, 'cosine_mean'):+.4f}"
+                for b in shared
+            )
+            lines += [
+                f"`{SIMILARITY}` (the issue's suggested remedy, tried here): STAT's gradient layer weighting "
+                f"and fisher error metric driven by a label-free loss at the embedding — the softmax over "
+                f"cosine similarities to {ANCHORS} dense anchor embeddings of calibration sentences, "
+                f"temperature {TEMPERATURE} (its expected Fisher) — instead of the residual-stream weighting "
+                f"a bare encoder gets. Change against plain `stat`: {deltas}.",
+                "",
+            ]
     lines += [
         "Compression seconds: the budgets of one method share one analysis pass, counted in the first "
         "(largest) budget's time; measured on a shared machine, indicative only.",
