@@ -77,6 +77,8 @@ FAIL_METRICS = ("agreement", "accuracy", "cosine_mean", "cosine_min", "neighbor_
 DEFAULT_FAIL_METRIC = {"classify": "agreement", "lm": "agreement", "embed": "neighbor_overlap_at_10"}
 # the rank correlation of pairwise similarities uses at most this many examples (n(n-1)/2 pairs)
 SPEARMAN_MAX_EXAMPLES = 2000
+# nearest neighbours are searched among at most this many examples (O(n²) similarities)
+NEIGHBOR_MAX_EXAMPLES = 20000
 
 
 @dataclass
@@ -105,6 +107,7 @@ class EvalResult:
     # set, itself excluded) that the reference's embeddings also put among its k nearest
     neighbor_overlap_at_1: float | None = None
     neighbor_overlap_at_10: float | None = None
+    neighbor_examples: int | None = None  # the examples searched (evenly spaced ones beyond a cap)
     # embed: Spearman's rho between the model's and the reference's pairwise cosine similarities
     similarity_spearman: float | None = None
     similarity_spearman_examples: int | None = None  # examples whose pairs entered it
@@ -166,7 +169,7 @@ class EvalResult:
             top10_text = "n/a (needs 11 examples)" if top10 is None else f"{top10:.4f}"
             lines.append(
                 f"nearest-neighbour overlap with reference: top-1 {self.neighbor_overlap_at_1:.4f}   "
-                f"top-10 {top10_text}   (cosine, within the {self.n_examples:,} examples)"
+                f"top-10 {top10_text}   (cosine, within {self.neighbor_examples:,} examples)"
             )
         if self.similarity_spearman is not None:
             lines.append(f"rank correlation of pairwise similarities with reference (Spearman): "
@@ -658,6 +661,7 @@ def _evaluate_embed(model, reference, tokenizer, examples, labels, seq_len, batc
     agreement = embedding_agreement(emb, ref)
     result.neighbor_overlap_at_1 = agreement["neighbor_overlap_at_1"]
     result.neighbor_overlap_at_10 = agreement["neighbor_overlap_at_10"]
+    result.neighbor_examples = agreement["neighbor_examples"]
     result.similarity_spearman = agreement["similarity_spearman"]
     result.similarity_spearman_examples = agreement["similarity_spearman_examples"]
     result.worst_rule = "lowest cosine similarity to the reference first"
@@ -687,6 +691,7 @@ def embedding_agreement(
     ref: torch.Tensor,
     ks: Sequence[int] = NEIGHBOR_KS,
     spearman_max_examples: int = SPEARMAN_MAX_EXAMPLES,
+    neighbor_max_examples: int = NEIGHBOR_MAX_EXAMPLES,
 ) -> dict[str, float | int | None]:
     """How well embeddings ``emb`` (n, d) keep the similarity structure of ``ref`` (n, d'), row i
     of both embedding the same example.
@@ -694,7 +699,8 @@ def embedding_agreement(
     * ``neighbor_overlap_at_k`` for each k in ``ks``: the mean over examples of
       |N_k(emb, i) ∩ N_k(ref, i)| / k, where N_k(x, i) are the k examples with the largest cosine
       similarity to example i, i itself excluded (k = 1: the fraction of examples whose nearest
-      neighbour is unchanged). None when n ≤ k.
+      neighbour is unchanged). None when n ≤ k. Beyond ``neighbor_max_examples`` examples, the
+      neighbours are searched among that many evenly spaced ones (``neighbor_examples``).
     * ``similarity_spearman``: Spearman's rank correlation (scipy.stats.spearmanr) between the
       two models' cosine similarities over all pairs i < j of the examples, or of
       ``spearman_max_examples`` evenly spaced ones when there are more (n(n-1)/2 pairs;
@@ -713,12 +719,14 @@ def embedding_agreement(
     n = emb.shape[0]
     unit = torch.nn.functional.normalize(emb.double(), dim=-1)
     ref_unit = torch.nn.functional.normalize(ref.double(), dim=-1)
-    out: dict[str, float | int | None] = {}
+    searched = min(n, neighbor_max_examples)
+    among = torch.linspace(0, n - 1, searched).round().long()
+    out: dict[str, float | int | None] = {"neighbor_examples": searched}
     for k in ks:
-        if n <= k:
+        if searched <= k:
             out[f"neighbor_overlap_at_{k}"] = None
             continue
-        mine, theirs = _neighbors(unit, k), _neighbors(ref_unit, k)
+        mine, theirs = _neighbors(unit[among], k), _neighbors(ref_unit[among], k)
         if k == 1:
             shared = (mine == theirs).double().squeeze(1)
         else:  # members of each row's set also in the reference's: compare every pair of slots

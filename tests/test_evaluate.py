@@ -324,7 +324,16 @@ def test_embedding_agreement_small_sets_and_spearman_cap():
     assert small["neighbor_overlap_at_1"] == 1.0
     assert small["neighbor_overlap_at_10"] is None  # 5 examples have 4 neighbours each
     capped = embedding_agreement(torch.randn(50, 4), torch.randn(50, 4), spearman_max_examples=20)
-    assert capped["similarity_spearman_examples"] == 20
+    assert capped["similarity_spearman_examples"] == 20 and capped["neighbor_examples"] == 50
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(60, 4, generator=gen, dtype=torch.float64)
+    noisy = base + 0.5 * torch.randn(60, 4, generator=gen, dtype=torch.float64)
+    few = embedding_agreement(noisy, base, neighbor_max_examples=30)
+    evenly = torch.linspace(0, 59, 30).round().long()  # searched among these 30 only
+    assert few["neighbor_examples"] == 30
+    subset = embedding_agreement(noisy[evenly], base[evenly])
+    assert few["neighbor_overlap_at_10"] == subset["neighbor_overlap_at_10"]
+    assert few["neighbor_overlap_at_10"] != embedding_agreement(noisy, base)["neighbor_overlap_at_10"]
     with pytest.raises(ValueError, match="5 rows against 4"):
         embedding_agreement(ref, ref[:4])
 
