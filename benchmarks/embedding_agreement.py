@@ -2,6 +2,7 @@
 
     python benchmarks/embedding_agreement.py                       # MiniLM, every method, 0.9/0.7/0.5
     python benchmarks/embedding_agreement.py --model mpnet --methods stat,flap --budgets 0.7,0.5
+    python benchmarks/embedding_agreement.py --methods stat-similarity   # the label-free remedy
 
 Mean cosine to the original embedding says little about retrieval: a model can keep cosine 0.93 and
 still reorder the neighbours. For each model, method and FLOPs budget this compresses the bare
@@ -11,6 +12,8 @@ test split no step tunes on; labels unused) with the original's: mean and minimu
 top-10 nearest-neighbour overlap within those 800 sentences (cosine, self excluded) and Spearman's
 rank correlation of all 319,600 pairwise cosine similarities (``statprune.evaluate``). ``fisher``
 is not run: it scores with a task head's loss, which a bare embedding model does not have.
+``stat-similarity`` is STAT driven by a label-free head at the embedding (see
+:class:`SimilarityToAnchorsForSequenceClassification`) instead of the residual-stream weighting.
 
 Rows accumulate in ``benchmarks/embedding_agreement.json`` (a rerun replaces the rows of the
 configurations it runs and keeps the others; each row is written as soon as it is measured), and
@@ -269,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, help="first N test sentences (default: all 800)")
     parser.add_argument("--json", type=Path, default=HERE / "embedding_agreement.json")
     parser.add_argument("--md", type=Path, default=HERE / "embedding_agreement.md")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        metavar="OTHER.json",
+        help="only add the rows of another run's --json (e.g. one run concurrently) and re-render",
+    )
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - {*METHODS, SIMILARITY})
@@ -290,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(data, indent=2) + "\n")
         args.md.write_text(markdown(data))
 
+    if args.merge is not None:
+        for row in json.loads(args.merge.read_text())["rows"]:
+            record(row)
+        print(f"merged {args.merge} into {args.json} and {args.md}")
+        return 0
     measure(args.model, methods, budgets, args.samples, args.eval_samples, record)
     print(f"wrote {args.json} and {args.md}")
     return 0
