@@ -6,7 +6,7 @@ CACHE ?= $(or $(STATPRUNE_CACHE),$(HOME)/.cache/statprune)
 export STATPRUNE_CACHE := $(CACHE)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv assets assets-all demo test lint bench clean
+.PHONY: venv assets assets-all demo test lint bench browser clean
 
 # torch is pinned first so that no dependency resolves a multi-GB CUDA build; the assets extra
 # holds what scripts/assets.py needs beyond statprune (it never installs anything itself)
@@ -40,7 +40,14 @@ demo: assets
 lint: venv
 	$(BIN)/ruff check statprune tests scripts benchmarks
 
-test: assets lint
+# headless Chromium for the real-browser test of `statprune report` (tests/test_decision.py);
+# best effort: installs with apt as root, otherwise says so and that test is skipped
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "make browser: no chromium (needs root and apt-get); the browser test will be skipped"
+
+test: assets lint browser
 	STATPRUNE_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q
 
 clean:

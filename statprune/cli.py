@@ -13,6 +13,7 @@ from pathlib import Path
 
 from statprune.argtypes import positive_int
 from statprune.bench import add_bench_parser, run_bench
+from statprune.decision import add_report_parser, run_report
 from statprune.errors import ModelError, StatpruneError
 from statprune.evaluate import add_eval_parser, run_eval
 from statprune.export import add_export_parser, run_export
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     add_export_parser(sub)
     add_bench_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": run_sweep,
         "export-onnx": run_export,
         "bench": run_bench,
+        "report": run_report,
     }
     try:
         from transformers.utils import logging as hf_logging

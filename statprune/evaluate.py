@@ -9,7 +9,15 @@ Three kinds of evaluation, picked from the model's class unless ``task`` says ot
   KL(reference || model).
 * ``embed`` (bare base models such as ``BertModel``; any model with ``task="embed"``):
   attention-mask-weighted mean-pooled last hidden states; against a reference, the mean and minimum
-  per-example cosine similarity.
+  per-example cosine similarity, and what retrieval and clustering rely on: the top-1 / top-10
+  nearest-neighbour overlap with the reference within the evaluated set and the Spearman rank
+  correlation of the pairwise cosine similarities (see :func:`embedding_agreement`).
+
+Against a reference, the result also lists what a validation team looks at first: for ``classify``
+a per-class breakdown (support, each model's accuracy on the class, agreement; the classes that
+lost most first) and the examples whose prediction flipped (highest KL first); for ``embed`` the
+examples with the lowest cosine to the reference; for ``lm`` the windows with the highest mean KL.
+``statprune eval --fail-below [METRIC=]Q`` exits with status 3 when a metric falls below Q.
 
 Everything runs in eval mode under ``torch.no_grad()`` without network access. Only the standard
 library is imported at module level so that the command line stays quick to start.
@@ -46,8 +54,10 @@ __all__ = [
     "EvalResult",
     "add_eval_parser",
     "detect_task",
+    "embedding_agreement",
     "evaluate",
     "evaluate_paths",
+    "fail_below_checks",
     "read_labels",
     "run_eval",
 ]
@@ -59,6 +69,17 @@ DEFAULT_LABEL_FIELD = "label"
 # that each float32 copy of the logits stays around 128 MiB whatever ``batch_size`` says.
 _LM_LOGIT_BUDGET = 2**25
 _SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
+NEIGHBOR_KS = (1, 10)
+DEFAULT_WORST = 50  # examples listed in ``worst_examples``
+EXIT_BELOW = 3  # exit status of ``eval --fail-below`` when a metric falls below its bar
+# metrics --fail-below may watch (higher is better); the default is the task's agreement measure
+FAIL_METRICS = ("agreement", "accuracy", "cosine_mean", "cosine_min", "neighbor_overlap_at_1",
+                "neighbor_overlap_at_10", "similarity_spearman")
+DEFAULT_FAIL_METRIC = {"classify": "agreement", "lm": "agreement", "embed": "neighbor_overlap_at_10"}
+# the rank correlation of pairwise similarities uses at most this many examples (n(n-1)/2 pairs)
+SPEARMAN_MAX_EXAMPLES = 2000
+# nearest neighbours are searched among at most this many examples (O(n²) similarities)
+NEIGHBOR_MAX_EXAMPLES = 20000
 
 
 @dataclass
@@ -83,6 +104,14 @@ class EvalResult:
     kl: float | None = None
     cosine_mean: float | None = None
     cosine_min: float | None = None
+    # embed: mean fraction of each example's k nearest neighbours (cosine, within the evaluated
+    # set, itself excluded) that the reference's embeddings also put among its k nearest
+    neighbor_overlap_at_1: float | None = None
+    neighbor_overlap_at_10: float | None = None
+    neighbor_examples: int | None = None  # the examples searched (evenly spaced ones beyond a cap)
+    # embed: Spearman's rho between the model's and the reference's pairwise cosine similarities
+    similarity_spearman: float | None = None
+    similarity_spearman_examples: int | None = None  # examples whose pairs entered it
     perplexity_ratio: float | None = None
     reference_perplexity: float | None = None
     reference_accuracy: float | None = None
@@ -92,6 +121,14 @@ class EvalResult:
     accuracy_change_interval: tuple[float, float] | None = None
     seconds: float = 0.0
     seq_len: int | None = None
+    # classify with a reference: one dict per class (see :func:`per_class_breakdown`), the classes
+    # that lost most first, and the number of examples whose top-1 prediction differs
+    per_class: list[dict[str, Any]] | None = None
+    flipped: int | None = None
+    # with a reference: the examples (classify, embed) or windows (lm) that moved most, worst
+    # first, at most ``worst`` of them; ``worst_rule`` says what was ranked
+    worst_examples: list[dict[str, Any]] | None = None
+    worst_rule: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +165,60 @@ class EvalResult:
         if self.cosine_mean is not None:
             lines.append(f"cosine similarity to reference: mean {self.cosine_mean:.6f}   "
                          f"min {self.cosine_min:.6f}")
+        if self.neighbor_overlap_at_1 is not None:
+            top10 = self.neighbor_overlap_at_10
+            top10_text = "n/a (needs 11 examples)" if top10 is None else f"{top10:.4f}"
+            lines.append(
+                f"nearest-neighbour overlap with reference: top-1 {self.neighbor_overlap_at_1:.4f}   "
+                f"top-10 {top10_text}   (cosine, within {self.neighbor_examples:,} examples)"
+            )
+        if self.similarity_spearman is not None:
+            lines.append(f"rank correlation of pairwise similarities with reference (Spearman): "
+                         f"{self.similarity_spearman:.4f}")
+        if self.per_class:
+            lines += ["", _per_class_table(self.per_class)]
+        if self.flipped is not None:
+            lines += ["", f"flipped predictions: {self.flipped:,} of {self.n_examples:,}"
+                      + (" (highest KL first):" if self.flipped else "")]
+            lines += [_describe_worst(e) for e in (self.worst_examples or [])[:5]]
+            listed = len(self.worst_examples or [])
+            if self.flipped > 5:
+                lines.append("  … all listed in the --json output" if self.flipped <= listed
+                             else f"  … the first {listed} in the --json output")
+        elif self.worst_examples:
+            lines += ["", f"{self.worst_rule}:"] + [_describe_worst(e) for e in self.worst_examples[:5]]
         return "\n".join(lines)
+
+
+def _per_class_table(rows: list[dict[str, Any]], limit: int = 10) -> str:
+    labelled = "accuracy" in rows[0]
+    head = "per class, lost most first"
+    if labelled:
+        lines = [f"{head}:".ljust(34) + "support  accuracy  reference    change  agreement"]
+    else:  # grouped by the reference's prediction
+        lines = [f"{head} (by the reference's prediction):".ljust(50) + "support  agreement"]
+    for row in rows[:limit]:
+        name = str(row["label"])[:30]
+        if labelled:
+            lines.append(f"  {name:<30}{row['support']:>9,}{row['accuracy']:>10.4f}"
+                         f"{row['reference_accuracy']:>11.4f}{row['change']:>+10.4f}{row['agreement']:>11.4f}")
+        else:
+            lines.append(f"  {name:<46}{row['support']:>9,}{row['agreement']:>11.4f}")
+    if len(rows) > limit:
+        lines.append(f"  … {len(rows) - limit} more classes in the --json output")
+    return "\n".join(lines)
+
+
+def _describe_worst(example: dict[str, Any]) -> str:
+    text = str(example.get("text", ""))
+    text = text if len(text) <= 70 else text[:69] + "…"
+    if "prediction" in example:
+        label = "" if example.get("label") is None else f", label {example['label']}"
+        return (f"  #{example['index']}: {example['reference_prediction']} -> {example['prediction']}"
+                f"{label}, KL {example['kl']:.4f}: {text!r}")
+    if "cosine" in example:
+        return f"  #{example['index']}: cosine {example['cosine']:.4f}: {text!r}"
+    return f"  tokens {example['begin']}–{example['end']}: mean KL {example['kl']:.4f}: {text!r}"
 
 
 # ---------------------------------------------------------------------------------- task choice
@@ -330,6 +420,7 @@ def evaluate(
     batch_size: int = 32,
     window: int | None = None,
     stride: int | None = None,
+    worst: int = DEFAULT_WORST,
 ) -> EvalResult:
     """Evaluate ``model`` on ``examples`` (texts, or (text, pair) tuples for classify / embed).
 
@@ -339,11 +430,14 @@ def evaluate(
     ``config.label2id``) add accuracy. ``seq_len`` truncates each example (``classify`` /
     ``embed``); ``lm`` scores the texts joined by blank lines with windows of ``window`` tokens
     (default min(256, max positions)) moved by ``stride`` (default ``window``): every token is
-    scored once, from the window whose scored part holds it.
+    scored once, from the window whose scored part holds it. With a reference, ``worst`` bounds
+    the examples (or windows) listed in ``worst_examples`` (0: none).
     """
     import torch
 
     task = _resolve_task(model, task)
+    if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
+        raise DataError(f"worst must be a non-negative integer, got {worst!r}")
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("window", window),
                         ("stride", stride)):
         _check_positive(name, value)
@@ -369,11 +463,13 @@ def evaluate(
             m.eval()
         with torch.no_grad():
             if task == "lm":
-                result = _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride)
+                result = _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride,
+                                      worst)
             else:
                 seq_len = _truncation_length(tokenizer, seq_len)
                 evaluate_batches = _evaluate_classify if task == "classify" else _evaluate_embed
-                result = evaluate_batches(model, reference, tokenizer, examples, labels, seq_len, batch_size)
+                result = evaluate_batches(model, reference, tokenizer, examples, labels, seq_len, batch_size,
+                                          worst)
                 result.seq_len = seq_len
     finally:
         for m, was_training in zip(models, training, strict=True):
@@ -405,7 +501,7 @@ def _ordered_batches(tokenizer, examples, labels, seq_len, batch_size):
     if got != [lengths[i] for i in order]:  # tokenize_examples changed how it orders batches
         raise RuntimeError("statprune.evaluate: tokenize_examples no longer keeps the length order")
     ordered_labels = None if labels is None else [labels[i] for i in order]
-    return batches, ordered_labels, len(order)
+    return batches, ordered_labels, order
 
 
 def _class_logits(model, inputs: dict[str, torch.Tensor], which: str) -> torch.Tensor:
@@ -426,11 +522,14 @@ def _class_logits(model, inputs: dict[str, torch.Tensor], which: str) -> torch.T
     return out.cpu()
 
 
-def _evaluate_classify(model, reference, tokenizer, examples, labels, seq_len, batch_size) -> EvalResult:
+def _evaluate_classify(
+    model, reference, tokenizer, examples, labels, seq_len, batch_size, worst
+) -> EvalResult:
     import torch
 
     label_ids = None if labels is None else _label_ids(labels, model.config)
-    batches, label_ids, count = _ordered_batches(tokenizer, examples, label_ids, seq_len, batch_size)
+    batches, label_ids, order = _ordered_batches(tokenizer, examples, label_ids, seq_len, batch_size)
+    count = len(order)
     logits, ref_logits = [], []
     for batch in batches:
         logits.append(_class_logits(model, batch.inputs, "the model"))
@@ -445,14 +544,72 @@ def _evaluate_classify(model, reference, tokenizer, examples, labels, seq_len, b
         result.accuracy_interval = wilson_interval(int(correct.sum()), len(correct))
     if reference is not None:
         ref_logit = torch.cat(ref_logits)
-        result.agreement = float((logit.argmax(-1) == ref_logit.argmax(-1)).double().mean())
+        pred, ref_pred = logit.argmax(-1), ref_logit.argmax(-1)
+        result.agreement = float((pred == ref_pred).double().mean())
         logp, ref_logp = logit.double().log_softmax(-1), ref_logit.double().log_softmax(-1)
-        result.kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+        result.kl = float(kl.mean())
         if target is not None:
-            ref_correct = ref_logit.argmax(-1) == target
+            ref_correct = ref_pred == target
             result.reference_accuracy = float(ref_correct.double().mean())
             result.accuracy_change_interval = paired_change_interval(correct, ref_correct)
+        result.per_class = per_class_breakdown(pred, ref_pred, target, model.config)
+        flips = (pred != ref_pred).nonzero().flatten()
+        result.flipped = len(flips)
+        flips = flips[kl[flips].argsort(descending=True, stable=True)][:worst].tolist()
+        names = _label_names(model.config)
+        result.worst_rule = "flipped predictions, highest KL(reference || model) first"
+        result.worst_examples = [
+            {**_example_fields(examples[order[i]]), "index": order[i],
+             "reference_prediction": names(int(ref_pred[i])), "prediction": names(int(pred[i])),
+             "label": None if target is None else names(int(target[i])), "kl": float(kl[i])}
+            for i in flips
+        ]
     return result
+
+
+def _label_names(config):
+    id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    return lambda i: id2label.get(i, str(i))
+
+
+def _example_fields(example) -> dict[str, Any]:
+    if isinstance(example, tuple):
+        return {"text": example[0], "pair": example[1]}
+    return {"text": example}
+
+
+def per_class_breakdown(
+    pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor | None, config: Any
+) -> list[dict[str, Any]]:
+    """Per class, the classes that lost most first.
+
+    With labels (``target``, shape (n,)), each class's examples are those labelled with it:
+    ``support``, ``accuracy`` and ``reference_accuracy`` (the recall of each model on the class),
+    ``change`` (accuracy − reference_accuracy; sorted by it, ascending) and ``agreement`` (the
+    fraction of the class's examples on which the two top-1 predictions agree). Without labels the
+    examples are grouped by the reference's prediction (``support``), sorted by ``agreement``.
+    ``predicted`` / ``reference_predicted`` count how often each model predicts the class over
+    all examples (a shift between them is drift toward or away from the class). Classes with no
+    example are left out. ``pred`` / ``ref_pred``: (n,) class ids.
+    """
+    names = _label_names(config)
+    rows = []
+    for c in range(int(config.num_labels)):
+        members = (target if target is not None else ref_pred) == c
+        support = int(members.sum())
+        if support == 0:
+            continue
+        row: dict[str, Any] = {"class": c, "label": names(c), "support": support}
+        if target is not None:
+            row["accuracy"] = float((pred[members] == c).double().mean())
+            row["reference_accuracy"] = float((ref_pred[members] == c).double().mean())
+            row["change"] = row["accuracy"] - row["reference_accuracy"]
+        row["agreement"] = float((pred[members] == ref_pred[members]).double().mean())
+        row["predicted"], row["reference_predicted"] = int((pred == c).sum()), int((ref_pred == c).sum())
+        rows.append(row)
+    key = "change" if target is not None else "agreement"
+    return sorted(rows, key=lambda r: (r[key], r["agreement"], r["class"]))
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
@@ -490,23 +647,109 @@ def _mean_pooled(model, inputs, which: str) -> torch.Tensor:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-def _evaluate_embed(model, reference, tokenizer, examples, labels, seq_len, batch_size) -> EvalResult:
+def _evaluate_embed(model, reference, tokenizer, examples, labels, seq_len, batch_size, worst) -> EvalResult:
     import torch
 
-    batches, _, count = _ordered_batches(tokenizer, examples, None, seq_len, batch_size)
+    batches, _, order = _ordered_batches(tokenizer, examples, None, seq_len, batch_size)
+    count = len(order)
     result = EvalResult("embed", count, sum(b.num_tokens for b in batches))
     if reference is None:
         for batch in batches:
             _mean_pooled(model, batch.inputs, "the model")
         return result
-    cosines = []
+    embs, refs = [], []
     for batch in batches:
-        emb = _mean_pooled(model, batch.inputs, "the model").double().cpu()
-        ref = _mean_pooled(reference, batch.inputs, "the reference model").double().cpu()
-        cosines.append(torch.nn.functional.cosine_similarity(emb, ref, dim=-1))
-    cosine = torch.cat(cosines)
+        embs.append(_mean_pooled(model, batch.inputs, "the model").double().cpu())
+        refs.append(_mean_pooled(reference, batch.inputs, "the reference model").double().cpu())
+    emb, ref = torch.cat(embs), torch.cat(refs)
+    cosine = torch.nn.functional.cosine_similarity(emb, ref, dim=-1)
     result.cosine_mean, result.cosine_min = float(cosine.mean()), float(cosine.min())
+    agreement = embedding_agreement(emb, ref)
+    result.neighbor_overlap_at_1 = agreement["neighbor_overlap_at_1"]
+    result.neighbor_overlap_at_10 = agreement["neighbor_overlap_at_10"]
+    result.neighbor_examples = agreement["neighbor_examples"]
+    result.similarity_spearman = agreement["similarity_spearman"]
+    result.similarity_spearman_examples = agreement["similarity_spearman_examples"]
+    result.worst_rule = "lowest cosine similarity to the reference first"
+    result.worst_examples = [
+        {**_example_fields(examples[order[i]]), "index": order[i], "cosine": float(cosine[i])}
+        for i in cosine.argsort(stable=True)[:worst].tolist()
+    ]
     return result
+
+
+def _neighbors(unit: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
+    """Indices (n, k) of each row's k largest cosine similarities to the other rows of ``unit``
+    (rows of unit norm), itself excluded; computed ``block`` rows at a time (O(block·n) memory)."""
+    import torch
+
+    out = []
+    for start in range(0, unit.shape[0], block):
+        sim = unit[start : start + block] @ unit.T
+        rows = torch.arange(sim.shape[0])
+        sim[rows, rows + start] = -math.inf
+        out.append(sim.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def embedding_agreement(
+    emb: torch.Tensor,
+    ref: torch.Tensor,
+    ks: Sequence[int] = NEIGHBOR_KS,
+    spearman_max_examples: int = SPEARMAN_MAX_EXAMPLES,
+    neighbor_max_examples: int = NEIGHBOR_MAX_EXAMPLES,
+) -> dict[str, float | int | None]:
+    """How well embeddings ``emb`` (n, d) keep the similarity structure of ``ref`` (n, d'), row i
+    of both embedding the same example.
+
+    * ``neighbor_overlap_at_k`` for each k in ``ks``: the mean over examples of
+      |N_k(emb, i) ∩ N_k(ref, i)| / k, where N_k(x, i) are the k examples with the largest cosine
+      similarity to example i, i itself excluded (k = 1: the fraction of examples whose nearest
+      neighbour is unchanged). None when n ≤ k. Beyond ``neighbor_max_examples`` examples, the
+      neighbours are searched among that many evenly spaced ones (``neighbor_examples``).
+    * ``similarity_spearman``: Spearman's rank correlation (scipy.stats.spearmanr) between the
+      two models' cosine similarities over all pairs i < j of the examples, or of
+      ``spearman_max_examples`` evenly spaced ones when there are more (n(n-1)/2 pairs;
+      ``similarity_spearman_examples`` says how many); None for fewer than 3 examples or
+      constant similarities.
+
+    1.0 for identical embeddings (or any rotation or positive rescaling of them). Ties among
+    neighbours are broken by ``torch.topk``. Raises ValueError when the row counts differ.
+    """
+    import numpy as np
+    import torch
+    from scipy.stats import spearmanr
+
+    if emb.shape[0] != ref.shape[0]:
+        raise ValueError(f"embedding_agreement: {emb.shape[0]} rows against {ref.shape[0]}")
+    n = emb.shape[0]
+    unit = torch.nn.functional.normalize(emb.double(), dim=-1)
+    ref_unit = torch.nn.functional.normalize(ref.double(), dim=-1)
+    searched = min(n, neighbor_max_examples)
+    among = torch.linspace(0, n - 1, searched).round().long()
+    out: dict[str, float | int | None] = {"neighbor_examples": searched}
+    for k in ks:
+        if searched <= k:
+            out[f"neighbor_overlap_at_{k}"] = None
+            continue
+        mine, theirs = _neighbors(unit[among], k), _neighbors(ref_unit[among], k)
+        if k == 1:
+            shared = (mine == theirs).double().squeeze(1)
+        else:  # members of each row's set also in the reference's: compare every pair of slots
+            shared = (mine.unsqueeze(2) == theirs.unsqueeze(1)).any(dim=2).double().sum(dim=1) / k
+        out[f"neighbor_overlap_at_{k}"] = float(shared.mean())
+    m = min(n, spearman_max_examples)
+    rho = None
+    if m >= 3:
+        pick = torch.linspace(0, n - 1, m).round().long()
+        rows, cols = np.triu_indices(m, k=1)
+        sim = (unit[pick] @ unit[pick].T).numpy()[rows, cols]
+        ref_sim = (ref_unit[pick] @ ref_unit[pick].T).numpy()[rows, cols]
+        if np.ptp(sim) > 0 and np.ptp(ref_sim) > 0:
+            rho = float(spearmanr(sim, ref_sim).statistic)
+    out["similarity_spearman"] = rho
+    out["similarity_spearman_examples"] = m if rho is not None else None
+    return out
 
 
 def lm_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -534,7 +777,7 @@ def _max_positions(model) -> int | None:
     return None
 
 
-def _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride) -> EvalResult:
+def _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride, worst) -> EvalResult:
     import torch
 
     if any(isinstance(e, tuple) for e in examples):
@@ -567,6 +810,7 @@ def _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stri
 
     nll = ref_nll = kl = 0.0
     agree = scored = 0
+    window_kl: list[tuple[float, int, int]] = []  # (mean KL over its scored tokens, begin, end)
     groups: list[list[tuple[int, int, int]]] = []
     for w in windows:  # consecutive windows of one length, at most ``rows`` per forward
         if groups and len(groups[-1]) < rows and groups[-1][0][1] - groups[-1][0][0] == w[1] - w[0]:
@@ -592,6 +836,10 @@ def _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stri
             agree += int((logp.argmax(-1) == ref_logp.argmax(-1))[dev_mask].sum())
             token_kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
             kl += float(token_kl[dev_mask].double().sum())
+            row_kl = (token_kl.double() * dev_mask).sum(-1).cpu()
+            for (b, e, _), total, n in zip(group, row_kl.tolist(), mask.sum(-1).tolist(), strict=True):
+                if n:
+                    window_kl.append((total / n, b, e))
             del ref_logp
         del logp
 
@@ -602,6 +850,14 @@ def _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stri
         result.perplexity_ratio = result.perplexity / result.reference_perplexity
         result.agreement = agree / scored
         result.kl = kl / scored
+        result.worst_rule = (
+            "windows with the highest mean KL(reference || model) over their scored tokens first"
+        )
+        window_kl.sort(key=lambda w: (-w[0], w[1]))
+        result.worst_examples = [
+            {"begin": b, "end": e, "kl": value, "text": tokenizer.decode(ids[b:e].tolist())}
+            for value, b, e in window_kl[:worst]
+        ]
     return result
 
 
@@ -714,6 +970,7 @@ def evaluate_paths(
     samples: int | None = None,
     device: str | None = "auto",
     dtype: str | None = None,
+    worst: int = DEFAULT_WORST,
 ) -> EvalResult:
     """:func:`evaluate` on folders and a data file.
 
@@ -757,11 +1014,50 @@ def evaluate_paths(
         labels = None if labels is None else labels[:samples]
     return evaluate(
         model, tokenizer, examples, task=task, reference=reference, labels=labels, seq_len=seq_len,
-        batch_size=batch_size, window=window, stride=stride,
+        batch_size=batch_size, window=window, stride=stride, worst=worst,
     )
 
 
 # ------------------------------------------------------------------------------------------ CLI
+
+
+def _fail_below(text: str) -> tuple[str | None, float]:
+    """``Q`` or ``METRIC=Q`` (argparse type of ``--fail-below``)."""
+    metric, sep, number = text.partition("=")
+    if not sep:
+        metric, number = None, text
+    else:
+        metric = metric.strip()
+        if metric not in FAIL_METRICS:
+            raise argparse.ArgumentTypeError(
+                f"unknown metric {metric!r}; use one of {', '.join(FAIL_METRICS)} (higher is better)"
+            )
+    try:
+        value = float(number)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give Q or METRIC=Q with Q a number, e.g. 0.95")
+    return metric, value
+
+
+def fail_below_checks(
+    result: EvalResult, rules: Sequence[tuple[str | None, float]]
+) -> list[tuple[str, float, float, bool]]:
+    """``(metric, value, bar, passed)`` for each ``(metric or None, bar)``; None names the task's
+    agreement measure (:data:`DEFAULT_FAIL_METRIC`). A metric the run did not measure raises a
+    DataError saying what it needs."""
+    checks = []
+    for metric, bar in rules:
+        metric = metric or DEFAULT_FAIL_METRIC[result.task]
+        value = getattr(result, metric, None)
+        if value is None:
+            need = "labelled data" if metric == "accuracy" else "--against ORIGINAL"
+            if metric.startswith(("cosine", "neighbor", "similarity")) and result.task != "embed":
+                need = "an embedding model (--task embed)"
+            raise DataError(f"--fail-below: {metric} was not measured in this run; it needs {need}")
+        checks.append((metric, float(value), bar, float(value) >= bar))
+    return checks
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -787,6 +1083,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--json", type=Path, metavar="OUT.json", help="also write the results as JSON")
+    e.add_argument("--worst", type=int, default=DEFAULT_WORST, metavar="N",
+                   help="with --against: list the N flipped / most changed examples in the JSON "
+                        "(default: %(default)s)")
+    e.add_argument("--fail-below", type=_fail_below, action="append", metavar="[METRIC=]Q",
+                   help=f"exit with status {EXIT_BELOW} when METRIC < Q (repeatable; default metric: "
+                        "agreement, or neighbor_overlap_at_10 for embeddings; also "
+                        + ", ".join(m for m in FAIL_METRICS if m != "agreement") + ")")
     return e
 
 
@@ -803,11 +1106,18 @@ def run_eval(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    worst = getattr(args, "worst", DEFAULT_WORST)
+    if worst < 0:
+        raise DataError(f"--worst must be 0 or more, got {worst}")
+    rules = getattr(args, "fail_below", None) or []
+    if args.against is None and any(m != "accuracy" for m, _ in rules):
+        raise DataError("--fail-below compares with the original: add --against ORIGINAL "
+                        "(or watch accuracy alone: --fail-below accuracy=Q)")
     result = evaluate_paths(
         args.model, args.data, against=args.against, task=args.task, text_field=args.text_field,
         label_field=args.label_field, pair_field=args.pair_field, seq_len=args.seq_len,
         batch_size=args.batch_size, window=args.window, stride=args.stride, samples=args.samples,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, worst=worst,
     )
     print(result.summary())
     if args.json is not None:
@@ -819,4 +1129,11 @@ def run_eval(args: argparse.Namespace) -> int:
         }
         _write_json(args.json, data)
         print(f"\nwrote {args.json}")
-    return 0
+    status = 0
+    for metric, value, bar, passed in fail_below_checks(result, rules):
+        if passed:
+            print(f"ok: {metric} {value:.4f} >= {bar:g}")
+        else:
+            print(f"FAIL: {metric} {value:.4f} is below {bar:g} (--fail-below); exit status {EXIT_BELOW}")
+            status = EXIT_BELOW
+    return status

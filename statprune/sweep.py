@@ -114,6 +114,8 @@ class SweepRow:
     params_kept: float | None = None
     eval_seconds: float | None = None
     error: str | None = None
+    # accuracy only: 95 % interval of accuracy − dense accuracy, paired over the same examples
+    change_interval: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -732,6 +734,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         row.agreement, row.kl = evaluated.agreement, evaluated.kl
         row.perplexity_ratio, row.cosine_min = evaluated.perplexity_ratio, evaluated.cosine_min
         row.eval_seconds = round(evaluated.seconds, 3)
+        row.change_interval = evaluated.accuracy_change_interval if metric == "accuracy" else None
         result.rows.append(row)
         extra = "" if row.agreement is None or metric == "agreement" else f"  agreement {row.agreement:.4f}"
         say(
@@ -879,6 +882,15 @@ def _best_json(result: SweepResult, calib_path: Path) -> dict[str, Any]:
     return data
 
 
+def _sweep_json(result: SweepResult) -> dict[str, Any]:
+    """The protocol and settings of a sweep (``statprune report`` reads them)."""
+    keys = ("model", "architecture", "task", "metric", "higher_is_better", "dense_value", "budget_kind",
+            "budgets", "methods", "seq_len", "seed", "calibration_examples", "calibration_tokens",
+            "eval_examples", "seconds")
+    return {"protocol": result.protocol(), "model_dir": str(result.model_dir.resolve()),
+            **{k: getattr(result, k) for k in keys}}
+
+
 def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path) -> None:
     """Write every output into a temporary folder next to ``out``, then rename it into place."""
     from statprune.atomic import atomic_folder
@@ -888,6 +900,7 @@ def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, ca
     with atomic_folder(out) as tmp:
         (tmp / "results.json").write_text(json.dumps(result.to_rows(), indent=2) + "\n")
         (tmp / "results.md").write_text(results_markdown(result))
+        (tmp / "sweep.json").write_text(json.dumps(_sweep_json(result), indent=2) + "\n")
         write_plot(result, tmp / "plot.png")
         if result.selection is not None:
             (tmp / "best.json").write_text(json.dumps(_best_json(result, calib_path), indent=2) + "\n")
@@ -964,7 +977,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(), log=log, **options_from_args(args, for_sweep=True),
     )
     out = Path(args.out).resolve()
-    written = "results.json, results.md, plot.png"
+    written = "results.json, sweep.json, results.md, plot.png"
     if result.selection is not None:
         written += ", best.json"
         if result.selection.saved:

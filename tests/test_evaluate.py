@@ -17,6 +17,7 @@ from statprune.evaluate import (
     EvalResult,
     add_eval_parser,
     detect_task,
+    embedding_agreement,
     evaluate,
     evaluate_paths,
     lm_windows,
@@ -261,6 +262,80 @@ def test_embed_against_itself_and_perturbed(family, tok):
     assert same.cosine_min == pytest.approx(1.0, abs=1e-6)
     noisy = evaluate(perturbed(model), tok, texts, reference=model)
     assert noisy.cosine_min <= noisy.cosine_mean < 0.999
+
+
+def test_embed_neighbour_metrics_of_identical_and_perturbed_models(tok):
+    model = build_tiny_model("bert", task="base")
+    texts = tiny_texts(30)
+    same = evaluate(model, tok, texts, reference=copy.deepcopy(model), batch_size=7)
+    assert same.neighbor_overlap_at_1 == 1.0
+    assert same.neighbor_overlap_at_10 == 1.0
+    assert same.similarity_spearman == pytest.approx(1.0, abs=1e-9)
+    assert same.similarity_spearman_examples == 30
+    assert "top-10 1.0000" in same.summary() and "(Spearman): 1.0000" in same.summary()
+    noisy = evaluate(perturbed(model, scale=0.2), tok, texts, reference=model)
+    assert 0.0 <= noisy.neighbor_overlap_at_10 < 1.0
+    assert noisy.similarity_spearman < 1.0 - 1e-6
+
+
+def brute_force_overlap(emb, ref, k):
+    def neighbours(x, i):
+        sims = [(float(torch.nn.functional.cosine_similarity(x[i], x[j], dim=0)), j)
+                for j in range(len(x)) if j != i]
+        return {j for _, j in sorted(sims, reverse=True)[:k]}
+
+    return sum(len(neighbours(emb, i) & neighbours(ref, i)) / k for i in range(len(emb))) / len(emb)
+
+
+def test_embedding_agreement_against_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    emb = ref + 0.6 * torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    got = embedding_agreement(emb, ref, ks=(1, 3, 10))
+    for k in (1, 3, 10):
+        assert got[f"neighbor_overlap_at_{k}"] == pytest.approx(brute_force_overlap(emb, ref, k), abs=1e-12)
+    assert 0.0 < got["neighbor_overlap_at_1"] < 1.0
+    from scipy.stats import spearmanr
+
+    iu = torch.triu_indices(40, 40, 1)
+    unit, ref_unit = (torch.nn.functional.normalize(x, dim=1) for x in (emb, ref))
+    pairs = (unit @ unit.T)[iu[0], iu[1]], (ref_unit @ ref_unit.T)[iu[0], iu[1]]
+    assert got["similarity_spearman"] == pytest.approx(spearmanr(*pairs).statistic, abs=1e-12)
+
+
+def test_embedding_agreement_invariances_and_shuffled_outputs():
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.randn(200, 16, generator=gen, dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+    scaled = 3.0 * (ref @ rotation)  # cosine structure unchanged
+    same = embedding_agreement(scaled, ref)
+    assert same["neighbor_overlap_at_1"] == 1.0 and same["neighbor_overlap_at_10"] == 1.0
+    assert same["similarity_spearman"] == pytest.approx(1.0, abs=1e-12)
+    # a model whose outputs belong to other inputs: neighbours at chance level (k / (n - 1))
+    shuffled = embedding_agreement(ref[torch.randperm(200, generator=gen)], ref)
+    assert shuffled["neighbor_overlap_at_1"] < 0.05
+    assert shuffled["neighbor_overlap_at_10"] < 0.15
+    assert abs(shuffled["similarity_spearman"]) < 0.1
+
+
+def test_embedding_agreement_small_sets_and_spearman_cap():
+    ref = torch.randn(5, 4, dtype=torch.float64)
+    small = embedding_agreement(ref, ref)
+    assert small["neighbor_overlap_at_1"] == 1.0
+    assert small["neighbor_overlap_at_10"] is None  # 5 examples have 4 neighbours each
+    capped = embedding_agreement(torch.randn(50, 4), torch.randn(50, 4), spearman_max_examples=20)
+    assert capped["similarity_spearman_examples"] == 20 and capped["neighbor_examples"] == 50
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(60, 4, generator=gen, dtype=torch.float64)
+    noisy = base + 0.5 * torch.randn(60, 4, generator=gen, dtype=torch.float64)
+    few = embedding_agreement(noisy, base, neighbor_max_examples=30)
+    evenly = torch.linspace(0, 59, 30).round().long()  # searched among these 30 only
+    assert few["neighbor_examples"] == 30
+    subset = embedding_agreement(noisy[evenly], base[evenly])
+    assert few["neighbor_overlap_at_10"] == subset["neighbor_overlap_at_10"]
+    assert few["neighbor_overlap_at_10"] != embedding_agreement(noisy, base)["neighbor_overlap_at_10"]
+    with pytest.raises(ValueError, match="5 rows against 4"):
+        embedding_agreement(ref, ref[:4])
 
 
 def test_embeddings_are_mask_weighted_means(tok):
@@ -523,3 +598,125 @@ def test_run_eval_lm(tmp_path, tiny_model_dir, capsys):
     assert report["perplexity_ratio"] == pytest.approx(1.0)
     assert report["agreement"] == 1.0
     assert "perplexity:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ checking a deployed model
+
+
+def test_per_class_breakdown_and_flipped_examples_match_hand_counts(tok):
+    model = varied_classifier()
+    other = perturbed(model, 0.2)
+    texts = tiny_texts(60, seed=4)
+    ref_preds, preds = own_predictions(model, tok, texts), own_predictions(other, tok, texts)
+    labels = [p if i % 4 else (p + 1) % 3 for i, p in enumerate(ref_preds)]
+    result = evaluate(other, tok, texts, labels=labels, reference=model, batch_size=7)
+    flipped = {i for i, (a, b) in enumerate(zip(preds, ref_preds, strict=True)) if a != b}
+    assert flipped and result.flipped == len(flipped)
+    rows = {row["class"]: row for row in result.per_class}
+    for c in range(3):
+        members = [i for i, y in enumerate(labels) if y == c]
+        if not members:
+            assert c not in rows
+            continue
+        row = rows[c]
+        assert row["label"] == LABELS[c] and row["support"] == len(members)
+        assert row["accuracy"] == pytest.approx(sum(preds[i] == c for i in members) / len(members))
+        share = lambda hits: sum(hits) / len(members)  # noqa: E731, B023
+        assert row["reference_accuracy"] == pytest.approx(share(ref_preds[i] == c for i in members))
+        assert row["agreement"] == pytest.approx(share(preds[i] == ref_preds[i] for i in members))
+        assert row["predicted"] == preds.count(c) and row["reference_predicted"] == ref_preds.count(c)
+    changes = [row["change"] for row in result.per_class]
+    assert changes == sorted(changes)  # the classes that lost most first
+    listed = result.worst_examples
+    assert {e["index"] for e in listed} == flipped
+    assert [e["kl"] for e in listed] == sorted((e["kl"] for e in listed), reverse=True)
+    for e in listed:
+        i = e["index"]
+        assert e["text"] == texts[i] and e["label"] == LABELS[labels[i]]
+        assert (e["prediction"], e["reference_prediction"]) == (LABELS[preds[i]], LABELS[ref_preds[i]])
+    assert len(evaluate(other, tok, texts, reference=model, worst=2).worst_examples) == 2
+    summary = result.summary()
+    assert "per class, lost most first" in summary and f"flipped predictions: {len(flipped)} of 60" in summary
+
+
+def test_per_class_without_labels_groups_by_the_reference_prediction(tok):
+    model = varied_classifier()
+    other = perturbed(model, 0.2)
+    texts = tiny_texts(40, seed=5)
+    ref_preds, preds = own_predictions(model, tok, texts), own_predictions(other, tok, texts)
+    result = evaluate(other, tok, texts, reference=model)
+    assert result.accuracy is None
+    for row in result.per_class:
+        members = [i for i, p in enumerate(ref_preds) if p == row["class"]]
+        assert row["support"] == len(members) and "accuracy" not in row
+        agree = sum(preds[i] == ref_preds[i] for i in members)
+        assert row["agreement"] == pytest.approx(agree / len(members))
+    agreements = [row["agreement"] for row in result.per_class]
+    assert agreements == sorted(agreements)
+    same = evaluate(model, tok, texts, reference=copy.deepcopy(model))
+    assert same.flipped == 0 and same.worst_examples == []
+
+
+def test_embed_and_lm_list_the_examples_that_moved_most(tok):
+    model = build_tiny_model("bert", task="base")
+    texts = tiny_texts(20, seed=6)
+    result = evaluate(perturbed(model, 0.2), tok, texts, reference=model, worst=5)
+    cosines = [e["cosine"] for e in result.worst_examples]
+    assert len(cosines) == 5 and cosines == sorted(cosines) and cosines[0] == pytest.approx(result.cosine_min)
+    assert all(e["text"] == texts[e["index"]] for e in result.worst_examples)
+    lm = build_tiny_model("llama")
+    result = evaluate(perturbed(lm, 0.1), tok, [lm_text(200, seed=7)], reference=lm, window=32, worst=3)
+    kls = [e["kl"] for e in result.worst_examples]
+    assert len(kls) == 3 and kls == sorted(kls, reverse=True) and kls[0] >= result.kl
+    assert all(e["end"] - e["begin"] <= 32 and e["text"] for e in result.worst_examples)
+    assert evaluate(lm, tok, [lm_text(50)], reference=lm, worst=0).worst_examples == []
+
+
+def _eval_cli(argv):
+    from statprune.cli import main
+
+    return main(["eval", *map(str, argv)])
+
+
+def test_fail_below_exit_status(tmp_path, tok, capsys):
+    original, other = tmp_path / "original", tmp_path / "other"
+    model = varied_classifier()
+    for folder, weights in ((original, model), (other, perturbed(model, 0.2))):
+        weights.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    data = tmp_path / "data.jsonl"
+    records = [json.dumps({"text": t, "label": i % 3}) for i, t in enumerate(tiny_texts(30))]
+    data.write_text("\n".join(records) + "\n")
+    out = tmp_path / "eval.json"
+    common = ["--data", data, "--against", original, "--device", "cpu"]
+    assert _eval_cli([original, *common, "--fail-below", "1.0"]) == 0
+    assert "ok: agreement 1.0000 >= 1" in capsys.readouterr().out
+    status = _eval_cli([other, *common, "--json", out, "--fail-below", "0.999",
+                        "--fail-below", "accuracy=0"])
+    printed = capsys.readouterr().out.splitlines()
+    report = json.loads(out.read_text())
+    assert report["agreement"] < 0.999
+    assert status == 3
+    fail = [line for line in printed if line.startswith("FAIL")]
+    assert fail == [f"FAIL: agreement {report['agreement']:.4f} is below 0.999 (--fail-below); exit status 3"]
+    assert f"ok: accuracy {report['accuracy']:.4f} >= 0" in printed
+    assert {"per_class", "flipped", "worst_examples", "worst_rule"} <= set(report)  # written before exiting
+    assert sum(row["support"] for row in report["per_class"]) == 30
+    # embeddings: neighbour overlap by default
+    rules = ["--fail-below", "similarity_spearman=0.99", "--fail-below", "1"]
+    assert _eval_cli([original, *common, "--task", "embed", *rules]) == 0
+    printed = capsys.readouterr().out
+    assert "ok: similarity_spearman 1.0000" in printed and "ok: neighbor_overlap_at_10 1.0000" in printed
+    # a metric this run does not measure, or no original to compare with: one-line errors
+    assert _eval_cli([other, *common, "--fail-below", "cosine_mean=0.9"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --fail-below: cosine_mean was not measured in this run; "
+        "it needs an embedding model (--task embed)"
+    )
+    assert _eval_cli([other, "--data", data, "--device", "cpu", "--fail-below", "0.9"]) == 1
+    assert "add --against ORIGINAL" in capsys.readouterr().err
+    assert _eval_cli([other, "--data", data, "--device", "cpu", "--fail-below", "accuracy=0.1"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        _eval_cli([other, *common, "--fail-below", "kl=0.1"])
+    assert exc.value.code == 2
+    assert "unknown metric 'kl'" in capsys.readouterr().err

@@ -1,0 +1,827 @@
+"""``statprune report``: one page that answers "which compressed model do we deploy, and at what cost?".
+
+Reads a sweep folder (``statprune sweep --out DIR``: ``results.json``, ``sweep.json``, optionally
+``best.json`` and ``best/``) and, when given or present as ``DIR/bench.json``, the output of
+``statprune bench --json``. Writes a self-contained HTML page (plots embedded as base64 PNG, no
+network, no external CSS or JavaScript) and its Markdown twin (same tables and text, no plots),
+both rendered with Jinja2 from the templates in ``statprune/templates/``.
+
+For every candidate (the dense model first): quality with its 95 % interval (Wilson's for accuracy
+and agreement, from the number of evaluation examples) and its change from dense (for accuracy,
+the paired interval the sweep measured, see :func:`statprune.evaluate.paired_change_interval`),
+agreement with the original, the fraction of FLOPs and parameters kept, size on disk (measured for
+the dense folder and ``best/``, else estimated from the parameters kept), latency, throughput and
+peak memory where measured, and, with a price, the serving cost per million requests:
+
+    cost per 1M requests = price_per_hour × 1,000,000 / (throughput [requests/s] × 3600)
+
+(a request = one sequence of the benchmark's length, the machine fully busy at the benchmark's
+batch size). The recommended candidate is the one the sweep's ``--min-quality`` bar selected (or
+``--min-quality`` given here, with the sweep's rule: smallest achieved fraction kept meeting it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from statprune.errors import DataError, OutputError
+
+__all__ = [
+    "OBJECTIVES",
+    "Candidate",
+    "DecisionReport",
+    "add_report_parser",
+    "bench_candidates",
+    "build_report",
+    "choose_by_objective",
+    "render_html",
+    "render_markdown",
+    "run_report",
+    "write_report",
+]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# what ``sweep --objective`` minimises among the candidates meeting the bar (field of SweepRow)
+OBJECTIVES = {"latency": "latency_ms", "flops": "flops_kept", "params": "params_kept",
+              "memory": "peak_memory_mb"}
+BENCH_FIELDS = ("latency_ms", "latency_p90_ms", "throughput", "peak_memory_mb")
+NOISY_SPREAD = 1.25  # p90 / median latency above this: the machine was too noisy to trust
+_METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "agreement": "top-1 agreement with dense",
+    "cosine": "mean cosine to dense",
+    "perplexity": "perplexity",
+}
+
+
+@dataclass
+class Candidate:
+    """One row of the decision table. ``None``: not measured / not applicable."""
+
+    name: str
+    method: str | None = None
+    budget: float | None = None
+    achieved: float | None = None
+    flops_kept: float | None = None
+    params_kept: float | None = None
+    value: float | None = None
+    interval: tuple[float, float] | None = None
+    change: float | None = None
+    change_interval: tuple[float, float] | None = None
+    agreement: float | None = None
+    kl: float | None = None
+    size_bytes: int | None = None
+    size_measured: bool = False
+    latency_ms: float | None = None
+    throughput: float | None = None  # requests (sequences) per second
+    peak_memory_mb: float | None = None
+    spread: float | None = None  # p90 / median latency of the benchmark's trials
+    cost_per_million: float | None = None
+    cost_per_day: float | None = None
+    meets_bar: bool | None = None
+    recommended: bool = False
+    error: str | None = None
+
+
+@dataclass
+class DecisionReport:
+    """Everything the page shows; :func:`render_html` / :func:`render_markdown` only format it."""
+
+    sweep_dir: str
+    model: str
+    model_dir: str | None
+    task: str
+    metric: str
+    metric_label: str
+    higher_is_better: bool
+    dense_value: float
+    protocol: str
+    eval_examples: int | None
+    budget_kind: str
+    candidates: list[Candidate]
+    bar: str | None = None  # e.g. "accuracy >= 0.8250 (99% of dense 0.8333)"
+    threshold: float | None = None
+    rule: str | None = None
+    recommended: Candidate | None = None
+    reason: str = ""
+    price_per_hour: float | None = None
+    requests_per_day: float | None = None
+    bench_source: str | None = None
+    bench_setting: str | None = None
+    measured: bool = False
+    warnings: list[str] = field(default_factory=list)
+    plots: dict[str, str] = field(default_factory=dict)  # title -> base64 PNG
+
+    @property
+    def cost_formula(self) -> str:
+        return (
+            "cost per 1M requests = price per hour × 1,000,000 / (throughput in requests/s × 3600); "
+            "requests per day × that / 1,000,000 = cost per day"
+        )
+
+
+# ------------------------------------------------------------------------- measuring a sweep's runs
+
+
+def bench_candidates(
+    dense_dir: str | Path,
+    folders: dict[Any, Path],
+    *,
+    batch: int = 32,
+    seq_len: int = 128,
+    backend: str = "torch",
+    device: str = "cpu",
+    warmup: int = 3,
+    trials: int = 10,
+) -> tuple[dict[str, float | None], dict[Any, dict[str, float | None]]]:
+    """Measure the dense folder and every candidate folder in one ``statprune bench`` run
+    (:func:`statprune.bench.benchmark`: warm-up, trials interleaved across all models, medians,
+    peak memory in a child process per model) at one batch size of ``seq_len``-token sequences.
+
+    Returns ``(dense, {key: measurement})``, each measurement a dict of ``latency_ms`` (median),
+    ``latency_p90_ms``, ``throughput`` (sequences/s) and ``peak_memory_mb``.
+    """
+    from statprune.bench import benchmark
+
+    keys = list(folders)
+    rows = benchmark([Path(dense_dir), *(folders[k] for k in keys)], batches=(batch,), seq_len=seq_len,
+                     backend=backend, device=device, warmup=warmup, trials=trials, lm_batches=())
+    forward = [r for r in rows if r.kind == "forward" and r.batch == batch]
+    measured = [{f: getattr(r, f) for f in BENCH_FIELDS} for r in forward]
+    return measured[0], dict(zip(keys, measured[1:], strict=True))
+
+
+def choose_by_objective(rows: list, threshold: float, higher_is_better: bool, objective: str):
+    """Among ``rows`` (SweepRow) meeting the bar, the one with the least ``objective`` (see
+    :data:`OBJECTIVES`); ties go to the better metric. None when no row meets the bar or the
+    objective was not measured for every row that does."""
+    from statprune.sweep import meets
+
+    field_name = OBJECTIVES[objective]
+    ok = [r for r in rows if meets(r.value, threshold, higher_is_better)]
+    if not ok or any(getattr(r, field_name, None) is None for r in ok):
+        return None
+    return min(ok, key=lambda r: (getattr(r, field_name), -r.value if higher_is_better else r.value))
+
+
+def apply_objective(selection, rows: list, higher_is_better: bool, objective: str, metric: str) -> None:
+    """Re-pick ``selection.best`` (a sweep's Selection) by ``objective`` among the rows meeting its
+    bar, when that objective was measured for all of them; updates its message and rule."""
+    if selection is None or selection.best is None:
+        return
+    best = choose_by_objective(rows, selection.threshold, higher_is_better, objective)
+    if best is None:
+        return
+    unit = {"latency": "median latency", "memory": "peak memory"}.get(objective, f"{objective} kept")
+    selection.rule = f"least {unit} among the runs that meet the bar (any method); ties: better metric"
+    value = getattr(best, OBJECTIVES[objective])
+    shown = f"{value:.1f} ms" if objective == "latency" else (
+        f"{value:.0f} MB" if objective == "memory" else f"{value:.1%}")
+    selection.best = best
+    selection.message = (f"best: {best.method} at keep {best.budget:g} {best.budget_kind}: {metric} "
+                         f"{_fmt(metric, best.value)}, {unit} {shown} — the least {unit} meeting the bar")
+
+
+def latency_markdown(rows: list, dense: dict | None, setting: str) -> list[str]:
+    """Markdown lines: the measured latency / throughput / memory of the dense model and every run."""
+    lines = ["", f"Measured ({setting}): median latency, throughput and peak memory.", "",
+             "| run | latency (ms) | throughput (seq/s) | peak memory (MB) | speed-up |",
+             "|---|---:|---:|---:|---:|"]
+
+    def line(name: str, m: dict) -> str:
+        memory = "—" if m.get("peak_memory_mb") is None else f"{m['peak_memory_mb']:.0f}"
+        speedup = "—" if not dense else f"{dense['latency_ms'] / m['latency_ms']:.2f}×"
+        return f"| {name} | {m['latency_ms']:.1f} | {m['throughput']:.1f} | {memory} | {speedup} |"
+
+    if dense:
+        lines.append(line("dense", dense))
+    for r in rows:
+        if r.latency_ms is not None:
+            lines.append(line(f"{r.method} @ {r.budget:g}", {f: getattr(r, f) for f in BENCH_FIELDS}))
+    return lines
+
+
+def write_latency_plot(result, path: Path) -> None:
+    """Quality against measured latency: a line per method, the dense point, the bar, the choice."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    for i, method in enumerate(result.methods):
+        points = sorted((r.latency_ms, r.value) for r in result.rows
+                        if r.method == method and r.value is not None and r.latency_ms is not None)
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="osD^v<>p"[i % 8], linewidth=1.6, label=method)
+    if result.dense_bench:
+        ax.plot([result.dense_bench["latency_ms"]], [result.dense_value], marker="s", color="black",
+                markersize=8, linestyle="none", label=f"dense ({_fmt(result.metric, result.dense_value)})")
+    selection = result.selection
+    if selection is not None:
+        ax.axhline(selection.threshold, color="tab:red", linestyle=":", linewidth=1.2,
+                   label=f"bar ({_fmt(result.metric, selection.threshold)})")
+        best = selection.best
+        if best is not None and best.latency_ms is not None:
+            ax.plot([best.latency_ms], [best.value], marker="*", markersize=16, color="gold",
+                    markeredgecolor="black", linestyle="none",
+                    label=f"selected: {best.method} @ {best.budget:g}")
+    ax.set_xlabel(f"measured latency, ms ({result.bench_setting})")
+    ax.set_ylabel(_METRIC_LABELS.get(result.metric, result.metric))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    fig.savefig(path)
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}); {what}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _weight_bytes(folder: Path) -> int | None:
+    if not folder.is_dir():
+        return None
+    sizes = [p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    return sum(sizes) if sizes else None
+
+
+def _attention_ffn_share(model_dir: Path) -> float | None:
+    """Attention+FFN parameters / all parameters of the base model, from its config (meta device:
+    no weights are read). None when the folder or the family is unsupported."""
+    try:
+        import torch
+        import transformers
+
+        from statprune.adapters import adapter_for
+        from statprune.flops import dense_counts, model_shapes, total_cost
+
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        adapter = adapter_for(config)
+        with torch.device("meta"):
+            model = transformers.AutoModel.from_config(config)
+        shapes = model_shapes(adapter, model.base_model)
+        total = sum(p.numel() for p in model.parameters())
+        return total_cost(shapes, dense_counts(shapes), "params", 1) / total if total else None
+    except Exception:  # an estimate only: a model we cannot rebuild just gets no estimate
+        return None
+
+
+def _bench_rows(path: Path, batch: int | None) -> tuple[dict[str, dict], str]:
+    """``statprune bench --json`` forward rows at ``batch`` (default: the largest), by resolved folder."""
+    data = _read_json(path, "give the file `statprune bench --json` wrote")
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise DataError(f"{path} has no benchmark rows; give the file `statprune bench --json` wrote")
+    forward = [r for r in rows if isinstance(r, dict) and r.get("kind") == "forward"]
+    if not forward:
+        raise DataError(f"{path} has no forward measurements; rerun `statprune bench` on the folders")
+    batches = sorted({int(r["batch"]) for r in forward})
+    chosen = batches[-1] if batch is None else batch
+    if chosen not in batches:
+        raise DataError(f"{path} measured batch sizes {batches}, not {batch}; pass one of those")
+    picked = {str(Path(r["model"]).expanduser().resolve()): r for r in forward if int(r["batch"]) == chosen}
+    first = next(iter(picked.values()))
+    setting = (
+        f"batch {chosen}, {first.get('seq_len')} tokens per request, {first.get('backend')} on "
+        f"{first.get('device')}"
+        + (f" ({first['threads']} threads)" if first.get("threads") else "")
+        + f", median of {first.get('trials')} interleaved trials"
+    )
+    return picked, setting
+
+
+def _interval(metric: str, value: float | None, n: int | None) -> tuple[float, float] | None:
+    from statprune.evaluate import wilson_interval
+
+    if value is None or not n or metric not in ("accuracy", "agreement"):
+        return None
+    return wilson_interval(round(value * n), n)
+
+
+def build_report(
+    sweep_dir: str | Path,
+    *,
+    price_per_hour: float | None = None,
+    requests_per_day: float | None = None,
+    bench: str | Path | None = None,
+    bench_batch: int | None = None,
+    min_quality: str | None = None,
+    plots: bool = True,
+) -> DecisionReport:
+    """Gather a sweep folder's results into a :class:`DecisionReport`.
+
+    ``bench`` is a ``statprune bench --json`` file (default ``SWEEP_DIR/bench.json`` when present)
+    measuring the dense folder and/or ``SWEEP_DIR/best``; its forward rows at ``bench_batch``
+    (default: the largest batch) give latency (ms, median), throughput (requests/s) and peak memory
+    (MB). Rows of ``results.json`` that carry ``latency_ms`` / ``throughput`` / ``peak_memory_mb``
+    (and optionally ``latency_p90_ms``), and ``sweep.json``'s ``dense_bench`` with the same keys, are
+    used as they are (the contract for a sweep that benchmarks its candidates itself); they take
+    precedence over the bench file. ``price_per_hour`` (any currency per machine-hour) and
+    ``requests_per_day`` add the serving cost. ``min_quality`` (``0.80`` or ``99%``) replaces the
+    sweep's bar. Raises DataError for a folder that is not a sweep's output or bad numbers.
+    """
+    from statprune.sweep import SweepRow, meets, parse_min_quality, select_best
+
+    sweep_dir = Path(sweep_dir)
+    results_path = sweep_dir / "results.json"
+    if not results_path.is_file():
+        raise DataError(f"{sweep_dir} has no results.json; give the --out folder of `statprune sweep`")
+    for name, value in (("--price-per-hour", price_per_hour), ("--requests-per-day", requests_per_day)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise DataError(f"{name} must be a positive number, got {value}")
+    if requests_per_day is not None and price_per_hour is None:
+        raise DataError("--requests-per-day needs --price-per-hour P (the cost of one machine-hour)")
+    raw_rows = _read_json(results_path, "rerun the sweep")
+    if not isinstance(raw_rows, list) or not raw_rows or not all(isinstance(r, dict) for r in raw_rows):
+        raise DataError(f"{results_path} holds no sweep rows; rerun the sweep")
+    fields = set(SweepRow.__dataclass_fields__)
+    try:
+        rows = [SweepRow(**{k: v for k, v in r.items() if k in fields}) for r in raw_rows]
+    except TypeError as exc:
+        raise DataError(f"{results_path} is not a sweep's results.json ({exc}); rerun the sweep") from None
+    meta_path = sweep_dir / "sweep.json"
+    meta = _read_json(meta_path, "rerun the sweep") if meta_path.is_file() else {}
+    best_path = sweep_dir / "best.json"
+    best = _read_json(best_path, "rerun the sweep") if best_path.is_file() else None
+
+    first = rows[0]
+    metric = first.metric
+    higher = meta.get("higher_is_better", metric != "perplexity")
+    dense_value = float(first.dense_value)
+    n = meta.get("eval_examples")
+    report = DecisionReport(
+        sweep_dir=str(sweep_dir.resolve()),
+        model=meta.get("model", first.model),
+        model_dir=meta.get("model_dir"),
+        task=first.task,
+        metric=metric,
+        metric_label=_METRIC_LABELS.get(metric, metric),
+        higher_is_better=higher,
+        dense_value=dense_value,
+        protocol=meta.get("protocol") or "not recorded (a sweep older than sweep.json; rerun it)",
+        eval_examples=n,
+        budget_kind=first.budget_kind,
+        candidates=[],
+        price_per_hour=price_per_hour,
+        requests_per_day=requests_per_day,
+    )
+    if not meta:
+        report.warnings.append("sweep.json is missing: no protocol and no intervals; rerun the sweep")
+
+    # --- the bar and the recommendation
+    methods = meta.get("methods") or list(dict.fromkeys(r.method for r in rows))
+    chosen: SweepRow | None = None
+    closest: SweepRow | None = None
+    saved_best = (best or {}).get("best") or {}
+    saved_key = (saved_best.get("method"), saved_best.get("budget")) if best and best.get("saved") else None
+    if min_quality is not None:
+        bar = parse_min_quality(min_quality)
+        report.threshold = bar.threshold(dense_value, higher)
+        report.bar = bar.describe(metric, dense_value, higher)
+        chosen, closest = select_best(rows, report.threshold, higher, methods)
+        objective = meta.get("objective")
+        if chosen is not None and objective in OBJECTIVES and objective != first.budget_kind:
+            by_objective = choose_by_objective(rows, report.threshold, higher, objective)
+            if by_objective is not None:
+                chosen = by_objective
+                report.rule = f"least {objective} among the runs that meet the bar; ties: better metric"
+    elif best is not None:
+        report.threshold = best.get("threshold")
+        sign = ">=" if higher else "<="
+        report.bar = (
+            f"{metric} {sign} {_fmt(metric, report.threshold)} (--min-quality {best.get('min_quality')})"
+        )
+        report.rule = best.get("rule")
+        picked = best.get("best")
+        key = None if picked is None else (picked.get("method"), picked.get("budget"))
+        chosen = next((r for r in rows if (r.method, r.budget) == key), None)
+        if chosen is None:
+            close = best.get("closest") or {}
+            closest = next(
+                (r for r in rows if (r.method, r.budget) == (close.get("method"), close.get("budget"))), None
+            )
+    if report.rule is None and report.bar is not None:
+        from statprune.sweep import SELECTION_RULE
+
+        report.rule = SELECTION_RULE
+
+    # --- sizes, measurements
+    model_dir = Path(meta["model_dir"]) if meta.get("model_dir") else None
+    dense_bytes = _weight_bytes(model_dir) if model_dir is not None else None
+    share = _attention_ffn_share(model_dir) if dense_bytes is not None else None
+    best_dir = sweep_dir / "best"
+    measurements: dict[str, dict] = {}
+    bench_path = Path(bench) if bench is not None else sweep_dir / "bench.json"
+    if bench is not None and not bench_path.is_file():
+        raise DataError(f"--bench {bench_path} not found; give the file `statprune bench --json` wrote")
+    if bench_path.is_file():
+        measurements, report.bench_setting = _bench_rows(bench_path, bench_batch)
+        report.bench_source = str(bench_path)
+    elif meta.get("bench_setting"):
+        report.bench_setting = f"by the sweep: {meta['bench_setting']}"
+
+    dense = Candidate(
+        "dense",
+        achieved=1.0,
+        flops_kept=1.0,
+        params_kept=1.0,
+        value=dense_value,
+        interval=_interval(metric, dense_value, n),
+        change=0.0,
+        agreement=1.0 if first.agreement is not None or metric == "agreement" else None,
+        size_bytes=dense_bytes,
+        size_measured=dense_bytes is not None,
+        meets_bar=None if report.threshold is None else meets(dense_value, report.threshold, higher),
+    )
+    if model_dir is not None:
+        _attach(dense, measurements.get(str(model_dir.resolve())))
+    _attach(dense, meta.get("dense_bench"))  # a sweep that measured latency itself
+    report.candidates.append(dense)
+    for row in rows:
+        cand = Candidate(
+            f"{row.method} @ {row.budget:.0%}",
+            method=row.method,
+            budget=row.budget,
+            achieved=row.achieved,
+            flops_kept=row.flops_kept,
+            params_kept=row.params_kept,
+            value=row.value,
+            interval=_interval(metric, row.value, n),
+            change=None if row.value is None else row.value - dense_value,
+            change_interval=tuple(row.change_interval) if row.change_interval else None,
+            agreement=row.agreement,
+            kl=row.kl,
+            error=row.error,
+            meets_bar=None if report.threshold is None else meets(row.value, report.threshold, higher),
+        )
+        if metric == "agreement" and cand.interval is not None:
+            cand.change_interval = (cand.interval[0] - 1.0, cand.interval[1] - 1.0)
+        if row is chosen:
+            cand.recommended = True
+            report.recommended = cand
+        if (row.method, row.budget) == saved_key:  # the sweep saved this one into best/
+            saved = _weight_bytes(best_dir)
+            if saved is not None:
+                cand.size_bytes, cand.size_measured = saved, True
+            _attach(cand, measurements.get(str(best_dir.resolve())))
+        if (
+            cand.size_bytes is None
+            and dense_bytes is not None
+            and share is not None
+            and row.params_kept is not None
+        ):
+            cand.size_bytes = round(dense_bytes * (1.0 - (1.0 - row.params_kept) * share))
+        _attach(cand, raw_rows[rows.index(row)])  # a sweep that measured latency itself
+        report.candidates.append(cand)
+
+    for cand in report.candidates:
+        if cand.throughput and price_per_hour is not None:
+            cand.cost_per_million = price_per_hour * 1e6 / (cand.throughput * 3600.0)
+            if requests_per_day is not None:
+                cand.cost_per_day = cand.cost_per_million * requests_per_day / 1e6
+        if cand.spread is not None and cand.spread > NOISY_SPREAD:
+            report.warnings.append(
+                f"{cand.name}: latency trials spread widely (90th percentile {cand.spread:.2f}× the "
+                "median); the machine was busy — rerun `statprune bench` on an idle machine"
+            )
+    report.measured = any(c.latency_ms is not None for c in report.candidates)
+    if price_per_hour is not None and not any(c.cost_per_million is not None for c in report.candidates):
+        report.warnings.append("a price was given but no throughput was measured: no cost can be computed")
+    report.reason = _reason(report, chosen, closest, dense)
+    if plots:
+        report.plots = _plots(report)
+    return report
+
+
+def _attach(cand: Candidate, row: dict | None) -> None:
+    if not row:
+        return
+    latency, p90 = row.get("latency_ms"), row.get("latency_p90_ms")
+    if latency is not None:
+        cand.latency_ms = float(latency)
+        if p90 is not None and latency > 0:
+            cand.spread = float(p90) / float(latency)
+    if row.get("throughput") is not None and row.get("unit", "seq/s") == "seq/s":
+        cand.throughput = float(row["throughput"])
+    if row.get("peak_memory_mb") is not None:
+        cand.peak_memory_mb = float(row["peak_memory_mb"])
+
+
+def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
+    metric = report.metric
+    if report.bar is None:
+        return (
+            "No quality bar was agreed: rerun the sweep with --min-quality Q, or pass --min-quality Q "
+            "here (an absolute value such as 0.80, or a share of the dense quality such as 99%)."
+        )
+    if chosen is None:
+        text = f"No candidate meets the bar {report.bar}: keep the dense model"
+        if closest is not None:
+            text += (
+                f"; the closest is {closest.method} at {closest.achieved:.1%} of the dense "
+                f"{report.budget_kind} with {metric} {_fmt(metric, closest.value)}"
+            )
+        return text + "."
+    rec = report.recommended
+    assert rec is not None
+    text = (
+        f"{rec.name} (keeping {rec.achieved:.1%} of the dense model's attention+FFN {report.budget_kind}) "
+        f"is what the selection rule picks among the candidates meeting the bar {report.bar} "
+        f"(rule: {report.rule}): {metric} {_fmt(metric, rec.value)}"
+    )
+    if rec.interval is not None:
+        text += f" (95% CI {_fmt(metric, rec.interval[0])}–{_fmt(metric, rec.interval[1])})"
+    text += f", change from dense {_signed(metric, rec.change)}"
+    if rec.change_interval is not None:
+        low, high = rec.change_interval
+        text += f" (95% CI {_signed(metric, low)} to {_signed(metric, high)})"
+    if rec.agreement is not None and metric != "agreement":
+        text += f"; it agrees with the original on {rec.agreement:.1%} of the examples"
+    text += "."
+    if rec.interval is not None and report.threshold is not None:
+        low, high = rec.interval
+        short = low < report.threshold if report.higher_is_better else high > report.threshold
+        if short:
+            text += (
+                f" Caution: the bar is met by the point estimate, but the 95% interval reaches past it; "
+                f"with {report.eval_examples} evaluation examples the margin is within noise — "
+                "evaluate on more examples before committing."
+            )
+    if rec.latency_ms is not None and dense.latency_ms is not None:
+        text += (
+            f" Measured latency {rec.latency_ms:.1f} ms against {dense.latency_ms:.1f} ms dense "
+            f"(speed-up {dense.latency_ms / rec.latency_ms:.2f}×)."
+        )
+    if rec.cost_per_million is not None and dense.cost_per_million is not None:
+        text += (
+            f" Serving cost {rec.cost_per_million:.4g} per 1M requests against "
+            f"{dense.cost_per_million:.4g} dense."
+        )
+    return text
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
+
+
+def _signed(metric: str, value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.2f}" if metric == "perplexity" else f"{value:+.4f}"
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _plots(report: DecisionReport) -> dict[str, str]:
+    """Quality against fraction kept (intervals as error bars), and against measured latency."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    metric = report.metric
+    out = {}
+    fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    methods = list(dict.fromkeys(c.method for c in report.candidates if c.method))
+    for i, method in enumerate(methods):
+        points = sorted(
+            (c.achieved, c.value, c.interval)
+            for c in report.candidates
+            if c.method == method and c.value is not None and c.achieved is not None
+        )
+        if not points:
+            continue
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        err = None
+        if all(p[2] is not None for p in points):
+            err = [
+                [y - p[2][0] for y, p in zip(ys, points, strict=True)],
+                [p[2][1] - y for y, p in zip(ys, points, strict=True)],
+            ]
+        ax.errorbar(xs, ys, yerr=err, marker="osD^v<>p"[i % 8], capsize=3, linewidth=1.6, label=method)
+    ax.axhline(
+        report.dense_value,
+        color="black",
+        linestyle="--",
+        linewidth=1.1,
+        label=f"dense ({_fmt(metric, report.dense_value)})",
+    )
+    if report.threshold is not None:
+        ax.axhline(
+            report.threshold,
+            color="tab:red",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"bar ({_fmt(metric, report.threshold)})",
+        )
+    rec = report.recommended
+    if rec is not None:
+        ax.plot(
+            [rec.achieved],
+            [rec.value],
+            marker="*",
+            markersize=17,
+            color="gold",
+            markeredgecolor="black",
+            linestyle="none",
+            label=f"recommended: {rec.name}",
+        )
+    achieved = [c.achieved for c in report.candidates if c.achieved is not None and c.value is not None]
+    ax.set_xlim(max(0.0, min(achieved, default=0.0) - 0.05), 1.02)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel(f"{report.budget_kind} kept (attention+FFN, fraction of dense)")
+    ax.set_ylabel(report.metric_label)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"{report.model}: quality against size (bars: 95% intervals)", fontsize=10)
+    out["Quality against the fraction kept"] = _png(fig)
+
+    timed = [c for c in report.candidates if c.latency_ms is not None and c.value is not None]
+    if len(timed) >= 2:
+        fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
+        ax = fig.add_subplot()
+        for c in timed:
+            style = (
+                {"marker": "*", "markersize": 16, "color": "gold", "markeredgecolor": "black"}
+                if c.recommended
+                else {"marker": "o", "markersize": 7}
+            )
+            ax.plot([c.latency_ms], [c.value], linestyle="none", **style)
+            ax.annotate(
+                c.name, (c.latency_ms, c.value), textcoords="offset points", xytext=(6, 4), fontsize=8
+            )
+        if report.threshold is not None:
+            ax.axhline(report.threshold, color="tab:red", linestyle=":", linewidth=1.2, label="bar")
+            ax.legend(fontsize=8)
+        ax.set_xlabel(f"measured latency, ms ({report.bench_setting})")
+        ax.set_ylabel(report.metric_label)
+        ax.grid(True, alpha=0.3)
+        out["Quality against measured latency"] = _png(fig)
+    return out
+
+
+# -------------------------------------------------------------------------------------- rendering
+
+
+def _environment():
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(
+        loader=PackageLoader("statprune", "templates"),
+        undefined=StrictUndefined,
+        autoescape=lambda name: bool(name and name.endswith(".html.j2")),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["metric"] = lambda v, metric: _fmt(metric, v)
+    env.filters["signed"] = lambda v, metric: _signed(metric, v)
+    env.filters["pct"] = lambda v: "—" if v is None else f"{v:.1%}"
+    env.filters["size"] = _size
+    env.filters["num"] = lambda v, digits=1: "—" if v is None else f"{v:,.{digits}f}"
+    env.filters["money"] = lambda v: "—" if v is None else f"{v:,.4g}"
+    return env
+
+
+def _size(cand: Candidate) -> str:
+    if cand.size_bytes is None:
+        return "—"
+    size = cand.size_bytes
+    text = f"{size / 1e6:,.1f} MB" if size >= 1e6 else f"{size / 1e3:,.1f} kB"
+    return text if cand.size_measured else f"≈ {text}"
+
+
+def _context(report: DecisionReport) -> dict[str, Any]:
+    from statprune import __version__
+
+    return {"r": report, "version": __version__}
+
+
+def render_html(report: DecisionReport) -> str:
+    """The self-contained HTML page (UTF-8 text)."""
+    return _environment().get_template("report.html.j2").render(**_context(report))
+
+
+def render_markdown(report: DecisionReport) -> str:
+    """The Markdown twin: the same protocol, tables, recommendation and formula, without plots."""
+    return _environment().get_template("report.md.j2").render(**_context(report))
+
+
+def write_report(report: DecisionReport, out: str | Path) -> tuple[Path, Path]:
+    """Write ``out`` (HTML) and its twin (same name, ``.md``), each atomically; returns both paths."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
+    md = out.with_suffix(".md")
+    if md == out:
+        raise OutputError(f"--out {out} must end in .html (the Markdown twin goes next to it as .md)")
+    pages = [(out, render_html(report)), (md, render_markdown(report))]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for path, text in pages:
+            tmp = path.with_name(f".{path.name}.tmp")
+            try:
+                tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return out, md
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``report`` command to an ``add_subparsers()`` object; returns its parser."""
+    from statprune.argtypes import positive_int
+
+    p = subparsers.add_parser(
+        "report",
+        help="a decision page (HTML + Markdown) from a sweep: quality, cost, recommendation",
+        description="Read a sweep folder (and a `statprune bench --json` file, if any) and write one "
+        "self-contained HTML page and its Markdown twin.",
+    )
+    p.add_argument("sweep_dir", type=Path, help="the --out folder of `statprune sweep`")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="HTML file to write (default: SWEEP_DIR/report.html; the Markdown twin gets the .md suffix)",
+    )
+    p.add_argument(
+        "--price-per-hour",
+        type=_positive_float,
+        metavar="P",
+        help="price of one machine-hour (any currency): adds the serving cost",
+    )
+    p.add_argument(
+        "--requests-per-day",
+        type=_positive_float,
+        metavar="R",
+        help="with --price-per-hour: adds the cost per day",
+    )
+    p.add_argument(
+        "--bench",
+        type=Path,
+        metavar="BENCH.json",
+        help="`statprune bench --json` output for the dense folder and SWEEP_DIR/best "
+        "(default: SWEEP_DIR/bench.json when present)",
+    )
+    p.add_argument(
+        "--bench-batch",
+        type=positive_int,
+        help="batch size of the measurements to use (default: the largest measured)",
+    )
+    p.add_argument("--min-quality", metavar="Q", help="the agreed bar, replacing the sweep's: 0.80 or 99%%")
+    return p
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """The ``report`` command."""
+    report = build_report(
+        args.sweep_dir,
+        price_per_hour=args.price_per_hour,
+        requests_per_day=args.requests_per_day,
+        bench=args.bench,
+        bench_batch=args.bench_batch,
+        min_quality=args.min_quality,
+    )
+    html, md = write_report(report, args.out or Path(args.sweep_dir) / "report.html")
+    print(f"recommended: {report.recommended.name if report.recommended else 'none'} — {report.reason}")
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    print(f"wrote {html} and {md}")
+    return 0

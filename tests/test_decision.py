@@ -1,0 +1,378 @@
+"""``statprune report``: the decision page from a real (tiny) sweep, its numbers, errors, and a real browser.
+
+One small sweep (tiny BERT classifier, 2 budgets x 2 methods, ``--min-quality`` and ``--save-best``)
+is shared by the tests. The browser test renders the page in headless Chromium (``make browser``
+installs it where apt works); it is skipped, saying so, when no Chromium is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
+
+from statprune.cli import main
+from statprune.decision import build_report, render_html, render_markdown, write_report
+from statprune.errors import DataError, OutputError
+from statprune.evaluate import wilson_interval
+from statprune.sweep import sweep
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("decision")
+    model, tokenizer = build_tiny_model("bert", initializer_range=0.3), _build_tiny_tokenizer()
+    model_dir = root / "tinybert"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(tiny_texts(60)) + "\n")
+    texts = tiny_texts(40, seed=1)
+    with torch.no_grad():
+        labels = [int(model(**tokenizer(t, return_tensors="pt")).logits.argmax()) for t in texts]
+    rng = random.Random(0)  # a dense accuracy below 1, so intervals have width
+    labels = [y if rng.random() < 0.8 else (y + 1) % 3 for y in labels]
+    data = root / "eval.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"text": t, "label": y}) for t, y in zip(texts, labels, strict=True))
+    )
+    out = root / "sweep"
+    result = sweep(
+        model_dir,
+        calib,
+        data,
+        budgets=[0.8, 0.5],
+        methods=["stat", "magnitude"],
+        min_quality="90%",
+        save_best=True,
+        out=out,
+        log=None,
+    )
+    return SimpleNamespace(root=root, model=model_dir, out=out, result=result)
+
+
+def bench_file(path: Path, entries: dict[Path, tuple[float, float]], batch: int = 8, p90: float = 1.05):
+    """A ``statprune bench --json`` file: folder -> (latency ms, throughput seq/s) at ``batch``."""
+    rows = []
+    for folder, (latency, throughput) in entries.items():
+        for b, scale in ((1, 0.2), (batch, 1.0)):
+            rows.append(
+                {
+                    "model": str(folder),
+                    "label": folder.name,
+                    "backend": "torch",
+                    "device": "cpu",
+                    "kind": "forward",
+                    "batch": b,
+                    "seq_len": 128,
+                    "new_tokens": 0,
+                    "params": 1,
+                    "latency_ms": latency * scale,
+                    "latency_p90_ms": latency * scale * p90,
+                    "throughput": throughput,
+                    "unit": "seq/s",
+                    "peak_memory_mb": 50.0,
+                    "memory_method": "rss",
+                    "speedup": 1.0,
+                    "params_ratio": 1.0,
+                    "trials": 10,
+                    "threads": 2,
+                }
+            )
+    path.write_text(json.dumps({"environment": {}, "rows": rows}))
+    return path
+
+
+def test_report_numbers_follow_the_sweep(swept):
+    report = build_report(swept.out, plots=False)
+    chosen = json.loads((swept.out / "best.json").read_text())
+    best = chosen["best"]
+    rows = json.loads((swept.out / "results.json").read_text())
+    meta = json.loads((swept.out / "sweep.json").read_text())
+    assert report.protocol == meta["protocol"] and "Protocol: model `tinybert`" in report.protocol
+    assert [c.name for c in report.candidates] == ["dense"] + [
+        f"{r['method']} @ {r['budget']:.0%}" for r in rows
+    ]
+    rec = report.recommended
+    assert rec is not None and rec.recommended
+    assert (rec.method, rec.budget) == (best["method"], best["budget"])
+    assert [c.recommended for c in report.candidates].count(True) == 1
+    n = meta["eval_examples"]
+    for cand, row in zip(report.candidates[1:], rows, strict=True):
+        assert cand.interval == wilson_interval(round(row["value"] * n), n)
+        assert cand.change == pytest.approx(row["value"] - row["dense_value"])
+        assert list(cand.change_interval) == row["change_interval"]
+        assert cand.meets_bar == (row["value"] >= chosen["threshold"] - 1e-12)
+    # sizes: measured for the dense folder and best/, estimated (smaller, by params kept) for the rest
+    dense_bytes = (swept.model / "model.safetensors").stat().st_size
+    assert report.candidates[0].size_bytes == dense_bytes and report.candidates[0].size_measured
+    assert rec.size_measured and rec.size_bytes == (swept.out / "best" / "model.safetensors").stat().st_size
+    for cand in report.candidates[1:]:
+        assert cand.size_bytes < dense_bytes
+        if not cand.recommended:
+            assert not cand.size_measured
+    assert not report.measured
+    assert rec.name in report.reason and "meeting the bar" in report.reason
+
+
+def test_markdown_twin_holds_the_table_and_how_to_measure(swept):
+    report = build_report(swept.out, plots=False)
+    md = render_markdown(report)
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + len(report.candidates)  # header + one row per candidate
+    assert f"**Recommended: {report.recommended.name}.**" in md
+    assert f"| **{report.recommended.name}** ★ |" in md
+    assert "**not measured**" in md and f"statprune bench {swept.model.resolve()}" in md
+    assert "--price-per-hour P" in md
+
+
+def test_cost_per_million_requests_from_measured_throughput(swept, tmp_path):
+    best_dir = swept.out / "best"
+    bench = bench_file(tmp_path / "bench.json", {swept.model: (40.0, 200.0), best_dir: (25.0, 320.0)})
+    report = build_report(swept.out, bench=bench, price_per_hour=3.0, requests_per_day=2e6)
+    dense, rec = report.candidates[0], report.recommended
+    assert (dense.latency_ms, dense.throughput, dense.peak_memory_mb) == (40.0, 200.0, 50.0)
+    assert (rec.latency_ms, rec.throughput) == (25.0, 320.0)
+    assert dense.cost_per_million == pytest.approx(3.0 * 1e6 / (200.0 * 3600))
+    assert rec.cost_per_million == pytest.approx(3.0 * 1e6 / (320.0 * 3600))
+    assert rec.cost_per_day == pytest.approx(rec.cost_per_million * 2.0)
+    others = [c for c in report.candidates[1:] if not c.recommended]
+    assert all(c.latency_ms is None and c.cost_per_million is None for c in others)
+    assert report.measured and "batch 8" in report.bench_setting and not report.warnings
+    assert "speed-up 1.60×" in report.reason
+    assert len(report.plots) == 2  # quality vs size, and vs measured latency
+    md = render_markdown(report)
+    assert "throughput in requests/s × 3600" in md and f"{rec.cost_per_million:,.4g}" in md
+    # batch 1 was measured too: its rows are used when asked for
+    assert build_report(swept.out, bench=bench, bench_batch=1, plots=False).recommended.latency_ms == 5.0
+
+
+def test_latency_recorded_by_the_sweep_itself_is_used(swept, tmp_path):
+    measured = tmp_path / "sweep"
+    shutil.copytree(swept.out, measured)
+    rows = json.loads((measured / "results.json").read_text())
+    for i, row in enumerate(rows):
+        row.update(latency_ms=10.0 + i, latency_p90_ms=10.5 + i, throughput=100.0 - i, peak_memory_mb=30.0)
+    (measured / "results.json").write_text(json.dumps(rows))
+    meta = json.loads((measured / "sweep.json").read_text())
+    meta["dense_bench"] = {
+        "latency_ms": 20.0,
+        "latency_p90_ms": 21.0,
+        "throughput": 50.0,
+        "peak_memory_mb": 60.0,
+    }
+    (measured / "sweep.json").write_text(json.dumps(meta))
+    report = build_report(measured, price_per_hour=1.0)
+    assert [c.latency_ms for c in report.candidates] == [20.0] + [10.0 + i for i in range(len(rows))]
+    assert all(c.cost_per_million == pytest.approx(1e6 / (c.throughput * 3600)) for c in report.candidates)
+    assert report.measured and not report.warnings
+
+
+def test_noisy_measurements_are_flagged(swept, tmp_path):
+    bench = bench_file(tmp_path / "bench.json", {swept.model: (40.0, 200.0)}, p90=1.8)
+    report = build_report(swept.out, bench=bench, plots=False)
+    assert any("spread widely" in w and "1.80×" in w for w in report.warnings)
+    assert "spread widely" in render_markdown(report)
+
+
+def test_bar_given_to_the_report_replaces_the_sweep_s(swept):
+    strict = build_report(swept.out, min_quality="1.0", plots=False)
+    assert strict.recommended is None
+    assert strict.reason.startswith("No candidate meets the bar accuracy >= 1.0000")
+    assert "keep the dense model" in render_markdown(strict)
+    lenient = build_report(swept.out, min_quality="0.0", plots=False)
+    smallest = min(c.achieved for c in lenient.candidates[1:])
+    assert lenient.recommended.achieved == smallest
+    saved = json.loads((swept.out / "best.json").read_text())["best"]
+    measured = [(c.method, c.budget) for c in lenient.candidates[1:] if c.size_measured]
+    assert measured == [(saved["method"], saved["budget"])]  # best/ holds the sweep's choice only
+
+
+def test_report_without_a_bar_says_how_to_agree_one(swept, tmp_path):
+    bare = tmp_path / "sweep"
+    shutil.copytree(swept.out, bare)
+    (bare / "best.json").unlink()
+    report = build_report(bare, plots=False)
+    assert report.recommended is None and report.bar is None
+    assert "--min-quality Q" in report.reason
+
+
+def test_bad_input(swept, tmp_path, capsys):
+    with pytest.raises(DataError, match=r"no results\.json; give the --out folder of `statprune sweep`"):
+        build_report(tmp_path)
+    with pytest.raises(DataError, match="--requests-per-day needs --price-per-hour"):
+        build_report(swept.out, requests_per_day=1000.0)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        build_report(broken)
+    with pytest.raises(DataError, match=r"--bench .* not found"):
+        build_report(swept.out, bench=tmp_path / "nope.json")
+    bench = bench_file(tmp_path / "bench.json", {swept.model: (40.0, 200.0)})
+    with pytest.raises(DataError, match=r"measured batch sizes \[1, 8\], not 4"):
+        build_report(swept.out, bench=bench, bench_batch=4)
+    with pytest.raises(OutputError, match="is a folder"):
+        write_report(build_report(swept.out, plots=False), tmp_path)
+    assert main(["report", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line, no traceback
+    with pytest.raises(SystemExit):
+        main(["report", str(swept.out), "--price-per-hour", "-2"])
+
+
+def test_cli_writes_the_page_and_its_twin(swept, tmp_path, capsys):
+    out = tmp_path / "pages" / "decision.html"
+    assert main(["report", str(swept.out), "--out", str(out), "--price-per-hour", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("recommended: ")
+    assert "no throughput was measured" in printed
+    html, md = out.read_text(), out.with_suffix(".md").read_text()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["decision.html", "decision.md"]
+    assert html.startswith("<!DOCTYPE html>") and md.startswith("# Which compressed model")
+    # self-contained: no external resource of any kind
+    assert not re.search(r"""(?:src|href)\s*=\s*["'](?!data:)""", html)
+    assert "<script" not in html and "@import" not in html and "url(" not in html
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.querySelectorAll("img.plot")];
+  document.body.dataset.plots = imgs
+    .map(i => i.complete + ":" + i.naturalWidth + "x" + i.naturalHeight).join(",");
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="no Chromium installed: run `make browser` (Debian: "
+    "apt-get install chromium) for the real-browser check of the report",
+)
+def test_report_renders_in_a_real_browser(swept, tmp_path):
+    from matplotlib.image import imread
+
+    browser = _chromium()
+    bench = bench_file(
+        tmp_path / "bench.json", {swept.model: (40.0, 200.0), swept.out / "best": (25.0, 320.0)}
+    )
+    report = build_report(swept.out, bench=bench, price_per_hour=3.0, requests_per_day=1e6)
+    page = tmp_path / "report.html"
+    page.write_text(render_html(report), encoding="utf-8")
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    env = {**os.environ, "HOME": str(tmp_path)}
+
+    # the DOM after loading, with a probe (added to a copy only) recording how the images decoded
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE), encoding="utf-8")
+    dom = subprocess.run(
+        [*flags, "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    ).stdout
+    name = re.search(r'id="recommended-name">([^<]*)<', dom)
+    assert name is not None and name.group(1) == report.recommended.name
+    assert len(re.findall(r'<tr class="candidate', dom)) == len(report.candidates)
+    assert re.search(
+        r'<tr class="candidate recommended" data-name="' + re.escape(report.recommended.name), dom
+    )
+    assert "throughput in requests/s × 3600" in dom
+    plots = re.search(r'data-plots="([^"]*)"', dom)
+    assert plots is not None, "the probe did not run: the page did not finish loading"
+    sizes = plots.group(1).split(",")
+    assert len(sizes) == 2
+    for size in sizes:  # "true:825x506": decoded, with a real size
+        complete, dims = size.split(":")
+        width, height = map(int, dims.split("x"))
+        assert complete == "true" and width > 300 and height > 200
+
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*flags, "--window-size=1280,1600", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+        env=env,
+        check=True,
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1600, 1280)
+    non_white = (pixels < 0.95).any(axis=-1).mean()
+    assert 0.02 < non_white < 0.9, f"{non_white:.1%} of the screenshot is not white"
+    assert not math.isclose(float(pixels.std()), 0.0)
+    # the recommendation box's green and the recommended row's yellow are on screen
+    colors = {tuple(round(float(c) * 255) for c in p) for p in pixels.reshape(-1, 3)[::7]}
+    assert (0xEE, 0xF7, 0xEE) in colors and (0xFF, 0xF6, 0xCC) in colors
+
+
+# ------------------------------------------------------------------------------ sweep --bench
+
+
+def test_sweep_bench_measures_every_run_and_picks_by_latency(swept, tmp_path):
+    from statprune.errors import BudgetError
+    from statprune.sweep import meets
+
+    calib, data = swept.root / "calib.txt", swept.root / "eval.jsonl"
+    with pytest.raises(BudgetError, match="--objective latency needs measurements: add --bench"):
+        sweep(swept.model, calib, data, budgets=[0.5], methods=["stat"], objective="latency", log=None)
+    out = tmp_path / "measured"
+    result = sweep(
+        swept.model,
+        calib,
+        data,
+        budgets=[0.8, 0.5],
+        methods=["stat", "magnitude"],
+        min_quality="90%",
+        out=out,
+        log=None,
+        bench=True,
+        bench_batch=4,
+        bench_seq_len=16,
+    )
+    assert result.objective == "latency" and result.dense_bench["latency_ms"] > 0
+    for row in result.rows:
+        assert row.latency_ms > 0 and row.latency_p90_ms >= row.latency_ms and row.throughput > 0
+        assert row.throughput == pytest.approx(4 / (row.latency_ms / 1000), rel=1e-6)
+    meeting = [r for r in result.rows if meets(r.value, result.selection.threshold, True)]
+    assert result.selection.best.latency_ms == min(r.latency_ms for r in meeting)
+    assert "least median latency" in result.selection.rule
+    assert (out / "plot_latency.png").read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((out / "results.json").read_text())
+    assert all(r["latency_ms"] is not None and r["peak_memory_mb"] is not None for r in rows)
+    meta = json.loads((out / "sweep.json").read_text())
+    assert meta["objective"] == "latency" and meta["dense_bench"] == result.dense_bench
+    md = (out / "results.md").read_text()
+    assert "| run | latency (ms) |" in md and md.count("×") == len(rows) + 1
+    report = build_report(out, price_per_hour=1.0, plots=True)
+    assert all(c.latency_ms is not None and c.cost_per_million is not None for c in report.candidates)
+    assert "Quality against measured latency" in report.plots
+    assert report.recommended.name == f"{result.selection.best.method} @ {result.selection.best.budget:.0%}"
