@@ -284,6 +284,14 @@ def outside_section(path: Path, rows: list[dict] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+EMBEDDING_AGREEMENT_LINE = (  # its own script writes that page (benchmarks/embedding_agreement.py)
+    "Embedding models (MiniLM, MPNet) compressed as bare sentence encoders, STAT and the baselines side "
+    "by side, judged by top-1 / top-10 nearest-neighbour overlap and the Spearman correlation of pairwise "
+    "similarities: [`benchmarks/embedding_agreement.md`](embedding_agreement.md) "
+    "(`python benchmarks/embedding_agreement.py`).\n"
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(BENCHMARKS), help=f"subset of {','.join(BENCHMARKS)}")
@@ -375,6 +383,8 @@ def main() -> None:
         + ablation_section(ablation)
         + "\n"
         + ffn_fit_section(args.out / "ffn_fit.json")
+        + "\n"
+        + EMBEDDING_AGREEMENT_LINE
     )
     print(f"wrote {results_file} and RESULTS.md in {time.perf_counter() - start:.0f} s")
 
