@@ -129,7 +129,8 @@ def allocate(
     if floor_cost > target:
         raise BudgetError(
             f"cannot keep only {keep:.0%} of {model.kind}: removing every prunable unit still keeps "
-            f"{floor_cost / dense_cost:.1%}; raise the budget or allow more with --prune heads,neurons"
+            f"{floor_cost / dense_cost:.1%} (the reachable floor); raise the budget or allow more "
+            "with --prune heads,neurons"
         )
     if keep >= 1.0:
         return [tuple(c) for c in dense]

@@ -292,10 +292,6 @@ def layer_variant(adapter: Any, layer: Any, heads: int, neurons: int) -> Any:
     """A copy of ``layer`` keeping its first ``heads`` query heads (grouped-query attention: the
     same number in every group) and first ``neurons`` FFN neurons, cut by ``statprune.surgery``
     (the output projections keep the matching columns; weights are irrelevant to timing)."""
-    import torch
-
-    from statprune.linalg.heads import head_columns
-    from statprune.surgery import prune_heads, prune_neurons
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")

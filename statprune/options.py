@@ -250,7 +250,8 @@ class CompressionOptions:
     def budget(self) -> tuple[str, float]:
         """``("flops" | "params" | "latency", fraction)``; ``BudgetError`` unless exactly one is
         given and it is in (0, 1]."""
-        given = [(k, getattr(self, f"keep_{k}")) for k in BUDGET_KINDS if getattr(self, f"keep_{k}") is not None]
+        values = {k: getattr(self, f"keep_{k}") for k in BUDGET_KINDS}
+        given = [(k, v) for k, v in values.items() if v is not None]
         if len(given) != 1:
             raise BudgetError("give exactly one budget: --keep-flops F, --keep-params F or --keep-latency F")
         kind, value = given[0]
