@@ -218,11 +218,11 @@ def table_key(model: Any, *, device: str, backend: str, batch: int, seq_len: int
     import torch
 
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    hardware = (
-        torch.cuda.get_device_name(torch.device(device))
-        if str(device).startswith("cuda")
-        else f"{platform.machine()} {platform.processor()} x{os.cpu_count()}"
-    )
+    if str(device).startswith("cuda"):
+        available = torch.cuda.is_available()
+        hardware = torch.cuda.get_device_name(torch.device(device)) if available else "cuda"
+    else:
+        hardware = f"{platform.machine()} {platform.processor()} x{os.cpu_count()}"
     return {
         "config": json.loads(model.config.to_json_string(use_diff=False)),
         "device": str(device),
