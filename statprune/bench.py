@@ -110,12 +110,14 @@ def benchmark(
     lm_batches: Sequence[int] = (1, 16),
     new_tokens: int = 32,
     memory: bool = True,
+    generate: bool = True,
 ) -> list[BenchRow]:
     """Benchmark ``models`` side by side; returns rows in model order within each (kind, batch).
 
     ``backend="onnxruntime"`` first exports every model with ``statprune.export.export_onnx``
     (checked against PyTorch) to a temporary folder. ``memory=False`` skips the peak-memory
-    measurement (the child processes cost a few seconds per model on CPU).
+    measurement (the child processes cost a few seconds per model on CPU); ``generate=False``
+    skips the generation rows of causal LMs (prefill only).
     """
     import torch
 
@@ -164,6 +166,8 @@ def benchmark(
                     times = time_calls(calls, warmup, trials, _sync(device, backend))
                     for m, ts in zip(lm, times, strict=True):
                         rows.append(_row(m, "prefill", batch, 0, ts, batch, "seq/s", None, "", common))
+                    if not generate:
+                        continue
                     made = [_generate_call(m, batch, seq_len, new_tokens, device) for m in lm]
                     calls, produced = [c for c, _ in made], [n for _, n in made]
                     times = time_calls(calls, warmup, trials, _sync(device, backend))

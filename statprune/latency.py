@@ -380,7 +380,9 @@ def measure_table(
                 )
             )
             del variants, calls
-        dense = measure_modules([model], ["dense"], batch=batch, seq_len=seq_len, kind=kind)[0]
+        dense = measure_modules(
+            [model], ["dense"], batch=batch, seq_len=seq_len, kind=kind, warmup=warmup, trials=trials
+        )[0]
     layered = sum(next(t for t in tables if t.shape == s).cost(s.n_heads, s.ffn_width) for s in shapes)
     return LatencyTable(
         key={},

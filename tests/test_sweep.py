@@ -454,3 +454,17 @@ def test_bench_with_a_missing_onnxruntime_names_the_package(assets, tmp_path, mo
         cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", tmp_path / "out",
             "--bench", "--backend", "onnxruntime")
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_measures_causal_lms_by_prefill(tiny_model_dir, calib_file, tmp_path):
+    model = tiny_model_dir("llama", name="lm")
+    calib = calib_file(60)
+    out = tmp_path / "out"
+    result = sweep(model, calib, calib, budgets=[0.8], methods=["stat"], samples=40, pack=True, seq_len=16,
+                   bench=True, bench_memory=False, bench_trials=2, bench_batch=2, bench_seq_len=8,
+                   out=out, log=None)
+    assert result.task == "lm" and result.bench["kind"] == "prefill"
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["dense", "stat"]
+    assert all(r["latency_ms"] > 0 for r in rows)
+    assert "Measured (prefill, batch 2 x 8 tokens" in (out / "results.md").read_text()
