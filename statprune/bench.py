@@ -178,6 +178,32 @@ def benchmark(
     return _with_ratios(rows)
 
 
+def module_calls(
+    models: Sequence[Any], labels: Sequence[str], *, batch: int, seq_len: int, kind: str = "forward"
+) -> tuple[list[_Model], list[Callable[[], Any]], str]:
+    """The entries, timed calls (``benchmark``'s own) and device of in-memory torch models, for
+    ``time_calls``. ``kind``: ``forward`` (full sequence, no cache) or ``prefill`` (causal LMs:
+    one forward filling the KV cache, next-token logits only; other models: forward)."""
+    if kind not in ("forward", "prefill"):
+        raise ValueError(f"kind must be forward or prefill, not {kind!r}")
+    from statprune.export import input_spec, is_causal_lm
+
+    entries, calls, devices = [], [], []
+    for model, label in zip(models, labels, strict=True):
+        params = sum(p.numel() for p in model.parameters())
+        m = _Model(label, label, params, is_causal_lm(model), input_spec(model), model=model)
+        device = str(next(model.parameters()).device)
+        use_prefill = kind == "prefill" and m.causal
+        call = _prefill_call(m, batch, seq_len, device) if use_prefill else _forward_call(
+            m, batch, seq_len, "torch", device
+        )
+        entries.append(m)
+        calls.append(call)
+        devices.append(device)
+    cuda = next((d for d in devices if d.startswith("cuda")), None)
+    return entries, calls, cuda or devices[0]
+
+
 def measure_modules(
     models: Sequence[Any],
     labels: Sequence[str],
@@ -189,30 +215,15 @@ def measure_modules(
     trials: int = 7,
 ) -> list[BenchRow]:
     """Latency of in-memory torch models side by side, with ``benchmark``'s calls and timing loop
-    (``time_calls``; no peak memory): one row per model, in order, ``speedup`` relative to the
-    first. ``kind``: ``forward`` (full sequence, no cache) or ``prefill`` (causal LMs: one forward
-    filling the KV cache, next-token logits only). Each model runs on the device it is on."""
+    (``module_calls``, ``time_calls``; no peak memory): one row per model, in order, ``speedup``
+    relative to the first. Each model runs on the device it is on."""
     import torch
 
-    if kind not in ("forward", "prefill"):
-        raise ValueError(f"kind must be forward or prefill, not {kind!r}")
-    from statprune.export import input_spec, is_causal_lm
-
-    entries, devices = [], []
-    for model, label in zip(models, labels, strict=True):
-        params = sum(p.numel() for p in model.parameters())
-        entries.append(_Model(label, label, params, is_causal_lm(model), input_spec(model), model=model))
-        devices.append(str(next(model.parameters()).device))
+    entries, calls, device = module_calls(models, labels, batch=batch, seq_len=seq_len, kind=kind)
     with torch.inference_mode():
-        calls = [
-            _prefill_call(m, batch, seq_len, d) if kind == "prefill" and m.causal
-            else _forward_call(m, batch, seq_len, "torch", d)
-            for m, d in zip(entries, devices, strict=True)
-        ]
-        cuda = any(d.startswith("cuda") for d in devices)
-        times = time_calls(calls, warmup, trials, _sync("cuda" if cuda else "cpu", "torch"))
-    threads = None if cuda else torch.get_num_threads()
-    common = {"backend": "torch", "device": devices[0], "seq_len": seq_len, "threads": threads}
+        times = time_calls(calls, warmup, trials, _sync(device, "torch"))
+    threads = None if device.startswith("cuda") else torch.get_num_threads()
+    common = {"backend": "torch", "device": device, "seq_len": seq_len, "threads": threads}
     rows = [
         _row(m, kind, batch, 0, ts, batch, "seq/s", None, "", common)
         for m, ts in zip(entries, times, strict=True)

@@ -47,7 +47,7 @@ from statprune.flops import LayerShape
 # widths measured per block kind (evenly spread, always including 0 and the full width)
 GRID_POINTS = 5
 WARMUP, TRIALS = 1, 5
-FORMAT = 1  # version of the cached JSON layout
+FORMAT = 2  # version of the cached JSON layout (2: the dense model timed with the layers)
 
 
 class LatencyWarning(UserWarning):
@@ -342,7 +342,7 @@ def measure_table(
 
     import torch
 
-    from statprune.bench import measure_modules, spread, time_calls
+    from statprune.bench import module_calls, spread, time_calls
     from statprune.calibration import CalibrationBatch
     from statprune.export import input_spec, is_causal_lm, token_inputs
     from statprune.pipeline.stages import capture_inputs
@@ -358,38 +358,48 @@ def measure_table(
         )
         hidden, args, kwargs = calib.hidden[0], calib.args[0], calib.kwargs[0]
         layers = adapter.layers(model.base_model)
-        tables: list[LayerTable] = []
+        # every variant of every distinct layer shape, and the whole dense model, in one interleaved
+        # timing loop: load drifting during the measurement hits the layers and the model alike
+        plan: list[tuple[LayerShape, list[int], list[int], list[tuple[int, int]]]] = []
+        calls = []
         for index, shape in enumerate(shapes):
-            if any(t.shape == shape for t in tables):
+            if any(p[0] == shape for p in plan):
                 continue
             head_grid = grid(shape.n_heads, shape.groups, points)
             neuron_grid = grid(shape.ffn_width, 1, points)
             widths = [(h, 0) for h in head_grid] + [(0, n) for n in neuron_grid if n > 0]
-            variants = [layer_variant(adapter, layers[index], h, n) for h, n in widths]
-            calls = [lambda v=v: v(hidden, *args, **kwargs) for v in variants]
+            plan.append((shape, head_grid, neuron_grid, widths))
+            for h, n in widths:
+                variant = layer_variant(adapter, layers[index], h, n)
+                calls.append(lambda v=variant: v(hidden, *args, **kwargs))
+        del calib
+        calls += module_calls([model], ["dense"], batch=batch, seq_len=seq_len, kind=kind)[1]
+        with torch.inference_mode():
             times = time_calls(calls, warmup, trials, sync)
-            ms = {w: statistics.median(t) * 1e3 for w, t in zip(widths, times, strict=True)}
-            base = ms[(0, 0)]
-            tables.append(
-                LayerTable(
-                    shape,
-                    base,
-                    fit_block(head_grid, [ms[(h, 0)] - base for h in head_grid]),
-                    fit_block(neuron_grid, [ms[(0, n)] - base for n in neuron_grid]),
-                    max(spread(t) for t in times),
-                )
+    tables: list[LayerTable] = []
+    position = 0
+    for shape, head_grid, neuron_grid, widths in plan:
+        ms = {w: statistics.median(times[position + i]) * 1e3 for i, w in enumerate(widths)}
+        shape_spread = max(spread(times[position + i]) for i in range(len(widths)))
+        position += len(widths)
+        base = ms[(0, 0)]
+        tables.append(
+            LayerTable(
+                shape,
+                base,
+                fit_block(head_grid, [ms[(h, 0)] - base for h in head_grid]),
+                fit_block(neuron_grid, [ms[(0, n)] - base for n in neuron_grid]),
+                shape_spread,
             )
-            del variants, calls
-        dense = measure_modules(
-            [model], ["dense"], batch=batch, seq_len=seq_len, kind=kind, warmup=warmup, trials=trials
-        )[0]
+        )
+    dense_ms = statistics.median(times[-1]) * 1e3
     layered = sum(next(t for t in tables if t.shape == s).cost(s.n_heads, s.ffn_width) for s in shapes)
     return LatencyTable(
         key={},
         layers=tables,
-        dense_ms=dense.latency_ms,
-        rest=max(0.0, dense.latency_ms - layered),
-        dense_spread=dense.latency_p90_ms / dense.latency_ms if dense.latency_ms > 0 else 1.0,
+        dense_ms=dense_ms,
+        rest=max(0.0, dense_ms - layered),
+        dense_spread=spread(times[-1]),
         seconds=round(time.perf_counter() - start, 3),
     )
 

@@ -207,7 +207,15 @@ def test_layer_variant_has_the_asked_widths():
     assert adapter.attention(layer).n_heads == 4  # the model's own layer is untouched
 
 
-def test_compress_to_a_latency_budget_reports_predicted_and_measured():
+def synthetic_measure(model, adapter, shapes, **_):
+    """A fixed table for the tiny models' shape (their real timings are overhead and noise; the
+    measurement itself is tested above)."""
+    layer = LayerTable(shapes[0], 0.1, BlockTable((0, 4), (0.0, 1.0)), BlockTable((0, 64), (0.0, 2.0)))
+    return LatencyTable(key={}, layers=[layer], dense_ms=6.4, rest=0.2)
+
+
+def test_compress_to_a_latency_budget_reports_predicted_and_measured(monkeypatch):
+    monkeypatch.setattr(latency, "measure_table", synthetic_measure)
     model, tokenizer = build_tiny_model("bert"), _build_tiny_tokenizer()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _pruned, report = statprune.compress(
