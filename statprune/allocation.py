@@ -5,16 +5,65 @@ keeping ``c`` units). Cutting along each block's lower convex hull of (cost, err
 increasing error per unit of cost saved minimizes the total weighted error for the cost removed
 (the Lagrangian solution); the last cut is refined to the largest count that still meets the
 budget. ``uniform`` keeps the same fraction of heads and neurons in every layer instead.
+
+What a unit costs comes from the budget kind's cost model (:class:`CostModel`): FLOPs or
+parameters from ``statprune.flops``'s accounting (:class:`Accounting`), or latency measured on
+this machine (``statprune.latency.LatencyCost``, Kwon et al. 2022's lookup tables). The greedy is
+the same for every kind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from statprune.errors import BudgetError
-from statprune.flops import LayerShape, dense_counts, total_cost
+from statprune.flops import LayerShape, dense_counts
+
+
+class CostModel:
+    """What a model with given per-layer widths costs, in the budget kind's unit.
+
+    ``layer_cost(shape, heads, neurons)``: one layer's cost; ``fixed``: what no pruning changes
+    (embeddings, task head, per-call overheads; 0 for FLOPs and parameters, which count only
+    attention and FFN). Subclasses: :class:`Accounting` (``flops``, ``params``) and
+    ``statprune.latency.LatencyCost`` (``latency``, milliseconds)."""
+
+    kind: str = ""
+    fixed: float = 0.0
+
+    def layer_cost(self, shape: LayerShape, heads: int, neurons: int) -> float:
+        raise NotImplementedError
+
+    def block_cost(self, shape: LayerShape, block: str, count: int) -> float:
+        """Cost added by ``count`` heads (``block='heads'``) or neurons of one layer."""
+        if block == "heads":
+            return self.layer_cost(shape, count, 0) - self.layer_cost(shape, 0, 0)
+        return self.layer_cost(shape, 0, count) - self.layer_cost(shape, 0, 0)
+
+    def total(self, shapes: Sequence[LayerShape], counts: Sequence[tuple[int, int]]) -> float:
+        """``fixed`` plus every layer's cost; layer ``i`` keeps ``counts[i] = (heads, neurons)``."""
+        return self.fixed + sum(self.layer_cost(s, h, n) for s, (h, n) in zip(shapes, counts, strict=True))
+
+
+class Accounting(CostModel):
+    """FLOPs (at ``seq_len`` tokens) or parameters of the attention and FFN projections
+    (``LayerShape.cost``; integers)."""
+
+    def __init__(self, kind: str, seq_len: int) -> None:
+        if kind not in ("flops", "params"):
+            raise ValueError(f"unknown cost kind {kind!r}")
+        self.kind, self.seq_len = kind, seq_len
+
+    def layer_cost(self, shape: LayerShape, heads: int, neurons: int) -> float:
+        return shape.cost(heads, neurons, self.kind, self.seq_len)
+
+
+def cost_model(kind: str | CostModel, seq_len: int) -> CostModel:
+    """``kind`` itself when it is a cost model, else the accounting of ``flops`` / ``params``."""
+    return kind if isinstance(kind, CostModel) else Accounting(kind, seq_len)
 
 
 @dataclass(frozen=True)
@@ -25,7 +74,7 @@ class BlockCurve:
     kind: str  # "heads" or "neurons"
     counts: list[int]  # allowed counts, ascending, from 0 to the current width
     errors: list[float]  # weighted error for each count (non-increasing)
-    costs: list[int]  # cost of the block at each count
+    costs: list[float]  # cost of the block at each count (the budget kind's unit)
 
 
 def allowed_neuron_counts(width: int, multiple: int = 1) -> list[int]:
@@ -51,7 +100,7 @@ def _lower_hull(points: list[tuple[int, float, int]]) -> list[tuple[int, float, 
 def allocate(
     shapes: list[LayerShape],
     curves: list[BlockCurve],
-    kind: str,
+    kind: str | CostModel,
     keep: float,
     seq_len: int,
     method: str = "greedy",
@@ -59,29 +108,34 @@ def allocate(
 ) -> list[tuple[int, int]]:
     """Per-layer ``(heads, neurons)`` kept so that the cost is at most ``keep`` × dense cost.
 
-    ``curves`` holds the prunable blocks (a block without a curve keeps its width). ``reserve`` is
-    cost the pruning itself may add outside the curves (biases created by bias compensation).
+    ``kind``: ``flops``, ``params`` or a :class:`CostModel` (e.g. latency); the block curves'
+    costs must come from the same model. ``curves`` holds the prunable blocks (a block without a
+    curve keeps its width). ``reserve`` is cost the pruning itself may add outside the curves
+    (biases created by bias compensation). ``BudgetError`` when even removing every prunable unit
+    does not reach the budget (the message gives the reachable floor).
     """
     if not 0.0 < keep <= 1.0:
         raise BudgetError(f"budget {keep} is outside (0, 1]: give the fraction to keep, e.g. 0.6")
+    model = cost_model(kind, seq_len)
     dense = dense_counts(shapes)
-    dense_cost = total_cost(shapes, dense, kind, seq_len)
+    dense_cost = model.total(shapes, dense)
     target = keep * dense_cost - reserve
     counts = [list(c) for c in dense]
     slot = {"heads": 0, "neurons": 1}
     floor = [list(c) for c in dense]
     for curve in curves:
         floor[curve.layer][slot[curve.kind]] = 0
-    floor_cost = total_cost(shapes, [tuple(c) for c in floor], kind, seq_len)
+    floor_cost = model.total(shapes, [tuple(c) for c in floor])
     if floor_cost > target:
         raise BudgetError(
-            f"cannot keep only {keep:.0%} of {kind}: removing every prunable unit still keeps "
-            f"{floor_cost / dense_cost:.1%}; raise the budget or allow more with --prune heads,neurons"
+            f"cannot keep only {keep:.0%} of {model.kind}: removing every prunable unit still keeps "
+            f"{floor_cost / dense_cost:.1%} (the reachable floor); raise the budget or allow more "
+            "with --prune heads,neurons"
         )
     if keep >= 1.0:
         return [tuple(c) for c in dense]
 
-    state = _Counts(curves, counts, slot, total_cost(shapes, dense, kind, seq_len))
+    state = _Counts(curves, counts, slot, dense_cost)
     if method == "uniform":
         _allocate_uniform(curves, state, target)
     elif method == "greedy":
@@ -196,18 +250,20 @@ def curve_from_errors(
     shape: LayerShape,
     errors: torch.Tensor,
     weight: float,
-    cost_kind: str,
+    cost_kind: str | CostModel,
     seq_len: int,
     multiple: int = 1,
 ) -> BlockCurve:
-    """Build a block curve from an error curve indexed by count (heads per group or neurons)."""
+    """Build a block curve from an error curve indexed by count (heads per group or neurons);
+    each count's cost from ``cost_kind`` (``flops``, ``params`` or a :class:`CostModel`)."""
+    model = cost_model(cost_kind, seq_len)
     if kind == "heads":
         per_group = list(range(len(errors)))
         counts = [r * shape.groups for r in per_group]
-        costs = [shape.cost(h, 0, cost_kind, seq_len) - shape.cost(0, 0, cost_kind, seq_len) for h in counts]
+        costs = [model.block_cost(shape, "heads", h) for h in counts]
         errs = [weight * float(errors[r]) for r in per_group]
     else:
         counts = allowed_neuron_counts(len(errors) - 1, multiple)
-        costs = [shape.cost(0, n, cost_kind, seq_len) - shape.cost(0, 0, cost_kind, seq_len) for n in counts]
+        costs = [model.block_cost(shape, "neurons", n) for n in counts]
         errs = [weight * float(errors[n]) for n in counts]
     return BlockCurve(layer=layer, kind=kind, counts=counts, errors=errs, costs=costs)

@@ -46,6 +46,10 @@ from statprune.errors import DeviceError, ModelError, OutputError, StatpruneErro
 
 BACKENDS = ("torch", "onnxruntime")
 DTYPES = ("float32", "float16", "bfloat16")
+# trial spread (90th percentile / median latency) above which a measurement is called noisy: on a
+# quiet machine the spread of 10 trials stays below ~1.1; other processes competing for the cores
+# push it up (see ``noisy``)
+NOISY_SPREAD = 1.25
 
 
 @dataclass
@@ -106,12 +110,14 @@ def benchmark(
     lm_batches: Sequence[int] = (1, 16),
     new_tokens: int = 32,
     memory: bool = True,
+    generate: bool = True,
 ) -> list[BenchRow]:
     """Benchmark ``models`` side by side; returns rows in model order within each (kind, batch).
 
     ``backend="onnxruntime"`` first exports every model with ``statprune.export.export_onnx``
     (checked against PyTorch) to a temporary folder. ``memory=False`` skips the peak-memory
-    measurement (the child processes cost a few seconds per model on CPU).
+    measurement (the child processes cost a few seconds per model on CPU); ``generate=False``
+    skips the generation rows of causal LMs (prefill only).
     """
     import torch
 
@@ -119,6 +125,7 @@ def benchmark(
         raise ValueError("give at least one model folder")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    require_backend(backend)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if backend == "onnxruntime" and dtype != "float32":
@@ -149,23 +156,78 @@ def benchmark(
             with torch.inference_mode():
                 for batch in batches:
                     calls = [_forward_call(m, batch, seq_len, backend, device) for m in loaded]
-                    times = _interleaved(calls, warmup, trials, _sync(device, backend))
+                    times = time_calls(calls, warmup, trials, _sync(device, backend))
                     for m, ts in zip(loaded, times, strict=True):
                         mem = memory_mb.get((m.label, batch))
                         rows.append(_row(m, "forward", batch, 0, ts, batch, "seq/s", mem, method, common))
                 lm = [m for m in loaded if m.causal] if backend == "torch" else []
                 for batch in lm_batches if lm else ():
                     calls = [_prefill_call(m, batch, seq_len, device) for m in lm]
-                    times = _interleaved(calls, warmup, trials, _sync(device, backend))
+                    times = time_calls(calls, warmup, trials, _sync(device, backend))
                     for m, ts in zip(lm, times, strict=True):
                         rows.append(_row(m, "prefill", batch, 0, ts, batch, "seq/s", None, "", common))
+                    if not generate:
+                        continue
                     made = [_generate_call(m, batch, seq_len, new_tokens, device) for m in lm]
                     calls, produced = [c for c, _ in made], [n for _, n in made]
-                    times = _interleaved(calls, warmup, trials, _sync(device, backend))
+                    times = time_calls(calls, warmup, trials, _sync(device, backend))
                     for m, ts, n in zip(lm, times, produced, strict=True):
                         rows.append(_row(m, "generate", batch, n, ts, batch * n, "tok/s", None, "", common))
     finally:
         torch.set_num_threads(previous_threads)
+    return _with_ratios(rows)
+
+
+def module_calls(
+    models: Sequence[Any], labels: Sequence[str], *, batch: int, seq_len: int, kind: str = "forward"
+) -> tuple[list[_Model], list[Callable[[], Any]], str]:
+    """The entries, timed calls (``benchmark``'s own) and device of in-memory torch models, for
+    ``time_calls``. ``kind``: ``forward`` (full sequence, no cache) or ``prefill`` (causal LMs:
+    one forward filling the KV cache, next-token logits only; other models: forward)."""
+    if kind not in ("forward", "prefill"):
+        raise ValueError(f"kind must be forward or prefill, not {kind!r}")
+    from statprune.export import input_spec, is_causal_lm
+
+    entries, calls, devices = [], [], []
+    for model, label in zip(models, labels, strict=True):
+        params = sum(p.numel() for p in model.parameters())
+        m = _Model(label, label, params, is_causal_lm(model), input_spec(model), model=model)
+        device = str(next(model.parameters()).device)
+        use_prefill = kind == "prefill" and m.causal
+        call = _prefill_call(m, batch, seq_len, device) if use_prefill else _forward_call(
+            m, batch, seq_len, "torch", device
+        )
+        entries.append(m)
+        calls.append(call)
+        devices.append(device)
+    cuda = next((d for d in devices if d.startswith("cuda")), None)
+    return entries, calls, cuda or devices[0]
+
+
+def measure_modules(
+    models: Sequence[Any],
+    labels: Sequence[str],
+    *,
+    batch: int = 32,
+    seq_len: int = 128,
+    kind: str = "forward",
+    warmup: int = 2,
+    trials: int = 7,
+) -> list[BenchRow]:
+    """Latency of in-memory torch models side by side, with ``benchmark``'s calls and timing loop
+    (``module_calls``, ``time_calls``; no peak memory): one row per model, in order, ``speedup``
+    relative to the first. Each model runs on the device it is on."""
+    import torch
+
+    entries, calls, device = module_calls(models, labels, batch=batch, seq_len=seq_len, kind=kind)
+    with torch.inference_mode():
+        times = time_calls(calls, warmup, trials, _sync(device, "torch"))
+    threads = None if device.startswith("cuda") else torch.get_num_threads()
+    common = {"backend": "torch", "device": device, "seq_len": seq_len, "threads": threads}
+    rows = [
+        _row(m, kind, batch, 0, ts, batch, "seq/s", None, "", common)
+        for m, ts in zip(entries, times, strict=True)
+    ]
     return _with_ratios(rows)
 
 
@@ -174,6 +236,22 @@ def _sizes(values: Sequence[int], what: str, allow_empty: bool = False) -> tuple
     if (not sizes and not allow_empty) or any(v < 1 for v in sizes):
         raise ValueError(f"{what} must be positive integers, not {list(values)}")
     return tuple(dict.fromkeys(sizes))
+
+
+def require_backend(backend: str) -> None:
+    """``OptionsError`` for an unknown backend; ``StatpruneError`` naming the package when the
+    onnxruntime backend is asked for and onnxruntime is not installed."""
+    import importlib.util
+
+    from statprune.errors import OptionsError
+
+    if backend not in BACKENDS:
+        raise OptionsError(f"unknown backend {backend!r}: choose {', '.join(BACKENDS)}")
+    if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        raise StatpruneError(
+            "--backend onnxruntime needs the onnxruntime package: pip install 'statprune[onnx]' "
+            "(or use --backend torch)"
+        )
 
 
 def _check_device(device: str, backend: str) -> str:
@@ -328,8 +406,15 @@ def _generate_call(m: _Model, batch: int, seq_len: int, new_tokens: int, device:
     return call, produced
 
 
-def _interleaved(calls: list[Callable], warmup: int, trials: int, sync: Callable) -> list[list[float]]:
-    """Seconds per call: ``trials`` rounds, each timing every model once, rotating the order."""
+def time_calls(
+    calls: Sequence[Callable[[], Any]], warmup: int, trials: int, sync: Callable[[], None] = lambda: None
+) -> list[list[float]]:
+    """Seconds per call: ``warmup`` untimed calls of each, then ``trials`` rounds, each timing every
+    call once in an order rotated from round to round (drift hits every call alike).
+
+    The one timing loop of statprune: ``benchmark``, ``measure_modules`` (sweeps, latency budgets)
+    and the latency lookup tables (``statprune.latency``) all use it. ``sync``: called around each
+    timed call (``torch.cuda.synchronize`` on a GPU)."""
     for call in calls:
         for _ in range(warmup):
             call()
@@ -345,6 +430,17 @@ def _interleaved(calls: list[Callable], warmup: int, trials: int, sync: Callable
             sync()
             times[i].append(time.perf_counter() - start)
     return times
+
+
+def spread(seconds: Sequence[float]) -> float:
+    """90th percentile / median of one call's trial times (1.0: perfectly steady)."""
+    median = statistics.median(seconds)
+    return _percentile(list(seconds), 0.9) / median if median > 0 else 1.0
+
+
+def noisy(rows: Sequence[BenchRow], threshold: float = NOISY_SPREAD) -> list[BenchRow]:
+    """The rows whose trial spread (``latency_p90_ms / latency_ms``) exceeds ``threshold``."""
+    return [r for r in rows if r.latency_ms > 0 and r.latency_p90_ms / r.latency_ms > threshold]
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -80,7 +80,8 @@ def _compress(args: argparse.Namespace) -> int:
     from statprune.options import CompressionOptions
     from statprune.persist import check_model_dir, check_output_dir, load_tokenizer
 
-    fields = {"keep_flops": args.keep_flops, "keep_params": args.keep_params, **options_from_args(args)}
+    fields = {k: getattr(args, k) for k in ("keep_flops", "keep_params", "keep_latency")}
+    fields |= options_from_args(args)
     CompressionOptions(**fields).validate()
     if args.quiet:  # also transformers' own bars ("Loading weights", "Writing model shards")
         transformers.utils.logging.disable_progress_bar()

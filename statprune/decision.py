@@ -35,13 +35,10 @@ from typing import Any
 from statprune.errors import DataError, OutputError
 
 __all__ = [
-    "OBJECTIVES",
     "Candidate",
     "DecisionReport",
     "add_report_parser",
-    "bench_candidates",
     "build_report",
-    "choose_by_objective",
     "render_html",
     "render_markdown",
     "run_report",
@@ -49,11 +46,6 @@ __all__ = [
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-# what ``sweep --objective`` minimises among the candidates meeting the bar (field of SweepRow)
-OBJECTIVES = {"latency": "latency_ms", "flops": "flops_kept", "params": "params_kept",
-              "memory": "peak_memory_mb"}
-BENCH_FIELDS = ("latency_ms", "latency_p90_ms", "throughput", "peak_memory_mb")
-NOISY_SPREAD = 1.25  # p90 / median latency above this: the machine was too noisy to trust
 _METRIC_LABELS = {
     "accuracy": "accuracy",
     "agreement": "top-1 agreement with dense",
@@ -129,118 +121,6 @@ class DecisionReport:
 
 
 # ------------------------------------------------------------------------- measuring a sweep's runs
-
-
-def bench_candidates(
-    dense_dir: str | Path,
-    folders: dict[Any, Path],
-    *,
-    batch: int = 32,
-    seq_len: int = 128,
-    backend: str = "torch",
-    device: str = "cpu",
-    warmup: int = 3,
-    trials: int = 10,
-) -> tuple[dict[str, float | None], dict[Any, dict[str, float | None]]]:
-    """Measure the dense folder and every candidate folder in one ``statprune bench`` run
-    (:func:`statprune.bench.benchmark`: warm-up, trials interleaved across all models, medians,
-    peak memory in a child process per model) at one batch size of ``seq_len``-token sequences.
-
-    Returns ``(dense, {key: measurement})``, each measurement a dict of ``latency_ms`` (median),
-    ``latency_p90_ms``, ``throughput`` (sequences/s) and ``peak_memory_mb``.
-    """
-    from statprune.bench import benchmark
-
-    keys = list(folders)
-    rows = benchmark([Path(dense_dir), *(folders[k] for k in keys)], batches=(batch,), seq_len=seq_len,
-                     backend=backend, device=device, warmup=warmup, trials=trials, lm_batches=())
-    forward = [r for r in rows if r.kind == "forward" and r.batch == batch]
-    measured = [{f: getattr(r, f) for f in BENCH_FIELDS} for r in forward]
-    return measured[0], dict(zip(keys, measured[1:], strict=True))
-
-
-def choose_by_objective(rows: list, threshold: float, higher_is_better: bool, objective: str):
-    """Among ``rows`` (SweepRow) meeting the bar, the one with the least ``objective`` (see
-    :data:`OBJECTIVES`); ties go to the better metric. None when no row meets the bar or the
-    objective was not measured for every row that does."""
-    from statprune.sweep import meets
-
-    field_name = OBJECTIVES[objective]
-    ok = [r for r in rows if meets(r.value, threshold, higher_is_better)]
-    if not ok or any(getattr(r, field_name, None) is None for r in ok):
-        return None
-    return min(ok, key=lambda r: (getattr(r, field_name), -r.value if higher_is_better else r.value))
-
-
-def apply_objective(selection, rows: list, higher_is_better: bool, objective: str, metric: str) -> None:
-    """Re-pick ``selection.best`` (a sweep's Selection) by ``objective`` among the rows meeting its
-    bar, when that objective was measured for all of them; updates its message and rule."""
-    if selection is None or selection.best is None:
-        return
-    best = choose_by_objective(rows, selection.threshold, higher_is_better, objective)
-    if best is None:
-        return
-    unit = {"latency": "median latency", "memory": "peak memory"}.get(objective, f"{objective} kept")
-    selection.rule = f"least {unit} among the runs that meet the bar (any method); ties: better metric"
-    value = getattr(best, OBJECTIVES[objective])
-    shown = f"{value:.1f} ms" if objective == "latency" else (
-        f"{value:.0f} MB" if objective == "memory" else f"{value:.1%}")
-    selection.best = best
-    selection.message = (f"best: {best.method} at keep {best.budget:g} {best.budget_kind}: {metric} "
-                         f"{_fmt(metric, best.value)}, {unit} {shown} — the least {unit} meeting the bar")
-
-
-def latency_markdown(rows: list, dense: dict | None, setting: str) -> list[str]:
-    """Markdown lines: the measured latency / throughput / memory of the dense model and every run."""
-    lines = ["", f"Measured ({setting}): median latency, throughput and peak memory.", "",
-             "| run | latency (ms) | throughput (seq/s) | peak memory (MB) | speed-up |",
-             "|---|---:|---:|---:|---:|"]
-
-    def line(name: str, m: dict) -> str:
-        memory = "—" if m.get("peak_memory_mb") is None else f"{m['peak_memory_mb']:.0f}"
-        speedup = "—" if not dense else f"{dense['latency_ms'] / m['latency_ms']:.2f}×"
-        return f"| {name} | {m['latency_ms']:.1f} | {m['throughput']:.1f} | {memory} | {speedup} |"
-
-    if dense:
-        lines.append(line("dense", dense))
-    for r in rows:
-        if r.latency_ms is not None:
-            lines.append(line(f"{r.method} @ {r.budget:g}", {f: getattr(r, f) for f in BENCH_FIELDS}))
-    return lines
-
-
-def write_latency_plot(result, path: Path) -> None:
-    """Quality against measured latency: a line per method, the dense point, the bar, the choice."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
-    ax = fig.add_subplot()
-    for i, method in enumerate(result.methods):
-        points = sorted((r.latency_ms, r.value) for r in result.rows
-                        if r.method == method and r.value is not None and r.latency_ms is not None)
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="osD^v<>p"[i % 8], linewidth=1.6, label=method)
-    if result.dense_bench:
-        ax.plot([result.dense_bench["latency_ms"]], [result.dense_value], marker="s", color="black",
-                markersize=8, linestyle="none", label=f"dense ({_fmt(result.metric, result.dense_value)})")
-    selection = result.selection
-    if selection is not None:
-        ax.axhline(selection.threshold, color="tab:red", linestyle=":", linewidth=1.2,
-                   label=f"bar ({_fmt(result.metric, selection.threshold)})")
-        best = selection.best
-        if best is not None and best.latency_ms is not None:
-            ax.plot([best.latency_ms], [best.value], marker="*", markersize=16, color="gold",
-                    markeredgecolor="black", linestyle="none",
-                    label=f"selected: {best.method} @ {best.budget:g}")
-    ax.set_xlabel(f"measured latency, ms ({result.bench_setting})")
-    ax.set_ylabel(_METRIC_LABELS.get(result.metric, result.metric))
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=9, loc="best")
-    fig.savefig(path)
-
-
-# ---------------------------------------------------------------------------------------- reading
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -334,7 +214,8 @@ def build_report(
     ``requests_per_day`` add the serving cost. ``min_quality`` (``0.80`` or ``99%``) replaces the
     sweep's bar. Raises DataError for a folder that is not a sweep's output or bad numbers.
     """
-    from statprune.sweep import SweepRow, meets, parse_min_quality, select_best
+    from statprune.bench import NOISY_SPREAD
+    from statprune.sweep import SweepRow, meets, parse_min_quality, select_best, selection_rule
 
     sweep_dir = Path(sweep_dir)
     results_path = sweep_dir / "results.json"
@@ -346,7 +227,12 @@ def build_report(
     if requests_per_day is not None and price_per_hour is None:
         raise DataError("--requests-per-day needs --price-per-hour P (the cost of one machine-hour)")
     raw_rows = _read_json(results_path, "rerun the sweep")
-    if not isinstance(raw_rows, list) or not raw_rows or not all(isinstance(r, dict) for r in raw_rows):
+    if not isinstance(raw_rows, list) or not all(isinstance(r, dict) for r in raw_rows):
+        raise DataError(f"{results_path} holds no sweep rows; rerun the sweep")
+    # `sweep --bench` puts the dense model's measurements first, as a row of method "dense"
+    dense_rows = [r for r in raw_rows if r.get("method") == "dense"]
+    raw_rows = [r for r in raw_rows if r.get("method") != "dense"]
+    if not raw_rows:
         raise DataError(f"{results_path} holds no sweep rows; rerun the sweep")
     fields = set(SweepRow.__dataclass_fields__)
     try:
@@ -355,6 +241,8 @@ def build_report(
         raise DataError(f"{results_path} is not a sweep's results.json ({exc}); rerun the sweep") from None
     meta_path = sweep_dir / "sweep.json"
     meta = _read_json(meta_path, "rerun the sweep") if meta_path.is_file() else {}
+    if dense_rows and not meta.get("dense_bench"):
+        meta = {**meta, "dense_bench": dense_rows[0]}
     best_path = sweep_dir / "best.json"
     best = _read_json(best_path, "rerun the sweep") if best_path.is_file() else None
 
@@ -392,13 +280,13 @@ def build_report(
         bar = parse_min_quality(min_quality)
         report.threshold = bar.threshold(dense_value, higher)
         report.bar = bar.describe(metric, dense_value, higher)
-        chosen, closest = select_best(rows, report.threshold, higher, methods)
         objective = meta.get("objective")
-        if chosen is not None and objective in OBJECTIVES and objective != first.budget_kind:
-            by_objective = choose_by_objective(rows, report.threshold, higher, objective)
-            if by_objective is not None:
-                chosen = by_objective
-                report.rule = f"least {objective} among the runs that meet the bar; ties: better metric"
+        valued = [r for r in rows if r.value is not None]
+        measured = bool(objective) and all(r.objective(objective) is not None for r in valued)
+        by = objective if measured else None
+        chosen, closest = select_best(rows, report.threshold, higher, methods, by)
+        if measured:
+            report.rule = selection_rule(objective)
     elif best is not None:
         report.threshold = best.get("threshold")
         sign = ">=" if higher else "<="

@@ -106,6 +106,7 @@ def compress(
     analysis = cache.get(cache_key) if cache is not None else None
     keep_stats = keeps_stats(options, offload, checkpoint is not None)
     start = time.perf_counter()
+    original = model
     if not inplace:
         model = copy.deepcopy(model)
     was_training = model.training
@@ -118,6 +119,9 @@ def compress(
         job = Job(plan, model, batches, shapes, checkpoint, device if offload else None, keep_stats)
         stages.check_enough_tokens(shapes, count_tokens(batches), plan)
         check_calibration(batches, shapes, model)
+        if plan.budget_kind == "latency":
+            with timed(timings, "latency table"):
+                job.cost = stages.latency_cost(job, offload)
         with timed(timings, "capture"):
             calib = stages.capture_inputs(model, plan.adapter, batches, device)
         # after capture: checks of the captured layer inputs go here
@@ -136,6 +140,9 @@ def compress(
     model.config.statprune_ops = list(getattr(model.config, "statprune_ops", None) or []) + pruned.ops
     model.train(was_training)
     report = stages.build_report(job, pruned, calib, analysis, start)
+    if job.cost is not None:
+        with torch.no_grad():
+            report.latency = stages.latency_report(job, None if inplace else original)
     report.stage_seconds = {k: round(v, 3) for k, v in timings.items()}
     record_fallback(report, analysis.sensitivity)
     if device.type == "cuda":

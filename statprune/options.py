@@ -33,6 +33,10 @@ LAYER_WEIGHTINGS = ("auto", "residual", "residual-mean", "gradient", "gradient-o
 ERROR_METRICS = ("auto", "euclidean", "fisher")
 FISHER_LABELS = ("predicted", "expected")  # statprune.fisher_grads.UNLABELLED_LOSSES
 GRAM_DTYPES = ("float32", "float64")
+BUDGET_KINDS = ("flops", "params", "latency")
+BACKENDS = ("torch", "onnxruntime")  # statprune.bench.BACKENDS
+# options that only matter to a latency budget (left out of the report of other budgets)
+LATENCY_OPTIONS = ("bench_batch", "bench_seq_len", "backend")
 
 
 def method_names() -> tuple[str, ...]:
@@ -74,7 +78,8 @@ def _option(
 
 @dataclass(frozen=True)
 class CompressionOptions:
-    """How to compress. Exactly one of ``keep_flops`` / ``keep_params`` is the budget.
+    """How to compress. Exactly one of ``keep_flops`` / ``keep_params`` / ``keep_latency`` is the
+    budget.
 
     Field groups (``option_names(USER)`` / ``option_names(RESEARCH)``): the user options are the
     budget, ``prune``, ``seq_len``, ``method``, ``allocation``, ``round_to``, ``fisher_labels`` and
@@ -86,6 +91,14 @@ class CompressionOptions:
     )
     keep_params: float | None = _option(
         None, USER, "fraction of attention+FFN params to keep", flag="--keep-params", cli="custom"
+    )
+    keep_latency: float | None = _option(
+        None,
+        USER,
+        "fraction of the dense model's latency to keep, measured on this machine at --bench-batch, "
+        "--bench-seq-len, --device and --backend (causal LMs: prefill latency)",
+        flag="--keep-latency",
+        cli="custom",
     )
     prune: tuple[str, ...] = _option(
         PRUNABLE, USER, "what may be removed: heads,neurons", flag="--prune", cli="list"
@@ -209,21 +222,47 @@ class CompressionOptions:
         label="fisher labels",
     )
     device: str = _option("auto", USER, "auto, cpu or cuda", flag="--device", sweep=False)
+    # what a latency is measured on (latency budgets; sweep --bench): batch, tokens, runtime
+    bench_batch: int = _option(
+        32, USER, "sequences per batch when measuring latency", flag="--bench-batch", type="positive_int"
+    )
+    bench_seq_len: int | None = _option(
+        None,
+        USER,
+        "tokens per sequence when measuring latency (default: --seq-len)",
+        flag="--bench-seq-len",
+        type="positive_int",
+    )
+    backend: str = _option(
+        "torch",
+        USER,
+        "runtime whose latency is measured: torch or onnxruntime (sweep --bench only; latency "
+        "budgets are priced with torch)",
+        flag="--backend",
+        choices=BACKENDS,
+        label="backend",
+    )
     # precision of each batch's Gram product (sums are float64)
     gram_dtype: str = _option(
         "float32", RESEARCH, "precision of each batch's Gram product", choices=GRAM_DTYPES, label="Gram dtype"
     )
 
     def budget(self) -> tuple[str, float]:
-        """``("flops" | "params", fraction)``; ``BudgetError`` unless exactly one is in (0, 1]."""
-        if (self.keep_flops is None) == (self.keep_params is None):
-            raise BudgetError("give exactly one budget: --keep-flops F or --keep-params F")
-        kind, value = (
-            ("flops", self.keep_flops) if self.keep_flops is not None else ("params", self.keep_params)
-        )
+        """``("flops" | "params" | "latency", fraction)``; ``BudgetError`` unless exactly one is
+        given and it is in (0, 1]."""
+        values = {k: getattr(self, f"keep_{k}") for k in BUDGET_KINDS}
+        given = [(k, v) for k, v in values.items() if v is not None]
+        if len(given) != 1:
+            raise BudgetError("give exactly one budget: --keep-flops F, --keep-params F or --keep-latency F")
+        kind, value = given[0]
         if not 0.0 < float(value) <= 1.0:
             raise BudgetError(f"budget {value} is outside (0, 1]: give the fraction to keep, e.g. 0.6")
         return kind, float(value)
+
+    @property
+    def latency_seq_len(self) -> int:
+        """Tokens per sequence of a latency measurement (``bench_seq_len``, else ``seq_len``)."""
+        return self.bench_seq_len or self.seq_len
 
     @property
     def allocation_rule(self) -> str:
@@ -242,6 +281,11 @@ class CompressionOptions:
         from statprune.methods import get_method
 
         get_method(self.method).validate(self)  # an unknown method is an OptionsError too
+        if self.keep_latency is not None and not get_method(self.method).any_cost_model:
+            raise OptionsError(
+                f"--method {self.method} searches widths under FLOPs or params itself; use "
+                "--keep-flops/--keep-params with it, or another method for --keep-latency"
+            )
         for name in ("activations", "correction_target", "allocation"):
             _check_choice(self, name)
         if self.correction_target != "activations" and self.activations == "original":
@@ -249,8 +293,19 @@ class CompressionOptions:
                 f"--correction-target {self.correction_target} needs --activations sequential (with "
                 "original activations the pruned model's inputs are the original ones)"
             )
-        for name in ("layer_weighting", "error_metric", "fisher_labels", "gram_dtype"):
+        for name in ("layer_weighting", "error_metric", "fisher_labels", "gram_dtype", "backend"):
             _check_choice(self, name)
+        if self.bench_batch < 1 or (self.bench_seq_len is not None and self.bench_seq_len < 1):
+            raise OptionsError("--bench-batch and --bench-seq-len must be positive")
+        if self.keep_latency is not None:
+            from statprune.bench import require_backend
+
+            require_backend(self.backend)  # a missing onnxruntime: one line naming the package
+            if self.backend != "torch":
+                raise OptionsError(
+                    "--keep-latency prices heads and neurons with lookup tables measured in torch; "
+                    "--backend onnxruntime is for sweep --bench only so far: use --backend torch"
+                )
         if not 0.0 <= self.correction_ridge < math.inf:
             raise OptionsError(f"--correction-ridge must be a finite number ≥ 0, not {self.correction_ridge}")
         if self.seq_len < 1 or self.round_to < 1:
@@ -349,11 +404,12 @@ def add_option_arguments(
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser | Any) -> None:
-    """``--keep-flops`` / ``--keep-params`` (give exactly one) in their own argument group."""
+    """``--keep-flops`` / ``--keep-params`` / ``--keep-latency`` (give exactly one) in their own
+    argument group."""
     from statprune.argtypes import fraction
 
     group = parser.add_argument_group("budget (give exactly one)")
-    for name in ("keep_flops", "keep_params"):
+    for name in ("keep_flops", "keep_params", "keep_latency"):
         meta = _fields()[name].metadata
         group.add_argument(meta["flag"], type=fraction, help=meta["help"], dest=name)
 

@@ -29,7 +29,7 @@ class LayerReport:
 class CompressionReport:
     """Everything ``statprune.json`` records about one compression run."""
 
-    budget_kind: str  # "flops" or "params"
+    budget_kind: str  # "flops", "params" or "latency"
     budget: float
     flops_kept: float
     params_kept: float
@@ -48,9 +48,14 @@ class CompressionReport:
     architecture: str | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     peak_device_mb: float | None = None
+    # latency budgets: predicted and measured latency (statprune.latency.LatencyReport.to_dict())
+    latency: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["latency"] is None:  # only latency budgets record it
+            del data["latency"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
@@ -74,6 +79,7 @@ class CompressionReport:
             f"({self.flops_kept:.1%} kept)",
             f"parameters    : {self.params_before / 1e6:.2f} M -> {self.params_after / 1e6:.2f} M "
             f"({self.params_kept:.1%} kept; attention + FFN)",
+            *([_latency_line(self.latency)] if self.latency else []),
             f"calibration   : {self.calibration_examples} examples, {self.calibration_tokens} tokens",
             "options       : " + ", ".join(f"{k}={v}" for k, v in self.options.items() if k != "device"),
             f"time          : {self.seconds:.1f} s",
@@ -91,3 +97,15 @@ class CompressionReport:
 
 def _optional(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
+
+
+def _latency_line(latency: dict[str, Any]) -> str:
+    measured = latency.get("measured_fraction")
+    where = f"{latency['kind']}, batch {latency['batch']} x {latency['seq_len']} tokens, {latency['device']}"
+    text = (
+        f"latency       : predicted {latency['predicted_ms']:.1f} ms of {latency['dense_ms']:.1f} ms "
+        f"({latency['predicted_fraction']:.1%})"
+    )
+    if measured is not None:
+        text += f", measured {latency['measured_ms']:.1f} ms ({measured:.1%})"
+    return text + f" [{where}]"

@@ -12,11 +12,22 @@ Output (written atomically: the folder appears complete or not at all):
 * ``results.json``: one row per run (see :class:`SweepRow`).
 * ``results.md``: a protocol line and a table, budgets by methods, with the dense reference.
 * ``plot.png``: quality against the achieved fraction kept, one line per method, dense dashed.
+* ``plot_latency.png`` (with ``--bench``): quality against measured latency, one line per method,
+  the dense point and the quality bar marked.
 * ``best.json`` (with ``--min-quality``): the selected configuration, or ``null`` and the closest.
 * ``best/`` (with ``--save-best``): the selected model as a normal statprune folder.
 
-Selection rule: among the runs that meet the bar, the one with the smallest achieved fraction
-kept (any method); ties go to the better metric, then to the method listed first.
+With ``--bench`` every candidate and the dense model are measured side by side with
+``statprune bench``'s machinery (``statprune.bench.benchmark``: warm-up, interleaved trials,
+medians, peak memory in a child process) at ``--bench-batch`` × ``--bench-seq-len`` on
+``--backend``; the rows gain ``latency_ms`` (median), ``latency_p90_ms``, ``throughput`` (``unit``
+seq/s), ``peak_memory_mb`` and ``latency_fraction`` (of the dense latency), and ``results.json``
+gains a ``dense`` row. A trial spread (p90 / median) above ``bench.NOISY_SPREAD`` is warned about.
+
+Selection rule: among the runs that meet the bar, the one with the smallest objective
+(``--objective``: measured ``latency``, ``flops`` or ``params`` kept, peak ``memory``; default
+latency when measured, else the achieved fraction of the budget kind), any method; ties go to the
+better metric, then to the method listed first.
 
     result = sweep("model/", "calib.txt", "checks.jsonl", budgets=[0.8, 0.6], methods=["stat"],
                    min_quality="99%", out="sweep/")
@@ -30,13 +41,14 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statprune.argtypes import positive_int
+from statprune.argtypes import fraction, positive_int
 from statprune.errors import BudgetError, DataError, OptionsError, OutputError
 from statprune.guards import check_count
 from statprune.methods import default_sweep_methods, method_names
@@ -70,7 +82,8 @@ METHODS = method_names()  # the registered methods (statprune.methods)
 # fisher is opt-in (--methods stat,fisher): it needs a task head, which embedding models lack
 DEFAULT_METHODS = default_sweep_methods()
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
-BUDGET_KINDS = ("flops", "params")
+BUDGET_KINDS = ("flops", "params", "latency")
+OBJECTIVES = ("latency", "flops", "params", "memory")
 # The selected model is kept in memory during the sweep when the dense weights take at most this
 # many bytes; larger models (LLMs) are compressed again at the end instead.
 KEEP_IN_MEMORY_BYTES = 1 << 30
@@ -78,6 +91,19 @@ SELECTION_RULE = (
     "smallest achieved fraction kept among the runs that meet the bar (any method); "
     "ties: better metric, then the method listed first"
 )
+_OBJECTIVE_WORDS = {
+    "latency": "measured latency",
+    "flops": "FLOPs kept",
+    "params": "parameters kept",
+    "memory": "peak memory",
+}
+
+
+def selection_rule(objective: str | None) -> str:
+    """The selection rule in words, for ``objective`` (None: the achieved fraction kept)."""
+    if objective is None:
+        return SELECTION_RULE
+    return SELECTION_RULE.replace("achieved fraction kept", _OBJECTIVE_WORDS[objective])
 _METRICS = {  # metric -> (higher is better, valid absolute range)
     "accuracy": (True, (0.0, 1.0)),
     "agreement": (True, (0.0, 1.0)),
@@ -116,9 +142,28 @@ class SweepRow:
     error: str | None = None
     # accuracy only: 95 % interval of accuracy − dense accuracy, paired over the same examples
     change_interval: tuple[float, float] | None = None
+    # latency budgets: the fraction of dense latency the cost model predicted / compress measured
+    predicted_latency_fraction: float | None = None
+    # --bench (statprune.bench.benchmark, one batch size): median and p90 ms, throughput, peak MB
+    latency_ms: float | None = None
+    latency_p90_ms: float | None = None
+    throughput: float | None = None
+    unit: str | None = None
+    peak_memory_mb: float | None = None
+    latency_fraction: float | None = None  # latency_ms / the dense row's latency_ms
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def objective(self, objective: str | None) -> float | None:
+        """This run's value of a selection objective (None: not measured / failed)."""
+        return {
+            None: self.achieved,
+            "latency": self.latency_ms,
+            "flops": self.flops_kept,
+            "params": self.params_kept,
+            "memory": self.peak_memory_mb,
+        }[objective]
 
 
 @dataclass(frozen=True)
@@ -157,6 +202,7 @@ class Selection:
     closest: SweepRow | None
     message: str
     rule: str = SELECTION_RULE
+    objective: str | None = None  # None: the achieved fraction of the budget kind
     saved: str | None = None  # folder of the saved model, relative to the output folder
     saved_achieved: float | None = None  # achieved fraction of the saved model (re-compressed)
 
@@ -165,6 +211,7 @@ class Selection:
             "min_quality": self.min_quality,
             "threshold": self.threshold,
             "rule": self.rule,
+            "objective": self.objective or "achieved",
             "best": None if self.best is None else self.best.to_dict(),
             "closest": None if self.closest is None else self.closest.to_dict(),
             "message": self.message,
@@ -200,6 +247,8 @@ class SweepResult:
     out: Path | None = None
     seconds: float = 0.0
     calibration_packed: bool = False  # examples are --seq-len windows of the joined texts
+    dense_row: SweepRow | None = None  # with --bench: the dense model's measurements
+    bench: dict[str, Any] | None = None  # with --bench: what was measured how (and warnings)
 
     def protocol(self) -> str:
         """One line: what was compressed, on what, evaluated how, and what "%" means."""
@@ -220,7 +269,9 @@ class SweepResult:
         )
 
     def to_rows(self) -> list[dict[str, Any]]:
-        return [row.to_dict() for row in self.rows]
+        """The runs (after the ``dense`` row when measured), as ``results.json`` stores them."""
+        rows = [] if self.dense_row is None else [self.dense_row]
+        return [row.to_dict() for row in rows + self.rows]
 
 
 def _metric_label(metric: str) -> str:
@@ -228,6 +279,11 @@ def _metric_label(metric: str) -> str:
 
 
 def _percent_meaning(kind: str, seq_len: int) -> str:
+    if kind == "latency":
+        return (
+            "the fraction of the dense model's latency kept, as predicted by the latency lookup "
+            "tables measured on this machine (statprune.latency)"
+        )
     if kind == "flops":
         return (
             f"the fraction of the dense model's attention+FFN FLOPs kept (per sequence of {seq_len} "
@@ -335,11 +391,19 @@ def meets(value: float | None, threshold: float, higher_is_better: bool) -> bool
 
 
 def select_best(
-    rows: Sequence[SweepRow], threshold: float, higher_is_better: bool, methods: Sequence[str] | None = None
+    rows: Sequence[SweepRow],
+    threshold: float,
+    higher_is_better: bool,
+    methods: Sequence[str] | None = None,
+    objective: str | None = None,
 ) -> tuple[SweepRow | None, SweepRow | None]:
-    """``(best, closest)``: ``best`` is the run meeting the bar with the smallest achieved fraction
-    (ties: better metric, then the method earlier in ``methods``), or None; ``closest`` is the run
-    with the best metric (ties: smaller achieved), reported when nothing meets the bar."""
+    """``(best, closest)``: ``best`` is the run meeting the bar with the smallest ``objective``
+    (``latency``, ``flops``, ``params``, ``memory``; None: the achieved fraction) (ties: better
+    metric, then the method earlier in ``methods``), or None; ``closest`` is the run with the best
+    metric (ties: smaller objective), reported when nothing meets the bar. Runs without a value of
+    the objective (not measured) are not candidates."""
+    if objective is not None and objective not in OBJECTIVES:
+        raise OptionsError(f"unknown objective {objective!r}: choose {', '.join(OBJECTIVES)}")
     order = list(methods) if methods is not None else list(method_names())
 
     def rank(row: SweepRow) -> int:
@@ -348,35 +412,71 @@ def select_best(
     def quality(row: SweepRow) -> float:
         return -row.value if higher_is_better else row.value  # smaller is better
 
-    done = [r for r in rows if r.value is not None and math.isfinite(r.value) and r.achieved is not None]
+    def cost(row: SweepRow) -> float:
+        return round(row.objective(objective), 9)
+
+    done = [
+        r
+        for r in rows
+        if r.value is not None and math.isfinite(r.value) and r.objective(objective) is not None
+    ]
     passing = [r for r in done if meets(r.value, threshold, higher_is_better)]
-    best = min(passing, key=lambda r: (round(r.achieved, 9), quality(r), rank(r)), default=None)
-    closest = min(done, key=lambda r: (quality(r), round(r.achieved, 9), rank(r)), default=None)
+    best = min(passing, key=lambda r: (cost(r), quality(r), rank(r)), default=None)
+    closest = min(done, key=lambda r: (quality(r), cost(r), rank(r)), default=None)
     return best, closest
 
 
 def _describe_row(row: SweepRow) -> str:
+    measured = ""
+    if row.latency_ms is not None:
+        measured = f", {row.latency_ms:.1f} ms"
+        if row.latency_fraction is not None:
+            measured += f" ({row.latency_fraction:.1%} of dense)"
     return (
-        f"{row.method} at keep {row.budget:g} {row.budget_kind} (achieved {row.achieved:.1%}): "
+        f"{row.method} at keep {row.budget:g} {row.budget_kind} (achieved {row.achieved:.1%}{measured}): "
         f"{row.metric} {_fmt(row.metric, row.value)}"
     )
 
 
+def default_objective(rows: Sequence[SweepRow], objective: str | None = None) -> str | None:
+    """``objective`` when given, else ``latency`` when any run's latency was measured, else None
+    (the achieved fraction of the budget kind)."""
+    if objective is not None:
+        return objective
+    return "latency" if any(r.latency_ms is not None for r in rows) else None
+
+
 def _selection(
-    rows: Sequence[SweepRow], bar: QualityBar, metric: str, dense_value: float, methods: Sequence[str]
+    rows: Sequence[SweepRow],
+    bar: QualityBar,
+    metric: str,
+    dense_value: float,
+    methods: Sequence[str],
+    objective: str | None = None,
 ) -> Selection:
     higher = _METRICS[metric][0]
     threshold = bar.threshold(dense_value, higher)
-    best, closest = select_best(rows, threshold, higher, methods)
+    objective = default_objective(rows, objective)
+    best, closest = select_best(rows, threshold, higher, methods, objective)
     described = bar.describe(metric, dense_value, higher)
+    smallest = {
+        None: "the smallest model",
+        "latency": "the fastest model",
+        "flops": "the fewest FLOPs",
+        "params": "the fewest parameters",
+        "memory": "the least peak memory",
+    }
     if best is not None:
         closest = None  # only reported when nothing meets the bar
-        message = f"best: {_describe_row(best)} — the smallest model with {described}"
+        what = smallest[objective]
+        message = f"best: {_describe_row(best)} — {what} with {described}"
     elif closest is not None:
         message = f"no configuration reaches {described}; closest: {_describe_row(closest)}"
     else:
         message = f"no configuration reaches {described}: every run failed"
-    return Selection(bar.text, threshold, best, closest, message)
+    return Selection(
+        bar.text, threshold, best, closest, message, rule=selection_rule(objective), objective=objective
+    )
 
 
 # ---------------------------------------------------------------------------------------- sweep
@@ -459,7 +559,19 @@ class SweepConfig:
     dtype: str | None = None
     progress: bool = False
     log: Callable[[str], None] | None = print
+    bench: bool = False  # measure every candidate and the dense model (statprune.bench)
+    bench_trials: int = 10
+    bench_memory: bool = True  # also peak memory (a child process per model on CPU: seconds each)
+    objective: str | None = None  # selection objective (None: latency when measured, else achieved)
     compress_options: dict[str, Any] = field(default_factory=dict)  # CompressionOptions fields
+
+    def bench_setting(self, name: str) -> Any:
+        """``bench_batch``, ``bench_seq_len`` (default: ``seq_len``) or ``backend``: from the
+        compression options (``statprune.options``, the one definition of these flags)."""
+        from statprune.options import CompressionOptions
+
+        value = self.compress_options.get(name, CompressionOptions.__dataclass_fields__[name].default)
+        return self.seq_len if name == "bench_seq_len" and value is None else value
 
     @classmethod
     def from_arguments(
@@ -480,7 +592,9 @@ class SweepConfig:
         own = {k: v for k, v in settings.items() if k in known}
         parsed_budgets, parsed_methods = parse_budgets(budgets), parse_methods(methods)
         if settings.get("budget_kind", "flops") not in BUDGET_KINDS:
-            raise OptionsError(f"--budget-kind must be flops or params, not {settings['budget_kind']!r}")
+            raise OptionsError(
+                f"--budget-kind must be {', '.join(BUDGET_KINDS)}, not {settings['budget_kind']!r}"
+            )
         bar = parse_min_quality(min_quality) if isinstance(min_quality, str) else min_quality
         config = cls(
             model_dir=Path(model_dir),
@@ -502,7 +616,24 @@ class SweepConfig:
         from statprune.options import make_options
 
         if self.budget_kind not in BUDGET_KINDS:
-            raise OptionsError(f"--budget-kind must be flops or params, not {self.budget_kind!r}")
+            raise OptionsError(
+                f"--budget-kind must be {', '.join(BUDGET_KINDS)}, not {self.budget_kind!r}"
+            )
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise OptionsError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if self.objective in ("latency", "memory") and not self.bench:
+            raise OptionsError(f"--objective {self.objective} needs --bench (it is measured)")
+        if self.objective == "memory" and not self.bench_memory:
+            raise OptionsError("--objective memory needs the peak memory: drop --bench-no-memory")
+        if self.objective is not None and self.bar is None:
+            raise OptionsError("--objective needs --min-quality Q (the bar the candidates must meet)")
+        trials = self.bench_trials
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+            raise OptionsError(f"--bench-trials must be a positive integer, got {self.bench_trials!r}")
+        if self.bench:
+            from statprune.bench import require_backend
+
+            require_backend(self.bench_setting("backend"))
         if self.save_best and self.bar is None:
             raise OptionsError("--save-best needs --min-quality Q (e.g. 0.80, or 99% of the dense quality)")
         if self.save_best and self.out is None:
@@ -513,14 +644,14 @@ class SweepConfig:
                 raise DataError(f"{label} must be a positive integer, got {value!r}")
         if self.task not in ("auto", *TASKS):
             raise DataError(f"unknown task {self.task!r}; use auto, {', '.join(TASKS)}")
-        overlap = {"keep_flops", "keep_params", "method", "seq_len", "device", "inplace", "cache"} & set(
-            self.compress_options
-        )
+        sets = {"method", "seq_len", "device", "inplace", "cache"} | {f"keep_{k}" for k in BUDGET_KINDS}
+        overlap = sets & set(self.compress_options)
         if overlap:
             raise TypeError(f"sweep() sets {', '.join(sorted(overlap))} itself")
         # the options every method shares (names, choices, ranges); a method's own constraints
         # fail that method's runs only, as an impossible budget does
-        make_options(keep_flops=1.0, seq_len=self.seq_len, **self.compress_options).validate()
+        budget = {f"keep_{self.budget_kind}": 1.0}
+        make_options(**budget, seq_len=self.seq_len, **self.compress_options).validate()
 
 
 def sweep(
@@ -551,6 +682,10 @@ def sweep(
     dtype: str | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = print,
+    bench: bool = False,
+    bench_trials: int = 10,
+    bench_memory: bool = True,
+    objective: str | None = None,
     **compress_options: Any,
 ) -> SweepResult:
     """Compress ``model_dir`` with every method at every budget and evaluate each result.
@@ -563,6 +698,12 @@ def sweep(
     ``min_quality`` (``0.80`` or ``99%``) selects the smallest run meeting it (see
     :data:`SELECTION_RULE`); ``save_best`` also saves that model into ``out/best``. With ``out``
     the results are written there atomically.
+    ``budget_kind="latency"`` prices the budgets with latency lookup tables (``statprune.latency``).
+    ``bench`` measures every candidate and the dense model (``statprune.bench.benchmark``, at the
+    ``bench_batch`` / ``bench_seq_len`` / ``backend`` compression options, ``bench_trials``
+    rounds; ``bench_memory=False`` skips peak memory); ``objective`` (``latency``, ``flops``,
+    ``params``, ``memory``) is what the selection
+    minimizes among the runs meeting ``min_quality`` (default: latency when measured).
     ``log`` receives one progress line per run (None: silent); ``progress`` shows compression bars.
     Other keyword arguments are :class:`~statprune.options.CompressionOptions` fields. The same
     as ``run(SweepConfig.from_arguments(...))``.
@@ -574,6 +715,7 @@ def sweep(
         eval_batch_size=eval_batch_size, eval_samples=eval_samples, task=task, text_field=text_field,
         pair_field=pair_field, label_field=label_field, min_quality=min_quality, save_best=save_best,
         out=out, overwrite=overwrite, name=name, device=device, dtype=dtype, progress=progress, log=log,
+        bench=bench, bench_trials=bench_trials, bench_memory=bench_memory, objective=objective,
         **compress_options,
     )
     return run(config, started)
@@ -704,6 +846,9 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     threshold = None if bar is None else bar.threshold(float(dense_value), higher)
 
     cache = AnalysisCache()  # budgets of one method share its analysis pass (computed at the first)
+    # --bench: each candidate is saved into a scratch folder, then all are measured side by side
+    scratch = tempfile.TemporaryDirectory(prefix="statprune-sweep-bench-") if config.bench else None
+    candidates: list[tuple[SweepRow, Path]] = []
 
     def run_one(method: str, budget: float):
         return compress(
@@ -728,7 +873,9 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             continue
         row.seconds = round(time.perf_counter() - tic, 3)
         row.flops_kept, row.params_kept = report.flops_kept, report.params_kept
-        row.achieved = report.flops_kept if budget_kind == "flops" else report.params_kept
+        row.achieved = _achieved(report, budget_kind)
+        if report.latency is not None:
+            row.predicted_latency_fraction = report.latency["predicted_fraction"]
         evaluated = run_eval(model, dense)
         row.value = _metric_value(evaluated, metric)
         row.agreement, row.kl = evaluated.agreement, evaluated.kl
@@ -741,6 +888,14 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             f"{head} -> {row.achieved:.1%} kept  {metric} {_fmt(metric, row.value)} "
             f"(dense {_fmt(metric, dense_value)}){extra}  {row.seconds:.1f} s"
         )
+        if scratch is not None:
+            from statprune.bench import _no_progress_bars
+            from statprune.persist import save
+
+            folder = Path(scratch.name) / f"{method}-{budget:g}"
+            with _no_progress_bars():
+                save(model, folder, tokenizer=tokenizer, report=report)
+            candidates.append((row, folder))
         if keep_best and meets(row.value, threshold, higher):
             candidates = [row] if kept is None else [kept[0], row]
             if select_best(candidates, threshold, higher, methods)[0] is row:
@@ -749,9 +904,18 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         _free(target, large)
 
     if all(r.value is None for r in result.rows):
+        if scratch is not None:
+            scratch.cleanup()
         raise BudgetError(f"every run failed; first error: {result.rows[0].error}")
+    if scratch is not None:
+        try:
+            _bench(config, result, candidates, str(target.type), say)
+        finally:
+            scratch.cleanup()
     if bar is not None:
-        result.selection = _selection(result.rows, bar, metric, float(dense_value), methods)
+        result.selection = _selection(
+            result.rows, bar, metric, float(dense_value), methods, config.objective
+        )
     saved = None
     if config.save_best and result.selection is not None and result.selection.best is not None:
         best = result.selection.best
@@ -762,9 +926,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             saved = run_one(best.method, best.budget)
         saved[1].source_model = str(config.model_dir.resolve())
         result.selection.saved = "best"
-        result.selection.saved_achieved = (
-            saved[1].flops_kept if budget_kind == "flops" else saved[1].params_kept
-        )
+        result.selection.saved_achieved = _achieved(saved[1], budget_kind)
     kept = None
     _free(target, large)
     result.seconds = round(time.perf_counter() - started, 3)
@@ -773,6 +935,97 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     if result.selection is not None:
         say(result.selection.message)
     return result
+
+
+def _achieved(report: CompressionReport, budget_kind: str) -> float:
+    """The achieved fraction of the budget kind (latency: the cost model's prediction)."""
+    if budget_kind == "latency":
+        return float(report.latency["predicted_fraction"])
+    return report.flops_kept if budget_kind == "flops" else report.params_kept
+
+
+def _bench(
+    config: SweepConfig,
+    result: SweepResult,
+    candidates: list[tuple[SweepRow, Path]],
+    device: str,
+    say: Callable[[str], None],
+) -> None:
+    """Measure the dense model and every candidate side by side (``statprune.bench.benchmark``:
+    the same warm-up, interleaved trials, medians and peak memory as ``statprune bench``) and
+    fill in the rows' measured fields and ``result.dense_row``; warn when the trials were noisy."""
+    import warnings
+
+    from statprune.bench import NOISY_SPREAD, benchmark, noisy
+
+    batch, seq_len = config.bench_setting("bench_batch"), config.bench_setting("bench_seq_len")
+    backend = config.bench_setting("backend")
+    say(
+        f"bench: {len(candidates) + 1} models side by side, batch {batch} x {seq_len} tokens, "
+        f"{backend} on {device}, {config.bench_trials} trials"
+    )
+    tic = time.perf_counter()
+    measured = benchmark(
+        [config.model_dir, *(folder for _, folder in candidates)],
+        batches=(batch,),
+        seq_len=seq_len,
+        backend=backend,
+        device=device,
+        trials=config.bench_trials,
+        dtype=config.dtype or "float32",
+        lm_batches=(batch,),
+        memory=config.bench_memory,
+        generate=False,
+    )
+    forward = [r for r in measured if r.kind == "forward"]
+    prefill = [r for r in measured if r.kind == "prefill"]  # causal LMs on torch: what serving pays
+    for fwd, pre in zip(forward, prefill, strict=False):
+        pre.peak_memory_mb, pre.memory_method = fwd.peak_memory_mb, fwd.memory_method
+    measured = prefill if len(prefill) == len(forward) else forward
+    dense = SweepRow(
+        result.model, result.task, "dense", result.budget_kind, 1.0, 1.0, result.metric,
+        result.dense_value, result.dense_value, 0.0, flops_kept=1.0, params_kept=1.0,
+    )
+    if result.budget_kind == "latency":
+        dense.predicted_latency_fraction = 1.0
+    for row, bench_row in zip([dense, *(r for r, _ in candidates)], measured, strict=True):
+        row.latency_ms = round(bench_row.latency_ms, 4)
+        row.latency_p90_ms = round(bench_row.latency_p90_ms, 4)
+        row.throughput = round(bench_row.throughput, 4)
+        row.unit = bench_row.unit
+        row.peak_memory_mb = None if bench_row.peak_memory_mb is None else round(bench_row.peak_memory_mb, 2)
+        reference = measured[0].latency_ms
+        row.latency_fraction = bench_row.latency_ms / reference if reference else None
+    result.dense_row = dense
+    shaky = noisy(measured)
+    head = measured[0]
+    result.bench = {
+        "batch": batch,
+        "seq_len": seq_len,
+        "backend": backend,
+        "device": head.device,
+        "threads": head.threads,
+        "trials": head.trials,
+        "kind": head.kind,
+        "memory_method": head.memory_method,
+        "seconds": round(time.perf_counter() - tic, 3),
+        "max_spread": round(max(r.latency_p90_ms / r.latency_ms for r in measured if r.latency_ms > 0), 3),
+        "noisy": [r.label for r in shaky],
+        "warning": None,
+    }
+    if shaky:
+        message = (
+            f"noisy machine: {len(shaky)} of {len(measured)} latency measurements have a trial spread "
+            f"(p90/median) above {NOISY_SPREAD} (worst {result.bench['max_spread']:.2f}); rerun on "
+            "a quieter machine before trusting the latency ranking"
+        )
+        result.bench["warning"] = message
+        warnings.warn(message, BenchWarning, stacklevel=3)
+    say(f"bench: {result.bench['seconds']:.1f} s; dense {head.latency_ms:.1f} ms")
+
+
+class BenchWarning(UserWarning):
+    """Latency measurements of a sweep taken on a noisy machine."""
 
 
 # --------------------------------------------------------------------------------------- output
@@ -812,6 +1065,8 @@ def results_markdown(result: SweepResult) -> str:
     if metric != "agreement" and any(r.agreement is not None for r in result.rows):
         lines += ["", "Top-1 agreement with the dense model:", ""]
         lines += table(lambda r: r.agreement, 1.0, "agreement")
+    if result.dense_row is not None and result.bench is not None:
+        lines += ["", *_bench_markdown(result, cells, best)]
     failed = [r for r in result.rows if r.error]
     if failed:
         lines += ["", "Failed runs:", ""]
@@ -820,6 +1075,87 @@ def results_markdown(result: SweepResult) -> str:
         lines += ["", f"Selection (`--min-quality {result.selection.min_quality}`; rule: "
                       f"{result.selection.rule}): {result.selection.message}."]
     return "\n".join(lines) + "\n"
+
+
+def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> list[str]:
+    """The measured table: median latency (fraction of dense), throughput and peak memory."""
+    bench, dense = result.bench, result.dense_row
+
+    def cell(row: SweepRow | None) -> str:
+        if row is None:
+            return "—"
+        if row.latency_ms is None:
+            return "failed" if row.value is None else "—"
+        memory = "" if row.peak_memory_mb is None else f", {row.peak_memory_mb:,.0f} MB"
+        fraction = "" if row.latency_fraction is None else f" ({row.latency_fraction:.2f}x)"
+        text = f"{row.latency_ms:.1f} ms{fraction}, {row.throughput:,.1f} {row.unit}{memory}"
+        return f"**{text}**" if row is best else text
+
+    lines = [
+        f"Measured ({bench['kind']}, batch {bench['batch']} x {bench['seq_len']} tokens, "
+        f"{bench['backend']} on {bench['device']}"
+        + (f", {bench['threads']} threads" if bench["threads"] else "")
+        + f", median of {bench['trials']} interleaved trials; peak memory: {bench['memory_method']}):",
+        "",
+        f"| keep {result.budget_kind} | " + " | ".join(result.methods) + " |",
+        "|---|" + "---:|" * len(result.methods),
+        "| dense (100%) | " + " | ".join(cell(dense) for _ in result.methods) + " |",
+    ]
+    for budget in result.budgets:
+        parts = [cell(cells.get((m, budget))) for m in result.methods]
+        lines.append(f"| {budget * 100:g}% | " + " | ".join(parts) + " |")
+    lines += [
+        "",
+        "Cells: median latency (its fraction of the dense latency), throughput, peak memory.",
+    ]
+    if bench.get("warning"):
+        lines += ["", f"**Warning:** {bench['warning']}."]
+    return lines
+
+
+def write_latency_plot(result: SweepResult, path: Path) -> None:
+    """Quality against measured latency (``--bench``): a line per method, the dense point, the
+    quality bar and the selected run marked."""
+    from matplotlib.figure import Figure
+
+    metric, dense = result.metric, result.dense_row
+    assert dense is not None and dense.latency_ms is not None
+    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    markers = "osD^v<>p"
+    for i, method in enumerate(result.methods):
+        points = sorted(
+            (r.latency_ms, r.value)
+            for r in result.rows
+            if r.method == method and r.value is not None and r.latency_ms is not None
+            and math.isfinite(r.value)
+        )
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=6, label=method)
+    ax.plot([dense.latency_ms], [result.dense_value], marker="X", markersize=11, color="black",
+            linestyle="none", label=f"dense ({dense.latency_ms:.1f} ms, {_fmt(metric, result.dense_value)})")
+    selection = result.selection
+    if selection is not None:
+        sign = ">=" if result.higher_is_better else "<="
+        ax.axhline(selection.threshold, color="tab:red", linestyle=":", linewidth=1.2,
+                   label=f"bar {sign} {_fmt(metric, selection.threshold)}")
+        if selection.best is not None and selection.best.latency_ms is not None:
+            ax.plot([selection.best.latency_ms], [selection.best.value], marker="*", markersize=16,
+                    color="gold", markeredgecolor="black", linestyle="none",
+                    label=f"selected: {selection.best.method} at {selection.best.latency_ms:.1f} ms")
+    bench = result.bench or {}
+    ax.set_xlabel(f"measured latency, ms ({bench.get('kind', 'forward')}, batch {bench.get('batch')} x "
+                  f"{bench.get('seq_len')} tokens, {bench.get('backend')} on {bench.get('device')})")
+    direction = "higher" if result.higher_is_better else "lower"
+    ax.set_ylabel(f"{_metric_label(metric)} ({direction} is better)")
+    title = f"{result.model}: quality against measured latency"
+    if bench.get("warning"):
+        title += " (noisy machine)"
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, loc="best")
+    fig.savefig(path)
 
 
 def write_plot(result: SweepResult, path: Path) -> None:
@@ -856,8 +1192,11 @@ def write_plot(result: SweepResult, path: Path) -> None:
     achieved = [r.achieved for r in result.rows if r.achieved is not None]
     ax.set_xlim(max(0.0, min(achieved, default=0.0) - 0.05), 1.02)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.set_xlabel(f"{'FLOPs' if result.budget_kind == 'flops' else 'parameters'} kept "
-                  f"(attention+FFN, fraction of dense)")
+    if result.budget_kind == "latency":
+        ax.set_xlabel("latency kept (predicted by the lookup tables, fraction of dense)")
+    else:
+        ax.set_xlabel(f"{'FLOPs' if result.budget_kind == 'flops' else 'parameters'} kept "
+                      f"(attention+FFN, fraction of dense)")
     direction = "higher" if result.higher_is_better else "lower"
     ax.set_ylabel(f"{_metric_label(metric)} ({direction} is better)")
     ax.set_title(f"{result.model}: {result.task}, {result.calibration_examples} calibration examples, "
@@ -887,8 +1226,13 @@ def _sweep_json(result: SweepResult) -> dict[str, Any]:
     keys = ("model", "architecture", "task", "metric", "higher_is_better", "dense_value", "budget_kind",
             "budgets", "methods", "seq_len", "seed", "calibration_examples", "calibration_tokens",
             "eval_examples", "seconds")
-    return {"protocol": result.protocol(), "model_dir": str(result.model_dir.resolve()),
-            **{k: getattr(result, k) for k in keys}}
+    objective = result.selection.objective if result.selection is not None else None
+    data = {"protocol": result.protocol(), "model_dir": str(result.model_dir.resolve()),
+            **{k: getattr(result, k) for k in keys}, "objective": objective, "bench": result.bench}
+    if result.bench is not None:
+        b = result.bench
+        data["bench_setting"] = f"batch {b['batch']}, {b['seq_len']} tokens, {b['backend']} on {b['device']}"
+    return data
 
 
 def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path) -> None:
@@ -902,6 +1246,8 @@ def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, ca
         (tmp / "results.md").write_text(results_markdown(result))
         (tmp / "sweep.json").write_text(json.dumps(_sweep_json(result), indent=2) + "\n")
         write_plot(result, tmp / "plot.png")
+        if result.dense_row is not None:
+            write_latency_plot(result, tmp / "plot_latency.png")
         if result.selection is not None:
             (tmp / "best.json").write_text(json.dumps(_best_json(result, calib_path), indent=2) + "\n")
         if saved is not None:
@@ -922,10 +1268,25 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--data", type=Path, required=True, help="calibration data: .txt, .jsonl, .csv or folder")
     s.add_argument("--eval", type=Path, required=True, dest="eval_data",
                    help="evaluation data (.jsonl/.csv with a label field for classifiers: accuracy)")
-    s.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS),
-                   help="fractions to keep, comma-separated (default: %(default)s)")
+    s.add_argument("--budgets", default=None,
+                   help="fractions to keep, comma-separated (default: "
+                        + ",".join(f"{b:g}" for b in DEFAULT_BUDGETS) + ")")
     s.add_argument("--budget-kind", default="flops", choices=BUDGET_KINDS,
-                   help="what the budgets keep: attention+FFN flops (default) or params")
+                   help="what the budgets keep: attention+FFN flops (default), params, or latency "
+                        "(measured lookup tables; see --bench-batch, --bench-seq-len)")
+    s.add_argument("--keep-latency", type=fraction, default=None, metavar="F",
+                   help="one latency budget: the same as --budget-kind latency --budgets F")
+    s.add_argument("--bench", action="store_true",
+                   help="measure every candidate and the dense model side by side (as statprune bench: "
+                        "latency, throughput, peak memory) at --bench-batch x --bench-seq-len on --backend")
+    s.add_argument("--bench-trials", type=positive_int, default=10,
+                   help="--bench: timed rounds, each timing every model once (default: %(default)s)")
+    s.add_argument("--bench-no-memory", action="store_true",
+                   help="--bench: skip peak memory (on CPU it loads each model again in a child process)")
+    s.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="with --min-quality: pick the candidate meeting the bar with the lowest "
+                        "measured latency, flops, params or peak memory (default: latency with "
+                        "--bench, else the smallest achieved fraction)")
     s.add_argument("--methods", default=",".join(default_sweep_methods()),
                    help=f"comma-separated, from {','.join(method_names())} (default: %(default)s)")
     s.add_argument("--samples", type=positive_int, default=512, help="calibration examples to draw")
@@ -967,9 +1328,16 @@ def run_sweep(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
+    budgets, budget_kind = args.budgets, args.budget_kind
+    if args.keep_latency is not None:
+        if budgets is not None or budget_kind not in ("flops", "latency"):
+            raise OptionsError("--keep-latency F is one latency budget; drop --budgets/--budget-kind")
+        budgets, budget_kind = [args.keep_latency], "latency"
     result = sweep(
-        args.model, args.data, args.eval_data, budgets=args.budgets, methods=args.methods,
-        budget_kind=args.budget_kind, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+        args.model, args.data, args.eval_data, budgets=DEFAULT_BUDGETS if budgets is None else budgets,
+        methods=args.methods, budget_kind=budget_kind, bench=args.bench, bench_trials=args.bench_trials,
+        bench_memory=not args.bench_no_memory,
+        objective=args.objective, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         batch_size=args.batch_size, pack=args.pack, eval_samples=args.eval_samples, task=args.task,
         text_field=args.text_field, pair_field=args.pair_field, label_field=args.label_field,
         min_quality=args.min_quality, save_best=args.save_best, out=args.out,
@@ -977,7 +1345,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(), log=log, **options_from_args(args, for_sweep=True),
     )
     out = Path(args.out).resolve()
-    written = "results.json, sweep.json, results.md, plot.png"
+    written = "results.json, sweep.json, results.md, plot.png" + (", plot_latency.png" if args.bench else "")
     if result.selection is not None:
         written += ", best.json"
         if result.selection.saved:

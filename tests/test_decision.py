@@ -337,13 +337,11 @@ def test_report_renders_in_a_real_browser(swept, tmp_path):
 # ------------------------------------------------------------------------------ sweep --bench
 
 
-def test_sweep_bench_measures_every_run_and_picks_by_latency(swept, tmp_path):
-    from statprune.errors import BudgetError
-    from statprune.sweep import meets
-
+def test_report_of_a_measured_sweep_prices_every_candidate(swept, tmp_path):
+    """A sweep that measured latency itself (``sweep --bench``: a ``dense`` row first in
+    results.json, the objective in sweep.json) gives the report latency, throughput and cost for
+    every candidate and the dense model, and the same recommendation as the sweep's selection."""
     calib, data = swept.root / "calib.txt", swept.root / "eval.jsonl"
-    with pytest.raises(BudgetError, match="--objective latency needs measurements: add --bench"):
-        sweep(swept.model, calib, data, budgets=[0.5], methods=["stat"], objective="latency", log=None)
     out = tmp_path / "measured"
     result = sweep(
         swept.model,
@@ -355,24 +353,19 @@ def test_sweep_bench_measures_every_run_and_picks_by_latency(swept, tmp_path):
         out=out,
         log=None,
         bench=True,
+        bench_trials=2,
         bench_batch=4,
         bench_seq_len=16,
     )
-    assert result.objective == "latency" and result.dense_bench["latency_ms"] > 0
-    for row in result.rows:
-        assert row.latency_ms > 0 and row.latency_p90_ms >= row.latency_ms and row.throughput > 0
-        assert row.throughput == pytest.approx(4 / (row.latency_ms / 1000), rel=1e-6)
-    meeting = [r for r in result.rows if meets(r.value, result.selection.threshold, True)]
-    assert result.selection.best.latency_ms == min(r.latency_ms for r in meeting)
-    assert "least median latency" in result.selection.rule
-    assert (out / "plot_latency.png").read_bytes()[:4] == b"\x89PNG"
-    rows = json.loads((out / "results.json").read_text())
-    assert all(r["latency_ms"] is not None and r["peak_memory_mb"] is not None for r in rows)
+    assert result.selection.objective in (None, "latency")
     meta = json.loads((out / "sweep.json").read_text())
-    assert meta["objective"] == "latency" and meta["dense_bench"] == result.dense_bench
-    md = (out / "results.md").read_text()
-    assert "| run | latency (ms) |" in md and md.count("×") == len(rows) + 1
+    assert meta["bench_setting"].startswith("batch 4, 16 tokens")
     report = build_report(out, price_per_hour=1.0, plots=True)
-    assert all(c.latency_ms is not None and c.cost_per_million is not None for c in report.candidates)
+    assert report.candidates[0].name == "dense"
+    assert len(report.candidates) == 1 + len(result.rows)
+    for cand in report.candidates:
+        assert cand.latency_ms > 0 and cand.throughput > 0 and cand.cost_per_million > 0
+        assert cand.cost_per_million == pytest.approx(1.0 * 1e6 / (cand.throughput * 3600))
     assert "Quality against measured latency" in report.plots
-    assert report.recommended.name == f"{result.selection.best.method} @ {result.selection.best.budget:.0%}"
+    best = result.selection.best
+    assert report.recommended.name == f"{best.method} @ {best.budget:.0%}"

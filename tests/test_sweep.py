@@ -337,3 +337,134 @@ def test_bad_compression_options_fail_before_any_work(assets, tmp_path):
         sweep(assets.model, assets.calib, assets.eval, budgets=[0.8], methods=["stat"], samples=60,
               out=tmp_path / "out", log=None, keep_everything=True)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- --bench, --objective
+
+
+@pytest.fixture(scope="module")
+def benched(assets, tmp_path_factory):
+    """A latency-budget sweep measured with --bench (no peak memory: a child process per model).
+    The latency lookup table is a synthetic one (a tiny model's timings are all overhead and
+    noise; the measured tables are tested in test_latency.py)."""
+    from statprune import latency
+
+    def synthetic(model, adapter, shapes, **_):
+        layer = latency.LayerTable(
+            shapes[0], 0.1, latency.BlockTable((0, 4), (0.0, 1.0)), latency.BlockTable((0, 64), (0.0, 2.0))
+        )
+        return latency.LatencyTable(key={}, layers=[layer], dense_ms=6.4, rest=0.2)
+
+    out = assets.root / "benched"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STATPRUNE_CACHE", str(tmp_path_factory.mktemp("latency-cache")))
+        patch.setattr(latency, "measure_table", synthetic)
+        result = sweep(assets.model, assets.calib, assets.eval, budgets=[0.9, 0.6], methods=METHODS,
+                       samples=60, budget_kind="latency", bench=True, bench_memory=False, bench_trials=2,
+                       bench_batch=2, bench_seq_len=8, min_quality="0", out=out, log=None)
+    return SimpleNamespace(result=result, out=out)
+
+
+BENCH_KEYS = {"latency_ms", "latency_p90_ms", "throughput", "unit", "peak_memory_mb", "latency_fraction"}
+
+
+def test_bench_rows_and_dense_row(benched):
+    rows = json.loads((benched.out / "results.json").read_text())
+    dense, runs = rows[0], rows[1:]
+    assert dense["method"] == "dense" and dense["latency_fraction"] == 1.0 and dense["achieved"] == 1.0
+    assert len(runs) == len(METHODS) * 2
+    for row in rows:
+        assert set(row) >= BENCH_KEYS
+        assert row["latency_ms"] > 0 and row["latency_p90_ms"] >= row["latency_ms"]
+        assert row["unit"] == "seq/s"
+        assert row["throughput"] == pytest.approx(2 / row["latency_ms"] * 1e3, rel=1e-3)
+        assert row["peak_memory_mb"] is None  # bench_memory=False
+    for row in runs:  # the latency budget: achieved is the cost model's prediction
+        assert row["budget_kind"] == "latency" and row["achieved"] == row["predicted_latency_fraction"]
+        assert row["achieved"] <= row["budget"] + 1e-9
+        assert row["latency_fraction"] == pytest.approx(row["latency_ms"] / dense["latency_ms"], rel=1e-3)
+
+
+def test_bench_markdown_plot_and_latency_selection(benched):
+    text = (benched.out / "results.md").read_text()
+    assert "Measured (forward, batch 2 x 8 tokens, torch on cpu" in text
+    assert "| dense (100%) | " in text.split("Measured")[1]
+    png = (benched.out / "plot_latency.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    selection = benched.result.selection
+    assert selection.objective == "latency" and "measured latency" in selection.rule
+    fastest = min(benched.result.rows, key=lambda r: r.latency_ms)
+    assert selection.best is fastest
+    best = json.loads((benched.out / "best.json").read_text())
+    assert best["objective"] == "latency" and "--keep-latency" in best["command"]
+
+
+def make_measured(method, achieved, value, latency, memory, params):
+    row = make_row(method, achieved, value)
+    row.flops_kept, row.params_kept, row.latency_ms, row.peak_memory_mb = achieved, params, latency, memory
+    return row
+
+
+def test_objective_picks_the_best_by_its_measure():
+    rows = [
+        make_measured("stat", 0.5, 0.85, latency=30.0, memory=300.0, params=0.7),
+        make_measured("stat", 0.6, 0.86, latency=20.0, memory=310.0, params=0.4),
+        make_measured("flap", 0.7, 0.87, latency=25.0, memory=200.0, params=0.6),
+        make_measured("flap", 0.4, 0.70, latency=10.0, memory=100.0, params=0.2),  # below the bar
+    ]
+    threshold = 0.80
+    picks = {obj: select_best(rows, threshold, True, METHODS, obj)[0] for obj in
+             (None, "flops", "latency", "memory", "params")}
+    assert picks[None] is rows[0] and picks["flops"] is rows[0]
+    assert picks["latency"] is rows[1] and picks["params"] is rows[1]
+    assert picks["memory"] is rows[2]
+    rows[1].latency_ms = None  # not measured: not a candidate for the latency objective
+    assert select_best(rows, threshold, True, METHODS, "latency")[0] is rows[2]
+    assert sweep_module.default_objective(rows) == "latency"
+    assert sweep_module.default_objective([make_row("stat", 0.5, 0.9)]) is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--objective", "latency", "--min-quality", "0"), "--objective latency needs --bench"),
+        (("--objective", "flops"), "--objective needs --min-quality"),
+        (("--keep-latency", "0.5", "--budgets", "0.5"), "--keep-latency F is one latency budget"),
+        (("--budget-kind", "latency", "--methods", "fisher"), "fisher"),
+    ],
+)
+def test_bench_and_objective_bad_arguments(assets, tmp_path, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(BudgetError) as info:  # OptionsError
+        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", out, *extra)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_bench_with_a_missing_onnxruntime_names_the_package(assets, tmp_path, monkeypatch):
+    import importlib.util
+
+    from statprune.errors import StatpruneError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
+    )
+    with pytest.raises(StatpruneError, match="needs the onnxruntime package"):
+        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", tmp_path / "out",
+            "--bench", "--backend", "onnxruntime")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_measures_causal_lms_by_prefill(tiny_model_dir, calib_file, tmp_path):
+    model = tiny_model_dir("llama", name="lm")
+    calib = calib_file(60)
+    out = tmp_path / "out"
+    result = sweep(model, calib, calib, budgets=[0.8], methods=["stat"], samples=40, pack=True, seq_len=16,
+                   bench=True, bench_memory=False, bench_trials=2, bench_batch=2, bench_seq_len=8,
+                   out=out, log=None)
+    assert result.task == "lm" and result.bench["kind"] == "prefill"
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["dense", "stat"]
+    assert all(r["latency_ms"] > 0 for r in rows)
+    assert "Measured (prefill, batch 2 x 8 tokens" in (out / "results.md").read_text()

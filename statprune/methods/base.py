@@ -42,6 +42,8 @@ class PruningMethod:
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100  # position in listings (CLI choices, sweep), then by name
     in_default_sweep: ClassVar[bool] = True  # sweep runs it when --methods is not given
+    # its allocation takes any cost model (statprune.allocation.CostModel), so latency budgets too
+    any_cost_model: ClassVar[bool] = True
     uses_activations: ClassVar[bool] = True  # reads calibration statistics (else weights only)
     corrects: ClassVar[bool] = True  # rebuilds the next projection (else plain slicing)
     default_allocation: ClassVar[str] = "greedy"  # what allocation="auto" means

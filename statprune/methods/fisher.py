@@ -37,6 +37,7 @@ class Fisher(PruningMethod):
     name = "fisher"
     order = 40
     in_default_sweep = False  # it needs a task head, which embedding models lack
+    any_cost_model = False  # its mask search prices FLOPs / params itself
     needs_error_curves = False  # its widths come from the mask search
 
     def validate(self, options: CompressionOptions) -> None:

@@ -128,7 +128,9 @@ class AnalysisCache:
 
     @staticmethod
     def key_for(model: nn.Module, options: CompressionOptions, batches: list[CalibrationBatch]) -> str:
-        unbudgeted = asdict(options) | {"keep_flops": None, "keep_params": None}
+        # curves are priced in the budget kind's unit: a cached analysis serves budgets of one kind
+        unbudgeted = asdict(options) | {"keep_flops": None, "keep_params": None, "keep_latency": None}
+        unbudgeted["budget_kind"] = options.budget()[0]
         return f"{id(model)}:{fingerprint(model.config.to_json_string(), unbudgeted, batches)}"
 
     def get(self, key: str) -> Analysis | None:

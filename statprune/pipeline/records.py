@@ -31,7 +31,7 @@ class Plan:
     options: CompressionOptions
     method: PruningMethod
     adapter: ModelAdapter
-    budget_kind: str  # "flops" or "params"
+    budget_kind: str  # "flops", "params" or "latency"
     budget: float
     device: torch.device
 
@@ -50,6 +50,13 @@ class Job:
     checkpoint: Checkpoint | None = None
     visit: torch.device | None = None
     keep_stats: bool = False
+    # the latency budget's cost model (statprune.latency.LatencyCost); None: FLOPs/params accounting
+    cost: Any | None = None
+
+    @property
+    def cost_kind(self) -> Any:
+        """What the allocation prices units with: the cost model, else the budget kind's name."""
+        return self.cost if self.cost is not None else self.plan.budget_kind
 
     @property
     def options(self) -> CompressionOptions:

@@ -43,7 +43,7 @@ from statprune.fisher_grads import OutputSensitivity, has_loss_without_labels, o
 from statprune.flops import LayerShape, model_shapes, total_cost
 from statprune.linalg.heads import head_columns
 from statprune.methods import get_method
-from statprune.options import make_options, resolve_auto
+from statprune.options import LATENCY_OPTIONS, make_options, resolve_auto
 from statprune.pipeline.execution import (
     record_progress,
     restore_pruned_layers,
@@ -275,7 +275,7 @@ def analyse_layer(
         return stats, outputs
     weight = block_weights(job, stats, None if sensitivity is None else sensitivity.at(i))
     stats.token_energy.clear()
-    kind, seq_len = job.plan.budget_kind, options.seq_len
+    kind, seq_len = job.cost_kind, options.seq_len
     if stats.heads is not None:
         factor = metric_factor(sensitivity, "heads", i)
         stats.head_selection = method.select_heads(adapter, layer, stats, options, factor=factor)
@@ -328,7 +328,7 @@ def allocate_widths(job: Job, analysis: Analysis) -> list:
     entries are handed back to the method's selections as ``plan``)."""
     plan = job.plan
     return job.method.allocate(
-        job.shapes, analysis.curves, analysis.plan, plan.budget_kind, plan.budget, job.options, plan.device
+        job.shapes, analysis.curves, analysis.plan, job.cost_kind, plan.budget, job.options, plan.device
     )
 
 
@@ -462,6 +462,47 @@ def _relative(errors: torch.Tensor, index: int) -> float:
     return float(errors[index]) / total if total > 0 else 0.0
 
 
+# ------------------------------------------------------------------------- latency budgets
+
+
+def latency_cost(job: Job, offload: bool):
+    """The latency budget's cost model: lookup tables of the model's layers measured on the
+    device (or read from the cache; ``statprune.latency``). ``OptionsError`` with offloading."""
+    from statprune.errors import OptionsError
+    from statprune.latency import LatencyCost, latency_table
+
+    if offload:
+        raise OptionsError("--keep-latency needs the model on its device; drop --offload")
+    options = job.options
+    table = latency_table(
+        job.model,
+        job.adapter,
+        job.shapes,
+        batch=options.bench_batch,
+        seq_len=options.latency_seq_len,
+        backend=options.backend,
+    )
+    return LatencyCost(table)
+
+
+def latency_report(job: Job, dense: nn.Module | None) -> dict:
+    """Predicted latency of the pruned model (from the job's cost model), then measured:
+    interleaved with ``dense`` when it is the untouched input on the same device."""
+    from statprune.latency import measure_pruned, predicted_report
+
+    after = model_shapes(job.adapter, job.model.base_model)
+    counts = [(s.n_heads, s.ffn_width) for s in job.shapes]
+    pruned_counts = [(s.n_heads, s.ffn_width) for s in after]
+    prune_heads, prune_neurons = "heads" in job.options.prune, "neurons" in job.options.prune
+    floor = [(0 if prune_heads else h, 0 if prune_neurons else n) for h, n in counts]
+    # the pruned layers' shapes differ from the dense ones: price their widths with the dense tables
+    report = predicted_report(job.cost.table, job.shapes, pruned_counts, floor)
+    device = next(job.model.parameters()).device
+    same = dense is not None and next(dense.parameters()).device == device
+    measure_pruned(report, job.model, dense if same else None)
+    return report.to_dict()
+
+
 # ------------------------------------------------------------------------------- 7. report
 
 
@@ -500,7 +541,8 @@ def build_report(
         options={
             k: list(v) if isinstance(v, tuple) else v
             for k, v in asdict(options).items()
-            if k not in ("keep_flops", "keep_params")
+            if k not in ("keep_flops", "keep_params", "keep_latency")
+            and (job.plan.budget_kind == "latency" or k not in LATENCY_OPTIONS)
         }
         | {"allocation": options.allocation_rule},
         seconds=round(time.perf_counter() - start, 3),
