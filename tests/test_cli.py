@@ -169,7 +169,6 @@ def test_compress_then_info(family, tiny_model_dir, calib, tmp_path, capsys):
         assert row.search(info), info
 
     import statprune
-
     from statprune.serving.widths import stock_architecture
 
     pruned = statprune.load(out)
