@@ -48,7 +48,9 @@ import vllm
 
 def main():
     spec = json.loads(sys.argv[1])
-    llm = vllm.LLM(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=spec["max_len"], seed=0)
+    llm = vllm.LLM(
+        model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=spec["max_len"], seed=0
+    )
     params = vllm.SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], ignore_eos=True)
     prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
     llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
