@@ -125,26 +125,36 @@ def test_the_plugin_is_declared_as_a_vllm_entry_point():
 
 @pytest.mark.slow
 def test_vllm_generates_like_transformers(tmp_path):
-    """Greedy tokens of vLLM (with the plugin) equal transformers' on a compressed tiny Llama with
-    a zero-head layer and bias compensation."""
+    """vLLM with the plugin (found through its entry point) on a compressed tiny Llama with uneven
+    widths, a zero-head layer and a zero-neuron layer, both with bias compensation: the same
+    greedy tokens as transformers, and the same log-probabilities of the prompt tokens. Needs vLLM
+    (e.g. run inside the venv that ``benchmarks/serve_vllm.py`` creates); head size 64, as vLLM's
+    CPU attention kernels take no smaller."""
     vllm = pytest.importorskip("vllm")
-    model = build_tiny_model("llama", num_hidden_layers=3, max_position_embeddings=256)
+    model = build_tiny_model("llama", num_hidden_layers=4, hidden_size=256, intermediate_size=128)
     pruned, _ = statprune.compress(
         model, TOKENIZER, TEXTS, keep_params=0.5, samples=32, seq_len=16, progress=False
     )
     adapter = adapter_for(pruned.config)
     hidden = pruned.config.hidden_size
-    pruned.config.statprune_ops += prune_heads(
-        adapter, pruned.model, 2, [], torch.zeros(hidden, 0), torch.randn(hidden)
-    )
+    bias = 0.1 * torch.randn(hidden)
+    none = torch.tensor([], dtype=torch.long)
+    pruned.config.statprune_ops += prune_heads(adapter, pruned.model, 2, [], torch.zeros(hidden, 0), bias)
+    pruned.config.statprune_ops += prune_neurons(adapter, pruned.model, 3, none, torch.zeros(hidden, 0), bias)
     statprune.save(pruned, tmp_path / "out", tokenizer=TOKENIZER)
     prompts = [[2, 6, 7, 8], [2, 9, 10, 11, 12]]
     with torch.no_grad():
         expected = [
-            pruned.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p) :].tolist()
+            pruned.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False)[0, len(p) :]
             for p in prompts
         ]
+        logprobs = [torch.log_softmax(pruned(torch.tensor([p])).logits[0].double(), -1) for p in prompts]
     llm = vllm.LLM(model=str(tmp_path / "out"), dtype="float32", enforce_eager=True, max_model_len=64)
-    params = vllm.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert llm.llm_engine.model_config.architectures == ["StatpruneLlamaForCausalLM"]
+    params = vllm.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    assert [list(o.outputs[0].token_ids) for o in outs] == expected
+    assert [list(o.outputs[0].token_ids) for o in outs] == [e.tolist() for e in expected]
+    for p, out, lp in zip(prompts, outs, logprobs, strict=True):
+        got = [out.prompt_logprobs[i][p[i]].logprob for i in range(1, len(p))]
+        want = [lp[i - 1, p[i]].item() for i in range(1, len(p))]
+        assert got == pytest.approx(want, abs=1e-4)

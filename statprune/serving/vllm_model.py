@@ -62,9 +62,10 @@ def _check_parallel(index: int, widths: LayerWidths) -> None:
     }
     for what, n in sizes.items():
         if n and n % tp and not (what == "key/value heads" and tp % n == 0):
+            fix = f"--round-to {tp}" if what == "FFN neurons" else "--prune neurons"
             raise ModelError(
                 f"layer {index} keeps {n} {what}, not divisible by tensor_parallel_size={tp}; serve with "
-                f"a tensor_parallel_size dividing every layer's widths, or compress with --round-to {tp}"
+                f"a tensor_parallel_size dividing every layer's widths, or compress with {fix}"
             )
 
 
@@ -86,6 +87,9 @@ class StatpruneLlamaDecoderLayer(LlamaDecoderLayer):
         layer_config.bias = False
         layer_config.qkv_bias = widths.qkv_bias
         layer_config.mlp_bias = widths.gate_up_bias
+        if getattr(config, "sliding_window", None) and not getattr(config, "layer_types", None):
+            # Mistral: one window for every layer (vLLM's Llama layers read it from layer_types)
+            layer_config.layer_types = ["sliding_attention"] * config.num_hidden_layers
 
         def attention(**attn_kwargs) -> nn.Module:
             if widths.heads == 0:  # no Attention module: vLLM allocates no KV cache for this layer
