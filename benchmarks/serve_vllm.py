@@ -63,7 +63,7 @@ def main():
     print("RESULT " + json.dumps(result), flush=True)
 
 
-if __name__ == "__main__":  # vLLM's engine process is spawned and re-imports this file
+if __name__ == "__main__":  # vLLM spawns its engine process
     main()
 """
 

@@ -124,14 +124,15 @@ def test_the_plugin_is_declared_as_a_vllm_entry_point():
 
 
 @pytest.mark.slow
-def test_vllm_generates_like_transformers(tmp_path):
-    """vLLM with the plugin (found through its entry point) on a compressed tiny Llama with uneven
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_vllm_generates_like_transformers(family, tmp_path):
+    """vLLM with the plugin (found through its entry point) on a compressed tiny decoder with uneven
     widths, a zero-head layer and a zero-neuron layer, both with bias compensation: the same
     greedy tokens as transformers, and the same log-probabilities of the prompt tokens. Needs vLLM
     (e.g. run inside the venv that ``benchmarks/serve_vllm.py`` creates); head size 64, as vLLM's
     CPU attention kernels take no smaller."""
     vllm = pytest.importorskip("vllm")
-    model = build_tiny_model("llama", num_hidden_layers=4, hidden_size=256, intermediate_size=128)
+    model = build_tiny_model(family, num_hidden_layers=4, hidden_size=256, intermediate_size=128)
     pruned, _ = statprune.compress(
         model, TOKENIZER, TEXTS, keep_params=0.5, samples=32, seq_len=16, progress=False
     )
@@ -150,7 +151,7 @@ def test_vllm_generates_like_transformers(tmp_path):
         ]
         logprobs = [torch.log_softmax(pruned(torch.tensor([p])).logits[0].double(), -1) for p in prompts]
     llm = vllm.LLM(model=str(tmp_path / "out"), dtype="float32", enforce_eager=True, max_model_len=64)
-    assert llm.llm_engine.model_config.architectures == ["StatpruneLlamaForCausalLM"]
+    assert llm.llm_engine.model_config.architectures == [f"Statprune{type(model).__name__}"]
     params = vllm.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     assert [list(o.outputs[0].token_ids) for o in outs] == [e.tolist() for e in expected]
