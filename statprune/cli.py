@@ -13,7 +13,7 @@ from pathlib import Path
 
 from statprune.argtypes import fraction, positive_int
 from statprune.bench import add_bench_parser, run_bench
-from statprune.errors import ModelError, StatpruneError
+from statprune.errors import StatpruneError
 from statprune.evaluate import add_eval_parser, run_eval
 from statprune.export import add_export_parser, run_export
 from statprune.sweep import add_sweep_parser, run_sweep
@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
     c.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
     c.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype to compress in and save; auto (default): compress in float32, save in the "
+        "input checkpoint's dtype",
+    )
     c.add_argument(
         "--activations",
         default="auto",
@@ -139,7 +145,13 @@ def _compress(args: argparse.Namespace) -> int:
     from statprune.argtypes import resolve_device
     from statprune.calibration import read_examples
     from statprune.driver import CompressionOptions
-    from statprune.persist import check_model_dir, check_output_dir, load_tokenizer
+    from statprune.persist import (
+        check_model_dir,
+        check_output_dir,
+        checkpoint_dtype,
+        load_tokenizer,
+        read_config,
+    )
 
     options = CompressionOptions(
         keep_flops=args.keep_flops,
@@ -164,14 +176,13 @@ def _compress(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     check_model_dir(args.model)
     check_output_dir(args.out, args.overwrite, source=args.model)
-    try:
-        config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ModelError(f"cannot read {args.model / 'config.json'}: {str(exc).splitlines()[0]}") from None
-    adapter_for(config)
+    adapter_for(read_config(args.model))
     texts = read_examples(args.data, text_field=args.text_field, pair_field=args.pair_field)
     tokenizer = load_tokenizer(args.model)
-    model = statprune.load(args.model, dtype=getattr(torch, args.dtype))
+    # auto: statistics from a float32 forward, weights saved in the checkpoint's own dtype
+    out_dtype = checkpoint_dtype(args.model) if args.dtype == "auto" else args.dtype
+    work_dtype = "float32" if args.dtype == "auto" else args.dtype
+    model = statprune.load(args.model, dtype=getattr(torch, work_dtype))
     fields = {f: getattr(options, f) for f in options.__dataclass_fields__}
     model, report = statprune.compress(
         model,
@@ -188,8 +199,15 @@ def _compress(args: argparse.Namespace) -> int:
         **fields,
     )
     report.source_model = str(args.model.resolve())
+    model.to(getattr(torch, out_dtype))
     out = statprune.save(
-        model, args.out, tokenizer=tokenizer, report=report, overwrite=args.overwrite, source=args.model
+        model,
+        args.out,
+        tokenizer=tokenizer,
+        report=report,
+        overwrite=args.overwrite,
+        source=args.model,
+        calibration_data=args.data.name,
     )
     print(report.summary())
     print(f"\nsaved to {out}")

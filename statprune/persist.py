@@ -10,23 +10,27 @@ appears complete or not at all.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import transformers
 from safetensors import SafetensorError
 from torch import nn
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from statprune import modeling_statprune
+from statprune import model_card, modeling_statprune, st_folder
 from statprune.argtypes import current_umask
 from statprune.errors import ModelError, OutputError
 from statprune.report import CompressionReport
 
 REPORT_FILE = "statprune.json"
 MODELING_FILE = "modeling_statprune.py"
+CUSTOM_TYPE_PREFIX = "statprune_"
 _AUTO_CLASSES = (
     ("ForSequenceClassification", "AutoModelForSequenceClassification"),
     ("ForTokenClassification", "AutoModelForTokenClassification"),
@@ -53,10 +57,27 @@ def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> 
         raise OutputError(f"--out {out} exists and is not empty; pass --overwrite or choose another")
 
 
+def is_compressed(model: nn.Module) -> bool:
+    """True when the model's shapes differ from its stock architecture (``config.statprune_ops``)."""
+    return bool(getattr(model.config, "statprune_ops", None))
+
+
+def custom_model_type(model_type: str) -> str:
+    """The ``model_type`` written for a compressed model of stock type ``model_type``."""
+    return CUSTOM_TYPE_PREFIX + model_type
+
+
+def _config_class_name(model: nn.Module) -> str:
+    return "Statpruned" + type(model.config).__name__
+
+
 def _auto_map(model: nn.Module) -> dict[str, str]:
     arch = type(model).__name__
     base_name = type(model.base_model).__name__
-    mapping = {"AutoModel": f"{MODELING_FILE[:-3]}.{base_name}"}
+    module = MODELING_FILE[:-3]
+    mapping = {"AutoModel": f"{module}.{base_name}"}
+    if is_compressed(model):
+        mapping = {"AutoConfig": f"{module}.{_config_class_name(model)}", **mapping}
     for suffix, auto in _AUTO_CLASSES:
         if arch.endswith(suffix):
             mapping[auto] = f"{MODELING_FILE[:-3]}.{arch}"
@@ -73,7 +94,19 @@ def _modeling_source(model: nn.Module) -> str:
         "import transformers as _transformers",
         "",
     ]
-    lines += [f"{n} = statpruned_class(_transformers.{n})" for n in names]
+    config_name, config_base = _config_class_name(model), type(model.config).__name__
+    # A model_type of its own makes transformers ask for trust_remote_code instead of building the
+    # stock (wider) model and failing on the weights' sizes.
+    model_type = custom_model_type(model.config.model_type)
+    lines += [
+        f"{config_name} = type(",
+        f'    "{config_name}",',
+        f"    (_transformers.{config_base},),",
+        f'    {{"model_type": "{model_type}", "__module__": __name__}},',
+        ")",
+    ]
+    for n in names:
+        lines += [f"{n} = statpruned_class(_transformers.{n})", f"{n}.config_class = {config_name}"]
     return source + "\n".join(lines) + "\n"
 
 
@@ -84,10 +117,28 @@ def save(
     report: CompressionReport | None = None,
     overwrite: bool = False,
     source: str | Path | None = None,
+    calibration_data: str | None = None,
+    quality: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a compressed model folder atomically; returns its path."""
+    """Write a compressed model folder atomically; returns its path.
+
+    The folder holds the weights in the model's dtype (``model.to(dtype)`` first to change it),
+    ``config.json`` (for a compressed model with ``model_type`` ``statprune_<type>``, so that
+    transformers asks for ``trust_remote_code=True`` rather than building the stock, wider model),
+    the tokenizer files, ``modeling_statprune.py``, ``statprune.json`` and a model card
+    ``README.md``. With ``source`` (the input model folder), a sentence-transformers model keeps its
+    modules (``modules.json``, pooling, normalization, ``sentence_bert_config.json``; see
+    ``statprune.st_folder``) and the generation config is kept when the model carries none.
+    ``calibration_data`` (a description such as the file name, never the data) and ``quality`` (a
+    metric name -> value mapping, e.g. from ``statprune eval``) go into the card.
+
+    Raises ``OutputError`` for an output that is the input, a file or a non-empty folder (without
+    ``overwrite``), or when writing fails (nothing is left behind).
+    """
     out = Path(out_dir).resolve()
-    check_output_dir(out, overwrite, Path(source) if source else None)
+    source_dir = Path(source) if source else None
+    check_output_dir(out, overwrite, source_dir)
+    st_modules = st_folder.read_modules(source_dir) if source_dir is not None else None
     created = [p for p in out.parents if not p.exists()]  # innermost first; removed on failure
     tmp: Path | None = None
     config = model.config
@@ -99,11 +150,27 @@ def save(
         config.auto_map = _auto_map(model)
         config.architectures = [type(model).__name__]
         model.save_pretrained(tmp, safe_serialization=True)
+        if is_compressed(model):
+            _set_model_type(tmp / "config.json", custom_model_type(model.config.model_type))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MODELING_FILE).write_text(_modeling_source(model))
         if report is not None:
             report.save(tmp / REPORT_FILE)
+        if source_dir is not None:
+            _keep_source_files(source_dir, tmp)
+            if st_modules is not None:
+                st_folder.copy_modules(source_dir, tmp, st_modules)
+        card = model_card.render(
+            model,
+            report,
+            out,
+            source=source_dir,
+            calibration_data=calibration_data,
+            quality=quality,
+            sentence_transformers=st_modules is not None,
+        )
+        (tmp / "README.md").write_text(card)
         _replace(tmp, out)
     except BaseException as exc:
         _discard(tmp, created)
@@ -120,6 +187,23 @@ def save(
         else:
             config.auto_map = previous_map
     return out
+
+
+def _set_model_type(config_file: Path, model_type: str) -> None:
+    data = json.loads(config_file.read_text())
+    data["model_type"] = model_type
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# Files of the input folder that describe how to use the model rather than its weights; copied
+# when save_pretrained did not write them (the model's own generation config wins).
+_SOURCE_FILES = ("generation_config.json",)
+
+
+def _keep_source_files(source: Path, dest: Path) -> None:
+    for name in _SOURCE_FILES:
+        if (source / name).is_file() and not (dest / name).exists():
+            shutil.copyfile(source / name, dest / name)
 
 
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -168,6 +252,42 @@ def _replace(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(folder: str | Path) -> str:
+    """The floating dtype most of a checkpoint's weights are stored in (``"bfloat16"``, …).
+
+    Read from the safetensors headers (no weights are loaded), else from ``config.json``'s
+    ``dtype`` / ``torch_dtype``; ``"float32"`` when neither says.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    sizes: dict[str, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    part = f.get_slice(key)
+                    name = _SAFETENSORS_DTYPES.get(part.get_dtype())
+                    if name is not None:
+                        numel = 1
+                        for d in part.get_shape():
+                            numel *= d
+                        sizes[name] = sizes.get(name, 0) + numel
+        except (SafetensorError, OSError):
+            continue
+    if sizes:
+        return max(sizes, key=sizes.__getitem__)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    named = config.get("dtype") or config.get("torch_dtype")
+    return named if named in _SAFETENSORS_DTYPES.values() else "float32"
+
+
 def check_model_dir(path: Path) -> None:
     if not path.exists():
         raise ModelError(f"model folder {path} does not exist")
@@ -177,15 +297,31 @@ def check_model_dir(path: Path) -> None:
         raise ModelError(f"{path} has no weights (model.safetensors); is the download complete?")
 
 
+def read_config(folder: Path):
+    """The model's config as its stock transformers class (a compressed model's ``statprune_<type>``
+    is read as ``<type>``, with its ``statprune_ops``), without running any code from the folder.
+
+    Raises ``ModelError`` for an unreadable or unknown config.
+    """
+    try:
+        config_dict, _ = transformers.PreTrainedConfig.get_config_dict(folder, local_files_only=True)
+        model_type = str(config_dict.get("model_type", ""))
+        if model_type.startswith(CUSTOM_TYPE_PREFIX):
+            stock = model_type[len(CUSTOM_TYPE_PREFIX) :]
+            if stock not in CONFIG_MAPPING:
+                raise ValueError(f"unknown model type {stock!r}")
+            return CONFIG_MAPPING[stock].from_dict({**config_dict, "model_type": stock})
+        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
+
+
 def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
     """Load a model folder (compressed or not) as its own task class, e.g. a
     ``BertForSequenceClassification``; no network access, no remote code executed."""
     folder = Path(path)
     check_model_dir(folder)
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ModelError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    config = read_config(folder)
     archs = getattr(config, "architectures", None) or []
     base = getattr(transformers, archs[0], None) if archs else None
     if base is None:
@@ -208,8 +344,11 @@ def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a model folder (offline), or a one-line ``ModelError``."""
+    kwargs = {}
+    if (Path(path) / "config.json").is_file():  # else AutoTokenizer would ask to run the folder's code
+        kwargs["config"] = read_config(Path(path))
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
     except (ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot load the tokenizer of {path}: {reason}") from None
