@@ -37,7 +37,7 @@ TEMPLATE = """---
 
 # {{ title }}
 
-{{ source_line }} compressed with [statprune](https://github.com/) (STAT, *Shrinking Transformers
+{{ source_line }} compressed with statprune (STAT, *Shrinking Transformers
 After Training*, Flynn et al. 2024): whole attention heads and FFN neurons were removed without
 retraining and the next layer's weights corrected by least squares on calibration activations.
 
