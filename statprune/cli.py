@@ -16,6 +16,7 @@ from statprune.bench import add_bench_parser, run_bench
 from statprune.errors import StatpruneError
 from statprune.evaluate import add_eval_parser, run_eval
 from statprune.export import add_export_parser, run_export
+from statprune.gguf_export import add_gguf_parser, run_gguf
 from statprune.sweep import add_sweep_parser, run_sweep
 
 
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_sweep_parser(sub)
     add_export_parser(sub)
+    add_gguf_parser(sub)
     add_bench_parser(sub)
     return parser
 
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": run_eval,
         "sweep": run_sweep,
         "export-onnx": run_export,
+        "export-gguf": run_gguf,
         "bench": run_bench,
     }
     try:
