@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not let the next bias absorb the mean of removed units",
     )
     c.add_argument("--round-to", type=positive_int, default=1, help="kept FFN widths are multiples of N")
+    c.add_argument(
+        "--uniform",
+        action="store_true",
+        help="same heads and neurons in every layer, saved as the stock architecture (standard config "
+        "fields, no remote code; Llama, Mistral, Qwen2)",
+    )
     c.add_argument("--checkpoint-dir", type=Path, help="save progress after every layer into this folder")
     c.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint-dir")
     c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
@@ -164,7 +170,7 @@ def _compress(args: argparse.Namespace) -> int:
         correction_target=args.correction_target,
         correction_ridge=args.correction_ridge,
         bias_compensation=not args.no_bias_compensation,
-        allocation=args.allocation,
+        allocation="uniform" if args.uniform else args.allocation,
         method=args.method,
         layer_weighting=args.layer_weighting,
         error_metric=args.error_metric,
@@ -178,7 +184,12 @@ def _compress(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     check_model_dir(args.model)
     check_output_dir(args.out, args.overwrite, source=args.model)
-    adapter_for(read_config(args.model))
+    config = read_config(args.model)
+    adapter_for(config)
+    if args.uniform:
+        from statprune.uniform import check_family
+
+        check_family(config, bias_compensation=not args.no_bias_compensation)
     texts = read_examples(args.data, text_field=args.text_field, pair_field=args.pair_field)
     tokenizer = load_tokenizer(args.model)
     # auto: statistics from a float32 forward, weights saved in the checkpoint's own dtype
@@ -210,6 +221,7 @@ def _compress(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         source=args.model,
         calibration_data=args.data.name,
+        stock=args.uniform,
     )
     print(report.summary())
     print(f"\nsaved to {out}")

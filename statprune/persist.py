@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from statprune import model_card, modeling_statprune, st_folder
+from statprune import model_card, modeling_statprune, st_folder, uniform
 from statprune.argtypes import current_umask
 from statprune.errors import ModelError, OutputError
 from statprune.report import CompressionReport
@@ -119,6 +119,7 @@ def save(
     source: str | Path | None = None,
     calibration_data: str | None = None,
     quality: dict[str, Any] | None = None,
+    stock: bool = False,
 ) -> Path:
     """Write a compressed model folder atomically; returns its path.
 
@@ -130,7 +131,9 @@ def save(
     modules (``modules.json``, pooling, normalization, ``sentence_bert_config.json``; see
     ``statprune.st_folder``) and the generation config is kept when the model carries none.
     ``calibration_data`` (a description such as the file name, never the data) and ``quality`` (a
-    metric name -> value mapping, e.g. from ``statprune eval``) go into the card.
+    metric name -> value mapping, e.g. from ``statprune eval``) go into the card. ``stock``: write
+    the stock architecture with the widths in its standard config fields and no remote code
+    (every layer must keep the same widths; see ``statprune.uniform``; raises ``UniformError``).
 
     Raises ``OutputError`` for an output that is the input, a file or a non-empty folder (without
     ``overwrite``), or when writing fails (nothing is left behind).
@@ -139,6 +142,8 @@ def save(
     source_dir = Path(source) if source else None
     check_output_dir(out, overwrite, source_dir)
     st_modules = st_folder.read_modules(source_dir) if source_dir is not None else None
+    if stock:
+        model = uniform.stock_model(model)
     created = [p for p in out.parents if not p.exists()]  # innermost first; removed on failure
     tmp: Path | None = None
     config = model.config
@@ -147,14 +152,16 @@ def save(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the output is an ordinary folder
-        config.auto_map = _auto_map(model)
+        if not stock:
+            config.auto_map = _auto_map(model)
         config.architectures = [type(model).__name__]
         model.save_pretrained(tmp, safe_serialization=True)
         if is_compressed(model):
             _set_model_type(tmp / "config.json", custom_model_type(model.config.model_type))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / MODELING_FILE).write_text(_modeling_source(model))
+        if not stock:
+            (tmp / MODELING_FILE).write_text(_modeling_source(model))
         if report is not None:
             report.save(tmp / REPORT_FILE)
         if source_dir is not None:

@@ -215,3 +215,93 @@ def test_model_card_keeps_the_input_cards_metadata(tmp_path, calib_file):
     card = (out / "README.md").read_text()
     assert "license: apache-2.0" in card and "- embeddings" in card and "- statprune" in card
     assert "`calib.txt`" in card
+
+
+# --- --uniform: the stock architecture, no remote code -----------------------------------------
+
+
+@pytest.mark.parametrize(("family", "bias"), [("llama", True), ("qwen2", False), ("mistral", False)])
+def test_uniform_output_loads_in_stock_transformers_without_remote_code(family, bias, tmp_path):
+    import transformers
+
+    pruned, report = statprune.compress(
+        build_tiny_model(family),
+        TOKENIZER,
+        tiny_texts(200),
+        keep_flops=0.8,
+        allocation="uniform",
+        bias_compensation=bias,
+        progress=False,
+    )
+    out = statprune.save(pruned, tmp_path / "out", tokenizer=TOKENIZER, report=report, stock=True)
+    config = json.loads((out / "config.json").read_text())
+    layers = pruned.model.layers
+    assert config["model_type"] == family and "auto_map" not in config and "statprune_ops" not in config
+    assert not (out / "modeling_statprune.py").exists()
+    assert config["num_attention_heads"] == layers[0].self_attn.q_proj.out_features // 8 < 4
+    assert config["intermediate_size"] == layers[0].mlp.gate_proj.out_features < 64
+    assert config["head_dim"] == 8
+    if bias:
+        assert config["attention_bias"] and config["mlp_bias"]
+    stock = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # no trust_remote_code
+    assert type(stock).__module__.startswith(f"transformers.models.{family}")
+    enc = TOKENIZER(tiny_texts(6, seed=4), return_tensors="pt", padding=True)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**inputs).logits, pruned(**inputs).logits, rtol=0, atol=1e-5)
+    assert (
+        "trust_remote_code"
+        not in (out / "README.md").read_text().split("## Load and serve")[1].split("ONNX")[0]
+    )
+
+
+def test_uniform_is_refused_where_the_stock_config_cannot_say_it(
+    tmp_path, calib_file, tiny_model_dir, capsys
+):
+    data = calib_file()
+    bert = tiny_model_dir("bert")
+    assert (
+        main(
+            [
+                "compress",
+                str(bert),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "b"),
+                "--keep-flops",
+                "0.8",
+                "--uniform",
+            ]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "hidden_size / num_attention_heads" in err and "trust_remote_code=True" in err
+    mistral = tiny_model_dir("mistral", name="mistral")
+    argv = [
+        "compress",
+        str(mistral),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "m"),
+        "--keep-flops",
+        "0.8",
+    ]
+    assert main([*argv, "--uniform", "--pack", "--seq-len", "16"]) == 1
+    assert "--no-bias-compensation" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "m").exists()
+    assert main([*argv, "--uniform", "--pack", "--seq-len", "16", "--no-bias-compensation", "--quiet"]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "mistral"
+
+
+def test_uneven_widths_cannot_be_saved_as_stock(tmp_path):
+    from statprune.uniform import UniformError
+
+    pruned, report = statprune.compress(
+        build_tiny_model("llama"), TOKENIZER, tiny_texts(200), keep_flops=0.4, progress=False
+    )
+    with pytest.raises(UniformError, match="--allocation uniform"):
+        statprune.save(pruned, tmp_path / "out", report=report, stock=True)
+    assert not (tmp_path / "out").exists()
