@@ -200,3 +200,61 @@ def test_unrecognised_pre_tokenizer_asks_for_its_name(tmp_path):
         export_gguf(folder, tmp_path / "m.gguf")
     export_gguf(folder, tmp_path / "m.gguf", tokenizer_pre_name="gpt2")
     assert _fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == "gpt2"
+
+
+def _deci_logits(path, input_ids):
+    """Logits of a GGUF file computed the way llama.cpp's deci graph reads it: RMSNorm, rotary
+    embedding on adjacent pairs (ggml's normal mode), grouped-query attention with query head h on
+    key/value head h // (n_head / n_head_kv), SwiGLU, optional output/down biases, tied output."""
+    reader = gguf.GGUFReader(path)
+    fields, t = (
+        _fields(reader),
+        {k: torch.from_numpy(v.astype(np.float32)) for k, v in _tensors(reader).items()},
+    )
+    eps, base = fields["deci.attention.layer_norm_rms_epsilon"], fields["deci.rope.freq_base"]
+    d = fields["deci.attention.key_length"]
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def linear(x, name):
+        y = x @ t[f"{name}.weight"].T
+        return y + t[f"{name}.bias"] if f"{name}.bias" in t else y
+
+    def rope(x):  # (T, heads, d): pairs (2i, 2i+1) rotated by pos * base^(-2i/d)
+        pos = torch.arange(x.shape[0], dtype=torch.float32)[:, None]
+        angle = pos * base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+        cos, sin = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+    h = t["token_embd.weight"][input_ids]
+    steps = input_ids.shape[0]
+    causal = torch.full((steps, steps), float("-inf")).triu(1)
+    for i in range(fields["deci.block_count"]):
+        n_head, n_kv = fields["deci.attention.head_count"][i], fields["deci.attention.head_count_kv"][i]
+        x = rms(h, t[f"blk.{i}.attn_norm.weight"])
+        q = rope(linear(x, f"blk.{i}.attn_q").view(steps, n_head, d))
+        k = rope(linear(x, f"blk.{i}.attn_k").view(steps, n_kv, d))
+        v = linear(x, f"blk.{i}.attn_v").view(steps, n_kv, d)
+        group = n_head // n_kv
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / d**0.5 + causal
+        attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(steps, n_head * d)
+        h = h + linear(attn, f"blk.{i}.attn_output")
+        y = rms(h, t[f"blk.{i}.ffn_norm.weight"])
+        gated = torch.nn.functional.silu(linear(y, f"blk.{i}.ffn_gate")) * linear(y, f"blk.{i}.ffn_up")
+        h = h + linear(gated, f"blk.{i}.ffn_down")
+    return rms(h, t["output_norm.weight"]) @ t["token_embd.weight"].T
+
+
+@pytest.mark.parametrize("budget", [0.4, 0.05])
+def test_gguf_computes_the_compressed_model(tmp_path, budget):
+    """Read back and run as llama.cpp's deci graph reads it, the file gives transformers' logits
+    (uneven widths, bias compensation, emptied blocks as all-zero units at 0.05)."""
+    pruned, tokenizer, folder = _compressed_lm(tmp_path, budget=budget)
+    export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    ids = torch.tensor(tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"])
+    with torch.no_grad():
+        expected = pruned(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(_deci_logits(tmp_path / "m.gguf", ids), expected, rtol=1e-4, atol=1e-4)
