@@ -160,6 +160,7 @@ def _compress(args: argparse.Namespace) -> int:
         load_tokenizer,
         read_config,
     )
+    from statprune.st_folder import read_modules
 
     options = CompressionOptions(
         keep_flops=args.keep_flops,
@@ -186,6 +187,7 @@ def _compress(args: argparse.Namespace) -> int:
     check_output_dir(args.out, args.overwrite, source=args.model)
     config = read_config(args.model)
     adapter_for(config)
+    read_modules(args.model)  # a broken sentence-transformers modules.json fails now, not at the save
     if args.uniform:
         from statprune.uniform import check_family
 

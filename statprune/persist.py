@@ -202,9 +202,20 @@ def _set_model_type(config_file: Path, model_type: str) -> None:
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-# Files of the input folder that describe how to use the model rather than its weights; copied
-# when save_pretrained did not write them (the model's own generation config wins).
-_SOURCE_FILES = ("generation_config.json",)
+# Files of the input folder that describe how to use the model rather than its weights (the
+# tokenizer is never changed by compression); copied when the save did not write them, so that
+# e.g. a slow tokenizer's vocab.txt or a SentencePiece tokenizer.model stay beside the model.
+_SOURCE_FILES = (
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def _keep_source_files(source: Path, dest: Path) -> None:

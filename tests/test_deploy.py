@@ -163,7 +163,9 @@ def test_generation_config_chat_template_and_tokenizer_files_kept(tmp_path, cali
     tokenizer = _build_tiny_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} [SEP] {% endfor %}"
     tokenizer.save_pretrained(source)
+    (source / "vocab.txt").write_text("\n".join(tokenizer.get_vocab()) + "\n")  # a slow tokenizer's file
     out = _compress_cli(source, calib_file(), tmp_path / "out", "--pack", "--seq-len", "16")
+    assert (out / "vocab.txt").read_text() == (source / "vocab.txt").read_text()
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["max_new_tokens"] == 7 and gen["eos_token_id"] == 3
     reloaded = statprune.persist.load_tokenizer(out)
