@@ -307,3 +307,37 @@ def test_uneven_widths_cannot_be_saved_as_stock(tmp_path):
     with pytest.raises(UniformError, match="--allocation uniform"):
         statprune.save(pruned, tmp_path / "out", report=report, stock=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_real_minilm_stays_a_sentence_transformers_model(tmp_path):
+    """all-MiniLM-L6-v2 (modules.json, 1_Pooling, Normalize, max_seq_length 256) at 60 % FLOPs."""
+    import os
+    from pathlib import Path
+
+    from sentence_transformers import SentenceTransformer
+
+    cache = Path.home() / ".cache" / "statprune"
+    if not (cache / "minilm" / "DONE.json").is_file() or not (cache / "corpora" / "DONE.json").is_file():
+        if os.environ.get("STATPRUNE_REQUIRE_ASSETS") == "1":
+            pytest.fail("assets minilm/corpora missing: run `make assets`")
+        pytest.skip("assets minilm/corpora not fetched (make assets)")
+    source = cache / "minilm"
+    out = tmp_path / "mini60"
+    data = cache / "corpora" / "rt-calib.txt"
+    assert main(["compress", str(source), "--data", str(data), "--out", str(out), "--keep-flops", "0.6",
+                 "--samples", "128", "--quiet"]) == 0  # fmt: skip
+    model = SentenceTransformer(str(out), device="cpu", trust_remote_code=True)
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    assert model.max_seq_length == 256
+    texts = (cache / "corpora" / "rt-calib.txt").read_text().splitlines()[-40:]
+    got = model.encode(texts, convert_to_tensor=True)
+    tokenizer = statprune.persist.load_tokenizer(out)
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
+    with torch.no_grad():
+        hidden = statprune.load(out)(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    card = (out / "README.md").read_text()
+    assert "license: apache-2.0" in card and "`rt-calib.txt`: 128 examples" in card
