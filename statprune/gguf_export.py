@@ -1,4 +1,4 @@
-"""``statprune export-gguf``: a compressed Llama-family decoder as a GGUF file for llama.cpp.
+"""``statprune export-gguf``: a compressed Llama/Mistral/Qwen2 decoder as a GGUF file for llama.cpp.
 
 llama.cpp's plain ``llama`` architecture sizes every layer from the first layer's head count and
 FFN length, so uneven widths do not load there. Its ``deci`` architecture (written for NVIDIA's
@@ -33,13 +33,16 @@ from typing import TYPE_CHECKING, Any
 from statprune.errors import ModelError, OutputError, StatpruneError
 
 ARCH = "deci"
-SUPPORTED = ("llama", "mistral")
+SUPPORTED = ("llama", "mistral", "qwen2")
 OUTTYPES = ("f32", "f16", "bf16")
-# The pre-tokenizer split of Llama 3's tokenizer.json (llama.cpp's "llama-bpe").
-_LLAMA3_SPLIT = (
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
-)
+# The pre-tokenizer splits of Llama 3's and Qwen2's tokenizer.json (llama.cpp's "llama-bpe" and
+# "qwen2"; they differ in digits: runs of up to three, or one at a time).
+_SPLIT_TAIL = "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+_SPLIT_HEAD = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"
+_SPLITS = {
+    _SPLIT_HEAD + "|\\p{N}{1,3}" + _SPLIT_TAIL: "llama-bpe",
+    _SPLIT_HEAD + "|\\p{N}" + _SPLIT_TAIL: "qwen2",
+}
 
 
 if TYPE_CHECKING:
@@ -93,6 +96,11 @@ def check_exportable(config) -> None:
         raise GGUFExportError(
             f"this Mistral model uses a sliding window of {window} tokens, which llama.cpp's deci "
             "architecture does not apply; it cannot be exported faithfully"
+        )
+    if family == "qwen2" and getattr(config, "use_sliding_window", False):
+        raise GGUFExportError(
+            "this Qwen2 model uses sliding-window attention, which llama.cpp's deci architecture "
+            "does not apply; it cannot be exported faithfully"
         )
     rope = getattr(config, "rope_parameters", None) or {}
     kind = rope.get("rope_type", "default")
@@ -224,8 +232,8 @@ def tokenizer_pre(tokenizer_json: dict[str, Any]) -> str:
         and steps[1].get("use_regex", True)
     ):
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") == _LLAMA3_SPLIT:
-        return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and (steps[0].get("pattern") or {}).get("Regex") in _SPLITS:
+        return _SPLITS[steps[0]["pattern"]["Regex"]]
     raise GGUFExportError(
         f"unrecognised pre-tokenizer {kinds}; pass --tokenizer-pre with llama.cpp's name for it "
         "(e.g. gpt2, smollm, llama-bpe, qwen2)"

@@ -39,9 +39,9 @@ def _bpe_tokenizer():
     return wrapped
 
 
-def _compressed_lm(tmp_path, budget=0.4, **model_kwargs):
+def _compressed_lm(tmp_path, budget=0.4, family="llama", **model_kwargs):
     tokenizer = _bpe_tokenizer()
-    model = build_tiny_model("llama", vocab_size=len(tokenizer), **model_kwargs)
+    model = build_tiny_model(family, vocab_size=len(tokenizer), **model_kwargs)
     pruned, report = statprune.compress(model, tokenizer, tiny_texts(200), keep_flops=budget, progress=False)
     out = statprune.save(pruned, tmp_path / "lm", tokenizer=tokenizer, report=report)
     return pruned, tokenizer, out
@@ -248,13 +248,36 @@ def _deci_logits(path, input_ids):
     return rms(h, t["output_norm.weight"]) @ t["token_embd.weight"].T
 
 
-@pytest.mark.parametrize("budget", [0.4, 0.05])
-def test_gguf_computes_the_compressed_model(tmp_path, budget):
+@pytest.mark.parametrize(
+    ("family", "budget"), [("llama", 0.4), ("llama", 0.05), ("mistral", 0.4), ("qwen2", 0.4)]
+)
+def test_gguf_computes_the_compressed_model(tmp_path, family, budget):
     """Read back and run as llama.cpp's deci graph reads it, the file gives transformers' logits
-    (uneven widths, bias compensation, emptied blocks as all-zero units at 0.05)."""
-    pruned, tokenizer, folder = _compressed_lm(tmp_path, budget=budget)
+    (uneven widths, bias compensation, Qwen2's query/key/value biases, emptied blocks as all-zero
+    units at 0.05)."""
+    pruned, tokenizer, folder = _compressed_lm(tmp_path, budget=budget, family=family)
     export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
     ids = torch.tensor(tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"])
     with torch.no_grad():
         expected = pruned(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(_deci_logits(tmp_path / "m.gguf", ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pre_tokenizer_names_from_tokenizer_json():
+    from statprune.gguf_export import tokenizer_pre
+
+    def tok(pre):
+        return {"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}, "pre_tokenizer": pre}
+
+    byte_level = {"type": "ByteLevel", "use_regex": True}
+    assert tokenizer_pre(tok(byte_level)) == "gpt2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert tokenizer_pre(tok({"type": "Sequence", "pretokenizers": [digits, byte_level]})) == "smollm"
+    head = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"
+    tail = "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+    for digit_rule, name in (("|\\p{N}{1,3}", "llama-bpe"), ("|\\p{N}", "qwen2")):
+        split = {"type": "Split", "pattern": {"Regex": head + digit_rule + tail}}
+        pre = {"type": "Sequence", "pretokenizers": [split, {"type": "ByteLevel", "use_regex": False}]}
+        assert tokenizer_pre(tok(pre)) == name
+    with pytest.raises(GGUFExportError, match="byte-level BPE"):
+        tokenizer_pre({"model": {"type": "Unigram"}, "decoder": {"type": "Metaspace"}})
