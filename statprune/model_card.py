@@ -119,7 +119,14 @@ embeddings = model.encode(["first sentence", "second sentence"])
 {% endif %}
 {% if decoder %}
 For llama.cpp, `statprune export-gguf {{ folder_name }} model.gguf` writes a GGUF file with the
-per-layer head counts and FFN lengths (Llama-family models).
+per-layer head counts and FFN lengths (Llama, Mistral, Qwen2).
+{% if compressed %}
+Engines that build the stock architecture from the standard config fields (vLLM, TGI, MLX) cannot
+represent per-layer widths; `statprune compress … --uniform` writes a model they can load.
+{% else %}
+The folder uses the stock architecture with its standard config fields, so engines that read them
+(e.g. vLLM: `LLM("{{ folder_name }}")`) need no remote code.
+{% endif %}
 {% endif %}
 ONNX Runtime: `statprune export-onnx {{ folder_name }} model.onnx`.
 """
