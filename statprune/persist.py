@@ -1,9 +1,11 @@
 """Saving and loading compressed models as standard Hugging Face folders.
 
-A saved folder holds ``config.json`` (with ``statprune_ops`` and an ``auto_map``),
-``model.safetensors``, the tokenizer files, ``statprune.json`` (the report) and
-``modeling_statprune.py``, so it loads with ``statprune.load`` or, without statprune installed,
-with ``AutoModel…from_pretrained(DIR, trust_remote_code=True)``. Writing is atomic: the folder
+A saved folder holds ``config.json`` (with ``statprune_ops``, an ``auto_map`` and, for a
+compressed model, ``model_type`` ``statprune_<type>``), ``model.safetensors``, the tokenizer files,
+``statprune.json`` (the report), ``modeling_statprune.py`` and a model card ``README.md``, so it
+loads with ``statprune.load`` or, without statprune installed, with
+``AutoModel…from_pretrained(DIR, trust_remote_code=True)``; without ``trust_remote_code``
+transformers refuses it with its own message asking for it. Writing is atomic: the folder
 appears complete or not at all.
 """
 
@@ -129,7 +131,8 @@ def save(
     the tokenizer files, ``modeling_statprune.py``, ``statprune.json`` and a model card
     ``README.md``. With ``source`` (the input model folder), a sentence-transformers model keeps its
     modules (``modules.json``, pooling, normalization, ``sentence_bert_config.json``; see
-    ``statprune.st_folder``) and the generation config is kept when the model carries none.
+    ``statprune.st_folder``), and the generation config, chat template and tokenizer side files
+    (``vocab.txt``, ``tokenizer.model`` …) the save did not write are copied from it.
     ``calibration_data`` (a description such as the file name, never the data) and ``quality`` (a
     metric name -> value mapping, e.g. from ``statprune eval``) go into the card. ``stock``: write
     the stock architecture with the widths in its standard config fields and no remote code
