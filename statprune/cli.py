@@ -14,9 +14,10 @@ from pathlib import Path
 from statprune.argtypes import positive_int
 from statprune.bench import add_bench_parser, run_bench
 from statprune.decision import add_report_parser, run_report
-from statprune.errors import ModelError, StatpruneError
+from statprune.errors import OptionsError, StatpruneError
 from statprune.evaluate import add_eval_parser, run_eval
 from statprune.export import add_export_parser, run_export
+from statprune.gguf_export import add_gguf_parser, run_gguf
 from statprune.guards import cli_option_names
 from statprune.options import (
     RESEARCH,
@@ -50,7 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=positive_int, default=16)
     c.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
     c.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype to compress in and save; auto (default): compress in float32, save in the "
+        "input checkpoint's dtype",
+    )
+    c.add_argument(
+        "--uniform",
+        action="store_true",
+        help="same heads and neurons in every layer, saved as the stock architecture (standard config "
+        "fields, no remote code; Llama, Mistral, Qwen2)",
+    )
     add_option_arguments(c.add_argument_group("compression options"), names=option_names(USER))
     research = c.add_argument_group("research options (ablations; the defaults are the measured best)")
     add_option_arguments(research, names=option_names(RESEARCH))
@@ -64,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_sweep_parser(sub)
     add_export_parser(sub)
+    add_gguf_parser(sub)
     add_bench_parser(sub)
     add_report_parser(sub)
     return parser
@@ -78,24 +92,40 @@ def _compress(args: argparse.Namespace) -> int:
     from statprune.argtypes import resolve_device
     from statprune.calibration import read_examples
     from statprune.options import CompressionOptions
-    from statprune.persist import check_model_dir, check_output_dir, load_tokenizer
+    from statprune.persist import (
+        check_model_dir,
+        check_output_dir,
+        checkpoint_dtype,
+        load_tokenizer,
+        read_config,
+    )
+    from statprune.st_folder import read_modules
 
     fields = {k: getattr(args, k) for k in ("keep_flops", "keep_params", "keep_latency")}
     fields |= options_from_args(args)
+    if args.uniform:
+        if fields.get("allocation", "auto") not in ("auto", "uniform"):
+            raise OptionsError("--uniform sets the allocation itself; drop --allocation")
+        fields["allocation"] = "uniform"
     CompressionOptions(**fields).validate()
     if args.quiet:  # also transformers' own bars ("Loading weights", "Writing model shards")
         transformers.utils.logging.disable_progress_bar()
     resolve_device(args.device)
     check_model_dir(args.model)
     check_output_dir(args.out, args.overwrite, source=args.model)
-    try:
-        config = transformers.AutoConfig.from_pretrained(args.model, local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ModelError(f"cannot read {args.model / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    config = read_config(args.model)
     adapter_for(config)
+    read_modules(args.model)  # a broken sentence-transformers modules.json fails now, not at the save
+    if args.uniform:
+        from statprune.uniform import check_family
+
+        check_family(config, bias_compensation=fields.get("bias_compensation", True))
     texts = read_examples(args.data, text_field=args.text_field, pair_field=args.pair_field)
     tokenizer = load_tokenizer(args.model)
-    model = statprune.load(args.model, dtype=getattr(torch, args.dtype))
+    # auto: statistics from a float32 forward, weights saved in the checkpoint's own dtype
+    out_dtype = checkpoint_dtype(args.model) if args.dtype == "auto" else args.dtype
+    work_dtype = "float32" if args.dtype == "auto" else args.dtype
+    model = statprune.load(args.model, dtype=getattr(torch, work_dtype))
     model, report = statprune.compress(
         model,
         tokenizer,
@@ -111,8 +141,16 @@ def _compress(args: argparse.Namespace) -> int:
         **fields,
     )
     report.source_model = str(args.model.resolve())
+    model.to(getattr(torch, out_dtype))
     out = statprune.save(
-        model, args.out, tokenizer=tokenizer, report=report, overwrite=args.overwrite, source=args.model
+        model,
+        args.out,
+        tokenizer=tokenizer,
+        report=report,
+        overwrite=args.overwrite,
+        source=args.model,
+        calibration_data=args.data.name,
+        stock=args.uniform,
     )
     print(report.summary())
     print(f"\nsaved to {out}")
@@ -136,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": run_eval,
         "sweep": run_sweep,
         "export-onnx": run_export,
+        "export-gguf": run_gguf,
         "bench": run_bench,
         "report": run_report,
     }

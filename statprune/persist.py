@@ -1,27 +1,32 @@
 """Saving and loading compressed models as standard Hugging Face folders.
 
-A saved folder holds ``config.json`` (with ``statprune_ops`` and an ``auto_map``),
-``model.safetensors``, the tokenizer files, ``statprune.json`` (the report) and
-``modeling_statprune.py``, so it loads with ``statprune.load`` or, without statprune installed,
-with ``AutoModel…from_pretrained(DIR, trust_remote_code=True)``. Writing is atomic: the folder
+A saved folder holds ``config.json`` (with ``statprune_ops``, an ``auto_map`` and, for a
+compressed model, ``model_type`` ``statprune_<type>``), ``model.safetensors``, the tokenizer files,
+``statprune.json`` (the report), ``modeling_statprune.py`` and a model card ``README.md``, so it
+loads with ``statprune.load`` or, without statprune installed, with
+``AutoModel…from_pretrained(DIR, trust_remote_code=True)``; without ``trust_remote_code``
+transformers refuses it with its own message asking for it. Writing is atomic: the folder
 appears complete or not at all.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import transformers
 from safetensors import SafetensorError
 from torch import nn
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from statprune import modeling_statprune
+from statprune import model_card, modeling_statprune, st_folder, uniform
 from statprune.adapters import adapter_class
 from statprune.atomic import atomic_folder
 from statprune.errors import ModelError, OutputError
 from statprune.report import CompressionReport
-from statprune.serving.widths import serving_architectures, stock_architecture
+from statprune.serving.widths import CUSTOM_TYPE_PREFIX, serving_architectures, stock_architecture
 
 REPORT_FILE = "statprune.json"
 MODELING_FILE = "modeling_statprune.py"
@@ -43,6 +48,28 @@ def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> 
         raise OutputError(f"--out {out} exists and is not empty; pass --overwrite or choose another")
 
 
+def is_compressed(model: nn.Module) -> bool:
+    """True when the model's shapes differ from its stock architecture (``config.statprune_ops``)."""
+    return bool(getattr(model.config, "statprune_ops", None))
+
+
+def custom_model_type(model_type: str) -> str:
+    """The ``model_type`` written for a compressed model of stock type ``model_type``."""
+    return CUSTOM_TYPE_PREFIX + model_type
+
+
+def _config_class_name(model: nn.Module) -> str:
+    return "Statpruned" + type(model.config).__name__
+
+
+def _auto_map(model: nn.Module) -> dict[str, str]:
+    module = MODELING_FILE[:-3]
+    mapping = adapter_class(model.config).auto_map(model, module)
+    if is_compressed(model):
+        mapping = {"AutoConfig": f"{module}.{_config_class_name(model)}", **mapping}
+    return mapping
+
+
 def _modeling_source(model: nn.Module) -> str:
     source = Path(modeling_statprune.__file__).read_text()
     names = adapter_class(model.config).remote_code_classes(model)
@@ -53,7 +80,19 @@ def _modeling_source(model: nn.Module) -> str:
         "import transformers as _transformers",
         "",
     ]
-    lines += [f"{n} = statpruned_class(_transformers.{n})" for n in names]
+    config_name, config_base = _config_class_name(model), type(model.config).__name__
+    # A model_type of its own makes transformers ask for trust_remote_code instead of building the
+    # stock (wider) model and failing on the weights' sizes.
+    model_type = custom_model_type(model.config.model_type)
+    lines += [
+        f"{config_name} = type(",
+        f'    "{config_name}",',
+        f"    (_transformers.{config_base},),",
+        f'    {{"model_type": "{model_type}", "__module__": __name__}},',
+        ")",
+    ]
+    for n in names:
+        lines += [f"{n} = statpruned_class(_transformers.{n})", f"{n}.config_class = {config_name}"]
     return source + "\n".join(lines) + "\n"
 
 
@@ -64,30 +103,99 @@ def save(
     report: CompressionReport | None = None,
     overwrite: bool = False,
     source: str | Path | None = None,
+    calibration_data: str | None = None,
+    quality: dict[str, Any] | None = None,
+    stock: bool = False,
 ) -> Path:
-    """Write a compressed model folder atomically; returns its path."""
+    """Write a compressed model folder atomically; returns its path.
+
+    The folder holds the weights in the model's dtype (``model.to(dtype)`` first to change it),
+    ``config.json`` (for a compressed model with ``model_type`` ``statprune_<type>``, so that
+    transformers asks for ``trust_remote_code=True`` rather than building the stock, wider model),
+    the tokenizer files, ``modeling_statprune.py``, ``statprune.json`` and a model card
+    ``README.md``. With ``source`` (the input model folder), a sentence-transformers model keeps its
+    modules (``modules.json``, pooling, normalization, ``sentence_bert_config.json``; see
+    ``statprune.st_folder``), and the generation config, chat template and tokenizer side files
+    (``vocab.txt``, ``tokenizer.model`` …) the save did not write are copied from it.
+    ``calibration_data`` (a description such as the file name, never the data) and ``quality`` (a
+    metric name -> value mapping, e.g. from ``statprune eval``) go into the card. ``stock``: write
+    the stock architecture with the widths in its standard config fields and no remote code
+    (every layer must keep the same widths; see ``statprune.uniform``; raises ``UniformError``).
+
+    Raises ``OutputError`` for an output that is the input, a file or a non-empty folder (without
+    ``overwrite``), or when writing fails (nothing is left behind).
+    """
     out = Path(out_dir).resolve()
-    check_output_dir(out, overwrite, Path(source) if source else None)
+    source_dir = Path(source) if source else None
+    check_output_dir(out, overwrite, source_dir)
+    st_modules = st_folder.read_modules(source_dir) if source_dir is not None else None
+    if stock:
+        model = uniform.stock_model(model)
     config = model.config
-    family = adapter_class(config)
     previous_map = getattr(config, "auto_map", None)
     try:
         with atomic_folder(out) as tmp:
-            config.auto_map = family.auto_map(model, MODELING_FILE[:-3])
+            if not stock:
+                config.auto_map = _auto_map(model)
             config.architectures = [type(model).__name__]
             model.save_pretrained(tmp, safe_serialization=True)
-            _declare_serving_architecture(tmp / "config.json", getattr(config, "statprune_ops", None))
+            if is_compressed(model):
+                _set_model_type(tmp / "config.json", custom_model_type(model.config.model_type))
+                _declare_serving_architecture(tmp / "config.json", config.statprune_ops)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            (tmp / MODELING_FILE).write_text(_modeling_source(model))
+            if not stock:
+                (tmp / MODELING_FILE).write_text(_modeling_source(model))
             if report is not None:
                 report.save(tmp / REPORT_FILE)
+            if source_dir is not None:
+                _keep_source_files(source_dir, tmp)
+                if st_modules is not None:
+                    st_folder.copy_modules(source_dir, tmp, st_modules)
+            card = model_card.render(
+                model,
+                report,
+                out,
+                source=source_dir,
+                calibration_data=calibration_data,
+                quality=quality,
+                sentence_transformers=st_modules is not None,
+            )
+            (tmp / "README.md").write_text(card)
     finally:
         if previous_map is None:
             config.__dict__.pop("auto_map", None)
         else:
             config.auto_map = previous_map
     return out
+
+
+def _set_model_type(config_file: Path, model_type: str) -> None:
+    data = json.loads(config_file.read_text())
+    data["model_type"] = model_type
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# Files of the input folder that describe how to use the model rather than its weights (the
+# tokenizer is never changed by compression); copied when the save did not write them, so that
+# e.g. a slow tokenizer's vocab.txt or a SentencePiece tokenizer.model stay beside the model.
+_SOURCE_FILES = (
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def _keep_source_files(source: Path, dest: Path) -> None:
+    for name in _SOURCE_FILES:
+        if (source / name).is_file() and not (dest / name).exists():
+            shutil.copyfile(source / name, dest / name)
 
 
 def _declare_serving_architecture(file: Path, ops: list | None) -> None:
@@ -99,6 +207,42 @@ def _declare_serving_architecture(file: Path, ops: list | None) -> None:
         file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(folder: str | Path) -> str:
+    """The floating dtype most of a checkpoint's weights are stored in (``"bfloat16"``, …).
+
+    Read from the safetensors headers (no weights are loaded), else from ``config.json``'s
+    ``dtype`` / ``torch_dtype``; ``"float32"`` when neither says.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    sizes: dict[str, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    part = f.get_slice(key)
+                    name = _SAFETENSORS_DTYPES.get(part.get_dtype())
+                    if name is not None:
+                        numel = 1
+                        for d in part.get_shape():
+                            numel *= d
+                        sizes[name] = sizes.get(name, 0) + numel
+        except (SafetensorError, OSError):
+            continue
+    if sizes:
+        return max(sizes, key=sizes.__getitem__)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    named = config.get("dtype") or config.get("torch_dtype")
+    return named if named in _SAFETENSORS_DTYPES.values() else "float32"
+
+
 def check_model_dir(path: Path) -> None:
     if not path.exists():
         raise ModelError(f"model folder {path} does not exist")
@@ -108,15 +252,31 @@ def check_model_dir(path: Path) -> None:
         raise ModelError(f"{path} has no weights (model.safetensors); is the download complete?")
 
 
+def read_config(folder: Path):
+    """The model's config as its stock transformers class (a compressed model's ``statprune_<type>``
+    is read as ``<type>``, with its ``statprune_ops``), without running any code from the folder.
+
+    Raises ``ModelError`` for an unreadable or unknown config.
+    """
+    try:
+        config_dict, _ = transformers.PreTrainedConfig.get_config_dict(folder, local_files_only=True)
+        model_type = str(config_dict.get("model_type", ""))
+        if model_type.startswith(CUSTOM_TYPE_PREFIX):
+            stock = model_type[len(CUSTOM_TYPE_PREFIX) :]
+            if stock not in CONFIG_MAPPING:
+                raise ValueError(f"unknown model type {stock!r}")
+            return CONFIG_MAPPING[stock].from_dict({**config_dict, "model_type": stock})
+        return transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
+
+
 def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
     """Load a model folder (compressed or not) as its own task class, e.g. a
     ``BertForSequenceClassification``; no network access, no remote code executed."""
     folder = Path(path)
     check_model_dir(folder)
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ModelError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
+    config = read_config(folder)
     archs = getattr(config, "architectures", None) or []
     base = getattr(transformers, stock_architecture(archs[0]), None) if archs else None
     if base is None:
@@ -139,8 +299,11 @@ def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
 
 def load_tokenizer(path: str | Path):
     """The tokenizer saved in a model folder (offline), or a one-line ``ModelError``."""
+    kwargs = {}
+    if (Path(path) / "config.json").is_file():  # else AutoTokenizer would ask to run the folder's code
+        kwargs["config"] = read_config(Path(path))
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
     except (ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot load the tokenizer of {path}: {reason}") from None

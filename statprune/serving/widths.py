@@ -26,6 +26,9 @@ VLLM_ARCHITECTURES = {
     "Qwen2ForCausalLM": "StatpruneQwen2ForCausalLM",
 }
 _STOCK_ARCHITECTURES = {v: k for k, v in VLLM_ARCHITECTURES.items()}
+# a compressed folder's config.json says ``model_type: statprune_<stock type>`` (statprune.persist),
+# so that transformers asks for trust_remote_code instead of building the stock, wider model
+CUSTOM_TYPE_PREFIX = "statprune_"
 
 # model_type -> biases of the stock layers: (q/k/v, o_proj, gate/up, down_proj)
 _STOCK_BIASES = {
@@ -83,7 +86,7 @@ def layer_widths(config: Any) -> list[LayerWidths]:
     Mistral or Qwen2, or for ops the serving code cannot express (with what to do instead).
     """
     get = _getter(config)
-    model_type = get("model_type")
+    model_type = str(get("model_type")).removeprefix(CUSTOM_TYPE_PREFIX)
     if model_type not in _STOCK_BIASES:
         raise ModelError(
             f"serving with vLLM supports compressed llama, mistral and qwen2 decoders, not {model_type!r}; "
