@@ -10,7 +10,7 @@ only when it builds such a model.
 
 from __future__ import annotations
 
-from statprune.serving.widths import CUSTOM_TYPE_PREFIX, VLLM_ARCHITECTURES
+from statprune.serving.widths import VLLM_ARCHITECTURES
 
 MODEL_CLASS = "statprune.serving.vllm_model:StatpruneLlamaForCausalLM"
 
@@ -20,23 +20,11 @@ def register() -> None:
     vLLM may call plugins more than once per process)."""
     from vllm import ModelRegistry
 
-    _register_configs()
+    from statprune.serving.configs import register as register_configs
+
+    register_configs()
     supported = set(ModelRegistry.get_supported_archs())
     for name in VLLM_ARCHITECTURES.values():
         if name not in supported:
             ModelRegistry.register_model(name, MODEL_CLASS)
 
-
-def _register_configs() -> None:
-    """Teach transformers' ``AutoConfig`` the ``statprune_<type>`` model types of compressed
-    folders (the stock config class under another name), so vLLM reads their config without
-    ``trust_remote_code``; the widths themselves come from ``statprune_ops``."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    for stock in VLLM_ARCHITECTURES:
-        base = getattr(transformers, stock.replace("ForCausalLM", "Config"))
-        name = CUSTOM_TYPE_PREFIX + base.model_type
-        if name not in CONFIG_MAPPING:
-            config_class = type(f"Statpruned{base.__name__}", (base,), {"model_type": name})
-            transformers.AutoConfig.register(name, config_class)
