@@ -41,7 +41,7 @@ def test_gemma3_at_80_percent_params_generates_and_reloads(tmp_path):
     heldout = [ln for ln in (corpora / "wsj-heldout.txt").read_text().splitlines() if len(ln) > 80][:24]
 
     pruned, report = statprune.compress(
-        model, tokenizer, calib, keep_params=0.8, samples=32, seq_len=128, progress=False
+        model, tokenizer, calib, keep_params=0.8, samples=32, seq_len=128, pack=True, progress=False
     )
     assert 0.75 <= report.params_kept <= 0.8
     assert any(len(lr.heads_kept) < lr.heads_total for lr in report.layers) or any(
