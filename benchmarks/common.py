@@ -72,6 +72,20 @@ BENCHMARKS = {
         pack=True,
         samples=128,
     ),
+    "gemma3": Benchmark(
+        "Gemma-3-270M",
+        "gemma3",
+        "oanc-calib.txt",
+        "wsj-heldout.txt",
+        "params",
+        (0.9, 0.8, 0.7, 0.6, 0.5),
+        note="Gemma-3-270M base LM (Gemma Terms of Use; Q4_K_M GGUF dequantized to fp32, so dense "
+        "scores sit slightly below the bf16 original); the SmolLM2 protocol: 128 packed windows of "
+        "128 OANC tokens, perplexity on held-out WSJ lines (256-token windows); the budget counts "
+        "the layers' parameters (the 170 M embedding parameters are not pruned)",
+        pack=True,
+        samples=128,
+    ),
 }
 
 

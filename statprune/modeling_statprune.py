@@ -89,6 +89,11 @@ def apply_op(root: nn.Module, op: dict) -> nn.Module | None:
         module.to(**_like(getattr(parent, name, root)))
         setattr(parent, name, module)
         return module
+    if kind == "parameter":  # a parameter replaced by a new one of another shape (values loaded later)
+        parent, name = _parent(root, path)
+        old = getattr(parent, name)
+        setattr(parent, name, nn.Parameter(old.new_empty(op["shape"]), requires_grad=old.requires_grad))
+        return getattr(parent, name)
     if kind == "attrs":
         target = root.get_submodule(path)
         for key, value in op["values"].items():

@@ -37,6 +37,17 @@ def _slice_rows(base: nn.Module, path: str, rows: torch.Tensor) -> dict:
     return _linear_op(base, path, old.weight.detach()[rows], bias)
 
 
+def _slice_parameter(base: nn.Module, path: str, index: torch.Tensor) -> dict:
+    """Keep entries ``index`` of a parameter's last dimension (a per-head norm weight)."""
+    parent_path, _, name = path.rpartition(".")
+    old = getattr(base.get_submodule(parent_path), name).detach()
+    values = old.index_select(-1, index.to(old.device))
+    op = {"op": "parameter", "path": path, "shape": list(values.shape)}
+    with torch.no_grad():
+        apply_op(base, op).copy_(values)
+    return op
+
+
 def prune_heads(
     adapter: ModelAdapter,
     base: nn.Module,
@@ -78,6 +89,9 @@ def prune_heads(
         ops.append(_slice_rows(base, prefix + lay.v, cols))
         n_kv = len(kept)
     ops.append(_linear_op(base, prefix + lay.o, out_weight, out_bias))
+    for path, which in adapter.head_parameters(layer):
+        if which == "q" or not lay.grouped:
+            ops.append(_slice_parameter(base, prefix + path, cols))
     for path, values in adapter.head_attributes(len(kept), n_kv, lay.head_dim).items():
         op = {"op": "attrs", "path": prefix + path, "values": values}
         apply_op(base, op)

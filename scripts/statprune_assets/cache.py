@@ -21,6 +21,7 @@ RECIPES: dict[str, int] = {
     "smollm2": 1,
     "minilm-mr": 1,
     "mpnet-mr": 1,
+    "gemma3": 1,
 }
 
 

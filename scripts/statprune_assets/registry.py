@@ -24,6 +24,8 @@ from .checks import worker_verify_encoder
 from .classifiers import DEPENDS, build_minilm_mr, build_mpnet_mr, worker_finetune
 from .corpora import build_corpora
 from .fetch import missing_modules
+from .gemma3 import REQUIRES as GEMMA3_REQUIRES
+from .gemma3 import build_gemma3
 from .minilm import build_minilm
 from .mpnet import build_mpnet
 from .smollm2 import REQUIRES as SMOLLM2_REQUIRES
@@ -31,7 +33,7 @@ from .smollm2 import build_smollm2, worker_convert_smollm2
 
 GROUPS: dict[str, list[str]] = {
     "all": ["minilm", "corpora"],
-    "all-models": ["minilm", "corpora", "mpnet", "smollm2", "minilm-mr", "mpnet-mr"],
+    "all-models": ["minilm", "corpora", "mpnet", "smollm2", "minilm-mr", "mpnet-mr", "gemma3"],
 }
 
 
@@ -40,12 +42,13 @@ BUILDERS: dict[str, Callable[[Path, Path], dict]] = {
     "corpora": build_corpora,
     "mpnet": build_mpnet,
     "smollm2": build_smollm2,
+    "gemma3": build_gemma3,
     "minilm-mr": build_minilm_mr,
     "mpnet-mr": build_mpnet_mr,
 }
 # Python modules a builder needs beyond statprune's dependencies (the "assets" extra); ensure()
 # stops before fetching anything when one is missing, and never installs it.
-REQUIRES: dict[str, tuple[str, ...]] = {"smollm2": SMOLLM2_REQUIRES}
+REQUIRES: dict[str, tuple[str, ...]] = {"smollm2": SMOLLM2_REQUIRES, "gemma3": GEMMA3_REQUIRES}
 # What runs in a child process (``assets.py _worker NAME ARGS``), offline.
 WORKERS: dict[str, Callable[..., dict]] = {
     "verify-encoder": worker_verify_encoder,

@@ -192,6 +192,13 @@ class ModelAdapter(ABC):
     def head_attributes(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, dict]:
         """Module attributes (path relative to the layer → {name: value}) for a pruned head count."""
 
+    def head_parameters(self, layer: nn.Module) -> tuple[tuple[str, str], ...]:
+        """Parameters inside the attention block whose last dimension runs over the concatenated
+        heads' features, as (path relative to the layer, "q" or "kv"): they are sliced with the
+        kept query heads ("q") or key/value heads ("kv", only when those go too), e.g. OLMo2's
+        ``q_norm.weight`` of width ``n_heads * head_dim``. Empty for most families."""
+        return ()
+
     def head_argument_selectors(self, kept_heads: list[int]) -> list[dict]:
         """Extra ``select_argument`` ops for per-head inputs computed outside the layer."""
         return []
