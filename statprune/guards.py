@@ -336,6 +336,12 @@ def record_fallback(report, sensitivity) -> None:
 BUDGET_TOLERANCE = 0.01  # fraction of the dense cost the allocation may leave unspent
 
 
+# fill_budget may add at most this fraction to the allocation's total weighted error to meet the
+# budget (duplicated data prices whole heads near zero, so the exchange is nearly free there; where
+# it is not, e.g. trading 52 neurons for one head under a latency model, the slack stays unspent)
+FILL_ERROR_TOLERANCE = 0.01
+
+
 def fill_budget(shapes, curves: list[BlockCurve], state, target: float, dense_cost: float) -> None:
     """Spend what the Lagrangian cut left of the budget, when that is more than
     ``BUDGET_TOLERANCE`` of the dense cost (``state``: the allocation's counts, updated in place).
@@ -346,8 +352,10 @@ def fill_budget(shapes, curves: list[BlockCurve], state, target: float, dense_co
     slack its last step leaves is smaller than the step, so the refill cannot spend it (42 % of
     the FLOPs kept at a 50 % target). Each candidate exchange widens one block by one allowed
     step and trims the others back under the target, one allowed step at a time at the least
-    error per cost saved; the candidate ending within the tolerance with the least total weighted
-    error is taken (else the one closest to the target), for up to ``len(curves)`` rounds."""
+    error per cost saved; among the candidates whose total weighted error grows by at most
+    ``FILL_ERROR_TOLERANCE``,
+    the one ending within the tolerance with the least error is taken (else the one closest to the
+    target), for up to ``len(curves)`` rounds."""
     tolerance = BUDGET_TOLERANCE * dense_cost
     slot = state.slot
     costs = [dict(zip(c.counts, c.costs, strict=True)) for c in curves]
@@ -357,6 +365,7 @@ def fill_budget(shapes, curves: list[BlockCurve], state, target: float, dense_co
     for _ in range(len(curves)):
         if target - cost <= tolerance:
             break
+        now_error = sum(errors[cj][n] for cj, n in enumerate(current))
         best = None
         for ci, curve in enumerate(curves):
             wider = [n for n in curve.counts if n > current[ci]]
@@ -377,6 +386,8 @@ def fill_budget(shapes, curves: list[BlockCurve], state, target: float, dense_co
             if trial_cost is None or trial_cost <= cost:
                 continue
             error = sum(errors[cj][n] for cj, n in enumerate(trial))
+            if error > now_error * (1 + FILL_ERROR_TOLERANCE) + 1e-12:
+                continue  # slack is not bought with more than a sliver of error
             key = (0, error) if target - trial_cost <= tolerance else (1, target - trial_cost)
             if best is None or key < best[0]:
                 best = (key, trial, trial_cost)
