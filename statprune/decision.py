@@ -403,7 +403,7 @@ def _attach(cand: Candidate, row: dict | None) -> None:
         cand.latency_ms = float(latency)
         if p90 is not None and latency > 0:
             cand.spread = float(p90) / float(latency)
-    if row.get("throughput") is not None and row.get("unit", "seq/s") == "seq/s":
+    if row.get("throughput") is not None and (row.get("unit") or "seq/s") == "seq/s":
         cand.throughput = float(row["throughput"])
     if row.get("peak_memory_mb") is not None:
         cand.peak_memory_mb = float(row["peak_memory_mb"])
