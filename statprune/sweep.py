@@ -897,8 +897,8 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
                 save(model, folder, tokenizer=tokenizer, report=report)
             candidates.append((row, folder))
         if keep_best and meets(row.value, threshold, higher):
-            candidates = [row] if kept is None else [kept[0], row]
-            if select_best(candidates, threshold, higher, methods)[0] is row:
+            contenders = [row] if kept is None else [kept[0], row]
+            if select_best(contenders, threshold, higher, methods)[0] is row:
                 kept = (row, model.to("cpu"), report)  # the previous one is freed below
         del model
         _free(target, large)

@@ -350,6 +350,7 @@ def test_report_of_a_measured_sweep_prices_every_candidate(swept, tmp_path):
         budgets=[0.8, 0.5],
         methods=["stat", "magnitude"],
         min_quality="90%",
+        save_best=True,  # the kept best model and the measured candidates must not collide
         out=out,
         log=None,
         bench=True,
@@ -369,3 +370,4 @@ def test_report_of_a_measured_sweep_prices_every_candidate(swept, tmp_path):
     assert "Quality against measured latency" in report.plots
     best = result.selection.best
     assert report.recommended.name == f"{best.method} @ {best.budget:.0%}"
+    assert (out / "best" / "config.json").is_file()
