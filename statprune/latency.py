@@ -510,3 +510,29 @@ def measure_pruned(report: LatencyReport, pruned: Any, dense: Any | None, trials
     report.measured_fraction = rows[-1].latency_ms / reference if reference > 0 else None
     if dense is None:
         report.notes.append("measured alone; the fraction uses the dense latency of the table")
+    _check_prediction(report)
+
+
+# measured / predicted latency fraction beyond this (either way): the table does not describe
+# this machine now (e.g. measured under another load and reused from the cache)
+PREDICTION_RATIO_LIMIT = 1.25
+
+
+def _check_prediction(report: LatencyReport) -> None:
+    """Warn (and note in the report) when the measured fraction is far from the predicted one."""
+    import warnings
+
+    measured, predicted = report.measured_fraction, report.predicted_fraction
+    if not measured or not predicted:
+        return
+    ratio = measured / predicted
+    if 1 / PREDICTION_RATIO_LIMIT <= ratio <= PREDICTION_RATIO_LIMIT:
+        return
+    where = f"the {report.table_source} table {report.table}" if report.table else "the latency table"
+    message = (
+        f"measured latency is {measured:.0%} of dense but {where} predicted {predicted:.0%}: the "
+        "table does not describe this machine now (measured under other load?); delete it and "
+        "rerun on a quiet machine"
+    )
+    report.notes.append(message)
+    warnings.warn(message, LatencyWarning, stacklevel=3)

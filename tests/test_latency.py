@@ -293,3 +293,26 @@ def test_cli_latency_budget_errors(tmp_path, tiny_model_dir, calib_file, capsys,
     assert main([*base, "--keep-latency", "0.5", "--backend", "onnxruntime"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "onnxruntime package" in err[0]
+
+
+def test_a_table_that_mispredicts_this_machine_is_flagged():
+    """A cached table measured under other load predicts 50 % but the model measures 8 %: a
+    warning that names the table and what to do, also kept in the report's notes."""
+    import warnings
+
+    from statprune.latency import LatencyReport, LatencyWarning, _check_prediction
+
+    def report(measured):
+        return LatencyReport("torch", "cpu", 32, 128, "forward", 100.0, 50.0, 0.5, 0.1, "t.json", "cache",
+                             measured_fraction=measured)
+
+    far = report(0.08)
+    with pytest.warns(LatencyWarning, match=r"measured latency is 8% of dense but the cache table t.json "
+                      r"predicted 50%.*delete it and rerun"):
+        _check_prediction(far)
+    assert any("delete it" in n for n in far.notes)
+    close = report(0.55)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_prediction(close)
+    assert close.notes == []
