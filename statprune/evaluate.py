@@ -1032,12 +1032,16 @@ def _fail_below(text: str) -> tuple[str | None, float]:
             raise argparse.ArgumentTypeError(
                 f"unknown metric {metric!r}; use one of {', '.join(FAIL_METRICS)} (higher is better)"
             )
+    number = number.strip()
+    percent = number.endswith("%")
     try:
-        value = float(number)
+        value = float(number[:-1] if percent else number) / (100.0 if percent else 1.0)
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r}: give Q or METRIC=Q with Q a number, e.g. 0.95")
+        raise argparse.ArgumentTypeError(f"{text!r}: give Q or METRIC=Q with Q a number, e.g. 0.95 or 95%")
+    if not -1.0 <= value <= 1.0:  # agreements, accuracy and overlaps lie in [0, 1], correlations in [-1, 1]
+        raise argparse.ArgumentTypeError(f"{text!r}: every metric --fail-below watches lies in [-1, 1]")
     return metric, value
 
 

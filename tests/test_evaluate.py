@@ -720,3 +720,15 @@ def test_fail_below_exit_status(tmp_path, tok, capsys):
         _eval_cli([other, *common, "--fail-below", "kl=0.1"])
     assert exc.value.code == 2
     assert "unknown metric 'kl'" in capsys.readouterr().err
+
+
+def test_fail_below_reads_percentages_and_refuses_impossible_bars():
+    import argparse
+
+    from statprune.evaluate import _fail_below
+
+    assert _fail_below("99%") == (None, pytest.approx(0.99))
+    assert _fail_below("agreement=97.5%") == ("agreement", pytest.approx(0.975))
+    for bad in ("1.5", "150%", "agreement=-2", "x%"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _fail_below(bad)
