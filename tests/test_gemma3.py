@@ -2,12 +2,14 @@
 apart from the hidden size (4 query heads of 256 sharing one key/value head, hidden 640).
 
 The asset comes from ``scripts/assets.py gemma3`` (Gemma Terms of Use: fetched at run time, never
-redistributed); without it this test skips, unless ``STATPRUNE_REQUIRE_ASSETS=1``.
+redistributed; not part of ``make assets``). The test takes about 10 minutes on two cores, so it runs
+only when asked: ``STATPRUNE_LARGE_TESTS=1 pytest tests/test_gemma3.py``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -15,7 +17,13 @@ from test_integration import _asset
 
 import statprune
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("STATPRUNE_LARGE_TESTS") != "1",
+        reason="large real checkpoint (~10 min): STATPRUNE_LARGE_TESTS=1 (needs scripts/assets.py gemma3)",
+    ),
+]
 
 
 def _perplexity(model, tokenizer, lines: list[str]) -> float:
