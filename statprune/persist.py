@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -271,9 +272,24 @@ def read_config(folder: Path):
         raise ModelError(f"cannot read {folder / 'config.json'}: {str(exc).splitlines()[0]}") from None
 
 
+class HeadlessCheckpointWarning(UserWarning):
+    """A folder names a task class (e.g. ``MPNetForMaskedLM``) whose head weights it lacks."""
+
+
+def _missing_head(model: nn.Module, missing: Any) -> list[str]:
+    """The missing parameters outside the base model: the task head the checkpoint lacks (e.g.
+    sentence-transformers' all-mpnet-base-v2 names ``MPNetForMaskedLM`` but ships the encoder)."""
+    if model is model.base_model:
+        return []
+    prefix = model.base_model_prefix + "."
+    return sorted(k for k in missing if not k.startswith(prefix))
+
+
 def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
     """Load a model folder (compressed or not) as its own task class, e.g. a
-    ``BertForSequenceClassification``; no network access, no remote code executed."""
+    ``BertForSequenceClassification``; no network access, no remote code executed. A folder whose
+    named task class has no head weights in the checkpoint loads as the base model, with a
+    ``HeadlessCheckpointWarning``."""
     folder = Path(path)
     check_model_dir(folder)
     config = read_config(folder)
@@ -286,7 +302,22 @@ def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = cls.from_pretrained(folder, config=config, **kwargs)
+        model, info = cls.from_pretrained(folder, config=config, output_loading_info=True, **kwargs)
+        head = _missing_head(model, info.get("missing_keys") or ())
+        if head:
+            base_cls = getattr(transformers, type(model.base_model).__name__, None)
+            if base_cls is not None:
+                warnings.warn(
+                    f"{folder} names {archs[0]} but has no weights for its head ({', '.join(head[:3])}…); "
+                    f"loaded as {base_cls.__name__} (a freshly initialised head would drive the "
+                    "calibration with random gradients)",
+                    HeadlessCheckpointWarning,
+                    stacklevel=2,
+                )
+                config.architectures = [base_cls.__name__]
+                model = modeling_statprune.statpruned_class(base_cls).from_pretrained(
+                    folder, config=config, **kwargs
+                )
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(

@@ -156,3 +156,32 @@ def test_compressing_a_compressed_model_again(family, tmp_path):
         _logits(statprune.load(out2), inputs), _logits(again, inputs), rtol=0, atol=1e-6
     )
     assert report2.flops_before == report.flops_after
+
+
+def test_a_folder_naming_a_head_it_does_not_ship_loads_as_the_base_model(tmp_path):
+    """all-mpnet-base-v2 names MPNetForMaskedLM but ships the encoder alone: loading the named
+    class would give a random LM head, whose gradients would then drive the calibration."""
+    from transformers import MPNetConfig, MPNetModel
+
+    from statprune.persist import HeadlessCheckpointWarning
+
+    config = MPNetConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=50)
+    torch.manual_seed(0)
+    encoder = MPNetModel(config).eval()
+    encoder.save_pretrained(tmp_path / "st")
+    saved = json.loads((tmp_path / "st" / "config.json").read_text())
+    (tmp_path / "st" / "config.json").write_text(json.dumps({**saved, "architectures": ["MPNetForMaskedLM"]}))
+    with pytest.warns(HeadlessCheckpointWarning, match="no weights for its head .*loaded as MPNetModel"):
+        model = statprune.load(tmp_path / "st")
+    assert type(model).__name__ == "MPNetModel"
+    ids = torch.tensor([[0, 5, 6, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).last_hidden_state, encoder(ids).last_hidden_state)
+    # a checkpoint with its head loads as its task class, without the warning
+    build_tiny_model("bert").save_pretrained(tmp_path / "cls")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeadlessCheckpointWarning)
+        assert type(statprune.load(tmp_path / "cls")).__name__ == type(build_tiny_model("bert")).__name__
