@@ -46,12 +46,6 @@ __all__ = [
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_METRIC_LABELS = {
-    "accuracy": "accuracy",
-    "agreement": "top-1 agreement with dense",
-    "cosine": "mean cosine to dense",
-    "perplexity": "perplexity",
-}
 
 
 @dataclass
@@ -215,7 +209,7 @@ def build_report(
     sweep's bar. Raises DataError for a folder that is not a sweep's output or bad numbers.
     """
     from statprune.bench import NOISY_SPREAD
-    from statprune.sweep import SweepRow, meets, parse_min_quality, select_best, selection_rule
+    from statprune.sweep import SweepRow, meets, metric_label, parse_min_quality, select_best, selection_rule
 
     sweep_dir = Path(sweep_dir)
     results_path = sweep_dir / "results.json"
@@ -257,7 +251,7 @@ def build_report(
         model_dir=meta.get("model_dir"),
         task=first.task,
         metric=metric,
-        metric_label=_METRIC_LABELS.get(metric, metric),
+        metric_label=metric_label(metric),
         higher_is_better=higher,
         dense_value=dense_value,
         protocol=meta.get("protocol") or "not recorded (a sweep older than sweep.json; rerun it)",

@@ -263,7 +263,7 @@ class SweepResult:
             )
             + f"`{self.calibration_path.name}` (seed {self.seed}, {self.calibration_tokens:,} tokens), "
             f"seq len {self.seq_len}; evaluation: {self.eval_examples} examples from "
-            f"`{self.eval_path.name}`, metric {_metric_label(self.metric)} ({direction} is better), "
+            f"`{self.eval_path.name}`, metric {metric_label(self.metric)} ({direction} is better), "
             f"compared with the dense model; budget kind: {self.budget_kind} — "
             f"\"%\" is {_percent_meaning(self.budget_kind, self.seq_len)}."
         )
@@ -274,7 +274,8 @@ class SweepResult:
         return [row.to_dict() for row in rows + self.rows]
 
 
-def _metric_label(metric: str) -> str:
+def metric_label(metric: str) -> str:
+    """How a metric is named in tables, plots and reports."""
     return {"agreement": "top-1 agreement with dense", "cosine": "mean cosine to dense"}.get(metric, metric)
 
 
@@ -813,7 +814,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     dense_value = 1.0 if metric in ("agreement", "cosine") else _metric_value(dense_result, metric)
     model_name = config.name or config.model_dir.resolve().name
     say(
-        f"dense: {_metric_label(metric)} {_fmt(metric, dense_value)} on {dense_result.n_examples} "
+        f"dense: {metric_label(metric)} {_fmt(metric, dense_value)} on {dense_result.n_examples} "
         f"examples ({dense_result.seconds:.1f} s)"
     )
 
@@ -1059,7 +1060,7 @@ def results_markdown(result: SweepResult) -> str:
     lines += table(lambda r: r.value, result.dense_value, metric)
     lines += [
         "",
-        f"Cells: {_metric_label(metric)} ({direction} is better) on the evaluation set, with the "
+        f"Cells: {metric_label(metric)} ({direction} is better) on the evaluation set, with the "
         f"achieved fraction of {result.budget_kind} kept in parentheses; rows are the requested budgets.",
     ]
     if metric != "agreement" and any(r.agreement is not None for r in result.rows):
@@ -1148,7 +1149,7 @@ def write_latency_plot(result: SweepResult, path: Path) -> None:
     ax.set_xlabel(f"measured latency, ms ({bench.get('kind', 'forward')}, batch {bench.get('batch')} x "
                   f"{bench.get('seq_len')} tokens, {bench.get('backend')} on {bench.get('device')})")
     direction = "higher" if result.higher_is_better else "lower"
-    ax.set_ylabel(f"{_metric_label(metric)} ({direction} is better)")
+    ax.set_ylabel(f"{metric_label(metric)} ({direction} is better)")
     title = f"{result.model}: quality against measured latency"
     if bench.get("warning"):
         title += " (noisy machine)"
@@ -1198,7 +1199,7 @@ def write_plot(result: SweepResult, path: Path) -> None:
         ax.set_xlabel(f"{'FLOPs' if result.budget_kind == 'flops' else 'parameters'} kept "
                       f"(attention+FFN, fraction of dense)")
     direction = "higher" if result.higher_is_better else "lower"
-    ax.set_ylabel(f"{_metric_label(metric)} ({direction} is better)")
+    ax.set_ylabel(f"{metric_label(metric)} ({direction} is better)")
     ax.set_title(f"{result.model}: {result.task}, {result.calibration_examples} calibration examples, "
                  f"seq len {result.seq_len}", fontsize=10)
     ax.grid(True, alpha=0.3)
