@@ -1093,8 +1093,7 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
         return f"**{text}**" if row is best else text
 
     lines = [
-        f"Measured ({bench['kind']}, batch {bench['batch']} x {bench['seq_len']} tokens, "
-        f"{bench['backend']} on {bench['device']}"
+        f"Measured ({bench['kind']}, {bench_setting(bench)}"
         + (f", {bench['threads']} threads" if bench["threads"] else "")
         + f", median of {bench['trials']} interleaved trials; peak memory: {bench['memory_method']}):",
         "",
@@ -1222,6 +1221,11 @@ def _best_json(result: SweepResult, calib_path: Path) -> dict[str, Any]:
     return data
 
 
+def bench_setting(bench: dict[str, Any]) -> str:
+    """What ``--bench`` measured, in words: ``batch B x S tokens, BACKEND on DEVICE``."""
+    return f"batch {bench['batch']} x {bench['seq_len']} tokens, {bench['backend']} on {bench['device']}"
+
+
 def _sweep_json(result: SweepResult) -> dict[str, Any]:
     """The protocol and settings of a sweep (``statprune report`` reads them)."""
     keys = ("model", "architecture", "task", "metric", "higher_is_better", "dense_value", "budget_kind",
@@ -1231,8 +1235,7 @@ def _sweep_json(result: SweepResult) -> dict[str, Any]:
     data = {"protocol": result.protocol(), "model_dir": str(result.model_dir.resolve()),
             **{k: getattr(result, k) for k in keys}, "objective": objective, "bench": result.bench}
     if result.bench is not None:
-        b = result.bench
-        data["bench_setting"] = f"batch {b['batch']}, {b['seq_len']} tokens, {b['backend']} on {b['device']}"
+        data["bench_setting"] = bench_setting(result.bench)
     return data
 
 

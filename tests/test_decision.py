@@ -360,7 +360,7 @@ def test_report_of_a_measured_sweep_prices_every_candidate(swept, tmp_path):
     )
     assert result.selection.objective in (None, "latency")
     meta = json.loads((out / "sweep.json").read_text())
-    assert meta["bench_setting"].startswith("batch 4, 16 tokens")
+    assert meta["bench_setting"].startswith("batch 4 x 16 tokens")
     report = build_report(out, price_per_hour=1.0, plots=True)
     assert report.candidates[0].name == "dense"
     assert len(report.candidates) == 1 + len(result.rows)
