@@ -30,6 +30,9 @@ class LayerShape:
     o_bias: bool
     ffn_in_bias: bool
     ffn_out_bias: bool
+    # mixture of experts: the fraction (top-k, experts) of the FFN neurons a token passes through;
+    # FLOPs count those (balanced routing), parameters every expert
+    ffn_active: tuple[int, int] = (1, 1)
 
     @property
     def grouped(self) -> bool:
@@ -54,7 +57,8 @@ class LayerShape:
         return s * d * hd * (2 * heads + 2 * self.kv_heads(heads)) + 2 * s * s * hd * heads
 
     def ffn_macs(self, neurons: int, seq_len: int) -> int:
-        return neurons * seq_len * self.hidden * (3 if self.gated else 2)
+        top_k, experts = self.ffn_active
+        return neurons * seq_len * self.hidden * (3 if self.gated else 2) * top_k // experts
 
     def attention_params(self, heads: int) -> int:
         d, hd, kv = self.hidden, self.head_dim, self.kv_heads(heads)
@@ -95,6 +99,7 @@ def layer_shape(layer: nn.Module, attn: AttentionLayout, ffn: FFNLayout, hidden:
         o_bias=_has_bias(layer, attn.o) or _has_bias(layer, attn.block),
         ffn_in_bias=_has_bias(layer, ffn.inputs[0]),
         ffn_out_bias=_has_bias(layer, ffn.output),
+        ffn_active=ffn.active,
     )
 
 

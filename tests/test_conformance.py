@@ -214,6 +214,7 @@ def _duplicate(model, what: str) -> None:
     attention keeps its groups, and their channels of any shared per-head table) or FFN neurons
     exact copies of the first half."""
     adapter = adapter_for(model.config)
+    adapter.prepare(model.base_model)  # fused expert tensors -> one module per projection
     with torch.no_grad():
         if what == "heads":  # per-head tables outside the layers (MPNet's position bias)
             for table, dim in adapter.shared_head_tables(model.base_model):
@@ -224,13 +225,17 @@ def _duplicate(model, what: str) -> None:
             if what == "heads":
                 halves = {attn.q: attn.n_heads // 2 * attn.head_dim}
                 halves |= {p: attn.n_kv_heads // 2 * attn.head_dim for p in (attn.k, attn.v)}
-            else:
+            else:  # within each routed expert, if any
                 halves = {p: ffn.width // 2 for p in ffn.inputs}
             for path, half in halves.items():
                 lin = layer.get_submodule(path)
-                lin.weight[half : 2 * half] = lin.weight[:half]
-                if lin.bias is not None:
-                    lin.bias[half : 2 * half] = lin.bias[:half]
+                start = 0
+                for width in ffn.experts if what == "neurons" and ffn.experts else (2 * half,):
+                    a, h = start, width // 2 if what == "neurons" and ffn.experts else half
+                    lin.weight[a + h : a + 2 * h] = lin.weight[a : a + h]
+                    if lin.bias is not None:
+                        lin.bias[a + h : a + 2 * h] = lin.bias[a : a + h]
+                    start += width
 
 
 def _half_budget(model, what: str) -> float:
