@@ -228,14 +228,15 @@ def _duplicate(model, what: str) -> None:
             else:  # within each routed expert, if any
                 halves = {p: ffn.width // 2 for p in ffn.inputs}
             for path, half in halves.items():
+                # (first row, half) of each run of units: each routed expert's neurons, if any
+                runs = [(0, half)]
+                if what == "neurons" and ffn.experts:
+                    runs = [(sum(ffn.experts[:e]), w // 2) for e, w in enumerate(ffn.experts)]
                 lin = layer.get_submodule(path)
-                start = 0
-                for width in ffn.experts if what == "neurons" and ffn.experts else (2 * half,):
-                    a, h = start, width // 2 if what == "neurons" and ffn.experts else half
+                for a, h in runs:
                     lin.weight[a + h : a + 2 * h] = lin.weight[a : a + h]
                     if lin.bias is not None:
                         lin.bias[a + h : a + 2 * h] = lin.bias[a : a + h]
-                    start += width
 
 
 def _half_budget(model, what: str) -> float:
