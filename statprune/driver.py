@@ -138,7 +138,8 @@ def compress(
             pruned = stages.prune(job, calib, counts, analysis)
     if checkpoint is not None:
         checkpoint.finish()
-    model.config.statprune_ops = list(getattr(model.config, "statprune_ops", None) or []) + prepared + pruned.ops
+    earlier = list(getattr(model.config, "statprune_ops", None) or [])
+    model.config.statprune_ops = earlier + prepared + pruned.ops
     model.train(was_training)
     report = stages.build_report(job, pruned, calib, analysis, start)
     if job.cost is not None:

@@ -288,7 +288,9 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
             handles.append(probe.hook(("heads", i), module, attn.n_heads, attn.head_dim))
         if "neurons" in prune and ffn.width and ffn.experts is not None:  # routed experts
             if isinstance(probe, _MaskProbe):  # the neurons are not the input of one module call
-                raise OptionsError("--method fisher does not prune mixture-of-experts FFNs; use --method stat")
+                raise OptionsError(
+                    "--method fisher does not prune mixture-of-experts FFNs; use --method stat"
+                )
             handles.append(probe.hook(("neurons", i), layer.get_submodule(ffn.probe), ffn.width, 1))
         elif "neurons" in prune and ffn.width:
             handles.append(probe.hook(("neurons", i), layer.get_submodule(ffn.output), ffn.width, 1))

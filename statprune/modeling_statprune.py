@@ -92,7 +92,8 @@ class StatprunedExperts(nn.Module):
         the tokens not routed to it; and which tokens each expert got, (N, E) bool."""
         n = hidden_states.shape[0]
         weights = self.routing(top_k_index, top_k_weights, n)
-        routed = (top_k_index.unsqueeze(-1) == torch.arange(self.num_experts, device=top_k_index.device)).any(1)
+        experts = torch.arange(self.num_experts, device=top_k_index.device)
+        routed = (top_k_index.unsqueeze(-1) == experts).any(1)
         out = hidden_states.new_zeros(n, sum(self.widths))
         for e, rows in enumerate(self._slices()):
             tokens = torch.nonzero(routed[:, e]).flatten()
@@ -109,7 +110,8 @@ class StatprunedExperts(nn.Module):
             weights = self.routing(top_k_index, top_k_weights, hidden_states.shape[0])
             for e, rows in enumerate(self._slices()):
                 if rows.stop > rows.start:
-                    y = nn.functional.linear(self._neurons(hidden_states, rows), self.down_linear.weight[:, rows])
+                    z = self._neurons(hidden_states, rows)
+                    y = nn.functional.linear(z, self.down_linear.weight[:, rows])
                     out = out + y * weights[:, e, None].to(y.dtype)
         else:
             for e, rows in enumerate(self._slices()):

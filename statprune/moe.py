@@ -36,9 +36,13 @@ class ExpertGramAccumulator:
 
     ``widths``: each expert's neuron count; ``name`` names the layer in the warning. Fed by
     :meth:`add_call` with the experts module's call arguments; :meth:`finish` gives a
-    ``GramStats`` of width ``sum(widths)`` over all ``count`` real tokens (the column sums are
-    those of ``z~``), with the blocks and sums of starved experts zeroed; ``pinned`` then lists
-    their neurons (indices into the concatenation).
+    ``GramStats`` of width ``sum(widths)`` over all ``count`` real tokens, with the blocks of
+    starved experts zeroed; ``pinned`` then lists their neurons (indices into the
+    concatenation). Its column sums are zero: bias compensation (the next bias absorbing the mean
+    of what is removed) does not apply to routed experts, since one bias added to every token
+    cannot stand for a mean that each expert contributes only on its own tokens, and centering
+    the block-diagonal Gram by the means of all tokens would couple the experts (and lose
+    positive semi-definiteness).
     """
 
     def __init__(
@@ -93,9 +97,7 @@ class ExpertGramAccumulator:
             if e in starved:
                 pinned.extend(range(start, start + width))
             elif width:
-                stats = acc.finish()
-                gram[rows, rows] = stats.gram
-                total[rows] = stats.total
+                gram[rows, rows] = acc.finish().gram
             start += width
         for e in sorted(starved):
             warnings.warn(

@@ -266,6 +266,13 @@ def test_duplicated_units_are_removed_exactly(family, what):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_correction_beats_plain_removal(family):
     model = build(family, main_head(family))
+    if any(
+        adapter_for(model.config).ffn(layer).experts
+        for layer in adapter_for(model.config).layers(model.base_model)
+    ):
+        # routed experts: checked on held-out texts instead (tests/test_moe.py); on these random
+        # token ids (special tokens included) the per-expert corrections extrapolate
+        pytest.skip("mixture of experts: see tests/test_moe.py::test_correction_beats_plain_removal")
     # every calibration text: with the default 64 the correction of Qwen3 (sharp attention from
     # its q/k norms) barely generalizes to held-out inputs (0.070 vs 0.071 relative error)
     common = {"keep_flops": 0.5, "activations": "original", "samples": len(TEXTS)}

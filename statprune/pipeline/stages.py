@@ -431,9 +431,9 @@ def prune_layer(
         ops += prune_heads(adapter, base, i, kept_heads, w, b)
     kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
     if stats.neurons is not None and want_neurons < ffn.width:
+        factor = metric_factor(sensitivity, "neurons", i)
         ident = stats.neuron_selection or pin_selection(
-            method.select_neurons(adapter, layer, stats, options, count, metric_factor(sensitivity, "neurons", i)),
-            stats.neurons,
+            method.select_neurons(adapter, layer, stats, options, count, factor), stats.neurons
         )
         kept_neurons, dropped = ident.keep(want_neurons)
         ffn_err = _relative(ident.errors, want_neurons)
