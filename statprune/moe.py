@@ -56,6 +56,7 @@ class ExpertGramAccumulator:
         self._count = 0
         self._finished: GramStats | None = None
         self.pinned = torch.zeros(0, dtype=torch.long)
+        self.targets = None  # a CrossAccumulator of ZᵀΔ (correction toward the original model)
 
     @property
     def count(self) -> int:
@@ -108,6 +109,8 @@ class ExpertGramAccumulator:
                 stacklevel=2,
             )
         self.pinned = torch.tensor(pinned, dtype=torch.long)
+        if self.targets is not None and pinned:  # nothing to refit on them
+            self.targets.finish().cross[self.pinned] = 0.0
         self.blocks = []  # the dense result holds everything now
         self._finished = GramStats(gram=gram, total=total, count=self._count)
         return self._finished

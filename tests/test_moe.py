@@ -79,12 +79,14 @@ def test_statistics_are_each_experts_routed_tokens_weighted_by_routing_weight():
         assert torch.count_nonzero(stats.gram[rows][:, other]) == 0
 
 
-def _starve(expert: int):
-    """A router hook that never routes to ``expert`` (Mixtral's routing without it)."""
+def _starve(expert: int, first: int = 0):
+    """A router hook that routes to ``expert`` only the ``first`` tokens of each call (Mixtral's
+    routing otherwise)."""
 
     def hook(module, args, out):
         logits = out[0].clone()
-        logits[:, expert] = float("-inf")
+        logits[first:, expert] = -1e4
+        logits[:first, expert] = 1e4
         probs = torch.softmax(logits.float(), dim=-1)
         top, index = torch.topk(probs, module.top_k, dim=-1)
         return out[0], (top / top.sum(dim=-1, keepdim=True)).to(out[1].dtype), index
@@ -147,8 +149,8 @@ def test_duplicated_neurons_inside_each_expert_are_removed_exactly(family):
     shapes = model_shapes(adapter, model.base_model)
     half = [(s.n_heads, s.ffn_width // 2) for s in shapes]
     dense = [(s.n_heads, s.ffn_width) for s in shapes]
-    budget = total_cost(shapes, half, "params", 16) / total_cost(shapes, dense, "params", 16)
-    pruned, _ = _compress(model, keep_params=budget, prune=("neurons",))
+    budget = total_cost(shapes, half, "flops", 16) / total_cost(shapes, dense, "flops", 16)
+    pruned, _ = _compress(model, keep_flops=budget, prune=("neurons",))
     assert all(e.widths == [16] * 4 for e in _experts(pruned))
     reference = _logits(model)
     assert torch.linalg.vector_norm(_logits(pruned) - reference) / torch.linalg.vector_norm(reference) < 1e-5
@@ -157,10 +159,11 @@ def test_duplicated_neurons_inside_each_expert_are_removed_exactly(family):
 @pytest.mark.parametrize("family", MOE)
 def test_the_router_is_untouched_and_experts_get_uneven_widths(family):
     model = build(family, "ForCausalLM")
-    pruned, report = _compress(model, keep_flops=0.5)
+    pruned, report = _compress(model, keep_flops=0.6)
     for before, after in zip(model.model.layers, pruned.model.layers, strict=True):
         if hasattr(before.mlp, "gate"):
             assert torch.equal(before.mlp.gate.weight, after.mlp.gate.weight)
+    assert all(e.down_linear.bias is None for e in _experts(pruned))  # no bias compensation here
     widths = [w for e in _experts(pruned) for w in e.widths]
     assert len(set(widths)) > 1, widths  # the allocation spread the cut by error, not uniformly
     for lr, experts in zip(report.layers[-len(_experts(pruned)) :], _experts(pruned), strict=True):
@@ -219,3 +222,37 @@ def test_correction_beats_plain_removal(family):
                 float(torch.linalg.vector_norm(out - reference) / torch.linalg.vector_norm(reference))
             )
         assert errors[0] < errors[1], (prune, errors)
+
+
+def test_a_starved_expert_is_left_as_it_was_when_correcting_toward_the_original_model():
+    model = build("mixtral", "ForCausalLM")
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(_starve(0, first=4))  # 16 tokens in 4 batches
+    with pytest.warns(CalibrationWarning, match="expert 0 was routed only 16 calibration tokens"):
+        pruned, _ = _compress(model, keep_params=0.6, prune=("neurons",), correction_target="original")
+    for before, after in zip(model.model.layers, _experts(pruned), strict=True):
+        assert after.widths[0] == 32
+        fused = before.mlp.experts.down_proj[0]  # expert 0's down projection, (H, I), untouched
+        torch.testing.assert_close(after.down_linear.weight[:, :32], fused, rtol=0, atol=0)
+    logits = _logits(pruned)
+    assert torch.isfinite(logits).all()
+    reference = _logits(model)
+    assert torch.linalg.vector_norm(logits - reference) / torch.linalg.vector_norm(reference) < 0.5
+
+
+def test_a_starved_experts_target_statistics_are_zeroed_with_its_gram():
+    """Else the refit toward the original model would solve its zero Gram rows against nonzero
+    ``ZᵀΔ`` rows (a division by the ridge)."""
+    from statprune.linalg import CrossAccumulator
+
+    acc = ExpertGramAccumulator((4, 4), "cpu", torch.float64, "layer 2")
+    acc.targets = CrossAccumulator(8, 3, "cpu", torch.float64)
+    z, routed = torch.randn(6, 8), torch.ones(6, 2, dtype=torch.bool)
+    routed[2:, 1] = False  # expert 1: 2 tokens for 4 neurons
+    z[2:, 4:] = 0
+    acc.add_routed(z, routed)
+    acc.targets.add_batch(z, torch.randn(6, 3))
+    with pytest.warns(CalibrationWarning, match="layer 2 expert 1"):
+        acc.finish()
+    cross = acc.targets.finish().cross
+    assert torch.count_nonzero(cross[4:]) == 0 and torch.count_nonzero(cross[:4]) == 12

@@ -133,7 +133,8 @@ def prepare_calibration(
 
 def check_enough_tokens(shapes: list[LayerShape], tokens: int, plan: Plan, stacklevel: int = 3) -> None:
     """Too few tokens is a ``DataError``; few enough that the exact corrections overfit, a warning."""
-    widest = max(max(s.n_heads * s.head_dim, s.ffn_width) for s in shapes)
+    # routed experts (top-k of E, width I each): each sees about tokens * k / E, so it needs I * E / k
+    widest = max(max(s.n_heads * s.head_dim, s.ffn_width // s.ffn_active[0]) for s in shapes)
     if tokens < widest:
         raise DataError(
             f"calibration data has only {tokens} tokens; a meaningful factorization needs at least "

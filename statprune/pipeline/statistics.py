@@ -141,6 +141,8 @@ def collect_with_targets(
         for name, (_, acc) in blocks.items()
     }
     stats.head_targets, stats.neuron_targets = shifts.get("heads"), shifts.get("neurons")
+    if hasattr(stats.neurons, "targets"):  # routed experts: starved ones keep their neurons as they are
+        stats.neurons.targets = stats.neuron_targets
     current: dict = {}
     seen: dict[str, torch.Tensor] = {}  # this batch's block inputs and outputs, per pass
 
