@@ -3,8 +3,10 @@
 Per layer at sequence length ``s``, hidden ``d``, head dim ``d_h`` (multiply-accumulates):
 a query head costs ``2·s·d·d_h`` (Q and output projections) ``+ 2·s²·d_h`` (QKᵀ and AV), a key/value
 head ``2·s·d·d_h``; so a multi-head-attention head costs ``4·s·d·d_h + 2·s²·d_h``. An FFN neuron
-costs ``2·s·d`` (``3·s·d`` gated). Embeddings, norms, softmax, biases and task heads are excluded;
-FLOPs = 2 × MACs. Parameters count the weights and biases of the same projections.
+costs ``2·s·d`` (``3·s·d`` gated), times ``k/E`` for the routed experts of a mixture-of-experts
+layer (a token passes through ``k`` of ``E``; every expert's parameters count). Embeddings, norms,
+softmax, biases, routers and task heads are excluded; FLOPs = 2 × MACs. Parameters count the
+weights and biases of the same projections.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ class LayerShape:
     # mixture of experts: the fraction (top-k, experts) of the FFN neurons a token passes through;
     # FLOPs count those (balanced routing), parameters every expert
     ffn_active: tuple[int, int] = (1, 1)
+
+    def __post_init__(self) -> None:  # a tuple even when read back from JSON (latency tables)
+        object.__setattr__(self, "ffn_active", tuple(int(v) for v in self.ffn_active))
 
     @property
     def grouped(self) -> bool:
