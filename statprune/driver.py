@@ -114,6 +114,7 @@ def compress(
     model.to("cpu" if offload else device)
     timings: dict[str, float] = {}
     with torch.no_grad(), progress_bar.enabled(progress):
+        prepared = plan.adapter.prepare(model.base_model)  # e.g. fused experts -> per-expert widths
         shapes = model_shapes(plan.adapter, model.base_model)
         keep_stats = keep_stats and stats_bytes(shapes) <= KEEP_STATS_BYTES
         job = Job(plan, model, batches, shapes, checkpoint, device if offload else None, keep_stats)
@@ -137,7 +138,8 @@ def compress(
             pruned = stages.prune(job, calib, counts, analysis)
     if checkpoint is not None:
         checkpoint.finish()
-    model.config.statprune_ops = list(getattr(model.config, "statprune_ops", None) or []) + pruned.ops
+    earlier = list(getattr(model.config, "statprune_ops", None) or [])
+    model.config.statprune_ops = earlier + prepared + pruned.ops
     model.train(was_training)
     report = stages.build_report(job, pruned, calib, analysis, start)
     if job.cost is not None:

@@ -52,7 +52,7 @@ from torch import nn
 from statprune.adapters import ModelAdapter, task_head
 from statprune.allocation import allowed_neuron_counts
 from statprune.calibration import CalibrationBatch, count_tokens
-from statprune.errors import BudgetError
+from statprune.errors import BudgetError, OptionsError
 from statprune.flops import LayerShape, dense_counts, total_cost
 from statprune.guards import (
     option,
@@ -286,7 +286,13 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
         if "heads" in prune and attn.n_heads:
             module = layer.get_submodule(attn.o)
             handles.append(probe.hook(("heads", i), module, attn.n_heads, attn.head_dim))
-        if "neurons" in prune and ffn.width:
+        if "neurons" in prune and ffn.width and ffn.experts is not None:  # routed experts
+            if isinstance(probe, _MaskProbe):  # the neurons are not the input of one module call
+                raise OptionsError(
+                    "--method fisher does not prune mixture-of-experts FFNs; use --method stat"
+                )
+            handles.append(probe.hook(("neurons", i), layer.get_submodule(ffn.probe), ffn.width, 1))
+        elif "neurons" in prune and ffn.width:
             handles.append(probe.hook(("neurons", i), layer.get_submodule(ffn.output), ffn.width, 1))
     kinds: set[str] = set()
     examples = 0

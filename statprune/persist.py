@@ -139,7 +139,9 @@ def save(
             if not stock:
                 config.auto_map = _auto_map(model)
             config.architectures = [type(model).__name__]
-            model.save_pretrained(tmp, safe_serialization=True)
+            # a compressed folder (model_type statprune_<type>) loads without transformers' checkpoint
+            # conversions, so its weights keep their in-memory names (Mixtral's would be renamed)
+            model.save_pretrained(tmp, safe_serialization=True, save_original_format=not is_compressed(model))
             if is_compressed(model):
                 _set_model_type(tmp / "config.json", custom_model_type(model.config.model_type))
                 _declare_serving_architecture(tmp / "config.json", config.statprune_ops)

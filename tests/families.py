@@ -52,6 +52,12 @@ GRANITE |= {"attention_multiplier": 0.2, "logits_scaling": 4.0}
 OPT = {"vocab_size": VOCAB, "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
 OPT |= {"ffn_dim": 64, "max_position_embeddings": 64, "word_embed_proj_dim": 32, "pad_token_id": 0}
 OPT |= {"enable_bias": True}
+# mixture of experts: 4 experts of 32 neurons, top-2 (Qwen3-MoE: layer 0 dense, as its
+# mlp_only_layers allow; OLMoE: its q/k norms span every head, as OLMo2's)
+MOE = {**DECODER, "num_experts_per_tok": 2}
+MIXTRAL = {**MOE, "num_local_experts": 4, "intermediate_size": 32}
+QWEN3_MOE = {**MOE, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 8, "mlp_only_layers": [0]}
+OLMOE = {**MOE, "num_experts": 4, "intermediate_size": 32}
 ENCODER_HEADS = ("Model", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
 ENCODER_HEADS += ("ForQuestionAnswering",)
 DECODER_HEADS = ("ForCausalLM",)
@@ -88,6 +94,9 @@ FAMILIES: dict[str, Family] = {
     "granite": Family("GraniteConfig", GRANITE, "Granite", DECODER_HEADS),
     "olmo2": Family("Olmo2Config", MHA, "Olmo2", DECODER_HEADS),
     "opt": Family("OPTConfig", OPT, "OPT", DECODER_HEADS),
+    "mixtral": Family("MixtralConfig", MIXTRAL, "Mixtral", DECODER_HEADS),
+    "qwen3_moe": Family("Qwen3MoeConfig", QWEN3_MOE, "Qwen3Moe", DECODER_HEADS),
+    "olmoe": Family("OlmoeConfig", OLMOE, "Olmoe", DECODER_HEADS),
 }
 # fmt: on
 

@@ -214,6 +214,7 @@ def _duplicate(model, what: str) -> None:
     attention keeps its groups, and their channels of any shared per-head table) or FFN neurons
     exact copies of the first half."""
     adapter = adapter_for(model.config)
+    adapter.prepare(model.base_model)  # fused expert tensors -> one module per projection
     with torch.no_grad():
         if what == "heads":  # per-head tables outside the layers (MPNet's position bias)
             for table, dim in adapter.shared_head_tables(model.base_model):
@@ -224,13 +225,18 @@ def _duplicate(model, what: str) -> None:
             if what == "heads":
                 halves = {attn.q: attn.n_heads // 2 * attn.head_dim}
                 halves |= {p: attn.n_kv_heads // 2 * attn.head_dim for p in (attn.k, attn.v)}
-            else:
+            else:  # within each routed expert, if any
                 halves = {p: ffn.width // 2 for p in ffn.inputs}
             for path, half in halves.items():
+                # (first row, half) of each run of units: each routed expert's neurons, if any
+                runs = [(0, half)]
+                if what == "neurons" and ffn.experts:
+                    runs = [(sum(ffn.experts[:e]), w // 2) for e, w in enumerate(ffn.experts)]
                 lin = layer.get_submodule(path)
-                lin.weight[half : 2 * half] = lin.weight[:half]
-                if lin.bias is not None:
-                    lin.bias[half : 2 * half] = lin.bias[:half]
+                for a, h in runs:
+                    lin.weight[a + h : a + 2 * h] = lin.weight[a : a + h]
+                    if lin.bias is not None:
+                        lin.bias[a + h : a + 2 * h] = lin.bias[a : a + h]
 
 
 def _half_budget(model, what: str) -> float:
@@ -260,6 +266,13 @@ def test_duplicated_units_are_removed_exactly(family, what):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_correction_beats_plain_removal(family):
     model = build(family, main_head(family))
+    if any(
+        adapter_for(model.config).ffn(layer).experts
+        for layer in adapter_for(model.config).layers(model.base_model)
+    ):
+        # routed experts: checked on held-out texts instead (tests/test_moe.py); on these random
+        # token ids (special tokens included) the per-expert corrections extrapolate
+        pytest.skip("mixture of experts: see tests/test_moe.py::test_correction_beats_plain_removal")
     # every calibration text: with the default 64 the correction of Qwen3 (sharp attention from
     # its q/k norms) barely generalizes to held-out inputs (0.070 vs 0.071 relative error)
     common = {"keep_flops": 0.5, "activations": "original", "samples": len(TEXTS)}

@@ -57,6 +57,12 @@ class FFNLayout:
     inputs: tuple[str, ...]  # e.g. ("intermediate.dense",) or ("mlp.gate_proj", "mlp.up_proj")
     output: str
     width: int
+    # mixture of experts (statprune.moe): the neurons of every routed expert, concatenated; each
+    # expert's width; the module whose calls give their routed activations (``activations``); the
+    # fraction of the neurons a token passes through, (top-k, experts)
+    experts: tuple[int, ...] | None = None
+    probe: str = ""
+    active: tuple[int, int] = (1, 1)
 
     @property
     def gated(self) -> bool:
@@ -198,6 +204,16 @@ class ModelAdapter(ABC):
         kept query heads ("q") or key/value heads ("kv", only when those go too), e.g. OLMo2's
         ``q_norm.weight`` of width ``n_heads * head_dim``. Empty for most families."""
         return ()
+
+    def prepare(self, base_model: nn.Module) -> list[dict]:
+        """Structural changes made (and recorded as ops) before anything is measured, e.g. fused
+        expert tensors turned into per-expert widths (``statprune.adapters.moe``). None by default."""
+        return []
+
+    def neuron_attributes(self, layer: nn.Module, kept) -> dict[str, dict]:
+        """Module attributes (path relative to the layer -> {name: value}) to set when the layer
+        keeps FFN neurons ``kept`` (e.g. each expert's width). None by default."""
+        return {}
 
     def head_argument_selectors(self, kept_heads: list[int]) -> list[dict]:
         """Extra ``select_argument`` ops for per-head inputs computed outside the layer."""
