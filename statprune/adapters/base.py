@@ -60,9 +60,8 @@ class AttentionLayout:
         block's features are rows ``first … first + heads * head_dim`` of the module at path
         (row 0 for separate projections; a fused projection stacks the three blocks)."""
         q_rows, kv_rows = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        if not self.fused:
-            return ((self.q, 0, self.n_heads), (self.k, 0, self.n_kv_heads), (self.v, 0, self.n_kv_heads))
-        return ((self.q, 0, self.n_heads), (self.k, q_rows, self.n_kv_heads), (self.v, q_rows + kv_rows, self.n_kv_heads))
+        k_first, v_first = (q_rows, q_rows + kv_rows) if self.fused else (0, 0)
+        return ((self.q, 0, self.n_heads), (self.k, k_first, self.n_kv_heads), (self.v, v_first, self.n_kv_heads))
 
 
 @dataclass(frozen=True)

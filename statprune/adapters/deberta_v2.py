@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from statprune.adapters.bert import BertAdapter
 from statprune.adapters.base import AttentionLayout
+from statprune.adapters.bert import BertAdapter
 
 
 class DebertaV2Adapter(BertAdapter):
