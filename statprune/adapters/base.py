@@ -61,7 +61,8 @@ class AttentionLayout:
         (row 0 for separate projections; a fused projection stacks the three blocks)."""
         q_rows, kv_rows = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         k_first, v_first = (q_rows, q_rows + kv_rows) if self.fused else (0, 0)
-        return ((self.q, 0, self.n_heads), (self.k, k_first, self.n_kv_heads), (self.v, v_first, self.n_kv_heads))
+        kv = self.n_kv_heads
+        return ((self.q, 0, self.n_heads), (self.k, k_first, kv), (self.v, v_first, kv))
 
 
 @dataclass(frozen=True)
