@@ -282,6 +282,11 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
             f"{desc} needs a task head to differentiate (sequence classification or causal LM); "
             f"{type(model).__name__} is a bare encoder/decoder"
         )
+    if getattr(task_head(model), "kind", None) == "multiple-choice":
+        raise BudgetError(
+            f"{desc} cannot differentiate a multiple-choice model: calibration texts are one-choice "
+            "questions, whose loss has no gradient; use the default method (stat)"
+        )
     device = next(model.parameters()).device
     handles = []
     for i, layer in enumerate(adapter.layers(model.base_model)):
@@ -299,7 +304,6 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
             for batch in progress_bar(batches, desc=desc):
                 inputs = {k: v.to(device) for k, v in batch.inputs.items()}
                 labels = inputs.pop("labels", None)
-                inputs = adapter.forward_inputs(model, inputs)
                 if adapter.is_decoder:
                     inputs["use_cache"] = False
                 size = int(inputs["input_ids"].shape[0])
