@@ -29,7 +29,7 @@ def test_calibration_texts_become_one_choice_questions():
 def test_multiple_choice_compresses_and_refuses_gradient_methods():
     model = build("bert", "ForMultipleChoice")
     pruned, report = statprune.compress(
-        model, TOKENIZER, tiny_texts(64), keep_flops=0.6, seq_len=16, progress=False
+        model, TOKENIZER, tiny_texts(64), keep_flops=0.6, samples=64, seq_len=16, progress=False
     )
     assert report.flops_kept <= 0.6
     enc = TOKENIZER(
@@ -44,5 +44,12 @@ def test_multiple_choice_compresses_and_refuses_gradient_methods():
         statprune.StatpruneError, match="multiple-choice model: calibration texts are one-choice"
     ):
         statprune.compress(
-            model, TOKENIZER, tiny_texts(64), keep_flops=0.6, seq_len=16, method="fisher", progress=False
+            model,
+            TOKENIZER,
+            tiny_texts(64),
+            keep_flops=0.6,
+            samples=64,
+            seq_len=16,
+            method="fisher",
+            progress=False,
         )
