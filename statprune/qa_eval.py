@@ -264,12 +264,15 @@ def predict_answers(
         start, end = start.detach().double().cpu(), end.detach().double().cpu()
         if not (torch.isfinite(start).all() and torch.isfinite(end).all()):
             raise ModelError("the model produced NaN or Inf start/end logits; evaluate with --dtype float32")
+        left = getattr(tokenizer, "padding_side", "right") == "left"
         for b, r in enumerate(rows):
             window = windows[r]
             n = len(window.offsets)
+            real = slice(start.shape[1] - n, None) if left else slice(0, n)  # the unpadded tokens
             context = torch.tensor(window.context)
-            context_logits.append((start[b, :n][context], end[b, :n][context]))
-            span = best_span(start[b, :n], end[b, :n], context, max_answer_tokens)
+            first, last = start[b, real], end[b, real]
+            context_logits.append((first[context], last[context]))
+            span = best_span(first, last, context, max_answer_tokens)
             current = best[window.example]
             if span is not None and (current is None or span[0] > current[0]):
                 best[window.example], best_window[window.example] = span, r

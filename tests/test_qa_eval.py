@@ -99,6 +99,8 @@ def test_decoding_finds_the_span_across_windows_and_scores_it():
     with_itself = evaluate_qa(model, TOKENIZER, EXAMPLES, reference=model, seq_len=16)
     assert with_itself.agreement == 1.0 and with_itself.logit_relative_error == 0.0
     assert with_itself.worst_examples == []
+    left = evaluate_qa(model, _build_tiny_tokenizer(padding_side="left"), EXAMPLES, seq_len=16, batch_size=2)
+    assert (left.exact_match, left.f1) == (result.exact_match, result.f1)  # left-padded batches too
 
 
 def test_questions_too_long_and_wrong_models_are_refused():
