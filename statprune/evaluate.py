@@ -450,7 +450,10 @@ def evaluate(
 
     task = _resolve_task(model, task)
     if task == "qa":  # examples: statprune.qa_eval.QAExample records
-        from statprune.qa_eval import evaluate_qa
+        from statprune.qa_eval import QAExample, evaluate_qa
+
+        if not all(isinstance(e, QAExample) for e in examples):
+            raise DataError("question answering needs QAExample records (statprune.qa_eval.read_squad_jsonl)")
 
         return evaluate_qa(model, tokenizer, list(examples), reference=reference, seq_len=seq_len,
                            batch_size=batch_size, worst=worst)
