@@ -454,7 +454,6 @@ def evaluate(
 
         if not all(isinstance(e, QAExample) for e in examples):
             raise DataError("question answering needs QAExample records (statprune.qa_eval.read_squad_jsonl)")
-
         return evaluate_qa(model, tokenizer, list(examples), reference=reference, seq_len=seq_len,
                            batch_size=batch_size, worst=worst)
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
