@@ -110,12 +110,15 @@ def _frozen(model: nn.Module):
 
 def has_loss_without_labels(model: nn.Module) -> bool:
     """Whether a loss can be differentiated on unlabelled data: a task head with ``logits`` other
-    than regression (whose own predictions give zero gradients)."""
+    than regression (whose own predictions give zero gradients) and multiple choice (calibration
+    texts are one-choice questions, whose softmax over one choice has zero gradient)."""
     config, head = model.config, task_head(model)
-    regression = getattr(config, "problem_type", None) == "regression" or (
-        getattr(head, "kind", None) == "sequence-classification" and getattr(config, "num_labels", 2) == 1
+    kind = getattr(head, "kind", None)
+    flat = getattr(config, "problem_type", None) == "regression" or (
+        kind == "sequence-classification" and getattr(config, "num_labels", 2) == 1
     )
-    return model.base_model is not model and not regression and getattr(head, "logits", True)
+    flat = flat or kind == "multiple-choice"
+    return model.base_model is not model and not flat and getattr(head, "logits", True)
 
 
 def _per_example_loss(
@@ -278,6 +281,11 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
         raise BudgetError(
             f"{desc} needs a task head to differentiate (sequence classification or causal LM); "
             f"{type(model).__name__} is a bare encoder/decoder"
+        )
+    if getattr(task_head(model), "kind", None) == "multiple-choice":
+        raise BudgetError(
+            f"{desc} cannot differentiate a multiple-choice model: calibration texts are one-choice "
+            "questions, whose loss has no gradient; use the default method (stat)"
         )
     device = next(model.parameters()).device
     handles = []

@@ -82,12 +82,22 @@ def prune_heads(
                 module.bias.copy_(out_bias.to(module.bias.dtype))
         return [op, *ops]
     cols = head_columns(kept, lay.head_dim)
-    ops.append(_slice_rows(base, prefix + lay.q, cols))
-    n_kv = lay.n_kv_heads
-    if not lay.grouped:
-        ops.append(_slice_rows(base, prefix + lay.k, cols))
-        ops.append(_slice_rows(base, prefix + lay.v, cols))
-        n_kv = len(kept)
+    n_kv = lay.n_kv_heads if lay.grouped else len(kept)
+    rows: dict[str, list[torch.Tensor]] = {}  # per projection (a fused one holds q, k and v)
+    for i, (path, first, heads) in enumerate(lay.row_blocks()):
+        # queries keep the kept heads, keys/values too in multi-head attention; grouped
+        # attention keeps every key/value head (a fused projection re-slices them unchanged)
+        if i == 0 or not lay.grouped:
+            block = cols
+        elif lay.fused:
+            block = torch.arange(heads * lay.head_dim)
+        else:
+            continue
+        rows.setdefault(path, []).append(block + first)
+    for path, blocks in rows.items():
+        ops.append(_slice_rows(base, prefix + path, torch.cat(blocks)))
+    for path in adapter.head_projections(layer):
+        ops.append(_slice_rows(base, prefix + path, cols))
     ops.append(_linear_op(base, prefix + lay.o, out_weight, out_bias))
     for path, which in adapter.head_parameters(layer):
         if which == "q" or not lay.grouped:
@@ -119,7 +129,7 @@ def prune_neurons(
     had_bias = getattr(layer.get_submodule(lay.output), "bias", None) is not None
     if lay.experts is not None and out_bias is not None and not had_bias and not out_bias.any():
         out_bias = None  # routed experts get no bias compensation (statprune.moe): no zero bias
-    ops = [_slice_rows(base, prefix + path, kept) for path in lay.inputs]
+    ops = [_slice_rows(base, prefix + path, lay.neuron_rows(kept)) for path in lay.inputs]
     ops.append(_linear_op(base, prefix + lay.output, out_weight, out_bias))
     for path, values in attributes.items():
         op = {"op": "attrs", "path": prefix + path, "values": values}

@@ -54,7 +54,7 @@ def _inputs(model, seed: int = 1) -> dict:
 
 
 def _outputs(model, inputs) -> dict[str, torch.Tensor]:
-    kwargs = dict(inputs)
+    kwargs = adapter_class(model.config).forward_inputs(model, dict(inputs))  # multiple choice: 3-D
     if adapter_class(model.config).is_causal_lm(model):
         kwargs["use_cache"] = False
     with torch.no_grad():
@@ -115,8 +115,9 @@ def test_max_positions_is_the_longest_input_the_model_accepts(family):
     """The adapter's position accounting (``positions_after_pad`` for RoBERTa-style numbering)."""
     model = build(family, main_head(family))
     limit = adapter_class(model.config).max_positions(model)
-    if limit is None:  # rotary positions: no table to run out of
-        assert FAMILIES[family].decoder
+    if limit is None:  # rotary or relative positions: no table to run out of
+        with torch.no_grad():
+            model(**synthetic_inputs(model, batch=1, seq_len=model.config.max_position_embeddings + 16))
         return
     with torch.no_grad():
         model(**synthetic_inputs(model, batch=1, seq_len=limit))
@@ -172,7 +173,7 @@ def saved(compressed, tmp_path_factory):
     for (family, head), b in itertools.product(CASES, range(len(BUDGETS))):
         model, pruned, report = compressed(family, head, *BUDGETS[b])
         folder = statprune.save(pruned, root / f"{family}-{head}-{b}", tokenizer=TOKENIZER, report=report)
-        inputs = _inputs(model)
+        inputs = adapter_class(model.config).forward_inputs(model, _inputs(model))
         if adapter_class(model.config).is_causal_lm(model):
             inputs["use_cache"] = False
         torch.save(inputs, folder / "inputs.pt")
@@ -222,21 +223,20 @@ def _duplicate(model, what: str) -> None:
                 table.narrow(dim, half, half).copy_(table.narrow(dim, 0, half))
         for layer in adapter.layers(model.base_model):
             attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-            if what == "heads":
-                halves = {attn.q: attn.n_heads // 2 * attn.head_dim}
-                halves |= {p: attn.n_kv_heads // 2 * attn.head_dim for p in (attn.k, attn.v)}
-            else:  # within each routed expert, if any
-                halves = {p: ffn.width // 2 for p in ffn.inputs}
-            for path, half in halves.items():
-                # (first row, half) of each run of units: each routed expert's neurons, if any
-                runs = [(0, half)]
-                if what == "neurons" and ffn.experts:
-                    runs = [(sum(ffn.experts[:e]), w // 2) for e, w in enumerate(ffn.experts)]
+            if what == "heads":  # (path, first row, rows in half) of q, k, v (fused or not)
+                blocks = [(p, first, n // 2 * attn.head_dim) for p, first, n in attn.row_blocks()]
+                blocks += [(p, 0, attn.n_heads // 2 * attn.head_dim) for p in adapter.head_projections(layer)]
+            elif ffn.experts:  # within each routed expert
+                starts = [sum(ffn.experts[:e]) for e in range(len(ffn.experts))]
+                pairs = list(zip(starts, ffn.experts, strict=True))
+                blocks = [(p, s, w // 2) for p in ffn.inputs for s, w in pairs]
+            else:
+                blocks = [(p, first, ffn.width // 2) for p, first in ffn.row_blocks()]
+            for path, first, half in blocks:
                 lin = layer.get_submodule(path)
-                for a, h in runs:
-                    lin.weight[a + h : a + 2 * h] = lin.weight[a : a + h]
-                    if lin.bias is not None:
-                        lin.bias[a + h : a + 2 * h] = lin.bias[a : a + h]
+                lin.weight[first + half : first + 2 * half] = lin.weight[first : first + half]
+                if lin.bias is not None:
+                    lin.bias[first + half : first + 2 * half] = lin.bias[first : first + half]
 
 
 def _half_budget(model, what: str) -> float:

@@ -49,6 +49,21 @@ class AttentionLayout:
     def o_inside_block(self) -> bool:
         return self.o.startswith(self.block + ".")
 
+    @property
+    def fused(self) -> bool:
+        """One projection computes queries, keys and values (``q == k == v``, e.g. ModernBERT's
+        ``Wqkv``): its output rows stack [queries; keys; values]."""
+        return self.q == self.k == self.v
+
+    def row_blocks(self) -> tuple[tuple[str, int, int], ...]:
+        """(path, first row, heads) of the query, key and value projections, in that order: the
+        block's features are rows ``first … first + heads * head_dim`` of the module at path
+        (row 0 for separate projections; a fused projection stacks the three blocks)."""
+        q_rows, kv_rows = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        k_first, v_first = (q_rows, q_rows + kv_rows) if self.fused else (0, 0)
+        kv = self.n_kv_heads
+        return ((self.q, 0, self.n_heads), (self.k, k_first, kv), (self.v, v_first, kv))
+
 
 @dataclass(frozen=True)
 class FFNLayout:
@@ -63,10 +78,30 @@ class FFNLayout:
     experts: tuple[int, ...] | None = None
     probe: str = ""
     active: tuple[int, int] = (1, 1)
+    # blocks of ``width`` rows stacked in each input projection: 2 for a fused gated projection
+    # (ModernBERT's ``Wi`` = [input; gate], chunked in two by the forward pass)
+    stacked: int = 1
 
     @property
     def gated(self) -> bool:
-        return len(self.inputs) == 2
+        return len(self.inputs) * self.stacked == 2
+
+    def row_blocks(self) -> tuple[tuple[str, int], ...]:
+        """(path, first row) of every block of ``width`` neuron rows in the input projections."""
+        return tuple((path, j * self.width) for path in self.inputs for j in range(self.stacked))
+
+    def neuron_rows(self, kept):
+        """Rows of each input projection that hold the neurons ``kept`` (a LongTensor)."""
+        import torch
+
+        return torch.cat([kept + j * self.width for j in range(self.stacked)])
+
+    def input_weights(self, layer: nn.Module):
+        """Every input projection's weights of each neuron side by side: (width, blocks * in)."""
+        import torch
+
+        blocks = [layer.get_submodule(p).weight.detach()[r : r + self.width] for p, r in self.row_blocks()]
+        return torch.cat(blocks, dim=1)
 
 
 @dataclass(frozen=True)
@@ -123,6 +158,16 @@ class ModelAdapter(ABC):
         ``fisher_grads`` ask here."""
         head = cls.task_head(model)
         return head is not None and head.kind == "causal-lm"
+
+    @classmethod
+    def forward_inputs(cls, model: Any, inputs: dict) -> dict:
+        """Keyword arguments of ``model``'s forward for a batch of (batch, seq) token tensors: a
+        multiple-choice model takes (batch, choices, seq), so each sequence becomes a question
+        with one choice (its encoder sees the same (batch, seq) sequences, in the same order)."""
+        head = cls.task_head(model)
+        if head is None or head.kind != "multiple-choice":
+            return inputs
+        return {k: v.unsqueeze(1) if hasattr(v, "dim") and v.dim() == 2 else v for k, v in inputs.items()}
 
     @classmethod
     def auto_map(cls, model: Any, module: str) -> dict[str, str]:
@@ -214,6 +259,13 @@ class ModelAdapter(ABC):
         """Module attributes (path relative to the layer -> {name: value}) to set when the layer
         keeps FFN neurons ``kept`` (e.g. each expert's width). None by default."""
         return {}
+
+    def head_projections(self, layer: nn.Module) -> tuple[str, ...]:
+        """Further linear layers in the attention block whose output rows run over the
+        concatenated query heads' features, sliced with the kept heads, e.g. DeBERTa-v2's
+        ``pos_key_proj``/``pos_query_proj`` (relative-position keys and queries per head).
+        Empty for most families."""
+        return ()
 
     def head_argument_selectors(self, kept_heads: list[int]) -> list[dict]:
         """Extra ``select_argument`` ops for per-head inputs computed outside the layer."""

@@ -38,5 +38,6 @@ class Magnitude(ChannelRanking):
     ) -> torch.Tensor:
         import torch
 
-        q_rows = layer.get_submodule(adapter.attention(layer).q).weight.detach().double().cpu()
+        attn = adapter.attention(layer)  # the query rows (the first block of a fused projection)
+        q_rows = layer.get_submodule(attn.q).weight.detach()[: attn.n_heads * attn.head_dim].double().cpu()
         return self.channel_scores(stats, w_o) * torch.linalg.vector_norm(q_rows, dim=1)

@@ -178,7 +178,7 @@ def capture_inputs(
     model_device = next(model.parameters()).device
     try:
         for batch in progress_bar(batches, desc="capture inputs"):
-            inputs = to_device(batch.inputs, model_device)
+            inputs = adapter.forward_inputs(model, to_device(batch.inputs, model_device))
             if adapter.is_decoder:
                 inputs["use_cache"] = False
             try:
