@@ -132,11 +132,16 @@ def _quiet_lm_eval():
     from contextlib import ExitStack
     from unittest import mock
 
+    _require_lm_eval()
+
+    from datasets import utils as datasets_bars
     from lm_eval import evaluator
 
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    bars = not datasets_bars.are_progress_bars_disabled()
+    datasets_bars.disable_progress_bars()  # "Generating test split" for every task file
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with ExitStack() as stack:
@@ -149,6 +154,8 @@ def _quiet_lm_eval():
             yield
         finally:
             logger.setLevel(level)
+            if bars:
+                datasets_bars.enable_progress_bars()
 
 
 def task_files(specs: str | Sequence[str | Path]) -> list[Path]:
@@ -305,7 +312,8 @@ def harness_evaluate(
     _check_model(model, "the model")
     if reference is not None:
         _check_model(reference, "the reference model")
-    _load_tasks(files)  # fail on the task files before the models run
+    with _quiet_lm_eval():
+        _load_tasks(files)  # fail on the task files before the models run
     start = time.perf_counter()
     mine = _run_one(model, tokenizer, files, batch_size, limit, num_fewshot, seed)
     theirs = None
@@ -358,7 +366,8 @@ def harness_paths(
     from statprune.argtypes import resolve_device
     from statprune.persist import check_model_dir, load, load_tokenizer
 
-    task_files(tasks)  # a missing extra or a bad task file fails before any model loads
+    with _quiet_lm_eval():  # a missing extra or a bad task file (or its data) fails before the models load
+        _load_tasks(task_files(tasks))
     check_model_dir(Path(model_dir))
     if against is not None:
         check_model_dir(Path(against))
