@@ -196,3 +196,10 @@ def test_data_or_tasks(tmp_path, lm_dirs, capsys):
     data.write_text("the cat\n")
     assert main(["eval", str(compressed), "--data", str(data), "--lm-eval-tasks", str(task)]) == 1
     assert "not both" in capsys.readouterr().err
+    for extra, message in (
+        (["--fail-below", "0.9"], "does not apply to --lm-eval-tasks"),
+        (["--task", "classify"], "drop --task classify"),
+        (["--num-fewshot", "-1"], "0 or more"),
+    ):
+        assert main(["eval", str(compressed), "--lm-eval-tasks", str(task), *extra]) == 1
+        assert message in _error_line(capsys.readouterr().err)
