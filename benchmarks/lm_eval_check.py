@@ -72,7 +72,7 @@ def markdown(res: dict) -> str:
         f"Task: {res['task']['description']} ({res['task']['items_scored']} items scored, 4 choices, "
         "chance 0.25). Model: SmolLM2-135M-Instruct (the 4-bit GGUF dequantized, see ASSETS), "
         f"compressed to {res['compressed']['params_kept']:.3f} of its attention+FFN parameters "
-        f"({res['compressed']['calibration']}).",
+        f"({res['compressed']['calibration']}; {res['compressed'].get('note') or 'folder given'}).",
         "",
         "| metric | dense | compressed | change (95 % CI, paired) | lm-eval CLI on the compressed folder |",
         "|---|---|---|---|---|",
@@ -108,7 +108,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-cli", action="store_true", help="do not run lm-eval's own command line")
     parser.add_argument("--out", type=Path, default=HERE / "lm_eval_check.json")
+    parser.add_argument("--compressed-note", help="how --compressed was made (calibration file, options)")
+    parser.add_argument("--render", action="store_true", help="only rewrite the .md from the saved JSON")
     args = parser.parse_args()
+    if args.render:  # (with --compressed-note: that note added to the saved JSON first)
+        res = json.loads(args.out.read_text())
+        if args.compressed_note:
+            res["compressed"]["note"] = args.compressed_note
+            _write(args.out, res)
+        args.out.with_suffix(".md").write_text(markdown(res))
+        return 0
 
     env = _env(args.threads)
     work = CACHE / "lm-eval-check"
@@ -142,6 +151,8 @@ def main() -> int:
         f"tokens; options {report['options']['allocation']} allocation, "
         f"{report['options']['layer_weighting']} weighting",
         "compress_seconds": report.get("seconds"),
+        "note": args.compressed_note
+        or ("made by this script: " + " ".join([CALIB, *COMPRESS]) if args.compressed is None else None),
     }
     _write(args.out, res)
 
