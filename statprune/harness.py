@@ -230,7 +230,7 @@ def _check_model(model: Any, which: str) -> None:
         )
 
 
-def _run_one(model, tokenizer, files, batch_size: int, limit: int | None, num_fewshot: int | None, seed: int):
+def _run_one(model, tokenizer, files, batch_size: int, limit: int | None, num_fewshot: int | None):
     lm_eval = _require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
@@ -247,11 +247,7 @@ def _run_one(model, tokenizer, files, batch_size: int, limit: int | None, num_fe
             task_manager=manager,
             limit=limit,
             num_fewshot=num_fewshot,
-            log_samples=True,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
+            log_samples=True,  # per-item scores for the paired interval; seeds: lm-eval's defaults
         )
 
 
@@ -292,7 +288,6 @@ def harness_evaluate(
     batch_size: int = DEFAULT_BATCH_SIZE,
     limit: int | None = None,
     num_fewshot: int | None = None,
-    seed: int = 0,
 ) -> HarnessResult:
     """Run lm-eval tasks on ``model`` (and ``reference``, the same examples) and gather the metrics.
 
@@ -300,7 +295,7 @@ def harness_evaluate(
     first N examples (lm-eval's ``--limit``); ``num_fewshot`` overrides the task files' (default:
     theirs, else 0). Metrics are lm-eval's, e.g. ``acc`` (fraction of examples whose highest
     log-likelihood choice is the gold one) and ``acc_norm`` (the same with log-likelihoods divided by
-    the choices' lengths in bytes), each with lm-eval's standard error.
+    the choices' lengths in characters), each with lm-eval's standard error.
 
     Raises HarnessMissingError without lm-eval; ModelError for a model (or reference) that is not a
     causal LM; DataError for task files that do not exist, parse or load.
@@ -315,11 +310,11 @@ def harness_evaluate(
     with _quiet_lm_eval():
         _load_tasks(files)  # fail on the task files before the models run
     start = time.perf_counter()
-    mine = _run_one(model, tokenizer, files, batch_size, limit, num_fewshot, seed)
+    mine = _run_one(model, tokenizer, files, batch_size, limit, num_fewshot)
     theirs = None
     if reference is not None:
         ref_tok = tokenizer if reference_tokenizer is None else reference_tokenizer
-        theirs = _run_one(reference, ref_tok, files, batch_size, limit, num_fewshot, seed)
+        theirs = _run_one(reference, ref_tok, files, batch_size, limit, num_fewshot)
     rows = []
     ref_metrics = {} if theirs is None else {(t, k): (v, e) for t, _, k, v, e in _metrics(theirs)}
     for task, label, key, value, err in _metrics(mine):
@@ -357,7 +352,6 @@ def harness_paths(
     num_fewshot: int | None = None,
     device: str | None = "auto",
     dtype: str | None = None,
-    seed: int = 0,
 ) -> HarnessResult:
     """:func:`harness_evaluate` on folders: each model (compressed or not) loads with
     :func:`statprune.persist.load` and its own tokenizer; ``dtype`` is a torch dtype name."""
@@ -393,7 +387,6 @@ def harness_paths(
         batch_size=batch_size,
         limit=limit,
         num_fewshot=num_fewshot,
-        seed=seed,
     )
 
 

@@ -4,7 +4,7 @@ Each item is one held-out sentence (WSJ and OANC, never the calibration portions
 the first half is the context, the true second half is one choice, and three second halves of other
 sentences, drawn with a seeded generator, are the others (HellaSwag's format, Zellers et al. 2019,
 with real text instead of generated endings). Scored zero-shot by lm-eval's ``acc`` (the choice with
-the highest log-likelihood) and ``acc_norm`` (log-likelihood per byte). Chance is 1/4.
+the highest log-likelihood) and ``acc_norm`` (log-likelihood per character). Chance is 1/4.
 
 The files live in the cache (``CACHE/lm-eval-tasks/<name>-n<N>-s<seed>/``: ``items.jsonl``, the task
 YAML with the absolute ``data_files`` path, ``DONE.json``), never in the repository (the corpora's
