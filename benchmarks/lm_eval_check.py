@@ -69,8 +69,9 @@ def markdown(res: dict) -> str:
     lines = [
         "# lm-evaluation-harness: zero-shot multiple choice, dense vs compressed SmolLM2",
         "",
-        f"Task: {res['task']['description']} ({res['task']['items_scored']} items scored, 4 choices, "
-        "chance 0.25). Model: SmolLM2-135M-Instruct (the 4-bit GGUF dequantized, see ASSETS), "
+        f"Task: {res['task']['description']}; the first {res['task']['items_scored']} of the "
+        f"{res['task']['built']['items']} items built were scored (`--limit`), 4 choices, chance 0.25, "
+        "zero-shot. Model: SmolLM2-135M-Instruct (the 4-bit GGUF dequantized, see ASSETS), "
         f"compressed to {res['compressed']['params_kept']:.3f} of its attention+FFN parameters "
         f"({res['compressed']['calibration']}; {res['compressed'].get('note') or 'folder given'}).",
         "",
@@ -133,7 +134,7 @@ def main() -> int:
         "task": {
             "yaml": str(task),
             "description": "held-out WSJ/OANC sentences cut in the middle; the true second half vs "
-            "three second halves of other sentences (seed 0)",
+            "three second halves of other sentences, drawn with seed 0",
             "built": marker["info"],
             "items_scored": args.limit or args.items,
         },
