@@ -203,3 +203,17 @@ def test_data_or_tasks(tmp_path, lm_dirs, capsys):
     ):
         assert main(["eval", str(compressed), "--lm-eval-tasks", str(task), *extra]) == 1
         assert message in _error_line(capsys.readouterr().err)
+
+
+def test_committed_lm_eval_check_page_is_rendered_from_its_json():
+    """benchmarks/lm_eval_check.md is what the script makes of lm_eval_check.json, and the plain
+    lm-eval command line gave the numbers statprune eval gave on the compressed folder."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    from lm_eval_check import markdown
+
+    res = json.loads((bench / "lm_eval_check.json").read_text())
+    assert (bench / "lm_eval_check.md").read_text() == markdown(res)
+    ours = {r["metric"]: r["value"] for r in res["statprune_eval"]["rows"]}
+    cli = {m: v["value"] for m, v in res["lm_eval_cli"]["metrics"].items()}
+    assert cli == ours and res["lm_eval_cli"]["matches_statprune"]
