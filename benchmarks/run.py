@@ -290,6 +290,12 @@ EMBEDDING_AGREEMENT_LINE = (  # its own script writes that page (benchmarks/embe
     "similarities: [`benchmarks/embedding_agreement.md`](embedding_agreement.md) "
     "(`python benchmarks/embedding_agreement.py`).\n"
 )
+LM_EVAL_LINE = (  # its own script writes that page (benchmarks/lm_eval_check.py)
+    "\nZero-shot multiple-choice accuracy through lm-evaluation-harness (a local task from held-out "
+    "WSJ/OANC sentences), dense vs compressed SmolLM2, with `statprune eval --lm-eval-tasks` and with "
+    "lm-eval's own command line: [`benchmarks/lm_eval_check.md`](lm_eval_check.md) "
+    "(`python benchmarks/lm_eval_check.py`).\n"
+)
 
 
 def main() -> None:
@@ -385,6 +391,7 @@ def main() -> None:
         + ffn_fit_section(args.out / "ffn_fit.json")
         + "\n"
         + EMBEDDING_AGREEMENT_LINE
+        + LM_EVAL_LINE
     )
     print(f"wrote {results_file} and RESULTS.md in {time.perf_counter() - start:.0f} s")
 

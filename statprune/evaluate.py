@@ -1097,7 +1097,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         "eval", help="measure a model (accuracy / perplexity) and its agreement with the original"
     )
     e.add_argument("model", type=Path, help="Hugging Face model folder (compressed or not)")
-    e.add_argument("--data", type=Path, required=True, help="evaluation data: .txt, .jsonl, .csv or folder")
+    e.add_argument("--data", type=Path, help="evaluation data: .txt, .jsonl, .csv or folder")
     e.add_argument("--against", type=Path, help="the original model folder to compare with")
     e.add_argument("--task", default="auto", choices=["auto", *TASKS],
                    help="auto: classify for …ForSequenceClassification, lm for …ForCausalLM, "
@@ -1122,6 +1122,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"exit with status {EXIT_BELOW} when METRIC < Q (repeatable; default metric: "
                         "agreement, or neighbor_overlap_at_10 for embeddings; also "
                         + ", ".join(m for m in FAIL_METRICS if m != "agreement") + ")")
+    from statprune.harness import add_harness_arguments
+
+    add_harness_arguments(e)  # --lm-eval-tasks: lm-evaluation-harness tasks instead of --data
     return e
 
 
@@ -1138,6 +1141,12 @@ def run_eval(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if getattr(args, "lm_eval_tasks", None):
+        from statprune.harness import run_harness_eval
+
+        return run_harness_eval(args)
+    if args.data is None:
+        raise DataError("eval needs --data FILE (or --lm-eval-tasks TASK.yaml: lm-evaluation-harness tasks)")
     worst = getattr(args, "worst", DEFAULT_WORST)
     if worst < 0:
         raise DataError(f"--worst must be 0 or more, got {worst}")
