@@ -282,8 +282,9 @@ def export_gguf(
     """Write the (compressed) causal LM in ``model_dir`` as a GGUF file for llama.cpp.
 
     ``outtype``: storage of the matrices (f32, f16 or bf16; norms and biases are float32).
-    Returns a summary: path, per-layer ``head_count`` / ``head_count_kv`` / ``feed_forward_length``,
-    padded layers, tokenizer pre-tokenizer, size in bytes. Written atomically (a temporary file
+    Returns a summary: path, per-layer ``head_count`` / ``head_count_kv`` / ``feed_forward_length``
+    as written, ``padded_layers`` and the layers whose attention (``empty_attention``) or FFN
+    (``empty_ffn``) was emptied, tokenizer pre-tokenizer, size in bytes. Written atomically (a temporary file
     renamed into place). Raises ``GGUFExportError`` for models or tokenizers llama.cpp cannot run
     faithfully, ``ModelError`` for unreadable folders, ``OutputError`` for a bad output path.
     """
@@ -372,6 +373,8 @@ def export_gguf(
         "head_count_kv": [w["kv_heads"] for w in widths],
         "feed_forward_length": [w["ffn"] for w in widths],
         "padded_layers": [i for i, w in enumerate(widths) if w["padded_heads"] or w["padded_ffn"]],
+        "empty_attention": [i for i, w in enumerate(widths) if w["padded_heads"]],
+        "empty_ffn": [i for i, w in enumerate(widths) if w["padded_ffn"]],
         "tokenizer_pre": pre,
         "size_bytes": out.stat().st_size,
     }
