@@ -225,7 +225,7 @@ def tokenizer_pre(tokenizer_json: dict[str, Any]) -> str:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if (
         kinds == ["Digits", "ByteLevel"]
         and steps[0].get("individual_digits")
@@ -236,7 +236,7 @@ def tokenizer_pre(tokenizer_json: dict[str, Any]) -> str:
         return _SPLITS[steps[0]["pattern"]["Regex"]]
     raise GGUFExportError(
         f"unrecognised pre-tokenizer {kinds}; pass --tokenizer-pre with llama.cpp's name for it "
-        "(e.g. gpt2, smollm, llama-bpe, qwen2)"
+        "(e.g. gpt-2, smollm, llama-bpe, qwen2)"
     )
 
 

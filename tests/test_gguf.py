@@ -130,7 +130,7 @@ def test_per_layer_widths_tensors_and_tokenizer_read_back(tmp_path):
     vocab = tokenizer.get_vocab()
     tokens = fields["tokenizer.ggml.tokens"]
     assert len(tokens) == len(vocab) and all(tokens[i] == t for t, i in vocab.items())
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.ggml.token_type"][vocab["<|im_end|>"]] == gguf.TokenType.CONTROL
     assert len(fields["tokenizer.ggml.merges"]) == len(
         json.loads((folder / "tokenizer.json").read_text())["model"]["merges"]
@@ -221,8 +221,8 @@ def test_unrecognised_pre_tokenizer_asks_for_its_name(tmp_path):
     (folder / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(GGUFExportError, match="--tokenizer-pre"):
         export_gguf(folder, tmp_path / "m.gguf")
-    export_gguf(folder, tmp_path / "m.gguf", tokenizer_pre_name="gpt2")
-    assert _fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == "gpt2"
+    export_gguf(folder, tmp_path / "m.gguf", tokenizer_pre_name="gpt-2")
+    assert _fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == "gpt-2"
 
 
 def _deci_logits(path, input_ids):
@@ -293,7 +293,7 @@ def test_pre_tokenizer_names_from_tokenizer_json():
         return {"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}, "pre_tokenizer": pre}
 
     byte_level = {"type": "ByteLevel", "use_regex": True}
-    assert tokenizer_pre(tok(byte_level)) == "gpt2"
+    assert tokenizer_pre(tok(byte_level)) == "gpt-2"
     digits = {"type": "Digits", "individual_digits": True}
     assert tokenizer_pre(tok({"type": "Sequence", "pretokenizers": [digits, byte_level]})) == "smollm"
     head = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"
