@@ -63,13 +63,15 @@ from llama_cpp import Llama
 
 job = json.loads(sys.argv[1])
 args = {"model_path": job["gguf"], "n_ctx": job["n_ctx"], "n_threads": job["threads"], "verbose": False}
-llm = Llama(**args, logits_all=True)
-out = {"llama_cpp_python": llama_cpp.__version__, "metadata_arch": llm.metadata.get("general.architecture")}
-out["tokenized"] = [llm.tokenize(t.encode(), add_bos=True) for t in job["texts"]]
-llm.reset()
-llm.eval(job["logits_ids"])
-np.save(job["logits_file"], np.array(llm.scores[: len(job["logits_ids"])], dtype=np.float32))
-del llm
+out = {"llama_cpp_python": llama_cpp.__version__}
+# teacher-forced logits with the default (f16) KV cache, then with a float32 one
+for i, kv in enumerate(({}, {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32})):
+    llm = Llama(**args, **kv, logits_all=True)
+    out["metadata_arch"] = llm.metadata.get("general.architecture")
+    out["tokenized"] = [llm.tokenize(t.encode(), add_bos=True) for t in job["texts"]]
+    llm.eval(job["logits_ids"])
+    np.save(job["logits_file"] + str(i), np.array(llm.scores[: len(job["logits_ids"])], dtype=np.float32))
+    del llm
 if job["prompts"]:
     llm = Llama(**args)
 
@@ -118,10 +120,11 @@ def export(folder: Path, out: Path, outtype: str) -> dict:
     return summary
 
 
-def llama_cpp_run(python: Path, gguf: Path, job: dict) -> tuple[dict, np.ndarray]:
-    """Runs ``CHILD`` on ``gguf``; returns its result and the teacher-forced logits."""
+def llama_cpp_run(python: Path, gguf: Path, job: dict) -> tuple[dict, list[np.ndarray]]:
+    """Runs ``CHILD`` on ``gguf``; returns its result and the teacher-forced logits (default f16
+    KV cache, float32 KV cache)."""
     with tempfile.TemporaryDirectory() as tmp:
-        logits_file = Path(tmp) / "logits.npy"
+        logits_file = Path(tmp) / "logits"
         spec = {"gguf": str(gguf), "n_ctx": 512, "logits_file": str(logits_file), **job}
         env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
         env.pop("PYTHONPATH", None)
@@ -132,7 +135,7 @@ def llama_cpp_run(python: Path, gguf: Path, job: dict) -> tuple[dict, np.ndarray
         if proc.returncode or result is None:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
             raise RuntimeError(f"llama.cpp failed on {gguf.name}:\n{tail}")
-        return json.loads(result[len("RESULT ") :]), np.load(logits_file)
+        return json.loads(result[len("RESULT ") :]), [np.load(f"{logits_file}{i}.npy") for i in (0, 1)]
 
 
 def logits_match(reference, got) -> dict:
@@ -197,6 +200,12 @@ def tiny_case(family: str, tokenizer, texts: list[str]):
     return pruned.eval(), Path(folder)
 
 
+def _diffs(row: dict) -> str:
+    return (
+        f"{row['logits']['max_abs_logit_diff']:.2g} ({row['logits_f32_kv_cache']['max_abs_logit_diff']:.2g})"
+    )
+
+
 def markdown(res: dict) -> str:
     s = res["settings"]
     lines = [
@@ -212,8 +221,9 @@ def markdown(res: dict) -> str:
         "equals transformers'. Logits: teacher-forced over the first prompt. vLLM: "
         "[serve_vllm.md](serve_vllm.md).",
         "",
-        "| model | GGUF | size MiB | tokenization = transformers | max abs logit diff | arg-max agreement "
-        "| tokens = transformers | common prefix per prompt | llama.cpp tok/s | transformers tok/s |",
+        "| model | GGUF | size MiB | tokenization = transformers | max abs logit diff (f32 KV cache) "
+        "| arg-max agreement | tokens = transformers | common prefix per prompt | llama.cpp tok/s "
+        "| transformers tok/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in res["models"].items():
@@ -221,8 +231,7 @@ def markdown(res: dict) -> str:
             lg, a = g["logits"], g["agreement"]
             lines.append(
                 f"| {name} | {outtype} | {g['size_mib']:.0f} | {g['tokenization_equal']}/{s['prompts']} "
-                f"| {lg['max_abs_logit_diff']:.2g} | {lg['argmax_agreement']:.0%} "
-                f"| {a['token_agreement']:.1%} "
+                f"| {_diffs(g)} | {lg['argmax_agreement']:.0%} | {a['token_agreement']:.1%} "
                 f"| {a['common_prefix']} | {g['tok_s']:.1f} | {row['transformers']['tok_s']:.1f} |"
             )
     c = res["compressed"]
@@ -236,14 +245,14 @@ def markdown(res: dict) -> str:
         "empty; f32 GGUF, teacher-forced logits over one prompt):",
         "",
         "| model | heads per layer (0 = emptied) | FFN per layer | layers padded with one zero unit "
-        "| max abs logit diff | relative | arg-max agreement |",
+        "| max abs logit diff (f32 KV cache) | largest logit | arg-max agreement |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, e in res["edge_cases"].items():
         lg = e["logits"]
         lines.append(
-            f"| {name} | {e['heads']} | {e['ffn']} | {e['padded_layers']} | {lg['max_abs_logit_diff']:.2g} "
-            f"| {lg['relative']:.1e} | {lg['argmax_agreement']:.0%} |"
+            f"| {name} | {e['heads']} | {e['ffn']} | {e['padded_layers']} | {_diffs(e)} "
+            f"| {lg['max_abs_logit_diff'] / lg['relative']:.1f} | {lg['argmax_agreement']:.0%} |"
         )
     lines += ["", "Times (s): " + ", ".join(f"{k} {v}" for k, v in res["timings_s"].items()) + "."]
     return "\n".join(lines) + "\n"
@@ -310,7 +319,8 @@ def main() -> None:
                 "export_seconds": summary.get("export_seconds"),
                 "metadata_arch": got["metadata_arch"],
                 "tokenization_equal": sum(a == b for a, b in zip(got["tokenized"], full_ids, strict=True)),
-                "logits": logits_match(ref, logits),
+                "logits": logits_match(ref, logits[0]),
+                "logits_f32_kv_cache": logits_match(ref, logits[1]),
                 "agreement": token_agreement(got["tokens"], hf["tokens"]),
                 "tokens": got["tokens"],
                 "seconds": got["seconds"],
@@ -337,6 +347,7 @@ def main() -> None:
         got, logits = llama_cpp_run(
             python, Path(summary["path"]), {**job, "prompts": [], "texts": [], "logits_ids": ids[0]}
         )
+        ref = reference_logits(model, ids[0])
         res["edge_cases"][f"tiny {family}"] = {
             "heads": [
                 0 if i in summary["empty_attention"] else h for i, h in enumerate(summary["head_count"])
@@ -345,7 +356,8 @@ def main() -> None:
                 0 if i in summary["empty_ffn"] else n for i, n in enumerate(summary["feed_forward_length"])
             ],
             "padded_layers": summary["padded_layers"],
-            "logits": logits_match(reference_logits(model, ids[0]), logits),
+            "logits": logits_match(ref, logits[0]),
+            "logits_f32_kv_cache": logits_match(ref, logits[1]),
         }
         print(family, res["edge_cases"][f"tiny {family}"], flush=True)
     timings["edge cases"] = round(time.perf_counter() - start)
