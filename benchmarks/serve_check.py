@@ -218,7 +218,8 @@ def markdown(res: dict) -> str:
         "counts and FFN lengths); transformers (float32) as reference. Same prompt token ids for both "
         "engines (the first WSJ held-out lines); greedy; tokens/s: one prompt at a time after a warm-up, "
         "prompt processing included. Agreement: share of generated positions where llama.cpp's token "
-        "equals transformers'. Logits: teacher-forced over the first prompt. vLLM: "
+        "equals transformers'. Logits: teacher-forced over the first prompt, with llama.cpp's default "
+        "f16 KV cache and, in parentheses, a float32 one (`type_k`/`type_v`). vLLM: "
         "[serve_vllm.md](serve_vllm.md).",
         "",
         "| model | GGUF | size MiB | tokenization = transformers | max abs logit diff (f32 KV cache) "
@@ -241,8 +242,9 @@ def markdown(res: dict) -> str:
         f"{'on' if c['bias_compensation'] else 'off'}; query heads per layer {c['head_count']}; key/value "
         f"heads {c['head_count_kv']}; FFN neurons per layer {c['feed_forward_length']}.",
         "",
-        "Edge cases (tiny random-weight decoders with SmolLM2's vocabulary, compressed until blocks are "
-        "empty; f32 GGUF, teacher-forced logits over one prompt):",
+        "Edge cases (tiny random-weight decoders with SmolLM2's vocabulary, compressed to 50 % FLOPs, "
+        "then layer 0's attention, layer 2's FFN and both blocks of layer 3 emptied, each leaving a "
+        "compensation bias; f32 GGUF, teacher-forced logits over the first prompt):",
         "",
         "| model | heads per layer (0 = emptied) | FFN per layer | layers padded with one zero unit "
         "| max abs logit diff (f32 KV cache) | largest logit | arg-max agreement |",
@@ -254,7 +256,11 @@ def markdown(res: dict) -> str:
             f"| {name} | {e['heads']} | {e['ffn']} | {e['padded_layers']} | {_diffs(e)} "
             f"| {lg['max_abs_logit_diff'] / lg['relative']:.1f} | {lg['argmax_agreement']:.0%} |"
         )
-    lines += ["", "Times (s): " + ", ".join(f"{k} {v}" for k, v in res["timings_s"].items()) + "."]
+    lines += [
+        "",
+        "Times (s): " + ", ".join(f"{k} {v}" for k, v in res["timings_s"].items()) + ". Tokens/s come "
+        "from a machine shared with other jobs: they show that the engines run, not how fast.",
+    ]
     return "\n".join(lines) + "\n"
 
 
