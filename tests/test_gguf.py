@@ -278,7 +278,14 @@ def test_gguf_computes_the_compressed_model(tmp_path, family, empty):
     """Read back and run as llama.cpp's deci graph reads it, the file gives transformers' logits
     (uneven widths, bias compensation, Qwen2's query/key/value biases, emptied blocks as all-zero
     units)."""
-    pruned, tokenizer, folder = _compressed_lm(tmp_path, family=family, empty=empty)
+    pruned, tokenizer, folder = _compressed_lm(
+        tmp_path,
+        family=family,
+        empty=empty,
+        budget=0.8,
+        num_hidden_layers=3,
+        initializer_range=0.2,  # peaked attention, so rotary matters
+    )
     export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
     ids = torch.tensor(tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"])
     with torch.no_grad():
@@ -326,3 +333,51 @@ def test_refuses_what_the_deci_graph_does_not_compute(family, change, message):
         setattr(config, key, value)
     with pytest.raises(GGUFExportError, match=message):
         check_exportable(config)
+
+
+LLAMA_CPP_CHILD = """
+import json, sys
+import numpy as np
+import llama_cpp
+job = json.loads(sys.argv[1])
+f32 = llama_cpp.GGML_TYPE_F32
+llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=64, n_threads=1, logits_all=True, verbose=False,
+                      type_k=f32, type_v=f32)
+llm.eval(job["ids"])
+np.save(job["out"], np.array(llm.scores[: len(job["ids"])], dtype=np.float32))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_llama_cpp_computes_the_compressed_model(tmp_path, family):
+    """Real llama.cpp (the python of a venv with llama-cpp-python: ``$STATPRUNE_LLAMA_CPP_PYTHON``, or
+    the one ``benchmarks/serve_check.py`` builds) loads the file of a compressed tiny decoder with
+    uneven widths, layer 0's attention and layer 1's FFN emptied and bias compensation, and gives
+    transformers' logits (float32 KV cache)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    default = Path.home() / ".cache/statprune/serve-venvs/llama.cpp/bin/python"
+    python = Path(os.environ.get("STATPRUNE_LLAMA_CPP_PYTHON", default))
+    if not python.is_file():
+        pytest.skip(f"no llama-cpp-python venv at {python}")
+    pruned, tokenizer, folder = _compressed_lm(
+        tmp_path,
+        family=family,
+        empty=True,
+        budget=0.8,
+        num_hidden_layers=3,
+        initializer_range=0.2,  # peaked attention, so rotary matters
+    )
+    summary = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
+    assert summary["empty_attention"] == [0] and summary["empty_ffn"] == [1]  # layers 1, 2 keep heads
+    ids = tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]
+    job = {"gguf": str(tmp_path / "m.gguf"), "ids": ids, "out": str(tmp_path / "logits.npy")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([str(python), "-c", LLAMA_CPP_CHILD, json.dumps(job)], check=True, env=env)
+    with torch.no_grad():
+        expected = pruned(input_ids=torch.tensor([ids])).logits[0]
+    got = torch.from_numpy(np.load(tmp_path / "logits.npy"))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
