@@ -348,13 +348,26 @@ np.save(job["out"], np.array(llm.scores[: len(job["ids"])], dtype=np.float32))
 """
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,  # head size 8: frequencies scaled, smoothed and kept
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_llama_cpp_computes_the_compressed_model(tmp_path, family):
+@pytest.mark.parametrize(
+    ("family", "extra"),
+    [("llama", {}), ("llama", {"rope_parameters": LLAMA3_ROPE}), ("mistral", {}), ("qwen2", {})],
+)
+def test_llama_cpp_computes_the_compressed_model(tmp_path, family, extra):
     """Real llama.cpp (the python of a venv with llama-cpp-python: ``$STATPRUNE_LLAMA_CPP_PYTHON``, or
     the one ``benchmarks/serve_check.py`` builds) loads the file of a compressed tiny decoder with
-    uneven widths, layer 0's attention and layer 1's FFN emptied and bias compensation, and gives
-    transformers' logits (float32 KV cache)."""
+    uneven widths, layer 0's attention and layer 1's FFN emptied and bias compensation (and Llama 3
+    rotary scaling as ``rope_freqs``), and gives transformers' logits (float32 KV cache)."""
     import os
     import subprocess
     from pathlib import Path
@@ -370,6 +383,7 @@ def test_llama_cpp_computes_the_compressed_model(tmp_path, family):
         budget=0.8,
         num_hidden_layers=3,
         initializer_range=0.2,  # peaked attention, so rotary matters
+        **extra,
     )
     summary = export_gguf(folder, tmp_path / "m.gguf", outtype="f32")
     assert summary["empty_attention"] == [0] and summary["empty_ffn"] == [1]  # layers 1, 2 keep heads
