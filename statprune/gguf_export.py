@@ -19,6 +19,9 @@ adjacent-pair layout (the same reordering llama.cpp's converter applies to Llama
 The tokenizer must be byte-level BPE (GPT-2 style, e.g. SmolLM2, Llama 3): its tokens, types and
 merges, special token ids and chat template are written with the ``gguf`` library
 (``gguf.SpecialVocab``).
+
+Checked in llama.cpp itself (llama-cpp-python 0.3.36): ``benchmarks/serve_check.py`` and the slow
+``tests/test_gguf.py::test_llama_cpp_computes_the_compressed_model``.
 """
 
 from __future__ import annotations
