@@ -248,3 +248,82 @@ def ffn_fit_markdown(rows: list[dict]) -> str:
         val = index[(w, rule, keep, ridge, "wsj-validation")]["relative_error"]
         lines.append(f"| {w} | {rule} | {keep} | {ridge} | {cal:.4f} | {val:.4f} |")
     return "\n".join(lines)
+
+
+# --- serving checks (serve_vllm.py, serve_check.py): one compressed model, prompts, reference -------
+
+SERVE_CACHE = Path.home() / ".cache" / "statprune"
+
+
+def serve_folder(model: Path, keep_params: float, samples: int) -> Path:
+    """Where the serving checks keep ``model`` compressed to ``keep_params`` (shared by all engines)."""
+    return SERVE_CACHE / "serve-vllm" / f"{model.name}-p{round(keep_params * 100)}-s{samples}"
+
+
+def serve_compress(source: Path, out: Path, keep_params: float, samples: int) -> float | None:
+    """Compress ``source`` into ``out`` with the CLI (default options, packed WSJ calibration) unless
+    it is there; returns the seconds taken (None: cached)."""
+    import os
+    import subprocess
+    import time
+
+    if (out / "config.json").is_file():
+        return None
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "statprune.cli", "compress", str(source)]
+    cmd += ["--data", str(SERVE_CACHE / "corpora" / "wsj-calib.txt"), "--pack", "--samples", str(samples)]
+    cmd += ["--keep-params", str(keep_params), "--out", str(out), "--quiet"]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    return time.perf_counter() - start
+
+
+def serve_prompts(tokenizer, n: int, max_tokens: int) -> tuple[list[str], list[list[int]]]:
+    """The first ``n`` WSJ held-out lines and their token ids, cut to ``max_tokens``."""
+    lines = [
+        line
+        for line in (SERVE_CACHE / "corpora" / "wsj-heldout.txt").read_text().splitlines()
+        if line.strip()
+    ]
+    return lines[:n], [tokenizer(line)["input_ids"][:max_tokens] for line in lines[:n]]
+
+
+def transformers_generate(folder: Path, compressed: bool, ids: list[list[int]], new_tokens: int) -> dict:
+    """transformers' greedy continuations (KV cache, batch 1, float32) and their time after one
+    warm-up: ``{"tokens": [[int]], "seconds": float}``. Dense: ``AutoModelForCausalLM``;
+    compressed: ``statprune.load``."""
+    import time
+
+    import torch
+    import transformers
+
+    import statprune
+
+    if compressed:
+        model = statprune.load(folder, dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    def generate(p):
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+        return out[0, len(p) :].tolist()
+
+    generate(ids[0])  # warm-up
+    start = time.perf_counter()
+    tokens = [generate(p) for p in ids]
+    return {"tokens": tokens, "seconds": time.perf_counter() - start}
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Positions where two greedy continuations agree (fraction), and the common prefix length."""
+    same = sum(x == y for p, q in zip(a, b, strict=True) for x, y in zip(p, q, strict=False))
+    total = sum(len(p) for p in a)
+    prefix = []
+    for p, q in zip(a, b, strict=True):
+        k = 0
+        while k < min(len(p), len(q)) and p[k] == q[k]:
+            k += 1
+        prefix.append(k)
+    return {"token_agreement": same / total, "common_prefix": prefix}

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import serve_compress, serve_folder, serve_prompts, token_agreement, transformers_generate
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = Path.home() / ".cache" / "statprune"
@@ -87,48 +89,6 @@ def ensure_venv() -> float | None:
     return None if ready else time.perf_counter() - start
 
 
-def compress(source: Path, out: Path, keep_params: float, samples: int) -> float | None:
-    if (out / "config.json").is_file():
-        return None
-    start = time.perf_counter()
-    cmd = [sys.executable, "-m", "statprune.cli", "compress", str(source)]
-    cmd += ["--data", str(CACHE / "corpora" / "wsj-calib.txt"), "--pack", "--samples", str(samples)]
-    cmd += ["--keep-params", str(keep_params), "--out", str(out), "--quiet"]
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    return time.perf_counter() - start
-
-
-def prompts(tokenizer, n: int, max_tokens: int) -> list[list[int]]:
-    lines = [
-        line for line in (CACHE / "corpora" / "wsj-heldout.txt").read_text().splitlines() if line.strip()
-    ]
-    return [tokenizer(line)["input_ids"][:max_tokens] for line in lines[:n]]
-
-
-def transformers_run(folder: Path, compressed: bool, ids: list[list[int]], new_tokens: int) -> dict:
-    import torch
-    import transformers
-
-    import statprune
-
-    if compressed:
-        model = statprune.load(folder)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-    def generate(p):
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([p]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-            )
-        return out[0, len(p) :].tolist()
-
-    generate(ids[0])  # warm-up
-    start = time.perf_counter()
-    tokens = [generate(p) for p in ids]
-    return {"tokens": tokens, "seconds": time.perf_counter() - start}
-
-
 def vllm_run(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
     spec = {"model": str(folder), "prompts": ids, "new_tokens": new_tokens, "max_len": 256}
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -148,19 +108,6 @@ def vllm_run(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         return {"error": "\n".join(tail)}
     return {**json.loads(result[len("RESULT ") :]), "process_seconds": total}
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    """Positions where two greedy continuations agree (fraction), and the common prefix length."""
-    same = sum(x == y for p, q in zip(a, b, strict=True) for x, y in zip(p, q, strict=False))
-    total = sum(len(p) for p in a)
-    prefix = []
-    for p, q in zip(a, b, strict=True):
-        k = 0
-        while k < min(len(p), len(q)) and p[k] == q[k]:
-            k += 1
-        prefix.append(k)
-    return {"token_agreement": same / total, "common_prefix": prefix}
 
 
 def markdown(res: dict) -> str:
@@ -221,14 +168,16 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     install = ensure_venv()
-    out_dir = CACHE / "serve-vllm" / f"{args.model.name}-p{round(args.keep_params * 100)}-s{args.samples}"
-    compress_s = compress(args.model, out_dir, args.keep_params, args.samples)
+    out_dir = serve_folder(args.model, args.keep_params, args.samples)
+    compress_s = serve_compress(args.model, out_dir, args.keep_params, args.samples)
 
     import transformers
 
     import statprune
 
-    ids = prompts(transformers.AutoTokenizer.from_pretrained(args.model), args.prompts, args.prompt_tokens)
+    _, ids = serve_prompts(
+        transformers.AutoTokenizer.from_pretrained(args.model), args.prompts, args.prompt_tokens
+    )
     report = statprune.load_report(out_dir)
     res: dict = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -250,7 +199,7 @@ def main() -> None:
     n_new = args.new_tokens * len(ids)
     for name, folder, compressed in (("dense", args.model, False), ("compressed", out_dir, True)):
         start = time.perf_counter()
-        hf = transformers_run(folder, compressed, ids, args.new_tokens)
+        hf = transformers_generate(folder, compressed, ids, args.new_tokens)
         hf["tok_s"] = n_new / hf["seconds"]
         vl = vllm_run(folder, ids, args.new_tokens)
         if "error" not in vl:
@@ -258,7 +207,7 @@ def main() -> None:
             res["vllm_version"] = vl["vllm"]
         row = {"transformers": hf, "vllm": vl}
         if "error" not in vl:
-            row["agreement"] = agreement(vl["tokens"], hf["tokens"])
+            row["agreement"] = token_agreement(vl["tokens"], hf["tokens"])
         res["models"][name] = row
         timings[f"{name} (both engines)"] = time.perf_counter() - start
         print(name, {k: v for k, v in row.get("agreement", vl).items()}, flush=True)

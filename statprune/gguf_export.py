@@ -19,6 +19,9 @@ adjacent-pair layout (the same reordering llama.cpp's converter applies to Llama
 The tokenizer must be byte-level BPE (GPT-2 style, e.g. SmolLM2, Llama 3): its tokens, types and
 merges, special token ids and chat template are written with the ``gguf`` library
 (``gguf.SpecialVocab``).
+
+Checked in llama.cpp itself (llama-cpp-python 0.3.36): ``benchmarks/serve_check.py`` and the slow
+``tests/test_gguf.py::test_llama_cpp_computes_the_compressed_model``.
 """
 
 from __future__ import annotations
@@ -225,7 +228,7 @@ def tokenizer_pre(tokenizer_json: dict[str, Any]) -> str:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if (
         kinds == ["Digits", "ByteLevel"]
         and steps[0].get("individual_digits")
@@ -236,7 +239,7 @@ def tokenizer_pre(tokenizer_json: dict[str, Any]) -> str:
         return _SPLITS[steps[0]["pattern"]["Regex"]]
     raise GGUFExportError(
         f"unrecognised pre-tokenizer {kinds}; pass --tokenizer-pre with llama.cpp's name for it "
-        "(e.g. gpt2, smollm, llama-bpe, qwen2)"
+        "(e.g. gpt-2, smollm, llama-bpe, qwen2)"
     )
 
 
@@ -282,8 +285,9 @@ def export_gguf(
     """Write the (compressed) causal LM in ``model_dir`` as a GGUF file for llama.cpp.
 
     ``outtype``: storage of the matrices (f32, f16 or bf16; norms and biases are float32).
-    Returns a summary: path, per-layer ``head_count`` / ``head_count_kv`` / ``feed_forward_length``,
-    padded layers, tokenizer pre-tokenizer, size in bytes. Written atomically (a temporary file
+    Returns a summary: path, per-layer ``head_count`` / ``head_count_kv`` / ``feed_forward_length``
+    as written, ``padded_layers`` and the layers whose attention (``empty_attention``) or FFN
+    (``empty_ffn``) was emptied, tokenizer pre-tokenizer, size in bytes. Written atomically (a temporary file
     renamed into place). Raises ``GGUFExportError`` for models or tokenizers llama.cpp cannot run
     faithfully, ``ModelError`` for unreadable folders, ``OutputError`` for a bad output path.
     """
@@ -372,6 +376,8 @@ def export_gguf(
         "head_count_kv": [w["kv_heads"] for w in widths],
         "feed_forward_length": [w["ffn"] for w in widths],
         "padded_layers": [i for i, w in enumerate(widths) if w["padded_heads"] or w["padded_ffn"]],
+        "empty_attention": [i for i, w in enumerate(widths) if w["padded_heads"]],
+        "empty_ffn": [i for i, w in enumerate(widths) if w["padded_ffn"]],
         "tokenizer_pre": pre,
         "size_bytes": out.stat().st_size,
     }
