@@ -390,14 +390,24 @@ def _encoder_plan(model, batch: int, seq_len: int, embedding: list | None) -> _P
     )
 
 
+def _decoder_example_lengths(batch: int, seq_len: int) -> tuple[int, int]:
+    """(new tokens, past length) of the tracing example: about a third new, all sizes distinct."""
+    new = max(3, seq_len // 3)
+    past_len = max(new + 1, seq_len - new)
+    while past_len in (batch, new):
+        past_len += 1
+    return new, past_len
+
+
 def _decoder_plan(model, batch: int, seq_len: int) -> _Plan:
     import torch
 
     shapes = cache_shapes(model)
     n_layers = len(shapes)
     past_in, present_out = past_names(n_layers)
-    # distinct sizes for batch, new tokens and past, so that no two axes are traced as one
-    new, past_len = seq_len, seq_len + 3
+    # seq_len tokens in all, split into new ones and a past; distinct sizes for batch, new tokens
+    # and past, so that no two axes are traced as one
+    new, past_len = _decoder_example_lengths(batch, seq_len)
     spec = input_spec(model)
     ids = token_inputs(spec, batch, new, seed=0)["input_ids"]
     mask = torch.ones(batch, past_len + new, dtype=torch.long)
@@ -477,12 +487,13 @@ def export_onnx(
             )
         embedding = st_folder.embedding_modules(folder, modules)
     if past:
-        check_seq_len(model, 2 * seq_len + 3)
+        check_seq_len(model, sum(_decoder_example_lengths(batch, seq_len)))
         plan = _decoder_plan(model, batch, seq_len)
     else:
         check_seq_len(model, seq_len)
         plan = _encoder_plan(model, batch, seq_len, embedding)
-    program = _torch_export(plan, opset, arch)
+    hint = "; --no-past exports it without the cache" if past else ""
+    program = _torch_export(plan, opset, arch, hint)
 
     existed = out.exists()
     with atomic_file(out) as tmp_file:
@@ -553,7 +564,7 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def _torch_export(plan: _Plan, opset: int | None, arch: str):
+def _torch_export(plan: _Plan, opset: int | None, arch: str, hint: str = ""):
     import torch
 
     # axis names (strings) become Dim.DYNAMIC for tracing and the dim_params of the ONNX graph
@@ -572,7 +583,7 @@ def _torch_export(plan: _Plan, opset: int | None, arch: str):
             )
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"torch.onnx.export (dynamo) failed for {arch}: {reason[:300]}") from exc
+        raise ModelError(f"torch.onnx.export (dynamo) failed for {arch}: {reason[:300]}{hint}") from exc
     if program is None:  # pragma: no cover - only the legacy exporter returns None
         raise ModelError("torch.onnx.export returned no program; this torch version is not supported")
     return program
@@ -636,12 +647,12 @@ def _run(path: Path, names, feed: dict):
         raise ModelError(f"onnxruntime cannot run the exported model: {reason[:300]}") from exc
 
 
-def _check_errors(errors: dict[str, float], rtol: float, where: str) -> float:
+def _check_errors(errors: dict[str, float], rtol: float, where: str, hint: str = "") -> float:
     worst = max(errors, key=errors.get)
     if not errors[worst] <= rtol:
         raise ModelError(
             f"the ONNX {worst} differ from PyTorch (relative error {errors[worst]:.2e} > {rtol:g}) at "
-            f"{where}; nothing was written — report this, or pass --no-verify"
+            f"{where}; nothing was written — report this, or pass --no-verify{hint}"
         )
     return errors[worst]
 
@@ -709,7 +720,7 @@ def _verify_past(path: Path, plan: _Plan, model, batch: int, seq_len: int, rtol:
         ids = outputs["logits"][:, -1:, :].argmax(-1).astype(np.int64)
         mask = np.concatenate([mask, np.ones_like(ids)], axis=1)
     where = f"batch {v_batch}, prompt {v_seq} (left-padded) and one cached step"
-    return _check_errors(errors, rtol, where), (v_batch, v_seq)
+    return _check_errors(errors, rtol, where, " (or --no-past)"), (v_batch, v_seq)
 
 
 # --- command line -----------------------------------------------------------------------------
