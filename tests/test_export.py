@@ -515,3 +515,16 @@ def test_real_minilm_onnx_embeddings_equal_sentence_transformers(tmp_path):
         return
     onnx_model = SentenceTransformer(str(out), device="cpu", backend="onnx", trust_remote_code=True)
     assert relative_error(onnx_model.encode(texts), expected) < 1e-5
+
+
+def test_cli_flags_reach_the_api_and_cache_names_are_folded():
+    from statprune.export import _listing
+
+    parser = argparse.ArgumentParser(prog="statprune")
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export-onnx", "m", "m"])
+    assert (args.past, args.pooling) == (None, None)  # the API decides from the model
+    args = parser.parse_args(["export-onnx", "m", "m.onnx", "--no-past", "--pooling"])
+    assert (args.past, args.pooling) == (False, True)
+    names = ["input_ids", "past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key"]
+    assert _listing(names) == "input_ids, past_key_values.{0..1}.key/value"
