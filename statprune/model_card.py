@@ -128,7 +128,10 @@ The folder uses the stock architecture with its standard config fields, so engin
 (e.g. vLLM: `LLM("{{ folder_name }}")`) need no remote code.
 {% endif %}
 {% endif %}
-ONNX Runtime: `statprune export-onnx {{ folder_name }} model.onnx`.
+ONNX Runtime: `statprune export-onnx {{ folder_name }} {{ folder_name }}` writes `onnx/model.onnx`
+{%- if decoder %} (with a KV cache: `past_key_values.*` in, `present.*` out)
+{%- elif sentence_transformers %} (with a `sentence_embedding` output: pooling in the graph)
+{%- endif %}.
 """
 
 

@@ -81,3 +81,59 @@ def max_seq_length(folder: Path) -> int | None:
 def describe(modules: list[dict[str, Any]]) -> str:
     """The module chain, e.g. ``Transformer → Pooling → Normalize``."""
     return " → ".join(str(m.get("type", "?")).rsplit(".", 1)[-1] for m in modules)
+
+
+# --- the embedding head for ONNX export (statprune.export) -----------------------------------
+
+# The modules after the Transformer that the ONNX export can put in the graph: sentence-transformers'
+# own classes (imported from the installed package, never from the folder), by the last part of the
+# ``type`` in modules.json. Dense and custom modules are refused (their weights are not read here).
+_EXPORTABLE = ("Pooling", "Normalize")
+
+
+def embedding_modules(folder: Path, modules: list[dict[str, Any]]) -> list[Any]:
+    """sentence-transformers' own ``Pooling`` / ``Normalize`` modules of ``folder``, in order.
+
+    They map ``{"token_embeddings": [batch, seq, hidden], "attention_mask": [batch, seq]}`` to
+    ``sentence_embedding`` [batch, dim], exactly as ``SentenceTransformer(folder).encode`` does.
+    Raises ``ModelError`` when sentence-transformers is not installed or a module after the
+    Transformer is of another kind (e.g. ``Dense``): then the caller exports token embeddings.
+    """
+    kinds = [(str(m.get("type", "")).rsplit(".", 1)[-1], str(m.get("path", ""))) for m in modules]
+    tail = [(kind, path) for kind, path in kinds if kind != "Transformer"]
+    other = [kind for kind, _ in tail if kind not in _EXPORTABLE]
+    if other:
+        raise ModelError(
+            f"{folder / MODULES_FILE} has a {other[0]} module, which the ONNX export cannot put in the "
+            "graph (only Pooling and Normalize); pass --no-pooling to export token embeddings"
+        )
+    if not any(kind == "Pooling" for kind, _ in tail):
+        raise ModelError(f"{folder / MODULES_FILE} has no Pooling module; pass --no-pooling")
+    try:
+        from sentence_transformers.base.modules.normalize import Normalize
+        from sentence_transformers.sentence_transformer.modules.pooling import Pooling
+    except ImportError:
+        try:  # sentence-transformers 5
+            from sentence_transformers.models import Normalize, Pooling
+        except ImportError:
+            raise ModelError(
+                "exporting the pooling of a sentence-transformers folder needs sentence-transformers "
+                "(pip install 'statprune[st]'); or pass --no-pooling"
+            ) from None
+    classes = {"Pooling": Pooling, "Normalize": Normalize}
+    loaded = []
+    for kind, path in tail:
+        try:
+            loaded.append(classes[kind].load(str(folder), subfolder=path.strip("/")))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise ModelError(f"cannot read the {kind} module of {folder} ({exc})") from None
+    return loaded
+
+
+def is_embedding_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a sentence-transformers folder whose modules include a Pooling."""
+    try:
+        modules = read_modules(folder)
+    except ModelError:
+        return False
+    return bool(modules) and any(str(m.get("type", "")).endswith("Pooling") for m in modules)

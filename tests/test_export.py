@@ -1,4 +1,6 @@
-"""ONNX export of compressed folders: dynamo export, dynamic axes, onnxruntime check, atomic writes.
+"""ONNX export of compressed folders: dynamo export, dynamic axes, onnxruntime check, atomic writes;
+decoders with a KV cache driven by a greedy loop in onnxruntime against transformers' generation;
+sentence-transformers folders with their pooling in the graph against ``SentenceTransformer.encode``.
 
 Each export takes ~10 s (torch.export tracing with symbolic shapes), so every folder is exported
 once, in a module-scoped fixture, and the tests share the files.
@@ -15,8 +17,16 @@ from torch.onnx._internal.exporter import _onnx_program
 
 import statprune
 from statprune.adapters import adapter_for
-from statprune.errors import ModelError, OutputError
-from statprune.export import add_export_parser, export_onnx, relative_error, run_export, synthetic_inputs
+from statprune.errors import ModelError, OptionsError, OutputError
+from statprune.export import (
+    add_export_parser,
+    export_onnx,
+    greedy_generate,
+    onnx_session,
+    relative_error,
+    run_export,
+    synthetic_inputs,
+)
 from statprune.flops import model_shapes, total_cost
 from statprune.modeling_statprune import EmptyAttention
 
@@ -61,7 +71,8 @@ def exported(tmp_path_factory):
             with pytest.MonkeyPatch.context() as patch:
                 if family == "llama":  # as if it were over 1.5 GB: weights go to an external .data file
                     patch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 0)
-                result = export_onnx(folder, root / f"{family}.onnx")
+                # decoders: the full-sequence graph here; the KV-cache graph has its own tests below
+                result = export_onnx(folder, root / f"{family}.onnx", past=False)
             cache[family] = (folder, result, report)
         return cache[family]
 
@@ -229,8 +240,13 @@ def test_bad_output_paths_are_refused(tmp_path):
     with pytest.raises(OutputError, match="exists"):
         export_onnx(tmp_path / "model", existing)
     assert existing.read_bytes() == b"keep"
+    (tmp_path / "dir.onnx").mkdir()
     with pytest.raises(OutputError, match="is a folder"):
-        export_onnx(tmp_path / "model", tmp_path)
+        export_onnx(tmp_path / "model", tmp_path / "dir.onnx")
+    (tmp_path / "out" / "onnx").mkdir(parents=True)
+    (tmp_path / "out" / "onnx" / "model.onnx").write_bytes(b"keep")
+    with pytest.raises(OutputError, match=r"onnx/model\.onnx exists"):  # a folder gets onnx/model.onnx
+        export_onnx(tmp_path / "model", tmp_path / "out")
     with pytest.raises(OutputError, match="is a file"):
         export_onnx(tmp_path / "model", existing / "x.onnx")
     with pytest.raises(ValueError, match="at least 2"):
@@ -245,3 +261,270 @@ def test_relative_error_ignores_padding():
     assert relative_error(got, expected, mask) == 0.0
     assert relative_error(got, expected) > 1.0
     assert relative_error(np.ones((2, 3)), expected) == float("inf")
+
+
+# --- decoders with a KV cache ------------------------------------------------------------------
+
+PROMPTS = [[2, 6, 7, 8, 9, 10], [2, 11, 12, 13]]  # batched left-padded, as for generation
+
+
+def _left_padded(prompts):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _uneven_decoder(empty_layer: int):
+    """A multi-head Llama (3 layers): layer ``empty_layer`` lost every head (EmptyAttention with a
+    bias), another keeps 2 of 4 heads (so 2 KV heads), layer 2 lost its FFN; random weights large
+    enough that greedy decoding does not repeat one token."""
+    from statprune.surgery import prune_heads, prune_neurons
+
+    model = build_tiny_model("llama", num_hidden_layers=3, num_key_value_heads=4, initializer_range=0.3)
+    adapter = adapter_for(model.config)
+    hidden, gen = model.config.hidden_size, torch.Generator().manual_seed(1)
+    bias = 0.1 * torch.randn(hidden, generator=gen)
+    half = 1 - empty_layer
+    o = model.model.layers[half].self_attn.o_proj.weight.detach()
+    ops = prune_heads(adapter, model.model, empty_layer, [], torch.zeros(hidden, 0), bias)
+    ops += prune_heads(adapter, model.model, half, [0, 2], torch.cat([o[:, 0:8], o[:, 16:24]], 1), bias)
+    none = torch.tensor([], dtype=torch.long)
+    ops += prune_neurons(adapter, model.model, 2, none, torch.zeros(hidden, 0), bias)
+    model.config.statprune_ops = ops
+    return model
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """name -> (folder, export result), exported on first use with the defaults (KV cache on)."""
+    root = tmp_path_factory.mktemp("decoders")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            if name == "qwen2":  # compressed by STAT: grouped-query attention, uneven query heads
+                model, _ = _compress(build_tiny_model("qwen2", initializer_range=0.3), keep_flops=0.5)
+            else:
+                model = _uneven_decoder(empty_layer={"llama-empty-1": 1, "llama-empty-0": 0}[name])
+            folder = statprune.save(model, root / name, tokenizer=TOKENIZER)
+            cache[name] = (folder, export_onnx(folder, folder))  # into folder/onnx/model.onnx
+        return cache[name]
+
+    return get
+
+
+def _generate(model, ids, mask, steps, use_cache=True):
+    model.generation_config.eos_token_id = None  # run all steps, as greedy_generate does
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[:, ids.shape[1] :].numpy(), torch.stack(out.logits, 1).numpy()
+
+
+@pytest.mark.parametrize("name", ["llama-empty-1", "qwen2"])
+def test_cached_greedy_decoding_in_onnxruntime_equals_transformers(name, decoders):
+    folder, result = decoders(name)
+    assert result.path == folder / "onnx" / "model.onnx"
+    assert result.verified and result.relative_error < 1e-4
+    n_layers = 3 if name.startswith("llama") else 2
+    past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    assert result.inputs == ("input_ids", "attention_mask", "position_ids", *past)
+    assert result.outputs == ("logits", *(n.replace("past_key_values", "present") for n in past))
+    model = statprune.load(folder)
+    ids, mask = _left_padded(PROMPTS)
+    steps = 10
+    expected_tokens, expected_logits = _generate(model, ids, mask, steps)
+    tokens, logits = greedy_generate(onnx_session(result.path), ids.numpy(), mask.numpy(), steps)
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    assert len(set(tokens.ravel().tolist())) > 2  # a real sequence, not one token repeated
+    assert relative_error(logits, expected_logits) < 1e-4
+
+
+def test_cache_tensors_have_each_layers_heads(decoders):
+    """Layer 0 keeps 2 of 4 KV heads, layer 1 none (its past/present are empty but keep the length)."""
+    folder, result = decoders("llama-empty-1")
+    graph = onnx.load(str(result.path)).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert dims["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 8]
+    assert dims["past_key_values.1.value"] == ["batch_size", 0, "past_sequence_length", 8]
+    assert dims["past_key_values.2.key"] == ["batch_size", 4, "past_sequence_length", 8]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    layers = statprune.load(folder).model.layers
+    assert isinstance(layers[1].self_attn, EmptyAttention) and layers[1].self_attn.bias is not None
+    session = onnx_session(result.path)
+    ids, mask = _left_padded(PROMPTS)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    feed["position_ids"] = np.where(mask.numpy() == 0, 1, mask.numpy().cumsum(-1) - 1)
+    for i, heads in enumerate([2, 0, 4]):
+        for kv in ("key", "value"):
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros((2, heads, 0, 8), np.float32)
+    out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+    assert out["present.1.key"].shape == (2, 0, 6, 8) and out["present.0.value"].shape == (2, 2, 6, 8)
+
+
+def test_first_layer_without_heads_decodes_like_uncached_transformers(decoders):
+    """With layer 0 empty, transformers' own cache reports length 0 (it counts the keys of layer 0,
+    which hold no heads), so its cached generation mis-sizes the padding mask; the ONNX graph counts
+    the sequence axis. It must equal transformers without a cache, and with a cache on the
+    unpadded prompt (where the mask plays no part)."""
+    folder, result = decoders("llama-empty-0")
+    model = statprune.load(folder)
+    assert isinstance(model.model.layers[0].self_attn, EmptyAttention)
+    session = onnx_session(result.path)
+    ids, mask = _left_padded(PROMPTS)
+    expected_tokens, expected_logits = _generate(model, ids, mask, 8, use_cache=False)
+    tokens, logits = greedy_generate(session, ids.numpy(), mask.numpy(), 8)
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    assert relative_error(logits, expected_logits) < 1e-4
+    one = torch.tensor([PROMPTS[0]])
+    cached_tokens, cached_logits = _generate(model, one, torch.ones_like(one), 8)
+    tokens, logits = greedy_generate(session, one.numpy(), None, 8)
+    np.testing.assert_array_equal(tokens, cached_tokens)
+    assert relative_error(logits, cached_logits) < 1e-4
+
+
+def test_past_on_an_encoder_is_refused(tmp_path, tiny_model_dir):
+    with pytest.raises(OptionsError, match="not a causal LM"):
+        export_onnx(tiny_model_dir("bert"), tmp_path / "a.onnx", past=True)
+    with pytest.raises(OptionsError, match="not a sentence-transformers folder"):
+        export_onnx(tiny_model_dir("bert", name="other"), tmp_path / "a.onnx", pooling=True)
+    assert not list(tmp_path.glob("*.onnx"))
+
+
+# --- sentence-transformers folders: pooling and normalization in the graph ---------------------
+
+
+def _st_folder(root, pooling="mean", normalize=True):
+    """A tiny sentence-transformers model saved with sentence-transformers' own API."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    base = root / "hf"
+    build_tiny_model("bert", task="base", initializer_range=0.3).save_pretrained(base)
+    TOKENIZER.save_pretrained(base)
+    transformer = Transformer(str(base), max_seq_length=24)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling)]
+    folder = root / "st"
+    SentenceTransformer(modules=modules + ([Normalize()] if normalize else [])).save(str(folder))
+    return folder
+
+
+def test_embedding_model_exports_sentence_embedding_like_encode(tmp_path, calib_file):
+    """A compressed sentence-transformers folder (mean pooling, Normalize) exported into itself:
+    onnx/model.onnx has last_hidden_state and sentence_embedding, and the latter equals
+    SentenceTransformer(folder).encode on padded batches."""
+    from sentence_transformers import SentenceTransformer
+
+    from statprune.cli import main
+
+    source = _st_folder(tmp_path)
+    out = tmp_path / "out"
+    argv = [str(source), "--data", str(calib_file()), "--out", str(out), "--keep-flops", "0.5", "--quiet"]
+    assert main(["compress", *argv]) == 0
+    assert main(["export-onnx", str(out), str(out)]) == 0
+    path = out / "onnx" / "model.onnx"
+    session = onnx_session(path)
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "sentence_embedding"]
+    texts = [*tiny_texts(6, seed=7), " ".join(["the cat"] * 30)]  # the last one is cut at 24 tokens
+    enc = TOKENIZER(texts, return_tensors="np", padding=True, truncation=True, max_length=24)
+    feed = {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}
+    hidden, pooled = session.run(None, feed)
+    expected = SentenceTransformer(str(out), device="cpu", trust_remote_code=True).encode(texts)
+    assert relative_error(pooled, expected) < 1e-5
+    np.testing.assert_allclose(np.linalg.norm(pooled, axis=-1), 1.0, atol=1e-5)
+    with torch.no_grad():
+        token_embeddings = statprune.load(out)(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    assert relative_error(hidden, token_embeddings.last_hidden_state.numpy(), feed["attention_mask"]) < 1e-5
+
+
+def test_cls_and_max_pooling_without_normalize(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    folder = _st_folder(tmp_path, pooling=("cls", "max"), normalize=False)
+    result = export_onnx(folder, tmp_path / "pooled.onnx")
+    assert result.outputs == ("last_hidden_state", "sentence_embedding")
+    texts = tiny_texts(5, seed=3)
+    enc = TOKENIZER(texts, return_tensors="np", padding=True)
+    session = onnx_session(result.path)
+    feed = {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}
+    _, pooled = session.run(None, feed)
+    expected = SentenceTransformer(str(folder), device="cpu").encode(texts)
+    assert pooled.shape == (5, 64) and relative_error(pooled, expected) < 1e-5
+    plain = export_onnx(folder, tmp_path / "plain.onnx", pooling=False)
+    assert plain.outputs == ("last_hidden_state",)
+
+
+def test_modules_the_graph_cannot_hold_are_refused(tmp_path):
+    import json
+
+    folder = _st_folder(tmp_path)
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.insert(
+        2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    )
+    (folder / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ModelError, match=r"Dense module.*--no-pooling"):
+        export_onnx(folder, tmp_path / "a.onnx")
+    assert not (tmp_path / "a.onnx").exists()
+
+
+@pytest.mark.slow
+def test_real_minilm_onnx_embeddings_equal_sentence_transformers(tmp_path):
+    """all-MiniLM-L6-v2 compressed to 60 % FLOPs, exported into its folder: the graph's
+    sentence_embedding equals SentenceTransformer(folder).encode (torch) on real sentences."""
+    import os
+    from pathlib import Path
+
+    from sentence_transformers import SentenceTransformer
+
+    from statprune.cli import main
+
+    cache = Path.home() / ".cache" / "statprune"
+    if not (cache / "minilm" / "DONE.json").is_file() or not (cache / "corpora" / "DONE.json").is_file():
+        if os.environ.get("STATPRUNE_REQUIRE_ASSETS") == "1":
+            pytest.fail("assets minilm/corpora missing: run `make assets`")
+        pytest.skip("assets minilm/corpora not fetched (make assets)")
+    out = tmp_path / "mini60"
+    data = cache / "corpora" / "rt-calib.txt"
+    assert main(["compress", str(cache / "minilm"), "--data", str(data), "--out", str(out),
+                 "--keep-flops", "0.6", "--samples", "128", "--quiet"]) == 0  # fmt: skip
+    result = export_onnx(out, out)
+    assert result.path == out / "onnx" / "model.onnx" and result.verified
+    texts = data.read_text().splitlines()[-64:]
+    model = SentenceTransformer(str(out), device="cpu", trust_remote_code=True)
+    expected = model.encode(texts, batch_size=16)
+    enc = model.tokenizer(texts, return_tensors="np", padding=True, truncation=True, max_length=256)
+    session = onnx_session(result.path)
+    feed = {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}
+    _, pooled = session.run(None, feed)
+    assert relative_error(pooled, expected) < 1e-5
+    cosine = (pooled * expected).sum(-1) / np.linalg.norm(pooled, axis=-1) / np.linalg.norm(expected, axis=-1)
+    assert cosine.min() > 0.99999
+    try:  # sentence-transformers' own ONNX backend needs optimum-onnx, which pins transformers < 4.58
+        import optimum.onnxruntime  # noqa: F401
+    except ImportError:
+        return
+    onnx_model = SentenceTransformer(str(out), device="cpu", backend="onnx", trust_remote_code=True)
+    assert relative_error(onnx_model.encode(texts), expected) < 1e-5
+
+
+def test_cli_flags_reach_the_api_and_cache_names_are_folded():
+    from statprune.export import _listing
+
+    parser = argparse.ArgumentParser(prog="statprune")
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export-onnx", "m", "m"])
+    assert (args.past, args.pooling) == (None, None)  # the API decides from the model
+    args = parser.parse_args(["export-onnx", "m", "m.onnx", "--no-past", "--pooling"])
+    assert (args.past, args.pooling) == (False, True)
+    names = ["input_ids", "past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key"]
+    assert _listing(names) == "input_ids, past_key_values.{0..1}.key/value"
