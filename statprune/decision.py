@@ -16,8 +16,11 @@ peak memory where measured, and, with a price, the serving cost per million requ
     cost per 1M requests = price_per_hour × 1,000,000 / (throughput [requests/s] × 3600)
 
 (a request = one sequence of the benchmark's length, the machine fully busy at the benchmark's
-batch size). The recommended candidate is the one the sweep's ``--min-quality`` bar selected (or
-``--min-quality`` given here, with the sweep's rule: smallest achieved fraction kept meeting it).
+batch size). The recommended candidate is the one the sweep's ``--min-quality`` bar selected, or,
+with ``--min-quality`` / ``--objective`` given here, the candidate meeting that bar with the lowest
+objective (measured latency when every candidate was measured, else the fraction kept; see
+:func:`statprune.sweep.select_best`). A trial spread (p90 / median) above
+``statprune.bench.NOISY_SPREAD`` is a warning on the page.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import io
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from statprune.errors import DataError, OutputError
+from statprune.errors import DataError, OptionsError, OutputError
 
 __all__ = [
     "Candidate",
@@ -96,6 +100,7 @@ class DecisionReport:
     bar: str | None = None  # e.g. "accuracy >= 0.8250 (99% of dense 0.8333)"
     threshold: float | None = None
     rule: str | None = None
+    objective: str | None = None  # what the selection minimized (None: the achieved fraction kept)
     recommended: Candidate | None = None
     reason: str = ""
     price_per_hour: float | None = None
@@ -194,6 +199,7 @@ def build_report(
     bench: str | Path | None = None,
     bench_batch: int | None = None,
     min_quality: str | None = None,
+    objective: str | None = None,
     plots: bool = True,
 ) -> DecisionReport:
     """Gather a sweep folder's results into a :class:`DecisionReport`.
@@ -206,10 +212,27 @@ def build_report(
     used as they are (the contract for a sweep that benchmarks its candidates itself); they take
     precedence over the bench file. ``price_per_hour`` (any currency per machine-hour) and
     ``requests_per_day`` add the serving cost. ``min_quality`` (``0.80`` or ``99%``) replaces the
-    sweep's bar. Raises DataError for a folder that is not a sweep's output or bad numbers.
+    sweep's bar; ``objective`` (``latency``, ``flops``, ``params``, ``memory``) what the
+    recommendation minimizes among the candidates meeting it (default: the sweep's, else measured
+    latency when every candidate was measured, else the achieved fraction kept; given alone, it
+    re-selects under the sweep's bar). Raises DataError for a folder that is not a sweep's output
+    or bad numbers, OptionsError for a bar or objective that cannot apply.
     """
     from statprune.bench import NOISY_SPREAD
-    from statprune.sweep import SweepRow, meets, metric_label, parse_min_quality, select_best, selection_rule
+    from statprune.sweep import (
+        OBJECTIVES,
+        SweepRow,
+        _check_bar,
+        meets,
+        metric_label,
+        parse_min_quality,
+        select_best,
+        selection_rule,
+    )
+
+    if objective is not None and objective not in OBJECTIVES:
+        raise OptionsError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    bar = None if min_quality is None else parse_min_quality(min_quality)  # before reading anything
 
     sweep_dir = Path(sweep_dir)
     results_path = sweep_dir / "results.json"
@@ -270,17 +293,18 @@ def build_report(
     closest: SweepRow | None = None
     saved_best = (best or {}).get("best") or {}
     saved_key = (saved_best.get("method"), saved_best.get("budget")) if best and best.get("saved") else None
-    if min_quality is not None:
-        bar = parse_min_quality(min_quality)
+    if bar is None and objective is not None:
+        if best is None or not best.get("min_quality"):
+            raise OptionsError("--objective needs a bar: pass --min-quality Q (0.80, or 99% of dense)")
+        bar = parse_min_quality(best["min_quality"])  # re-select under the sweep's bar
+    if bar is not None:
+        if metric in ("accuracy", "agreement", "cosine", "perplexity"):
+            _check_bar(bar, metric)
         report.threshold = bar.threshold(dense_value, higher)
         report.bar = bar.describe(metric, dense_value, higher)
-        objective = meta.get("objective")
-        valued = [r for r in rows if r.value is not None]
-        measured = bool(objective) and all(r.objective(objective) is not None for r in valued)
-        by = objective if measured else None
-        chosen, closest = select_best(rows, report.threshold, higher, methods, by)
-        if measured:
-            report.rule = selection_rule(objective)
+        report.objective = _objective(rows, objective, meta.get("objective"))
+        chosen, closest = select_best(rows, report.threshold, higher, methods, report.objective)
+        report.rule = selection_rule(report.objective)
     elif best is not None:
         report.threshold = best.get("threshold")
         sign = ">=" if higher else "<="
@@ -288,6 +312,7 @@ def build_report(
             f"{metric} {sign} {_fmt(metric, report.threshold)} (--min-quality {best.get('min_quality')})"
         )
         report.rule = best.get("rule")
+        report.objective = None if best.get("objective") in (None, "achieved") else best["objective"]
         picked = best.get("best")
         key = None if picked is None else (picked.get("method"), picked.get("budget"))
         chosen = next((r for r in rows if (r.method, r.budget) == key), None)
@@ -375,11 +400,16 @@ def build_report(
             cand.cost_per_million = price_per_hour * 1e6 / (cand.throughput * 3600.0)
             if requests_per_day is not None:
                 cand.cost_per_day = cand.cost_per_million * requests_per_day / 1e6
-        if cand.spread is not None and cand.spread > NOISY_SPREAD:
-            report.warnings.append(
-                f"{cand.name}: latency trials spread widely (90th percentile {cand.spread:.2f}× the "
-                "median); the machine was busy — rerun `statprune bench` on an idle machine"
-            )
+    noisy = [c for c in report.candidates if c.spread is not None and c.spread > NOISY_SPREAD]
+    if noisy:
+        worst = ", ".join(f"{c.name} {c.spread:.2f}×" for c in noisy)
+        report.warnings.append(
+            f"noisy machine: the latency trials of {len(noisy)} of "
+            f"{sum(c.spread is not None for c in report.candidates)} measured models spread widely "
+            f"(90th percentile / median above {NOISY_SPREAD}: {worst}); the latencies and the ranking "
+            "by them are not reliable — rerun on an idle machine (`statprune sweep --bench` or "
+            "`statprune bench`) before deciding"
+        )
     report.measured = any(c.latency_ms is not None for c in report.candidates)
     if price_per_hour is not None and not any(c.cost_per_million is not None for c in report.candidates):
         report.warnings.append("a price was given but no throughput was measured: no cost can be computed")
@@ -387,6 +417,29 @@ def build_report(
     if plots:
         report.plots = _plots(report)
     return report
+
+
+def _objective(rows: list, given: str | None, swept: str | None) -> str | None:
+    """What the recommendation minimizes: ``given`` (``--objective`` here), else the sweep's
+    objective, else measured latency when every evaluated candidate has it, else None (the
+    achieved fraction of the budget kind). A given objective that some candidate lacks (latency or
+    memory not measured) is an ``OptionsError``; the sweep's falls back to the default."""
+    valued = [r for r in rows if r.value is not None]
+
+    def everywhere(objective: str) -> bool:
+        return bool(valued) and all(r.objective(objective) is not None for r in valued)
+
+    if given is not None:
+        if not everywhere(given):
+            missing = sum(r.objective(given) is None for r in valued)
+            raise OptionsError(
+                f"--objective {given}: {missing} of {len(valued)} candidates were not measured; rerun "
+                "the sweep with --bench, or choose --objective flops or params"
+            )
+        return given
+    if swept not in (None, "achieved") and everywhere(swept):
+        return swept
+    return "latency" if everywhere("latency") else None
 
 
 def _attach(cand: Candidate, row: dict | None) -> None:
@@ -403,46 +456,85 @@ def _attach(cand: Candidate, row: dict | None) -> None:
         cand.peak_memory_mb = float(row["peak_memory_mb"])
 
 
+_SUPERLATIVES = {
+    None: "smallest",
+    "latency": "fastest",
+    "flops": "cheapest in FLOPs",
+    "params": "smallest in parameters",
+    "memory": "leanest in peak memory",
+}
+
+
+def _objective_value(report: DecisionReport, cand: Candidate) -> float | None:
+    return {
+        None: cand.achieved,
+        "latency": cand.latency_ms,
+        "flops": cand.flops_kept,
+        "params": cand.params_kept,
+        "memory": cand.peak_memory_mb,
+    }[report.objective]
+
+
+def _objective_text(report: DecisionReport, cand: Candidate) -> str:
+    value = _objective_value(report, cand)
+    if value is None:
+        return "not measured"
+    if report.objective == "latency":
+        return f"{value:.1f} ms"
+    if report.objective == "memory":
+        return f"{value:,.0f} MB"
+    kind = {"flops": "FLOPs", "params": "parameters"}.get(report.objective or report.budget_kind)
+    return f"keeps {value:.1%} of the {kind or report.budget_kind}"
+
+
+def _names(cands: list[Candidate], detail) -> str:
+    return ", ".join(f"{c.name} ({detail(c)})" for c in cands)
+
+
 def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
+    """The recommendation in a few sentences: which candidate, by which objective, against which
+    bar, its quality (with intervals), and why each other candidate loses."""
     metric = report.metric
     if report.bar is None:
         return (
-            "No quality bar was agreed: rerun the sweep with --min-quality Q, or pass --min-quality Q "
-            "here (an absolute value such as 0.80, or a share of the dense quality such as 99%)."
+            "No quality bar was agreed: pass --min-quality Q here (an absolute value such as 0.80, "
+            "or a share of the dense quality such as 99%), or rerun the sweep with it."
         )
     if chosen is None:
         text = f"No candidate meets the bar {report.bar}: keep the dense model"
         if closest is not None:
             text += (
-                f"; the closest is {closest.method} at {closest.achieved:.1%} of the dense "
-                f"{report.budget_kind} with {metric} {_fmt(metric, closest.value)}"
+                f"; the closest is {closest.method} @ {closest.budget:.0%} with {metric} "
+                f"{_fmt(metric, closest.value)}, keeping {closest.achieved:.1%} of the dense "
+                f"{report.budget_kind}"
             )
         return text + "."
     rec = report.recommended
     assert rec is not None
-    text = (
-        f"{rec.name} (keeping {rec.achieved:.1%} of the dense model's attention+FFN {report.budget_kind}) "
-        f"is what the selection rule picks among the candidates meeting the bar {report.bar} "
-        f"(rule: {report.rule}): {metric} {_fmt(metric, rec.value)}"
-    )
+    others = [c for c in report.candidates[1:] if c is not rec]
+    failed = [c for c in others if c.error is not None or c.value is None]
+    below = [c for c in others if c not in failed and not c.meets_bar]
+    passing = [c for c in others if c not in failed and c.meets_bar]
+    if passing:
+        text = (
+            f"{rec.name} is the {_SUPERLATIVES[report.objective]} ({_objective_text(report, rec)}) of "
+            f"the {len(passing) + 1} candidates that meet the bar {report.bar}."
+        )
+    else:
+        text = (
+            f"{rec.name} is the only candidate that meets the bar {report.bar} "
+            f"({_objective_text(report, rec)})."
+        )
+    text += f" Its {metric} is {_fmt(metric, rec.value)}"
     if rec.interval is not None:
         text += f" (95% CI {_fmt(metric, rec.interval[0])}–{_fmt(metric, rec.interval[1])})"
-    text += f", change from dense {_signed(metric, rec.change)}"
+    text += f", {_signed(metric, rec.change)} from dense"
     if rec.change_interval is not None:
         low, high = rec.change_interval
         text += f" (95% CI {_signed(metric, low)} to {_signed(metric, high)})"
     if rec.agreement is not None and metric != "agreement":
         text += f"; it agrees with the original on {rec.agreement:.1%} of the examples"
     text += "."
-    if rec.interval is not None and report.threshold is not None:
-        low, high = rec.interval
-        short = low < report.threshold if report.higher_is_better else high > report.threshold
-        if short:
-            text += (
-                f" Caution: the bar is met by the point estimate, but the 95% interval reaches past it; "
-                f"with {report.eval_examples} evaluation examples the margin is within noise — "
-                "evaluate on more examples before committing."
-            )
     if rec.latency_ms is not None and dense.latency_ms is not None:
         text += (
             f" Measured latency {rec.latency_ms:.1f} ms against {dense.latency_ms:.1f} ms dense "
@@ -453,6 +545,24 @@ def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
             f" Serving cost {rec.cost_per_million:.4g} per 1M requests against "
             f"{dense.cost_per_million:.4g} dense."
         )
+    losers = []
+    if passing:
+        losers.append(f"meet the bar but cost more: {_names(passing, lambda c: _objective_text(report, c))}")
+    if below:
+        losers.append(f"miss the bar: {_names(below, lambda c: f'{metric} {_fmt(metric, c.value)}')}")
+    if failed:
+        losers.append(f"could not be compressed: {', '.join(c.name for c in failed)}")
+    if losers:
+        text += " The others " + "; ".join(losers) + "."
+    if rec.interval is not None and report.threshold is not None:
+        low, high = rec.interval
+        short = low < report.threshold if report.higher_is_better else high > report.threshold
+        if short:
+            text += (
+                f" Caution: its 95% interval reaches past the bar — with {report.eval_examples} "
+                "evaluation examples the margin is within noise; evaluate on more examples before "
+                "committing."
+            )
     return text
 
 
@@ -558,7 +668,9 @@ def _plots(report: DecisionReport) -> dict[str, str]:
         if report.threshold is not None:
             ax.axhline(report.threshold, color="tab:red", linestyle=":", linewidth=1.2, label="bar")
             ax.legend(fontsize=8)
-        ax.set_xlabel(f"measured latency, ms ({report.bench_setting})")
+        # the setting on a wrapped second line: one long label would run past the figure's edge
+        setting = textwrap.fill(f"({report.bench_setting})", 90) if report.bench_setting else ""
+        ax.set_xlabel(f"measured latency (ms)\n{setting}".strip())
         ax.set_ylabel(report.metric_label)
         ax.grid(True, alpha=0.3)
         out["Quality against measured latency"] = _png(fig)
@@ -578,6 +690,7 @@ def _environment():
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["md"] = _inline_markdown
     env.filters["metric"] = lambda v, metric: _fmt(metric, v)
     env.filters["signed"] = lambda v, metric: _signed(metric, v)
     env.filters["pct"] = lambda v: "—" if v is None else f"{v:.1%}"
@@ -585,6 +698,15 @@ def _environment():
     env.filters["num"] = lambda v, digits=1: "—" if v is None else f"{v:,.{digits}f}"
     env.filters["money"] = lambda v: "—" if v is None else f"{v:,.4g}"
     return env
+
+
+def _inline_markdown(text: str):
+    """A Markdown fragment (``code``, **bold**) as HTML for the page (markdown-it-py, CommonMark;
+    raw HTML in the text is escaped, not passed through)."""
+    from markdown_it import MarkdownIt
+    from markupsafe import Markup
+
+    return Markup(MarkdownIt("commonmark", {"html": False}).renderInline(str(text)))
 
 
 def _size(cand: Candidate) -> str:
@@ -687,7 +809,18 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
         type=positive_int,
         help="batch size of the measurements to use (default: the largest measured)",
     )
-    p.add_argument("--min-quality", metavar="Q", help="the agreed bar, replacing the sweep's: 0.80 or 99%%")
+    p.add_argument(
+        "--min-quality",
+        metavar="Q",
+        help="the agreed bar, replacing the sweep's: an absolute value (0.80) or a share of the dense "
+        "quality (99%%)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=("latency", "flops", "params", "memory"),
+        help="what the recommendation minimizes among the candidates meeting the bar (default: the "
+        "sweep's; else measured latency when every candidate was measured, else the fraction kept)",
+    )
     return p
 
 
@@ -700,6 +833,7 @@ def run_report(args: argparse.Namespace) -> int:
         bench=args.bench,
         bench_batch=args.bench_batch,
         min_quality=args.min_quality,
+        objective=args.objective,
     )
     html, md = write_report(report, args.out or Path(args.sweep_dir) / "report.html")
     print(f"recommended: {report.recommended.name if report.recommended else 'none'} — {report.reason}")

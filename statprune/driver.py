@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from statprune.allocation import adds_biases, check_reachable
 from statprune.argtypes import resolve_device
 from statprune.calibration import CalibrationBatch, count_tokens
 from statprune.flops import model_shapes
@@ -122,6 +123,8 @@ def compress(
         if plan.budget_kind == "latency":
             with timed(timings, "latency table"):
                 job.cost = stages.latency_cost(job, offload)
+        # a budget below the reachable floor fails here, before any calibration
+        check_reachable(shapes, job.cost_kind, plan.budget, options.seq_len, options.prune, adds_biases(plan))
         with timed(timings, "capture"):
             calib = stages.capture_inputs(model, plan.adapter, batches, device)
         # after capture: checks of the captured layer inputs go here
