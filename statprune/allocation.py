@@ -258,7 +258,7 @@ def bias_reserve(
 _UNITS = {
     "flops": "attention+FFN FLOPs",
     "params": "attention+FFN parameters",
-    "latency": "latency (predicted by the lookup tables)",
+    "latency": "latency",
 }
 
 
@@ -316,14 +316,11 @@ def floor_error(
     )
     key = getattr(getattr(model, "table", None), "key", None)
     if kind == "latency" and floor_cost is not None and dense_cost is not None:
-        where = (
-            f" at batch {key.get('batch')} x {key.get('seq_len')} tokens on {key.get('device')}"
-            if key
-            else ""
-        )
+        where = f" at batch {key['batch']} x {key['seq_len']} tokens" if key and "batch" in key else ""
+        where += f" on {key['device']}" if key and key.get("device") else ""
         text += (
-            f" ({floor_cost:.1f} of {dense_cost:.1f} ms{where}: embeddings, task head and each "
-            "layer's norms and residuals)"
+            f" ({floor_cost:.1f} of {dense_cost:.1f} ms by the lookup tables{where}: embeddings, "
+            "task head and each layer's norms and residuals)"
         )
     if reserve > 0:
         text += f", and bias compensation adds {share(reserve)} (a bias for each pruned block without one)"
