@@ -651,30 +651,42 @@ def _plots(report: DecisionReport) -> dict[str, str]:
     ax.set_title(f"{report.model}: quality against size (bars: 95% intervals)", fontsize=10)
     out["Quality against the fraction kept"] = _png(fig)
 
-    timed = [c for c in report.candidates if c.latency_ms is not None and c.value is not None]
-    if len(timed) >= 2:
-        fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
-        ax = fig.add_subplot()
-        for c in timed:
-            style = (
-                {"marker": "*", "markersize": 16, "color": "gold", "markeredgecolor": "black"}
-                if c.recommended
-                else {"marker": "o", "markersize": 7}
-            )
-            ax.plot([c.latency_ms], [c.value], linestyle="none", **style)
-            ax.annotate(
-                c.name, (c.latency_ms, c.value), textcoords="offset points", xytext=(6, 4), fontsize=8
-            )
-        if report.threshold is not None:
-            ax.axhline(report.threshold, color="tab:red", linestyle=":", linewidth=1.2, label="bar")
-            ax.legend(fontsize=8)
-        # the setting on a wrapped second line: one long label would run past the figure's edge
-        setting = textwrap.fill(f"({report.bench_setting})", 90) if report.bench_setting else ""
-        ax.set_xlabel(f"measured latency (ms)\n{setting}".strip())
-        ax.set_ylabel(report.metric_label)
-        ax.grid(True, alpha=0.3)
+    fig = _latency_figure(report)
+    if fig is not None:
         out["Quality against measured latency"] = _png(fig)
     return out
+
+
+def _latency_figure(report: DecisionReport):
+    """Quality against measured latency (a matplotlib ``Figure``; None with fewer than two models
+    measured): every measured candidate annotated, the recommended one starred, the bar dotted."""
+    from matplotlib.figure import Figure
+
+    timed = [c for c in report.candidates if c.latency_ms is not None and c.value is not None]
+    if len(timed) < 2:
+        return None
+    fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    for c in timed:
+        style = (
+            {"marker": "*", "markersize": 16, "color": "gold", "markeredgecolor": "black"}
+            if c.recommended
+            else {"marker": "o", "markersize": 7}
+        )
+        ax.plot([c.latency_ms], [c.value], linestyle="none", **style)
+        ax.annotate(c.name, (c.latency_ms, c.value), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if report.threshold is not None:
+        ax.axhline(report.threshold, color="tab:red", linestyle=":", linewidth=1.2, label="bar")
+        ax.legend(fontsize=8)
+    # the setting on a wrapped second line: one long label would run past the figure's edge
+    setting = textwrap.fill(f"({report.bench_setting})", 90) if report.bench_setting else ""
+    ax.set_xlabel(f"measured latency (ms)\n{setting}".strip())
+    ax.set_ylabel(report.metric_label)
+    ax.margins(x=0.15, y=0.12)  # room for the names written right of the points
+    ax.grid(True, alpha=0.3)
+    corner = "upper left" if report.higher_is_better else "lower left"
+    ax.set_title(f"{report.model}: quality against measured latency ({corner} is better)", fontsize=10)
+    return fig
 
 
 # -------------------------------------------------------------------------------------- rendering
