@@ -50,6 +50,9 @@ __all__ = [
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# a candidate keeping < 95 % of the FLOPs but measured this much slower than dense: the machine's
+# load changed while measuring (a pruned model does not get slower)
+SLOWER = 1.05
 
 
 @dataclass
@@ -107,9 +110,24 @@ class DecisionReport:
     requests_per_day: float | None = None
     bench_source: str | None = None
     bench_setting: str | None = None
+    bench_by: str = "statprune bench"  # or "statprune sweep --bench"
     measured: bool = False
     warnings: list[str] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)  # title -> base64 PNG
+
+    @property
+    def budget_label(self) -> str:
+        """The budget kind as the page writes it: FLOPs, parameters or latency."""
+        return {"flops": "FLOPs", "params": "parameters"}.get(self.budget_kind, self.budget_kind)
+
+    @property
+    def fraction_columns(self) -> list[tuple[str, str]]:
+        """``(header, Candidate attribute)`` of the fractions kept the table shows: FLOPs and
+        parameters, and the predicted latency for a latency budget."""
+        columns = [("FLOPs kept", "flops_kept"), ("params kept", "params_kept")]
+        if self.budget_kind == "latency":
+            columns.append(("latency kept (predicted)", "achieved"))
+        return columns
 
     @property
     def cost_formula(self) -> str:
@@ -277,7 +295,9 @@ def build_report(
         metric_label=metric_label(metric),
         higher_is_better=higher,
         dense_value=dense_value,
-        protocol=meta.get("protocol") or "not recorded (a sweep older than sweep.json; rerun it)",
+        protocol=(
+            meta.get("protocol") or "not recorded (a sweep older than sweep.json; rerun it)"
+        ).removeprefix("Protocol: "),
         eval_examples=n,
         budget_kind=first.budget_kind,
         candidates=[],
@@ -339,7 +359,7 @@ def build_report(
         measurements, report.bench_setting = _bench_rows(bench_path, bench_batch)
         report.bench_source = str(bench_path)
     elif meta.get("bench_setting"):
-        report.bench_setting = f"by the sweep: {meta['bench_setting']}"
+        report.bench_setting, report.bench_by = meta["bench_setting"], "statprune sweep --bench"
 
     dense = Candidate(
         "dense",
@@ -409,6 +429,18 @@ def build_report(
             f"(90th percentile / median above {NOISY_SPREAD}: {worst}); the latencies and the ranking "
             "by them are not reliable — rerun on an idle machine (`statprune sweep --bench` or "
             "`statprune bench`) before deciding"
+        )
+    dense_ms = report.candidates[0].latency_ms
+    slower = [
+        c
+        for c in report.candidates[1:]
+        if dense_ms and c.latency_ms and (c.flops_kept or 1.0) < 0.95 and c.latency_ms > SLOWER * dense_ms
+    ]
+    if slower:
+        names = ", ".join(f"{c.name} {c.latency_ms / dense_ms:.2f}×" for c in slower)
+        report.warnings.append(
+            f"inconsistent latencies: {names} the dense latency while keeping less compute; the "
+            "machine's load changed during the measurement — rerun on an idle machine before deciding"
         )
     report.measured = any(c.latency_ms is not None for c in report.candidates)
     if price_per_hour is not None and not any(c.cost_per_million is not None for c in report.candidates):
@@ -483,8 +515,8 @@ def _objective_text(report: DecisionReport, cand: Candidate) -> str:
         return f"{value:.1f} ms"
     if report.objective == "memory":
         return f"{value:,.0f} MB"
-    kind = {"flops": "FLOPs", "params": "parameters"}.get(report.objective or report.budget_kind)
-    return f"keeps {value:.1%} of the {kind or report.budget_kind}"
+    kind = {"flops": "FLOPs", "params": "parameters"}.get(report.objective or "", report.budget_label)
+    return f"keeps {value:.1%} of the {kind}"
 
 
 def _names(cands: list[Candidate], detail) -> str:
@@ -506,7 +538,7 @@ def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
             text += (
                 f"; the closest is {closest.method} @ {closest.budget:.0%} with {metric} "
                 f"{_fmt(metric, closest.value)}, keeping {closest.achieved:.1%} of the dense "
-                f"{report.budget_kind}"
+                f"{report.budget_label}"
             )
         return text + "."
     rec = report.recommended
@@ -644,7 +676,10 @@ def _plots(report: DecisionReport) -> dict[str, str]:
     achieved = [c.achieved for c in report.candidates if c.achieved is not None and c.value is not None]
     ax.set_xlim(max(0.0, min(achieved, default=0.0) - 0.05), 1.02)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.set_xlabel(f"{report.budget_kind} kept (attention+FFN, fraction of dense)")
+    if report.budget_kind == "latency":
+        ax.set_xlabel("latency kept (predicted by the lookup tables, fraction of dense)")
+    else:
+        ax.set_xlabel(f"{report.budget_label} kept (attention+FFN, fraction of dense)")
     ax.set_ylabel(report.metric_label)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")

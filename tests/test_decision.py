@@ -100,7 +100,8 @@ def test_report_numbers_follow_the_sweep(swept):
     best = chosen["best"]
     rows = json.loads((swept.out / "results.json").read_text())
     meta = json.loads((swept.out / "sweep.json").read_text())
-    assert report.protocol == meta["protocol"] and "Protocol: model `tinybert`" in report.protocol
+    assert f"Protocol: {report.protocol}" == meta["protocol"]  # under its own heading on the page
+    assert report.protocol.startswith("model `tinybert`")
     assert [c.name for c in report.candidates] == ["dense"] + [
         f"{r['method']} @ {r['budget']:.0%}" for r in rows
     ]
@@ -152,9 +153,9 @@ def test_markdown_fragments_render_as_html(swept):
     report.warnings.append("a <b>bold</b> claim about `statprune bench`")
     html = render_html(report)
     assert "`" not in html
-    assert "Protocol: model <code>tinybert</code>" in html
+    assert '<p id="protocol">model <code>tinybert</code>' in html
     assert "about <code>statprune bench</code>" in html and "&lt;b&gt;bold&lt;/b&gt;" in html
-    assert "Protocol: model `tinybert`" in render_markdown(report)  # the twin keeps its Markdown
+    assert "\nmodel `tinybert` (" in render_markdown(report)  # the twin keeps its Markdown
 
 
 def test_markdown_twin_holds_the_table_and_how_to_measure(swept):
@@ -233,6 +234,15 @@ def test_noisy_measurements_are_flagged(swept, tmp_path):
         row["latency_p90_ms"] = 10.5
     (measured / "results.json").write_text(json.dumps(rows))
     assert build_report(measured, plots=False).warnings == []
+    # a pruned candidate measured slower than the dense model: the load changed while measuring
+    rows[0]["latency_ms"] = rows[0]["latency_p90_ms"] = 11.0
+    (measured / "results.json").write_text(json.dumps(rows))
+    meta = json.loads((measured / "sweep.json").read_text())
+    meta["dense_bench"] = {"latency_ms": 10.0, "latency_p90_ms": 10.2, "throughput": 100.0}
+    (measured / "sweep.json").write_text(json.dumps(meta))
+    (warning,) = build_report(measured, plots=False).warnings
+    first = build_report(measured, plots=False).candidates[1]
+    assert warning.startswith(f"inconsistent latencies: {first.name} 1.10× the dense latency")
 
 
 def test_report_ranks_by_measured_latency_and_takes_the_bar_and_objective(swept, tmp_path, capsys):

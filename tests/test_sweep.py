@@ -155,11 +155,11 @@ def test_none_meets_the_bar_overwrite_and_cli(assets, tmp_path, capsys):
     out.mkdir()
     (out / "old.txt").write_text("old")
     code = cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--budgets", "0.6",
-               "--methods", "stat", "--samples", "60", "--min-quality", "1000%", "--out", out,
+               "--methods", "stat", "--samples", "60", "--min-quality", "100%", "--out", out,
                "--overwrite", "--quiet", "--name", "mine")
     stdout = capsys.readouterr().out
     assert code == 0
-    assert "no configuration reaches accuracy >= 10.0000 (1000% of dense 1.0000); closest: stat" in stdout
+    assert "no configuration reaches accuracy >= 1.0000 (100% of dense 1.0000); closest: stat" in stdout
     best = json.loads((out / "best.json").read_text())
     assert best["best"] is None and best["closest"]["method"] == "stat" and best["saved"] is None
     assert not (out / "old.txt").exists() and not (out / "best").exists()
