@@ -1358,8 +1358,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
     s.add_argument("--label-field", help="JSONL/CSV field holding the label (default: label, if present)")
     s.add_argument("--min-quality", metavar="Q",
-                   help="select the smallest model with metric >= Q (<= Q for perplexity); "
-                        "Q is absolute (0.80) or relative to dense (99%%)")
+                   help="the quality bar: among the runs with metric >= Q (<= Q for perplexity), "
+                        "select the best by --objective (the fastest with --bench, else the smallest); "
+                        "Q is absolute (0.80) or a share of the dense quality, at most 100%% (99%%)")
     s.add_argument("--save-best", action="store_true", help="also save the selected model into OUT/best")
     s.add_argument("--name", help="model name in the results (default: the folder name)")
     s.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
