@@ -130,6 +130,24 @@ class DecisionReport:
         return columns
 
     @property
+    def measure_advice(self) -> str:
+        """How to get latency, throughput and memory into the page (Markdown)."""
+        model = self.model_dir or "MODEL_DIR"
+        best = Path(self.sweep_dir) / "best"
+        rerun = "rerun the sweep with `--bench` (every candidate and the dense model, side by side)"
+        if best.is_dir():
+            return (
+                f"Measure them on the serving hardware: {rerun}, or measure the saved choice with "
+                f"`statprune bench {model} {best} --batch 1,8,32 --json {self.sweep_dir}/bench.json`; "
+                "then run `statprune report` again."
+            )
+        return (
+            f"Measure them on the serving hardware: {rerun}, or save the chosen model (`statprune "
+            f"sweep … --min-quality Q --save-best`) and measure it with `statprune bench {model} "
+            f"{best} --batch 1,8,32 --json {self.sweep_dir}/bench.json`; then run `statprune report` again."
+        )
+
+    @property
     def cost_formula(self) -> str:
         return (
             "cost per 1M requests = price per hour × 1,000,000 / (throughput in requests/s × 3600); "

@@ -326,6 +326,12 @@ def test_report_without_a_bar_says_how_to_agree_one(swept, tmp_path):
     report = build_report(bare, plots=False)
     assert report.recommended is None and report.bar is None
     assert "--min-quality Q" in report.reason
+    # how to measure: benchmark the saved best/, or (none saved) save it first or rerun with --bench
+    assert f"`statprune bench {swept.model.resolve()} {bare / 'best'} " in report.measure_advice
+    assert "--save-best" not in report.measure_advice
+    shutil.rmtree(bare / "best")
+    advice = build_report(bare, plots=False).measure_advice
+    assert "rerun the sweep with `--bench`" in advice and "--min-quality Q --save-best`) and measure" in advice
 
 
 def test_bad_input(swept, tmp_path, capsys):
