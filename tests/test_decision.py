@@ -331,7 +331,8 @@ def test_report_without_a_bar_says_how_to_agree_one(swept, tmp_path):
     assert "--save-best" not in report.measure_advice
     shutil.rmtree(bare / "best")
     advice = build_report(bare, plots=False).measure_advice
-    assert "rerun the sweep with `--bench`" in advice and "--min-quality Q --save-best`) and measure" in advice
+    assert "rerun the sweep with `--bench`" in advice
+    assert "--min-quality Q --save-best`) and measure" in advice
 
 
 def test_bad_input(swept, tmp_path, capsys):
