@@ -191,6 +191,8 @@ def test_impossible_budgets_fail_before_any_calibration(monkeypatch):
         raise AssertionError("calibration started before the budget was checked")
 
     monkeypatch.setattr(stages, "capture_inputs", no_calibration)
+    tokenize = stages.prepare_calibration
+    monkeypatch.setattr(stages, "prepare_calibration", no_calibration)  # FLOPs/params: not even tokenized
     monkeypatch.setattr(latency, "measure_table", synthetic_measure)
     tokenizer, texts = _build_tiny_tokenizer(), tiny_texts(80)
     bert = build_tiny_model("bert")
@@ -203,6 +205,7 @@ def test_impossible_budgets_fail_before_any_calibration(monkeypatch):
         statprune.compress(bert, tokenizer, texts, keep_flops=floor - 0.01, prune=("heads",), progress=False)
     with pytest.raises(BudgetError, match=r"bias compensation adds .* bias_compensation=False$"):
         statprune.compress(build_tiny_model("llama"), tokenizer, texts, keep_params=0.001, progress=False)
+    monkeypatch.setattr(stages, "prepare_calibration", tokenize)  # latency: the tables come first
     kwargs = {"samples": 64, "progress": False, "bench_batch": 2, "bench_seq_len": 8}
     with pytest.raises(
         BudgetError,
@@ -321,7 +324,8 @@ def test_compress_to_a_latency_budget_reports_predicted_and_measured(monkeypatch
 def test_latency_budget_bad_inputs_are_one_line_errors(monkeypatch):
     model, tokenizer = build_tiny_model("bert"), _build_tiny_tokenizer()
     kwargs = {"samples": 64, "progress": False, "bench_batch": 2, "bench_seq_len": 8}
-    with pytest.raises(BudgetError, match="smallest reachable budget"):
+    # real timings of a tiny model: mostly overhead, so its floor may be the whole latency
+    with pytest.raises(BudgetError, match=r"smallest reachable budget|no budget below the dense model"):
         statprune.compress(model, tokenizer, tiny_texts(80), keep_latency=0.01, **kwargs)
     with pytest.raises(BudgetError, match="exactly one budget"):
         statprune.compress(model, tokenizer, tiny_texts(80), keep_latency=0.5, keep_flops=0.5, **kwargs)
