@@ -14,6 +14,7 @@ the same for every kind.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -127,10 +128,14 @@ def allocate(
         floor[curve.layer][slot[curve.kind]] = 0
     floor_cost = model.total(shapes, [tuple(c) for c in floor])
     if floor_cost > target:
-        raise BudgetError(
-            f"cannot keep only {keep:.0%} of {model.kind}: removing every prunable unit still keeps "
-            f"{floor_cost / dense_cost:.1%} (the reachable floor); raise the budget or allow more "
-            "with --prune heads,neurons"
+        raise floor_error(
+            model,
+            keep,
+            (floor_cost + reserve) / dense_cost,
+            {c.kind for c in curves},
+            reserve / dense_cost,
+            floor_cost,
+            dense_cost,
         )
     if keep >= 1.0:
         return [tuple(c) for c in dense]
@@ -231,17 +236,153 @@ def _allocate_uniform(curves: list[BlockCurve], state: _Counts, target: float) -
     apply(lo)
 
 
-def bias_reserve(shapes: list[LayerShape], curves: list[BlockCurve], kind: str, enabled: bool) -> int:
+def bias_reserve(
+    shapes: list[LayerShape], curves: Sequence[BlockCurve | tuple[int, str]], kind: str, enabled: bool
+) -> int:
     """Parameters that bias compensation may add (``enabled``: the method folds a correction with
-    bias compensation): a bias on each pruned block that had none. 0 for FLOPs budgets."""
+    bias compensation): a bias on each pruned block that had none. 0 for FLOPs budgets.
+    ``curves``: the prunable blocks, as curves or ``(layer, "heads" | "neurons")``."""
     if kind != "params" or not enabled:
         return 0
     reserve = 0
     for curve in curves:
-        shape = shapes[curve.layer]
-        has_bias = shape.o_bias if curve.kind == "heads" else shape.ffn_out_bias
+        layer, block = (curve.layer, curve.kind) if isinstance(curve, BlockCurve) else curve
+        shape = shapes[layer]
+        has_bias = shape.o_bias if block == "heads" else shape.ffn_out_bias
         reserve += 0 if has_bias else shape.hidden
     return reserve
+
+
+# ------------------------------------------------------------------------- the reachable floor
+
+_UNITS = {
+    "flops": "attention+FFN FLOPs",
+    "params": "attention+FFN parameters",
+    "latency": "latency",
+}
+
+
+def share(fraction: float) -> str:
+    """A fraction as a percentage with enough digits to tell it from its neighbours: ``63.2%``,
+    ``0.81%``, ``0.032%``."""
+    if fraction <= 0:
+        return "0%"
+    if fraction >= 0.1:
+        return f"{fraction:.1%}"
+    if fraction >= 0.01:
+        return f"{fraction:.2%}"
+    return f"{fraction * 100:.2g}%"
+
+
+def smallest_budget(floor: float) -> float:
+    """The floor rounded up to a budget one can type: two decimals (more below 1 %)."""
+    digits = 2 if floor >= 0.01 else 1 - math.floor(math.log10(max(floor, 1e-12)))
+    scale = 10**digits
+    return min(1.0, math.ceil(floor * scale - 1e-9) / scale)
+
+
+def floor_error(
+    model: CostModel | str,
+    keep: float,
+    floor: float,
+    prunable: set[str] | Sequence[str],
+    reserve: float = 0.0,
+    floor_cost: float | None = None,
+    dense_cost: float | None = None,
+    name: str | None = None,
+) -> BudgetError:
+    """The error for a budget below the reachable floor, saying which budget, what the floor is
+    made of, the smallest budget that can be met and what else to change.
+
+    ``floor``: the fraction of the dense cost left with every prunable unit removed, bias
+    compensation's ``reserve`` (a fraction too) included; ``prunable``: ``heads`` / ``neurons``;
+    ``name``: how the budget was given (default: ``--keep-KIND`` / ``keep_KIND=``)."""
+    from statprune.guards import option
+
+    kind = model if isinstance(model, str) else model.kind
+    prunable = set(prunable)
+    removed = {
+        frozenset({"heads", "neurons"}): "every attention head and FFN neuron",
+        frozenset({"heads"}): "every attention head (the FFN neurons stay)",
+        frozenset({"neurons"}): "every FFN neuron (the attention heads stay)",
+    }.get(frozenset(prunable), "nothing (nothing may be pruned)")
+
+    def given(value: float) -> str:
+        return f"{name} {value:g}" if name else option(f"keep_{kind}", float(f"{value:g}"))
+
+    text = (
+        f"{given(keep)} is below what can be reached: removing {removed} "
+        f"still keeps {share(floor - reserve)} of the dense model's {_UNITS.get(kind, kind)}"
+    )
+    key = getattr(getattr(model, "table", None), "key", None)
+    if kind == "latency" and floor_cost is not None and dense_cost is not None:
+        where = f" at batch {key['batch']} x {key['seq_len']} tokens" if key and "batch" in key else ""
+        where += f" on {key['device']}" if key and key.get("device") else ""
+        text += (
+            f" ({floor_cost:.1f} of {dense_cost:.1f} ms by the lookup tables{where}: embeddings, "
+            "task head and each layer's norms and residuals)"
+        )
+    if reserve > 0:
+        text += f", and bias compensation adds {share(reserve)} (a bias for each pruned block without one)"
+    lowest = smallest_budget(floor)
+    if lowest >= 1.0:
+        text += "; no budget below the dense model can be met"
+    else:
+        text += f"; the smallest reachable budget is {share(floor)}: give {given(lowest)} or more"
+    others = {"heads", "neurons"} - prunable
+    if others:
+        text += f", or let {' and '.join(sorted(others))} go too with {option('prune', 'heads,neurons')}"
+    if reserve > 0:
+        text += f", or {option('bias_compensation', False)}"
+    return BudgetError(text)
+
+
+def adds_biases(plan) -> bool:
+    """Whether compressing under ``plan`` (``statprune.pipeline.records.Plan``) may add biases
+    that a params budget must reserve: its method allocates with the shared greedy
+    (``PruningMethod.allocate``) and folds corrections with bias compensation."""
+    from statprune.methods.base import PruningMethod
+
+    method, options = plan.method, plan.options
+    shared = type(method).allocate is PruningMethod.allocate
+    return shared and method.corrects and options.correction and options.bias_compensation
+
+
+def check_reachable(
+    shapes: list[LayerShape],
+    kind: str | CostModel,
+    keep: float,
+    seq_len: int,
+    prune: Sequence[str],
+    bias_compensation: bool = False,
+    name: str | None = None,
+) -> float:
+    """Refuse, before any calibration, a budget that no allocation can meet: removing every unit
+    ``prune`` allows (``heads``, ``neurons``) of every layer must reach ``keep`` × the dense cost
+    (plus, for a params budget with ``bias_compensation``, the biases it may add). Returns the
+    reachable floor (a fraction of the dense cost); raises :func:`floor_error`'s ``BudgetError``.
+    The same test :func:`allocate` makes once the curves are known, from the shapes alone."""
+    model = cost_model(kind, seq_len)
+    dense = dense_counts(shapes)
+    dense_cost = model.total(shapes, dense)
+    floor = [(0 if "heads" in prune else h, 0 if "neurons" in prune else n) for h, n in dense]
+    blocks = [(i, b) for i in range(len(shapes)) for b in ("heads", "neurons") if b in prune]
+    reserve = bias_reserve(shapes, blocks, model.kind, bias_compensation)
+    floor_cost = model.total(shapes, floor)
+    if dense_cost <= 0:
+        return 1.0
+    if floor_cost > keep * dense_cost - reserve:
+        raise floor_error(
+            model,
+            keep,
+            (floor_cost + reserve) / dense_cost,
+            prune,
+            reserve / dense_cost,
+            floor_cost,
+            dense_cost,
+            name,
+        )
+    return (floor_cost + reserve) / dense_cost
 
 
 def curve_from_errors(

@@ -16,8 +16,11 @@ peak memory where measured, and, with a price, the serving cost per million requ
     cost per 1M requests = price_per_hour × 1,000,000 / (throughput [requests/s] × 3600)
 
 (a request = one sequence of the benchmark's length, the machine fully busy at the benchmark's
-batch size). The recommended candidate is the one the sweep's ``--min-quality`` bar selected (or
-``--min-quality`` given here, with the sweep's rule: smallest achieved fraction kept meeting it).
+batch size). The recommended candidate is the one the sweep's ``--min-quality`` bar selected, or,
+with ``--min-quality`` / ``--objective`` given here, the candidate meeting that bar with the lowest
+objective (measured latency when every candidate was measured, else the fraction kept; see
+:func:`statprune.sweep.select_best`). A trial spread (p90 / median) above
+``statprune.bench.NOISY_SPREAD`` is a warning on the page.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import io
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from statprune.errors import DataError, OutputError
+from statprune.errors import DataError, OptionsError, OutputError
 
 __all__ = [
     "Candidate",
@@ -46,6 +50,9 @@ __all__ = [
 ]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# a candidate keeping < 95 % of the FLOPs but measured this much slower than dense: the machine's
+# load changed while measuring (a pruned model does not get slower)
+SLOWER = 1.05
 
 
 @dataclass
@@ -96,15 +103,49 @@ class DecisionReport:
     bar: str | None = None  # e.g. "accuracy >= 0.8250 (99% of dense 0.8333)"
     threshold: float | None = None
     rule: str | None = None
+    objective: str | None = None  # what the selection minimized (None: the achieved fraction kept)
     recommended: Candidate | None = None
     reason: str = ""
     price_per_hour: float | None = None
     requests_per_day: float | None = None
     bench_source: str | None = None
     bench_setting: str | None = None
+    bench_by: str = "statprune bench"  # or "statprune sweep --bench"
     measured: bool = False
     warnings: list[str] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)  # title -> base64 PNG
+
+    @property
+    def budget_label(self) -> str:
+        """The budget kind as the page writes it: FLOPs, parameters or latency."""
+        return {"flops": "FLOPs", "params": "parameters"}.get(self.budget_kind, self.budget_kind)
+
+    @property
+    def fraction_columns(self) -> list[tuple[str, str]]:
+        """``(header, Candidate attribute)`` of the fractions kept the table shows: FLOPs and
+        parameters, and the predicted latency for a latency budget."""
+        columns = [("FLOPs kept", "flops_kept"), ("params kept", "params_kept")]
+        if self.budget_kind == "latency":
+            columns.append(("latency kept (predicted)", "achieved"))
+        return columns
+
+    @property
+    def measure_advice(self) -> str:
+        """How to get latency, throughput and memory into the page (Markdown)."""
+        model = self.model_dir or "MODEL_DIR"
+        best = Path(self.sweep_dir) / "best"
+        rerun = "rerun the sweep with `--bench` (every candidate and the dense model, side by side)"
+        if best.is_dir():
+            return (
+                f"Measure them on the serving hardware: {rerun}, or measure the saved choice with "
+                f"`statprune bench {model} {best} --batch 1,8,32 --json {self.sweep_dir}/bench.json`; "
+                "then run `statprune report` again."
+            )
+        return (
+            f"Measure them on the serving hardware: {rerun}, or save the chosen model (`statprune "
+            f"sweep … --min-quality Q --save-best`) and measure it with `statprune bench {model} "
+            f"{best} --batch 1,8,32 --json {self.sweep_dir}/bench.json`; then run `statprune report` again."
+        )
 
     @property
     def cost_formula(self) -> str:
@@ -194,6 +235,7 @@ def build_report(
     bench: str | Path | None = None,
     bench_batch: int | None = None,
     min_quality: str | None = None,
+    objective: str | None = None,
     plots: bool = True,
 ) -> DecisionReport:
     """Gather a sweep folder's results into a :class:`DecisionReport`.
@@ -206,10 +248,27 @@ def build_report(
     used as they are (the contract for a sweep that benchmarks its candidates itself); they take
     precedence over the bench file. ``price_per_hour`` (any currency per machine-hour) and
     ``requests_per_day`` add the serving cost. ``min_quality`` (``0.80`` or ``99%``) replaces the
-    sweep's bar. Raises DataError for a folder that is not a sweep's output or bad numbers.
+    sweep's bar; ``objective`` (``latency``, ``flops``, ``params``, ``memory``) what the
+    recommendation minimizes among the candidates meeting it (default: the sweep's, else measured
+    latency when every candidate was measured, else the achieved fraction kept; given alone, it
+    re-selects under the sweep's bar). Raises DataError for a folder that is not a sweep's output
+    or bad numbers, OptionsError for a bar or objective that cannot apply.
     """
     from statprune.bench import NOISY_SPREAD
-    from statprune.sweep import SweepRow, meets, metric_label, parse_min_quality, select_best, selection_rule
+    from statprune.sweep import (
+        OBJECTIVES,
+        SweepRow,
+        _check_bar,
+        meets,
+        metric_label,
+        parse_min_quality,
+        select_best,
+        selection_rule,
+    )
+
+    if objective is not None and objective not in OBJECTIVES:
+        raise OptionsError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    bar = None if min_quality is None else parse_min_quality(min_quality)  # before reading anything
 
     sweep_dir = Path(sweep_dir)
     results_path = sweep_dir / "results.json"
@@ -254,7 +313,9 @@ def build_report(
         metric_label=metric_label(metric),
         higher_is_better=higher,
         dense_value=dense_value,
-        protocol=meta.get("protocol") or "not recorded (a sweep older than sweep.json; rerun it)",
+        protocol=(
+            meta.get("protocol") or "not recorded (a sweep older than sweep.json; rerun it)"
+        ).removeprefix("Protocol: "),
         eval_examples=n,
         budget_kind=first.budget_kind,
         candidates=[],
@@ -270,17 +331,18 @@ def build_report(
     closest: SweepRow | None = None
     saved_best = (best or {}).get("best") or {}
     saved_key = (saved_best.get("method"), saved_best.get("budget")) if best and best.get("saved") else None
-    if min_quality is not None:
-        bar = parse_min_quality(min_quality)
+    if bar is None and objective is not None:
+        if best is None or not best.get("min_quality"):
+            raise OptionsError("--objective needs a bar: pass --min-quality Q (0.80, or 99% of dense)")
+        bar = parse_min_quality(best["min_quality"])  # re-select under the sweep's bar
+    if bar is not None:
+        if metric in ("accuracy", "agreement", "cosine", "perplexity"):
+            _check_bar(bar, metric)
         report.threshold = bar.threshold(dense_value, higher)
         report.bar = bar.describe(metric, dense_value, higher)
-        objective = meta.get("objective")
-        valued = [r for r in rows if r.value is not None]
-        measured = bool(objective) and all(r.objective(objective) is not None for r in valued)
-        by = objective if measured else None
-        chosen, closest = select_best(rows, report.threshold, higher, methods, by)
-        if measured:
-            report.rule = selection_rule(objective)
+        report.objective = _objective(rows, objective, meta.get("objective"))
+        chosen, closest = select_best(rows, report.threshold, higher, methods, report.objective)
+        report.rule = selection_rule(report.objective)
     elif best is not None:
         report.threshold = best.get("threshold")
         sign = ">=" if higher else "<="
@@ -288,6 +350,7 @@ def build_report(
             f"{metric} {sign} {_fmt(metric, report.threshold)} (--min-quality {best.get('min_quality')})"
         )
         report.rule = best.get("rule")
+        report.objective = None if best.get("objective") in (None, "achieved") else best["objective"]
         picked = best.get("best")
         key = None if picked is None else (picked.get("method"), picked.get("budget"))
         chosen = next((r for r in rows if (r.method, r.budget) == key), None)
@@ -314,7 +377,7 @@ def build_report(
         measurements, report.bench_setting = _bench_rows(bench_path, bench_batch)
         report.bench_source = str(bench_path)
     elif meta.get("bench_setting"):
-        report.bench_setting = f"by the sweep: {meta['bench_setting']}"
+        report.bench_setting, report.bench_by = meta["bench_setting"], "statprune sweep --bench"
 
     dense = Candidate(
         "dense",
@@ -375,11 +438,28 @@ def build_report(
             cand.cost_per_million = price_per_hour * 1e6 / (cand.throughput * 3600.0)
             if requests_per_day is not None:
                 cand.cost_per_day = cand.cost_per_million * requests_per_day / 1e6
-        if cand.spread is not None and cand.spread > NOISY_SPREAD:
-            report.warnings.append(
-                f"{cand.name}: latency trials spread widely (90th percentile {cand.spread:.2f}× the "
-                "median); the machine was busy — rerun `statprune bench` on an idle machine"
-            )
+    noisy = [c for c in report.candidates if c.spread is not None and c.spread > NOISY_SPREAD]
+    if noisy:
+        worst = ", ".join(f"{c.name} {c.spread:.2f}×" for c in noisy)
+        report.warnings.append(
+            f"noisy machine: the latency trials of {len(noisy)} of "
+            f"{sum(c.spread is not None for c in report.candidates)} measured models spread widely "
+            f"(90th percentile / median above {NOISY_SPREAD}: {worst}); the latencies and the ranking "
+            "by them are not reliable — rerun on an idle machine (`statprune sweep --bench` or "
+            "`statprune bench`) before deciding"
+        )
+    dense_ms = report.candidates[0].latency_ms
+    slower = [
+        c
+        for c in report.candidates[1:]
+        if dense_ms and c.latency_ms and (c.flops_kept or 1.0) < 0.95 and c.latency_ms > SLOWER * dense_ms
+    ]
+    if slower:
+        names = ", ".join(f"{c.name} {c.latency_ms / dense_ms:.2f}×" for c in slower)
+        report.warnings.append(
+            f"inconsistent latencies: {names} the dense latency while keeping less compute; the "
+            "machine's load changed during the measurement — rerun on an idle machine before deciding"
+        )
     report.measured = any(c.latency_ms is not None for c in report.candidates)
     if price_per_hour is not None and not any(c.cost_per_million is not None for c in report.candidates):
         report.warnings.append("a price was given but no throughput was measured: no cost can be computed")
@@ -387,6 +467,29 @@ def build_report(
     if plots:
         report.plots = _plots(report)
     return report
+
+
+def _objective(rows: list, given: str | None, swept: str | None) -> str | None:
+    """What the recommendation minimizes: ``given`` (``--objective`` here), else the sweep's
+    objective, else measured latency when every evaluated candidate has it, else None (the
+    achieved fraction of the budget kind). A given objective that some candidate lacks (latency or
+    memory not measured) is an ``OptionsError``; the sweep's falls back to the default."""
+    valued = [r for r in rows if r.value is not None]
+
+    def everywhere(objective: str) -> bool:
+        return bool(valued) and all(r.objective(objective) is not None for r in valued)
+
+    if given is not None:
+        if not everywhere(given):
+            missing = sum(r.objective(given) is None for r in valued)
+            raise OptionsError(
+                f"--objective {given}: {missing} of {len(valued)} candidates were not measured; rerun "
+                "the sweep with --bench, or choose --objective flops or params"
+            )
+        return given
+    if swept not in (None, "achieved") and everywhere(swept):
+        return swept
+    return "latency" if everywhere("latency") else None
 
 
 def _attach(cand: Candidate, row: dict | None) -> None:
@@ -403,46 +506,85 @@ def _attach(cand: Candidate, row: dict | None) -> None:
         cand.peak_memory_mb = float(row["peak_memory_mb"])
 
 
+_SUPERLATIVES = {
+    None: "smallest",
+    "latency": "fastest",
+    "flops": "cheapest in FLOPs",
+    "params": "smallest in parameters",
+    "memory": "leanest in peak memory",
+}
+
+
+def _objective_value(report: DecisionReport, cand: Candidate) -> float | None:
+    return {
+        None: cand.achieved,
+        "latency": cand.latency_ms,
+        "flops": cand.flops_kept,
+        "params": cand.params_kept,
+        "memory": cand.peak_memory_mb,
+    }[report.objective]
+
+
+def _objective_text(report: DecisionReport, cand: Candidate) -> str:
+    value = _objective_value(report, cand)
+    if value is None:
+        return "not measured"
+    if report.objective == "latency":
+        return f"{value:.1f} ms"
+    if report.objective == "memory":
+        return f"{value:,.0f} MB"
+    kind = {"flops": "FLOPs", "params": "parameters"}.get(report.objective or "", report.budget_label)
+    return f"keeps {value:.1%} of the {kind}"
+
+
+def _names(cands: list[Candidate], detail) -> str:
+    return ", ".join(f"{c.name} ({detail(c)})" for c in cands)
+
+
 def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
+    """The recommendation in a few sentences: which candidate, by which objective, against which
+    bar, its quality (with intervals), and why each other candidate loses."""
     metric = report.metric
     if report.bar is None:
         return (
-            "No quality bar was agreed: rerun the sweep with --min-quality Q, or pass --min-quality Q "
-            "here (an absolute value such as 0.80, or a share of the dense quality such as 99%)."
+            "No quality bar was agreed: pass --min-quality Q here (an absolute value such as 0.80, "
+            "or a share of the dense quality such as 99%), or rerun the sweep with it."
         )
     if chosen is None:
         text = f"No candidate meets the bar {report.bar}: keep the dense model"
         if closest is not None:
             text += (
-                f"; the closest is {closest.method} at {closest.achieved:.1%} of the dense "
-                f"{report.budget_kind} with {metric} {_fmt(metric, closest.value)}"
+                f"; the closest is {closest.method} @ {closest.budget:.0%} with {metric} "
+                f"{_fmt(metric, closest.value)}, keeping {closest.achieved:.1%} of the dense "
+                f"{report.budget_label}"
             )
         return text + "."
     rec = report.recommended
     assert rec is not None
-    text = (
-        f"{rec.name} (keeping {rec.achieved:.1%} of the dense model's attention+FFN {report.budget_kind}) "
-        f"is what the selection rule picks among the candidates meeting the bar {report.bar} "
-        f"(rule: {report.rule}): {metric} {_fmt(metric, rec.value)}"
-    )
+    others = [c for c in report.candidates[1:] if c is not rec]
+    failed = [c for c in others if c.error is not None or c.value is None]
+    below = [c for c in others if c not in failed and not c.meets_bar]
+    passing = [c for c in others if c not in failed and c.meets_bar]
+    if passing:
+        text = (
+            f"{rec.name} is the {_SUPERLATIVES[report.objective]} ({_objective_text(report, rec)}) of "
+            f"the {len(passing) + 1} candidates that meet the bar {report.bar}."
+        )
+    else:
+        text = (
+            f"{rec.name} is the only candidate that meets the bar {report.bar} "
+            f"({_objective_text(report, rec)})."
+        )
+    text += f" Its {metric} is {_fmt(metric, rec.value)}"
     if rec.interval is not None:
         text += f" (95% CI {_fmt(metric, rec.interval[0])}–{_fmt(metric, rec.interval[1])})"
-    text += f", change from dense {_signed(metric, rec.change)}"
+    text += f", {_signed(metric, rec.change)} from dense"
     if rec.change_interval is not None:
         low, high = rec.change_interval
         text += f" (95% CI {_signed(metric, low)} to {_signed(metric, high)})"
     if rec.agreement is not None and metric != "agreement":
         text += f"; it agrees with the original on {rec.agreement:.1%} of the examples"
     text += "."
-    if rec.interval is not None and report.threshold is not None:
-        low, high = rec.interval
-        short = low < report.threshold if report.higher_is_better else high > report.threshold
-        if short:
-            text += (
-                f" Caution: the bar is met by the point estimate, but the 95% interval reaches past it; "
-                f"with {report.eval_examples} evaluation examples the margin is within noise — "
-                "evaluate on more examples before committing."
-            )
     if rec.latency_ms is not None and dense.latency_ms is not None:
         text += (
             f" Measured latency {rec.latency_ms:.1f} ms against {dense.latency_ms:.1f} ms dense "
@@ -453,6 +595,24 @@ def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
             f" Serving cost {rec.cost_per_million:.4g} per 1M requests against "
             f"{dense.cost_per_million:.4g} dense."
         )
+    losers = []
+    if passing:
+        losers.append(f"meet the bar but cost more: {_names(passing, lambda c: _objective_text(report, c))}")
+    if below:
+        losers.append(f"miss the bar: {_names(below, lambda c: f'{metric} {_fmt(metric, c.value)}')}")
+    if failed:
+        losers.append(f"could not be compressed: {', '.join(c.name for c in failed)}")
+    if losers:
+        text += " The others " + "; ".join(losers) + "."
+    if rec.interval is not None and report.threshold is not None:
+        low, high = rec.interval
+        short = low < report.threshold if report.higher_is_better else high > report.threshold
+        if short:
+            text += (
+                f" Caution: its 95% interval reaches past the bar — with {report.eval_examples} "
+                "evaluation examples the margin is within noise; evaluate on more examples before "
+                "committing."
+            )
     return text
 
 
@@ -534,35 +694,52 @@ def _plots(report: DecisionReport) -> dict[str, str]:
     achieved = [c.achieved for c in report.candidates if c.achieved is not None and c.value is not None]
     ax.set_xlim(max(0.0, min(achieved, default=0.0) - 0.05), 1.02)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-    ax.set_xlabel(f"{report.budget_kind} kept (attention+FFN, fraction of dense)")
+    if report.budget_kind == "latency":
+        ax.set_xlabel("latency kept (predicted by the lookup tables, fraction of dense)")
+    else:
+        ax.set_xlabel(f"{report.budget_label} kept (attention+FFN, fraction of dense)")
     ax.set_ylabel(report.metric_label)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(f"{report.model}: quality against size (bars: 95% intervals)", fontsize=10)
     out["Quality against the fraction kept"] = _png(fig)
 
-    timed = [c for c in report.candidates if c.latency_ms is not None and c.value is not None]
-    if len(timed) >= 2:
-        fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
-        ax = fig.add_subplot()
-        for c in timed:
-            style = (
-                {"marker": "*", "markersize": 16, "color": "gold", "markeredgecolor": "black"}
-                if c.recommended
-                else {"marker": "o", "markersize": 7}
-            )
-            ax.plot([c.latency_ms], [c.value], linestyle="none", **style)
-            ax.annotate(
-                c.name, (c.latency_ms, c.value), textcoords="offset points", xytext=(6, 4), fontsize=8
-            )
-        if report.threshold is not None:
-            ax.axhline(report.threshold, color="tab:red", linestyle=":", linewidth=1.2, label="bar")
-            ax.legend(fontsize=8)
-        ax.set_xlabel(f"measured latency, ms ({report.bench_setting})")
-        ax.set_ylabel(report.metric_label)
-        ax.grid(True, alpha=0.3)
+    fig = _latency_figure(report)
+    if fig is not None:
         out["Quality against measured latency"] = _png(fig)
     return out
+
+
+def _latency_figure(report: DecisionReport):
+    """Quality against measured latency (a matplotlib ``Figure``; None with fewer than two models
+    measured): every measured candidate annotated, the recommended one starred, the bar dotted."""
+    from matplotlib.figure import Figure
+
+    timed = [c for c in report.candidates if c.latency_ms is not None and c.value is not None]
+    if len(timed) < 2:
+        return None
+    fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
+    ax = fig.add_subplot()
+    for c in timed:
+        style = (
+            {"marker": "*", "markersize": 16, "color": "gold", "markeredgecolor": "black"}
+            if c.recommended
+            else {"marker": "o", "markersize": 7}
+        )
+        ax.plot([c.latency_ms], [c.value], linestyle="none", **style)
+        ax.annotate(c.name, (c.latency_ms, c.value), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if report.threshold is not None:
+        ax.axhline(report.threshold, color="tab:red", linestyle=":", linewidth=1.2, label="bar")
+        ax.legend(fontsize=8)
+    # the setting on a wrapped second line: one long label would run past the figure's edge
+    setting = textwrap.fill(f"({report.bench_setting})", 90) if report.bench_setting else ""
+    ax.set_xlabel(f"measured latency (ms)\n{setting}".strip())
+    ax.set_ylabel(report.metric_label)
+    ax.margins(x=0.15, y=0.12)  # room for the names written right of the points
+    ax.grid(True, alpha=0.3)
+    corner = "upper left" if report.higher_is_better else "lower left"
+    ax.set_title(f"{report.model}: quality against measured latency ({corner} is better)", fontsize=10)
+    return fig
 
 
 # -------------------------------------------------------------------------------------- rendering
@@ -578,6 +755,7 @@ def _environment():
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["md"] = _inline_markdown
     env.filters["metric"] = lambda v, metric: _fmt(metric, v)
     env.filters["signed"] = lambda v, metric: _signed(metric, v)
     env.filters["pct"] = lambda v: "—" if v is None else f"{v:.1%}"
@@ -585,6 +763,15 @@ def _environment():
     env.filters["num"] = lambda v, digits=1: "—" if v is None else f"{v:,.{digits}f}"
     env.filters["money"] = lambda v: "—" if v is None else f"{v:,.4g}"
     return env
+
+
+def _inline_markdown(text: str):
+    """A Markdown fragment (``code``, **bold**) as HTML for the page (markdown-it-py, CommonMark;
+    raw HTML in the text is escaped, not passed through)."""
+    from markdown_it import MarkdownIt
+    from markupsafe import Markup
+
+    return Markup(MarkdownIt("commonmark", {"html": False}).renderInline(str(text)))
 
 
 def _size(cand: Candidate) -> str:
@@ -687,7 +874,18 @@ def add_report_parser(subparsers) -> argparse.ArgumentParser:
         type=positive_int,
         help="batch size of the measurements to use (default: the largest measured)",
     )
-    p.add_argument("--min-quality", metavar="Q", help="the agreed bar, replacing the sweep's: 0.80 or 99%%")
+    p.add_argument(
+        "--min-quality",
+        metavar="Q",
+        help="the agreed bar, replacing the sweep's: an absolute value (0.80) or a share of the dense "
+        "quality (99%%)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=("latency", "flops", "params", "memory"),
+        help="what the recommendation minimizes among the candidates meeting the bar (default: the "
+        "sweep's; else measured latency when every candidate was measured, else the fraction kept)",
+    )
     return p
 
 
@@ -700,6 +898,7 @@ def run_report(args: argparse.Namespace) -> int:
         bench=args.bench,
         bench_batch=args.bench_batch,
         min_quality=args.min_quality,
+        objective=args.objective,
     )
     html, md = write_report(report, args.out or Path(args.sweep_dir) / "report.html")
     print(f"recommended: {report.recommended.name if report.recommended else 'none'} — {report.reason}")

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from statprune.allocation import adds_biases, check_reachable
 from statprune.argtypes import resolve_device
 from statprune.calibration import CalibrationBatch, count_tokens
 from statprune.flops import model_shapes
@@ -98,6 +99,10 @@ def compress(
     options, device = plan.options, plan.device
     check_finite_weights(model)
     check_seq_len(model, options.seq_len)
+    if plan.budget_kind != "latency":  # a budget below the reachable floor, from the shapes alone
+        dense_shapes = model_shapes(plan.adapter, model.base_model)
+        kind, keep = plan.budget_kind, plan.budget
+        check_reachable(dense_shapes, kind, keep, options.seq_len, options.prune, adds_biases(plan))
     batches = stages.prepare_calibration(
         tokenizer, data, samples=samples, seed=seed, seq_len=options.seq_len, batch_size=batch_size, pack=pack
     )
@@ -123,6 +128,8 @@ def compress(
         if plan.budget_kind == "latency":
             with timed(timings, "latency table"):
                 job.cost = stages.latency_cost(job, offload)
+            # below the embeddings-only floor of the tables: refused before any calibration
+            check_reachable(shapes, job.cost, plan.budget, options.seq_len, options.prune, adds_biases(plan))
         with timed(timings, "capture"):
             calib = stages.capture_inputs(model, plan.adapter, batches, device)
         # after capture: checks of the captured layer inputs go here

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from statprune.adapters import ModelAdapter, task_head
-from statprune.allocation import allowed_neuron_counts
+from statprune.allocation import allowed_neuron_counts, floor_error
 from statprune.calibration import CalibrationBatch, count_tokens
 from statprune.errors import BudgetError, OptionsError
 from statprune.flops import LayerShape, dense_counts, total_cost
@@ -495,11 +495,9 @@ def plan_masks(
     ]
     floor_cost = total_cost(shapes, floor, kind, seq_len)
     if floor_cost > target:
-        raise BudgetError(
-            f"cannot keep only {keep:.0%} of {kind}: removing every prunable unit still keeps "
-            f"{floor_cost / dense_cost:.1%}; raise the budget or allow more with "
-            f"{option('prune', 'heads,neurons')}"
-        )
+        blocks = (("heads", grads.heads), ("neurons", grads.neurons))
+        prunable = {b for b, g in blocks if any(x is not None for x in g)}
+        raise floor_error(kind, keep, floor_cost / dense_cost, prunable)
     if keep >= 1.0:
         return [LayerPlan(h, n) for h, n in dense]
     blocks: list[SearchBlock] = []

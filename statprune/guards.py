@@ -68,6 +68,8 @@ _CLI = contextvars.ContextVar("statprune_cli_option_names", default=False)
 _NO_VALUE = object()
 # keywords whose CLI flag is not "--" + the keyword with dashes
 _FLAGS = {"calib_path": "--data", "eval_path": "--eval", "data": "--data"}
+# switches the CLI turns off with a --no-… flag (given the value False)
+_NEGATED = {"bias_compensation": "--no-bias-compensation"}
 # API spellings that are not ``keyword=value`` (the dtype is chosen when loading the model)
 _API = {
     "dtype": lambda value: f"model.to(torch.{value})",
@@ -90,6 +92,8 @@ def option(name: str, value: Any = _NO_VALUE) -> str:
     ``--batch-size 1`` under the CLI, ``batch_size=1`` in the Python API (a switch's ``True``
     is the bare flag, ``--pack``)."""
     if _CLI.get():
+        if value is False and name in _NEGATED:
+            return _NEGATED[name]
         flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
         return flag if value is _NO_VALUE or value is True else f"{flag} {value}"
     if value is _NO_VALUE:

@@ -110,6 +110,7 @@ _METRICS = {  # metric -> (higher is better, valid absolute range)
     "cosine": (True, (-1.0, 1.0)),
     "perplexity": (False, (0.0, math.inf)),
 }
+_LOWEST_METRIC = min(low for _, (low, _high) in _METRICS.values())  # no metric is below this
 _EPS = 1e-12
 _COLLECT_BYTES = 64 << 20  # run the garbage collector after each run above this model size
 
@@ -363,7 +364,17 @@ def parse_min_quality(text: str) -> QualityBar:
     if relative:
         if value <= 0:
             raise OptionsError(f"--min-quality {text!r} must be above 0%, e.g. 99%")
+        if value > 100:
+            raise OptionsError(
+                f"--min-quality {raw} asks every candidate to beat the dense model; a share of the "
+                "dense quality is at most 100% (e.g. 99%: lose at most 1%)"
+            )
         return QualityBar(value / 100.0, True, f"{value:g}%")
+    if value < _LOWEST_METRIC:
+        raise OptionsError(
+            f"--min-quality {raw} is below every metric's range (accuracy and agreement 0..1, mean "
+            "cosine -1..1, perplexity > 0); give e.g. 0.80, or 99% for a share of the dense quality"
+        )
     return QualityBar(value, False, f"{value:g}")
 
 
@@ -374,9 +385,10 @@ def _check_bar(bar: QualityBar, metric: str) -> None:
     if metric == "perplexity" and bar.value <= 0:
         raise OptionsError(f"--min-quality {bar.text}: a perplexity bar must be positive (e.g. 25.0 or 99%)")
     if not low <= bar.value <= high:
+        hint = f"did you mean {bar.text}%? " if high < bar.value <= 100 else ""
         raise OptionsError(
             f"--min-quality {bar.text} is not a possible {metric} ({low:g}..{high:g}); "
-            f"write e.g. 0.80, or 99% for a share of the dense value"
+            f"{hint}write e.g. 0.80, or 99% for a share of the dense value"
         )
 
 
@@ -813,6 +825,9 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         return evaluate(model, tokenizer, inputs.examples, task=inputs.task, reference=reference,
                         labels=inputs.labels, seq_len=config.seq_len, batch_size=config.eval_batch_size)
 
+    unreachable = _unreachable_budgets(config, dense)  # before the dense evaluation and any analysis
+    for method, budget in unreachable:
+        say(f"{method} at keep {budget:g} {budget_kind} cannot be met; it is skipped")
     dense_result = run_eval(dense, dense if metric == "cosine" else None)
     dense_value = 1.0 if metric in ("agreement", "cosine") else _metric_value(dense_result, metric)
     model_name = config.name or config.model_dir.resolve().name
@@ -868,6 +883,8 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
                        float(dense_value), 0.0)
         tic = time.perf_counter()
         try:
+            if (method, budget) in unreachable:
+                raise BudgetError(unreachable[method, budget])
             model, report = run_one(method, budget)
         except BudgetError as exc:
             row.seconds = round(time.perf_counter() - tic, 3)
@@ -939,6 +956,40 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     if result.selection is not None:
         say(result.selection.message)
     return result
+
+
+def _unreachable_budgets(config: SweepConfig, dense: nn.Module) -> dict[tuple[str, float], str]:
+    """``(method, budget) -> why`` for the runs whose FLOPs or params budget lies below the
+    reachable floor (``allocation.check_reachable``: every unit ``--prune`` allows removed), from
+    the model's shapes alone; ``BudgetError`` when no run can be met. Latency budgets are checked
+    by each run once its lookup tables are measured (still before any calibration)."""
+    from statprune.allocation import adds_biases, check_reachable
+    from statprune.errors import StatpruneError
+    from statprune.flops import model_shapes
+    from statprune.pipeline.stages import resolve_options
+
+    if config.budget_kind == "latency":
+        return {}
+    kind, found = config.budget_kind, {}
+    for method in config.methods:
+        try:
+            plan = resolve_options(
+                dense, method=method, seq_len=config.seq_len, device=str(next(dense.parameters()).device),
+                **{f"keep_{kind}": 1.0}, **config.compress_options,
+            )
+        except StatpruneError:
+            continue  # the method's own constraints fail its runs one by one
+        shapes = model_shapes(plan.adapter, dense.base_model)
+        for budget in config.budgets:
+            try:
+                check_reachable(shapes, kind, budget, config.seq_len, plan.options.prune, adds_biases(plan),
+                                name="--budgets")
+            except BudgetError as exc:
+                found[method, budget] = str(exc)
+    if found and len(found) == len(config.methods) * len(config.budgets):
+        lowest = max(found, key=lambda k: k[1])
+        raise BudgetError(f"every run is out of reach; {found[lowest]}")
+    return found
 
 
 def _achieved(report: CompressionReport, budget_kind: str) -> float:
@@ -1310,8 +1361,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
     s.add_argument("--label-field", help="JSONL/CSV field holding the label (default: label, if present)")
     s.add_argument("--min-quality", metavar="Q",
-                   help="select the smallest model with metric >= Q (<= Q for perplexity); "
-                        "Q is absolute (0.80) or relative to dense (99%%)")
+                   help="the quality bar: among the runs with metric >= Q (<= Q for perplexity), "
+                        "select the best by --objective (the fastest with --bench, else the smallest); "
+                        "Q is absolute (0.80) or a share of the dense quality, at most 100%% (99%%)")
     s.add_argument("--save-best", action="store_true", help="also save the selected model into OUT/best")
     s.add_argument("--name", help="model name in the results (default: the folder name)")
     s.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")

@@ -406,7 +406,7 @@ def test_heads_only_cannot_meet_budget(bert, calib, tmp_path, capsys):
         capsys, *compress_args(model, calib, out, "--prune", "heads", budget=("--keep-flops", "0.1"))
     )
     assert_clean_failure(
-        code, err, out, model, before, "cannot keep only 10% of flops", "--prune heads,neurons"
+        code, err, out, model, before, "--keep-flops 0.1 is below what can", "--prune heads,neurons"
     )
 
 

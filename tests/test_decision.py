@@ -22,7 +22,7 @@ from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
 
 from statprune.cli import main
 from statprune.decision import build_report, render_html, render_markdown, write_report
-from statprune.errors import DataError, OutputError
+from statprune.errors import DataError, OptionsError, OutputError
 from statprune.evaluate import wilson_interval
 from statprune.sweep import sweep
 
@@ -100,7 +100,8 @@ def test_report_numbers_follow_the_sweep(swept):
     best = chosen["best"]
     rows = json.loads((swept.out / "results.json").read_text())
     meta = json.loads((swept.out / "sweep.json").read_text())
-    assert report.protocol == meta["protocol"] and "Protocol: model `tinybert`" in report.protocol
+    assert f"Protocol: {report.protocol}" == meta["protocol"]  # under its own heading on the page
+    assert report.protocol.startswith("model `tinybert`")
     assert [c.name for c in report.candidates] == ["dense"] + [
         f"{r['method']} @ {r['budget']:.0%}" for r in rows
     ]
@@ -123,7 +124,38 @@ def test_report_numbers_follow_the_sweep(swept):
         if not cand.recommended:
             assert not cand.size_measured
     assert not report.measured
-    assert rec.name in report.reason and "meeting the bar" in report.reason
+    assert report.reason.startswith(f"{rec.name} is the smallest (keeps {rec.achieved:.1%} of the FLOPs)")
+    assert report.reason.count(report.bar) == 1 and report.rule not in report.reason
+
+
+def test_recommendation_is_written_once_and_says_why_the_others_lose(swept):
+    report = build_report(swept.out, plots=False)
+    rec, reason = report.recommended, report.reason
+    others = [c for c in report.candidates[1:] if c is not rec]
+    for cand in others:  # each other candidate is named once, with what loses it the pick
+        assert reason.count(f"{cand.name} (") == 1
+        why = (
+            f"{cand.name} (keeps {cand.achieved:.1%} of the FLOPs)"
+            if cand.meets_bar
+            else f"{cand.name} (accuracy {cand.value:.4f})"
+        )
+        assert why in reason
+    assert "meet the bar but cost more" in reason or "miss the bar" in reason
+    html = render_html(report)
+    assert html.count(report.rule.split(";")[0]) == 1  # the rule: once, in the protocol
+    assert reason.split(".")[0] in render_markdown(report)
+
+
+def test_markdown_fragments_render_as_html(swept):
+    """The protocol, reasons and warnings carry Markdown (`code`): the HTML page shows it as
+    <code>, never as literal backticks (markdown-it-py); raw HTML in them is escaped."""
+    report = build_report(swept.out, plots=False)
+    report.warnings.append("a <b>bold</b> claim about `statprune bench`")
+    html = render_html(report)
+    assert "`" not in html
+    assert '<p id="protocol">model <code>tinybert</code>' in html
+    assert "about <code>statprune bench</code>" in html and "&lt;b&gt;bold&lt;/b&gt;" in html
+    assert "\nmodel `tinybert` (" in render_markdown(report)  # the twin keeps its Markdown
 
 
 def test_markdown_twin_holds_the_table_and_how_to_measure(swept):
@@ -182,8 +214,96 @@ def test_latency_recorded_by_the_sweep_itself_is_used(swept, tmp_path):
 def test_noisy_measurements_are_flagged(swept, tmp_path):
     bench = bench_file(tmp_path / "bench.json", {swept.model: (40.0, 200.0)}, p90=1.8)
     report = build_report(swept.out, bench=bench, plots=False)
-    assert any("spread widely" in w and "1.80×" in w for w in report.warnings)
+    assert any("noisy machine" in w and "dense 1.80×" in w for w in report.warnings)
     assert "spread widely" in render_markdown(report)
+    # on the page: a visible warning box near the top, before the protocol
+    html = render_html(report)
+    box = re.search(r'<p class="warn">Warning: noisy machine: ([^<]*)', html)
+    assert box is not None and html.index('class="warn"') < html.index('id="protocol"')
+    # a measured sweep: one warning naming every noisy model, none for a quiet one
+    measured = tmp_path / "sweep"
+    shutil.copytree(swept.out, measured)
+    rows = json.loads((measured / "results.json").read_text())
+    for i, row in enumerate(rows):
+        row.update(latency_ms=10.0, latency_p90_ms=10.5 if i else 14.0, throughput=100.0)
+    (measured / "results.json").write_text(json.dumps(rows))
+    noisy = build_report(measured, plots=False)
+    assert len(noisy.warnings) == 1 and f"1 of {len(rows)} measured models" in noisy.warnings[0]
+    assert f"{noisy.candidates[1].name} 1.40×" in noisy.warnings[0]
+    for row in rows:
+        row["latency_p90_ms"] = 10.5
+    (measured / "results.json").write_text(json.dumps(rows))
+    assert build_report(measured, plots=False).warnings == []
+    # a pruned candidate measured slower than the dense model: the load changed while measuring
+    rows[0]["latency_ms"] = rows[0]["latency_p90_ms"] = 11.0
+    (measured / "results.json").write_text(json.dumps(rows))
+    meta = json.loads((measured / "sweep.json").read_text())
+    meta["dense_bench"] = {"latency_ms": 10.0, "latency_p90_ms": 10.2, "throughput": 100.0}
+    (measured / "sweep.json").write_text(json.dumps(meta))
+    (warning,) = build_report(measured, plots=False).warnings
+    first = build_report(measured, plots=False).candidates[1]
+    assert warning.startswith(f"inconsistent latencies: {first.name} 1.10× the dense latency")
+
+
+def test_report_ranks_by_measured_latency_and_takes_the_bar_and_objective(swept, tmp_path, capsys):
+    """A sweep run without --min-quality but with latency measured: the bar given to the report
+    picks the fastest candidate meeting it (not the smallest fraction kept); --objective overrides."""
+    measured = tmp_path / "sweep"
+    shutil.copytree(swept.out, measured)
+    (measured / "best.json").unlink()
+    meta = json.loads((measured / "sweep.json").read_text())
+    meta["objective"] = None
+    (measured / "sweep.json").write_text(json.dumps(meta))
+    rows = json.loads((measured / "results.json").read_text())
+    for row in rows:  # the larger the budget, the faster: latency disagrees with the fraction kept
+        row.update(latency_ms=100.0 - 50.0 * row["budget"], latency_p90_ms=100.0, throughput=10.0)
+    (measured / "results.json").write_text(json.dumps(rows))
+    assert build_report(measured, plots=False).recommended is None  # no bar yet
+    fastest = build_report(measured, min_quality="0.0", plots=False)
+    assert fastest.objective == "latency" and "measured latency" in fastest.rule
+    assert fastest.recommended.budget == max(r["budget"] for r in rows)
+    assert fastest.reason.startswith(f"{fastest.recommended.name} is the fastest (")
+    smallest = build_report(measured, min_quality="0.0", objective="flops", plots=False)
+    assert smallest.recommended.flops_kept == min(r["flops_kept"] for r in rows)
+    with pytest.raises(OptionsError, match=r"--objective memory: \d+ of \d+ candidates were not measured"):
+        build_report(measured, min_quality="0.0", objective="memory", plots=False)
+    with pytest.raises(OptionsError, match="--objective needs a bar: pass --min-quality Q"):
+        build_report(measured, objective="flops", plots=False)
+    with pytest.raises(OptionsError, match="asks every candidate to beat the dense model"):
+        build_report(measured, min_quality="150%", plots=False)
+    with pytest.raises(OptionsError, match=r"not a possible accuracy \(0\.\.1\); did you mean 99%\?"):
+        build_report(measured, min_quality="99", plots=False)
+    out = tmp_path / "page.html"
+    argv = ["report", str(measured), "--out", str(out), "--min-quality", "0.0", "--objective", "flops"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith(f"recommended: {smallest.recommended.name} — ")
+    assert main(["report", str(measured), "--out", str(out), "--min-quality", "150%"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --min-quality 150% asks") and "\n" not in err
+
+
+def test_latency_axis_label_fits_in_the_plot(swept, tmp_path):
+    """The latency plot's axis label (with the long measured setting) stays inside the figure."""
+    from statprune.decision import _latency_figure
+
+    report = build_report(swept.out, plots=False)
+    for i, cand in enumerate(report.candidates):
+        cand.latency_ms = 50.0 - 5 * i
+    report.bench_setting = (
+        "by the sweep: batch 32 x 128 tokens, torch on cpu (2 threads), median of 10 interleaved "
+        "trials, peak memory by a child process per model"
+    )
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = _latency_figure(report)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # constrained layout runs at draw time
+    renderer = canvas.get_renderer()
+    ax = fig.axes[0]
+    for text in (ax.xaxis.label, ax.yaxis.label, ax.title):
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0, text.get_text()
+        assert box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, text.get_text()
 
 
 def test_bar_given_to_the_report_replaces_the_sweep_s(swept):
@@ -206,6 +326,13 @@ def test_report_without_a_bar_says_how_to_agree_one(swept, tmp_path):
     report = build_report(bare, plots=False)
     assert report.recommended is None and report.bar is None
     assert "--min-quality Q" in report.reason
+    # how to measure: benchmark the saved best/, or (none saved) save it first or rerun with --bench
+    assert f"`statprune bench {swept.model.resolve()} {bare / 'best'} " in report.measure_advice
+    assert "--save-best" not in report.measure_advice
+    shutil.rmtree(bare / "best")
+    advice = build_report(bare, plots=False).measure_advice
+    assert "rerun the sweep with `--bench`" in advice
+    assert "--min-quality Q --save-best`) and measure" in advice
 
 
 def test_bad_input(swept, tmp_path, capsys):

@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
 
 import statprune
 from statprune import latency
-from statprune.allocation import allocate, curve_from_errors
+from statprune.allocation import allocate, check_reachable, curve_from_errors
 from statprune.errors import BudgetError, OptionsError, StatpruneError
 from statprune.flops import LayerShape
 from statprune.latency import (
@@ -132,9 +133,86 @@ def test_latency_allocation_meets_the_budget_under_the_cost_model():
 def test_latency_budget_below_the_floor_names_the_reachable_floor():
     table = synthetic_table(attention_ms=1.0, ffn_ms=3.0, base=0.5, rest=1.0)
     floor = (1.0 + 2 * 0.5) / table.dense_ms  # everything but the embeddings/base removed
-    with pytest.raises(BudgetError, match=rf"still keeps {floor:.1%} \(the reachable floor\)"):
+    message = (
+        rf"keep_latency=0\.15 is below what can be reached: removing every attention head and FFN "
+        rf"neuron still keeps {floor:.1%} of the dense model's latency \(2\.0 of 10\.0 ms by the lookup "
+        rf"tables at batch 2 x 8 tokens: embeddings, task head and each layer's norms and residuals\); the "
+        rf"smallest reachable budget is {floor:.1%}: give keep_latency=0\.2 or more$"
+    )
+    with pytest.raises(BudgetError, match=message):
         allocate_under(table, keep=floor - 0.05)
+    # the same floor from the shapes alone (before any calibration), and the same message
+    with pytest.raises(BudgetError, match=message):
+        check_reachable([SHAPE] * 2, LatencyCost(table), floor - 0.05, 8, ("heads", "neurons"))
+    assert check_reachable([SHAPE] * 2, LatencyCost(table), floor + 0.02, 8, ("heads", "neurons")) == floor
     allocate_under(table, keep=floor + 0.02)  # just above: fine
+
+
+def test_floor_messages_are_exact_for_tiny_floors_and_restricted_pruning():
+    """The reachable floor is printed with the digits that tell it apart (never "0% ... 0.0%"),
+    with the smallest budget to give and the other way out (--prune, --no-bias-compensation)."""
+    from statprune.allocation import floor_error, share, smallest_budget
+    from statprune.guards import cli_option_names
+
+    assert [share(x) for x in (0.632, 0.0569, 0.0069, 0.00031, 0.0)] == [
+        "63.2%",
+        "5.69%",
+        "0.69%",
+        "0.031%",
+        "0%",
+    ]
+    assert [smallest_budget(x) for x in (0.632, 0.25, 0.00691, 0.00031)] == [0.64, 0.25, 0.007, 0.00031]
+    with cli_option_names():
+        heads_only = str(floor_error("flops", 0.1, 0.632, {"heads"}))
+        biases = str(floor_error("params", 0.005, 0.0069, {"heads", "neurons"}, reserve=0.0069))
+    assert heads_only == (
+        "--keep-flops 0.1 is below what can be reached: removing every attention head (the FFN "
+        "neurons stay) still keeps 63.2% of the dense model's attention+FFN FLOPs; the smallest "
+        "reachable budget is 63.2%: give --keep-flops 0.64 or more, or let neurons go too with "
+        "--prune heads,neurons"
+    )
+    assert biases == (
+        "--keep-params 0.005 is below what can be reached: removing every attention head and FFN "
+        "neuron still keeps 0% of the dense model's attention+FFN parameters, and bias compensation "
+        "adds 0.69% (a bias for each pruned block without one); the smallest reachable budget is "
+        "0.69%: give --keep-params 0.0069 or more, or --no-bias-compensation"
+    )
+
+
+def test_impossible_budgets_fail_before_any_calibration(monkeypatch):
+    """Heads-only FLOPs budgets below the FFNs' share, params budgets below the biases bias
+    compensation adds (a Llama has none to reuse) and latency budgets below the embeddings-only
+    floor are refused from the shapes (and the lookup table) before the layer inputs are captured."""
+    from statprune.allocation import share
+    from statprune.flops import dense_counts, model_shapes, total_cost
+    from statprune.pipeline import stages
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started before the budget was checked")
+
+    monkeypatch.setattr(stages, "capture_inputs", no_calibration)
+    tokenize = stages.prepare_calibration
+    monkeypatch.setattr(stages, "prepare_calibration", no_calibration)  # FLOPs/params: not even tokenized
+    monkeypatch.setattr(latency, "measure_table", synthetic_measure)
+    tokenizer, texts = _build_tiny_tokenizer(), tiny_texts(80)
+    bert = build_tiny_model("bert")
+    shapes = model_shapes(statprune.adapters.adapter_for(bert.config), bert.base_model)
+    ffn = total_cost(shapes, [(0, s.ffn_width) for s in shapes], "flops", 128)
+    floor = ffn / total_cost(shapes, dense_counts(shapes), "flops", 128)
+    with pytest.raises(
+        BudgetError, match=rf"still keeps {re.escape(share(floor))} of the dense model's attention"
+    ):
+        statprune.compress(bert, tokenizer, texts, keep_flops=floor - 0.01, prune=("heads",), progress=False)
+    with pytest.raises(BudgetError, match=r"bias compensation adds .* bias_compensation=False$"):
+        statprune.compress(build_tiny_model("llama"), tokenizer, texts, keep_params=0.001, progress=False)
+    monkeypatch.setattr(stages, "prepare_calibration", tokenize)  # latency: the tables come first
+    kwargs = {"samples": 64, "progress": False, "bench_batch": 2, "bench_seq_len": 8}
+    with pytest.raises(
+        BudgetError,
+        match=r"keep_latency=0\.05 is below .* \(0\.4 of 6\.4 ms by the lookup tables at batch 2 x 8 "
+        r"tokens on cpu: embeddings",
+    ):
+        statprune.compress(bert, tokenizer, texts, keep_latency=0.05, **kwargs)
 
 
 def test_flops_accounting_prices_blocks_as_before():
@@ -246,7 +324,8 @@ def test_compress_to_a_latency_budget_reports_predicted_and_measured(monkeypatch
 def test_latency_budget_bad_inputs_are_one_line_errors(monkeypatch):
     model, tokenizer = build_tiny_model("bert"), _build_tiny_tokenizer()
     kwargs = {"samples": 64, "progress": False, "bench_batch": 2, "bench_seq_len": 8}
-    with pytest.raises(BudgetError, match="reachable floor"):
+    # real timings of a tiny model: mostly overhead, so its floor may be the whole latency
+    with pytest.raises(BudgetError, match=r"smallest reachable budget|no budget below the dense model"):
         statprune.compress(model, tokenizer, tiny_texts(80), keep_latency=0.01, **kwargs)
     with pytest.raises(BudgetError, match="exactly one budget"):
         statprune.compress(model, tokenizer, tiny_texts(80), keep_latency=0.5, keep_flops=0.5, **kwargs)
@@ -284,7 +363,10 @@ def test_cli_latency_budget_errors(tmp_path, tiny_model_dir, calib_file, capsys,
     ]
     assert main([*base, "--keep-latency", "0.01"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: cannot keep only 1% of latency") and "reachable floor" in err[-1]
+    assert err[-1].startswith("error: --keep-latency 0.01 is below what can be reached")
+    # the tiny model's real timings are mostly overhead: its floor may be the whole latency
+    reachable = "the smallest reachable budget is" in err[-1] and "give --keep-latency " in err[-1]
+    assert reachable or err[-1].endswith("no budget below the dense model can be met")
     assert not (tmp_path / "out").exists()
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -303,12 +385,27 @@ def test_a_table_that_mispredicts_this_machine_is_flagged():
     from statprune.latency import LatencyReport, LatencyWarning, _check_prediction
 
     def report(measured):
-        return LatencyReport("torch", "cpu", 32, 128, "forward", 100.0, 50.0, 0.5, 0.1, "t.json", "cache",
-                             measured_fraction=measured)
+        return LatencyReport(
+            "torch",
+            "cpu",
+            32,
+            128,
+            "forward",
+            100.0,
+            50.0,
+            0.5,
+            0.1,
+            "t.json",
+            "cache",
+            measured_fraction=measured,
+        )
 
     far = report(0.08)
-    with pytest.warns(LatencyWarning, match=r"measured latency is 8% of dense but the cache table t.json "
-                      r"predicted 50%.*delete it and rerun"):
+    with pytest.warns(
+        LatencyWarning,
+        match=r"measured latency is 8% of dense but the cache table t.json "
+        r"predicted 50%.*delete it and rerun",
+    ):
         _check_prediction(far)
     assert any("delete it" in n for n in far.notes)
     close = report(0.55)

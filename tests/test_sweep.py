@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -154,11 +155,11 @@ def test_none_meets_the_bar_overwrite_and_cli(assets, tmp_path, capsys):
     out.mkdir()
     (out / "old.txt").write_text("old")
     code = cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--budgets", "0.6",
-               "--methods", "stat", "--samples", "60", "--min-quality", "1000%", "--out", out,
+               "--methods", "stat", "--samples", "60", "--min-quality", "100%", "--out", out,
                "--overwrite", "--quiet", "--name", "mine")
     stdout = capsys.readouterr().out
     assert code == 0
-    assert "no configuration reaches accuracy >= 10.0000 (1000% of dense 1.0000); closest: stat" in stdout
+    assert "no configuration reaches accuracy >= 1.0000 (100% of dense 1.0000); closest: stat" in stdout
     best = json.loads((out / "best.json").read_text())
     assert best["best"] is None and best["closest"]["method"] == "stat" and best["saved"] is None
     assert not (out / "old.txt").exists() and not (out / "best").exists()
@@ -176,19 +177,43 @@ def test_save_best_recompresses_large_models(assets, tmp_path, monkeypatch):
     statprune.load(tmp_path / "out" / "best")
 
 
-def test_unreachable_budget_is_recorded_as_failed(assets, tmp_path):
+def test_unreachable_budget_is_recorded_as_failed(assets, tmp_path, monkeypatch):
     # heads only: the FFN FLOPs alone exceed 20 %, so that run fails while 90 % succeeds
+    lines: list[str] = []
     result = sweep(assets.model, assets.calib, assets.eval, budgets=[0.9, 0.2], methods=["stat"],
-                   samples=60, out=tmp_path / "out", log=None, prune=("heads",))
+                   samples=60, out=tmp_path / "out", log=lines.append, prune=("heads",))
     failed = [r for r in result.rows if r.error]
     assert [r.budget for r in failed] == [0.2] and failed[0].value is None and failed[0].achieved is None
-    assert "cannot keep only 20%" in failed[0].error
+    # the floor from the model's shapes: FFN FLOPs / attention+FFN FLOPs (seq len 128)
+    from statprune.allocation import share, smallest_budget
+    from statprune.flops import dense_counts, model_shapes, total_cost
+
+    model = statprune.load(assets.model)
+    shapes = model_shapes(statprune.adapters.adapter_for(model.config), model.base_model)
+    floor = total_cost(shapes, [(0, s.ffn_width) for s in shapes], "flops", 128) / total_cost(
+        shapes, dense_counts(shapes), "flops", 128
+    )
+    assert failed[0].error.startswith("--budgets 0.2 is below what can be reached: removing every attention")
+    assert f"still keeps {share(floor)} of the dense model's attention+FFN FLOPs" in failed[0].error
+    assert f"give --budgets {smallest_budget(floor):g} or more" in failed[0].error
+    assert "let neurons go too with prune=('heads', 'neurons')" in failed[0].error  # the API's spelling
+    assert any("keep 0.2 flops cannot be met; it is skipped" in line for line in lines)
     assert "| 20% | failed |" in (tmp_path / "out" / "results.md").read_text()
     assert not (tmp_path / "out" / "best.json").exists()  # no --min-quality, no selection
-    with pytest.raises(BudgetError, match="every run failed"):
-        sweep(assets.model, assets.calib, assets.eval, budgets=[0.2], methods=["stat"], samples=60,
-              out=tmp_path / "out2", log=None, prune=("heads",))
-    assert not (tmp_path / "out2").exists()
+    # every run out of reach: refused from the model's shapes, before the dense model is evaluated
+    # and before any calibration
+    from statprune import driver, evaluate
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the sweep evaluated or compressed before refusing the budgets")
+
+    monkeypatch.setattr(evaluate, "evaluate", no_work)
+    monkeypatch.setattr(driver, "compress", no_work)
+    lines.clear()
+    with pytest.raises(BudgetError, match=r"every run is out of reach; --budgets 0\.2 is below"):
+        sweep(assets.model, assets.calib, assets.eval, budgets=[0.2, 0.1], methods=["stat", "magnitude"],
+              samples=60, out=tmp_path / "out2", log=lines.append, prune=("heads",))
+    assert not (tmp_path / "out2").exists() and not any(line.startswith("dense:") for line in lines)
 
 
 # ------------------------------------------------------------------------------------- refusals
@@ -224,7 +249,7 @@ def test_bad_arguments_fail_before_any_work(assets, tmp_path, extra, message):
 
 
 def test_impossible_absolute_bar_is_refused(assets, tmp_path):
-    with pytest.raises(BudgetError, match="not a possible accuracy"):
+    with pytest.raises(BudgetError, match=r"not a possible accuracy \(0\.\.1\); did you mean 80%\?"):
         sweep(assets.model, assets.calib, assets.eval, budgets=[0.5], methods=["stat"], samples=60,
               min_quality="80", out=tmp_path / "out", log=None)
     assert not (tmp_path / "out").exists()
@@ -249,6 +274,27 @@ def test_parse_min_quality():
     for bad in ("abc", "nan", "inf", "-5%", "%"):
         with pytest.raises(BudgetError):
             parse_min_quality(bad)
+    assert parse_min_quality("100%").value == 1.0  # no loss at all: strict, but possible
+
+
+@pytest.mark.parametrize(
+    ("bar", "message"),
+    [
+        ("150%", "--min-quality 150% asks every candidate to beat the dense model"),
+        ("100.5%", "a share of the dense quality is at most 100%"),
+        ("-3", "--min-quality -3 is below every metric's range"),
+    ],
+)
+def test_impossible_bars_are_refused_when_parsed(assets, tmp_path, bar, message, monkeypatch):
+    """A bar no metric can meet is refused before the model is even read, in one line."""
+    with pytest.raises(BudgetError) as info:
+        parse_min_quality(bar)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.setattr(sweep_module, "_read_inputs", lambda *a: pytest.fail("the sweep started reading"))
+    with pytest.raises(BudgetError, match=re.escape(message)):
+        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", tmp_path / "out",
+            "--min-quality", bar)
+    assert not (tmp_path / "out").exists()
 
 
 def test_select_absolute_prefers_smallest_across_methods():
