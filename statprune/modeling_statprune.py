@@ -46,8 +46,14 @@ def keep_length_layer(layer: Any) -> Any:
         return layer
     if cls not in _KEEP_LENGTH_CLASSES:
         # ``_layer_type = None``: not registered in transformers' layer-type mappings
-        namespace = {"get_seq_length": _keys_length, "_layer_type": None, "__module__": __name__}
-        _KEEP_LENGTH_CLASSES[cls] = type(f"KeepLength{cls.__name__}", (cls,), namespace)
+        name = f"KeepLength{cls.__name__}"
+        namespace = {
+            "get_seq_length": _keys_length,
+            "_layer_type": None,
+            "__module__": __name__,
+            "__qualname__": name,
+        }
+        _KEEP_LENGTH_CLASSES[cls] = globals()[name] = type(name, (cls,), namespace)  # global: caches pickle
     layer.__class__ = _KEEP_LENGTH_CLASSES[cls]
     return layer
 

@@ -143,10 +143,18 @@ def test_cached_generation_equals_uncached(name, folders):
     _assert_same(_generate(model), expected)
 
 
-@pytest.mark.parametrize("name", ["llama-0", "qwen2-0", "qwen2-1"])
-def test_static_cache_generation_equals_uncached(name, folders):
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("llama-0", {"cache_implementation": "static"}),
+        ("qwen2-0", {"cache_implementation": "static"}),
+        ("qwen2-1", {"cache_implementation": "static"}),
+        ("llama-0", {"num_beams": 2}),  # beam search reorders the cache
+    ],
+)
+def test_static_cache_and_beam_search_equal_uncached(name, options, folders):
     model = statprune.load(folders[name])
-    _assert_same(_generate(model, cache_implementation="static"), _generate(model, use_cache=False))
+    _assert_same(_generate(model, **options), _generate(model, use_cache=False, **options))
 
 
 @pytest.mark.parametrize("name", list(CASES))
