@@ -191,22 +191,6 @@ def _wrapper(model, names: tuple[str, ...], embedding: list | None = None):
     return Exported().eval()
 
 
-def _cache_layer_class():
-    """``DynamicLayer`` whose length is that of its keys even when they hold no heads.
-
-    transformers counts an empty key tensor as length 0 (``keys.numel() == 0``), so a layer that
-    lost every head (``EmptyAttention``, keys [batch, 0, seq, head_dim]) would reset the position
-    count and the mask size; here the length is the sequence axis, whatever the head count.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class KeepLengthLayer(DynamicLayer):
-        def get_seq_length(self) -> int:
-            return int(self.keys.shape[-2]) if self.is_initialized and self.keys.dim() == 4 else 0
-
-    return KeepLengthLayer
-
-
 def _cache_argument(model) -> str:
     """The name under which ``model.forward`` takes the cache (``cache`` from transformers 5.24)."""
     import inspect
@@ -262,8 +246,10 @@ def _past_wrapper(model, n_layers: int):
     """The decoder graph: (ids, mask, [positions], *past) -> (logits, *present)."""
     from torch import nn
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
-    layer_class = _cache_layer_class()
+    from statprune.modeling_statprune import keep_length_layer
+
     cache_arg = _cache_argument(model)
     positions = _takes_position_ids(model)
 
@@ -276,7 +262,8 @@ def _past_wrapper(model, n_layers: int):
             position_ids = rest[0] if positions else None
             past = rest[1:] if positions else rest
             cache = DynamicCache()
-            cache.layers = [layer_class() for _ in range(n_layers)]
+            # counted by their sequence axis, so a layer 0 without heads still gives the past length
+            cache.layers = [keep_length_layer(DynamicLayer()) for _ in range(n_layers)]
             for i, layer in enumerate(cache.layers):
                 layer.update(past[2 * i], past[2 * i + 1])
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, cache_arg: cache}

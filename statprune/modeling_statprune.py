@@ -15,13 +15,56 @@ from typing import Any
 import torch
 from torch import nn
 
+_KEEP_LENGTH_CLASSES: dict[type, type] = {}
+
+
+def _keys_length(self) -> int:
+    """Cached length = the keys' sequence axis, whatever their head count (0 before any update)."""
+    keys = getattr(self, "keys", None)
+    if not getattr(self, "is_initialized", False) or keys is None or keys.dim() != 4:
+        return 0
+    return keys.shape[-2]
+
+
+def keep_length_layer(layer: Any) -> Any:
+    """Make a transformers cache layer count tokens even when its keys hold no heads.
+
+    transformers' ``DynamicLayer.get_seq_length`` returns 0 when ``keys.numel() == 0``, so a layer
+    whose keys are [batch, 0 heads, seq, head_dim] (``EmptyAttention``) would report an empty
+    cache; ``cache.get_seq_length()`` asks layer 0, and generation sizes its attention mask and
+    positions from it. A layer using that method is switched (in place, same object, same
+    tensors) to a subclass whose length is the keys' sequence axis; layers that count tokens
+    another way (sliding-window and static layers: ``cumulative_length``) are left as they are.
+    Returns ``layer``.
+    """
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # a transformers without per-layer caches
+        return layer
+    cls = type(layer)
+    if not isinstance(layer, DynamicLayer) or cls.get_seq_length is not DynamicLayer.get_seq_length:
+        return layer
+    if cls not in _KEEP_LENGTH_CLASSES:
+        # ``_layer_type = None``: not registered in transformers' layer-type mappings
+        name = f"KeepLength{cls.__name__}"
+        namespace = {
+            "get_seq_length": _keys_length,
+            "_layer_type": None,
+            "__module__": __name__,
+            "__qualname__": name,
+        }
+        _KEEP_LENGTH_CLASSES[cls] = globals()[name] = type(name, (cls,), namespace)  # global: caches pickle
+    layer.__class__ = _KEEP_LENGTH_CLASSES[cls]
+    return layer
+
 
 class EmptyAttention(nn.Module):
     """Stands in for an attention block whose heads were all removed.
 
     Returns a constant (its ``bias``, or zeros) of width ``out_features`` for every token, and
     ``None`` attention weights, like the stock blocks' ``(output, weights)`` tuples. For decoders it
-    still records zero-head keys/values in the cache so that cache lengths stay right.
+    still records zero-head keys/values [batch, 0, seq, head_dim] in the cache, and makes that
+    layer count them (``keep_length_layer``) so that cache lengths stay right.
     """
 
     def __init__(self, out_features: int, bias: bool, head_dim: int = 0, layer_idx: int = 0):
@@ -41,6 +84,9 @@ class EmptyAttention(nn.Module):
             batch, seq = hidden_states.shape[0], hidden_states.shape[1]
             empty = hidden_states.new_zeros(batch, 0, seq, self.head_dim)
             cache.update(empty, empty, self.layer_idx)
+            layers = getattr(cache, "layers", None)
+            if layers is not None and self.layer_idx < len(layers):
+                keep_length_layer(layers[self.layer_idx])
         return out, None
 
 
