@@ -78,4 +78,4 @@ def test_gemma3_at_80_percent_is_reported_without_a_target():
     assert not any("Gemma-3-270M with 20%" in line for line in target_lines([]))
     rows = [_row("Gemma-3-270M", "stat", 0.8, 60.0, 40.0, "perplexity")]
     line = next(line for line in target_lines(rows) if "Gemma-3-270M with 20%" in line)
-    assert "40.00 → 60.00 (ratio 1.50)" in line and "met" not in line and "MISSED" not in line
+    assert "40.00 → 60.00 (ratio 1.50)" in line and ": met" not in line and "MISSED" not in line
