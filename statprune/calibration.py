@@ -356,8 +356,9 @@ def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
     A model trained that way reads a window that does not start with it out of distribution (its
     first token becomes the attention sink; Gemma-3-270M's held-out perplexity is several times
-    worse without it). So packed calibration windows and ``eval --task lm`` windows start with it, as llama.cpp's ``perplexity`` and ``imatrix`` tools do (the window's first token,
-    never a prediction target, is replaced)."""
+    worse without it). So packed calibration windows and ``eval --task lm`` windows start with
+    it, as llama.cpp's ``perplexity`` and ``imatrix`` tools do (the window's first token, never a
+    prediction target, is replaced)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if not isinstance(bos, int):
         return None
