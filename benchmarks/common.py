@@ -81,7 +81,8 @@ BENCHMARKS = {
         (0.9, 0.8, 0.7, 0.6, 0.5),
         note="Gemma-3-270M base LM (Gemma Terms of Use; Q4_K_M GGUF dequantized to fp32, so dense "
         "scores sit slightly below the bf16 original); the SmolLM2 protocol: 128 packed windows of "
-        "128 OANC tokens, perplexity on held-out WSJ lines (256-token windows); the budget counts "
+        "128 OANC tokens, perplexity on held-out WSJ lines (256-token windows), every window starting "
+        "with `<bos>` as Gemma's texts do; the budget counts "
         "the layers' parameters (the 170 M embedding parameters are not pruned)",
         pack=True,
         samples=128,

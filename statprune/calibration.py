@@ -350,6 +350,22 @@ def tokenize_examples(
     return batches
 
 
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The beginning-of-sequence token id the tokenizer puts before every text on its own (Gemma,
+    Llama 3), else None (SmolLM2, BERT-style [CLS] templates without a ``bos_token``).
+
+    A model trained that way reads a window that does not start with it out of distribution (its
+    first token becomes the attention sink; Gemma-3-270M's held-out perplexity is several times
+    worse without it). So packed calibration windows and ``eval --task lm`` windows start with
+    it, as llama.cpp's ``perplexity`` and ``imatrix`` tools do (the window's first token, never a
+    prediction target, is replaced)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not isinstance(bos, int):
+        return None
+    ids = tokenizer("a", verbose=False)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def pack_examples(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
@@ -362,7 +378,8 @@ def pack_examples(
 
     The usual calibration for causal LMs (SparseGPT, Wanda): every example is a full window of
     running text, however short the lines of the source are. Windows do not overlap; the draw
-    uses :func:`sample_examples` (same seed, same windows).
+    uses :func:`sample_examples` (same seed, same windows). For a tokenizer that starts every
+    text with a BOS token, each window's first token is that BOS (see :func:`leading_bos`).
     """
     _check_sizes(seq_len, batch_size)
     if not examples:
@@ -385,6 +402,9 @@ def pack_examples(
             f"{option('seq_len', seq_len)}; give more text or a shorter {option('seq_len')}"
         )
     chosen = sample_examples(windows, n, seed)
+    bos = leading_bos(tokenizer)
+    if bos is not None:  # the model's usual first token (see leading_bos)
+        chosen = [[bos, *w[1:]] for w in chosen]
     return [
         CalibrationBatch(
             {

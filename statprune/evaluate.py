@@ -800,6 +800,8 @@ def _max_positions(model) -> int | None:
 def _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride, worst) -> EvalResult:
     import torch
 
+    from statprune.calibration import leading_bos
+
     if any(isinstance(e, tuple) for e in examples):
         raise DataError("--task lm evaluates plain texts, not (text, pair) tuples; drop the pair field")
     limit = _max_positions(model)
@@ -837,8 +839,11 @@ def _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stri
             groups[-1].append(w)
         else:
             groups.append([w])
+    bos = leading_bos(tokenizer)
     for group in groups:
         x = torch.stack([ids[b:e] for b, e, _ in group])
+        if bos is not None:  # every window starts as the model's texts do; x[:, 0] is never a target
+            x[:, 0] = bos
         length = x.shape[1]
         # position j predicts token begin + j + 1; keep the predictions of scored tokens
         absolute = torch.tensor([b for b, _, _ in group]).unsqueeze(1) + torch.arange(1, length)

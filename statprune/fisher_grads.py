@@ -312,33 +312,73 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
                 labels = inputs.pop("labels", None)
                 if adapter.is_decoder:
                     inputs["use_cache"] = False
-                size = int(inputs["input_ids"].shape[0])
-                probe.start(size, device)
-                logits = getattr(model(**inputs), "logits", None)
-                if logits is None:
-                    raise BudgetError(f"{desc} needs a model with logits; {type(model).__name__} has none")
-                require_finite(logits, "the model's logits", dtype)
-                loss, kind = _per_example_loss(
-                    logits, inputs, labels, adapter.is_causal_lm(model), model.config, unlabelled
-                )
-                require_finite(loss, "the loss", dtype)
-                kinds.add(kind)
-                wrt = probe.wrt()
-                keys = list(wrt)
-                columns = loss.reshape(size, -1).unbind(dim=1)
-                for c, column in enumerate(columns if keys else ()):
-                    last = c == len(columns) - 1
-                    grads = torch.autograd.grad(
-                        column.sum(), [wrt[k] for k in keys], allow_unused=True, retain_graph=not last
+                total = int(inputs["input_ids"].shape[0])
+                step = _rows_per_pass(model, inputs["input_ids"].shape[1], total)
+                for start in range(0, total, step):  # examples are independent: same gradients
+                    part = {k: _rows(v, start, step, total) for k, v in inputs.items()}
+                    part_labels = None if labels is None else labels[start : start + step]
+                    kinds.add(
+                        _backward_rows(model, adapter, part, part_labels, unlabelled, probe, desc, dtype)
                     )
-                    for key, g in zip(keys, grads, strict=True):
-                        g = torch.zeros_like(wrt[key]) if g is None else g
-                        probe.record(key, require_finite(g, "the loss gradients", dtype))
-                examples += size
+                examples += total
     finally:
         for h in handles:
             h.remove()
     return "+".join(sorted(kinds)) or "none", examples
+
+
+# Largest number of logits (rows x tokens x vocabulary) one forward/backward pass computes: a batch
+# whose language-model head would exceed it goes through in slices of rows. Each float32 copy of
+# such logits then stays within 512 MiB, and a few copies live at once (logits, log-probabilities,
+# their gradients): Gemma-3's 262,144-token vocabulary makes a 16 x 128 batch's logits 2 GiB each.
+_LOGIT_BUDGET = 2**27
+
+
+def _rows_per_pass(model: nn.Module, tokens: int, rows: int) -> int:
+    """How many of a batch's ``rows`` (of ``tokens`` tokens each) to forward at once: all of them
+    unless the model's output embeddings (a language-model head) make their logits larger than
+    ``_LOGIT_BUDGET``; at least one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is None:  # a classifier's logits are small
+        return rows
+    return max(1, min(rows, _LOGIT_BUDGET // max(tokens * int(weight.shape[0]), 1)))
+
+
+def _rows(value, start: int, step: int, total: int):
+    """Rows ``start:start + step`` of a batch tensor (other inputs, e.g. ``use_cache``, as given)."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == total:
+        return value[start : start + step]
+    return value
+
+
+def _backward_rows(model, adapter, inputs, labels, unlabelled, probe, desc, dtype) -> str:
+    """Forward and backward one slice of a batch (one backward per loss column); ``probe`` records
+    the gradients. Returns what the loss was measured against."""
+    size = int(inputs["input_ids"].shape[0])
+    device = inputs["input_ids"].device
+    probe.start(size, device)
+    logits = getattr(model(**inputs), "logits", None)
+    if logits is None:
+        raise BudgetError(f"{desc} needs a model with logits; {type(model).__name__} has none")
+    require_finite(logits, "the model's logits", dtype)
+    loss, kind = _per_example_loss(
+        logits, inputs, labels, adapter.is_causal_lm(model), model.config, unlabelled
+    )
+    del logits  # the graph keeps what the backward needs
+    require_finite(loss, "the loss", dtype)
+    wrt = probe.wrt()
+    keys = list(wrt)
+    columns = loss.reshape(size, -1).unbind(dim=1)
+    for c, column in enumerate(columns if keys else ()):
+        last = c == len(columns) - 1
+        grads = torch.autograd.grad(
+            column.sum(), [wrt[k] for k in keys], allow_unused=True, retain_graph=not last
+        )
+        for key, g in zip(keys, grads, strict=True):
+            g = torch.zeros_like(wrt[key]) if g is None else g
+            probe.record(key, require_finite(g, "the loss gradients", dtype))
+    return kind
 
 
 def collect_mask_gradients(

@@ -72,3 +72,10 @@ def test_the_lm_target_is_also_checked_on_the_full_calibration_row_of_the_curren
     # other calibration sizes, other variants and rows measured under older defaults are not it
     for other in (_ablation_row(128), _ablation_row(512, "euclidean"), _ablation_row(512, variant="x")):
         assert not any("512 calibration examples" in line for line in target_lines(rows, [other]))
+
+
+def test_gemma3_at_80_percent_is_reported_without_a_target():
+    assert not any("Gemma-3-270M with 20%" in line for line in target_lines([]))
+    rows = [_row("Gemma-3-270M", "stat", 0.8, 60.0, 40.0, "perplexity")]
+    line = next(line for line in target_lines(rows) if "Gemma-3-270M with 20%" in line)
+    assert "40.00 → 60.00 (ratio 1.50)" in line and ": met" not in line and "MISSED" not in line
