@@ -303,6 +303,13 @@ LM_EVAL_LINE = (  # its own script writes that page (benchmarks/lm_eval_check.py
     "lm-eval's own command line: [`benchmarks/lm_eval_check.md`](lm_eval_check.md) "
     "(`python benchmarks/lm_eval_check.py`).\n"
 )
+SERVING_LINE = (  # their own scripts write those pages (benchmarks/serve_check.py, serve_vllm.py)
+    "\nServing engines, dense vs compressed SmolLM2 (80 % parameters, uneven per-layer widths): greedy "
+    "token agreement with transformers and tokens/s in llama.cpp from `statprune export-gguf` "
+    "([`benchmarks/serve_check.md`](serve_check.md), `python benchmarks/serve_check.py`) and in vLLM "
+    "through statprune's plugin ([`benchmarks/serve_vllm.md`](serve_vllm.md), "
+    "`python benchmarks/serve_vllm.py`).\n"
+)
 
 
 def main() -> None:
@@ -399,6 +406,7 @@ def main() -> None:
         + "\n"
         + EMBEDDING_AGREEMENT_LINE
         + LM_EVAL_LINE
+        + SERVING_LINE
     )
     print(f"wrote {results_file} and RESULTS.md in {time.perf_counter() - start:.0f} s")
 
