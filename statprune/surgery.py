@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from statprune.adapters.base import ModelAdapter
 from statprune.linalg.heads import head_columns
@@ -37,6 +38,21 @@ def _slice_rows(base: nn.Module, path: str, rows: torch.Tensor) -> dict:
     return _linear_op(base, path, old.weight.detach()[rows], bias)
 
 
+def linearize(adapter: ModelAdapter, base: nn.Module) -> list[dict]:
+    """Replace every transformers ``Conv1D`` inside the layers (GPT-2: a linear layer whose weight
+    is stored transposed, (in, out)) by the equivalent ``nn.Linear`` (weight (out, in)), so that
+    the rest of statprune reads one weight orientation. Returns the ``linear`` ops, to be recorded
+    before any pruning op (the saved weights are then in the ``nn.Linear`` orientation)."""
+    ops = []
+    for index, layer in enumerate(adapter.layers(base)):
+        prefix = adapter.layer_path(index) + "."
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, Conv1D):
+                bias = None if module.bias is None else module.bias.detach()
+                ops.append(_linear_op(base, prefix + name, module.weight.detach().T, bias))
+    return ops
+
+
 def _slice_parameter(base: nn.Module, path: str, index: torch.Tensor) -> dict:
     """Keep entries ``index`` of a parameter's last dimension (a per-head norm weight)."""
     parent_path, _, name = path.rpartition(".")
@@ -59,7 +75,9 @@ def prune_heads(
     """Keep the query heads ``kept`` of a layer; the output projection becomes ``out_weight``.
 
     Key/value heads go with their query heads in multi-head attention and stay in grouped-query
-    attention (unless every head goes, which replaces the block by ``EmptyAttention``).
+    attention (unless every head goes, which replaces the block by ``EmptyAttention``). Separate
+    q/k/v modules are sliced each; a fused one once, keeping the rows of every kept head of each
+    part in the order its forward splits them (``AttentionLayout.kept_rows``).
     """
     layer = adapter.layers(base)[layer_index]
     lay = adapter.attention(layer)
@@ -82,18 +100,20 @@ def prune_heads(
                 module.bias.copy_(out_bias.to(module.bias.dtype))
         return [op, *ops]
     cols = head_columns(kept, lay.head_dim)
-    ops.append(_slice_rows(base, prefix + lay.q, cols))
-    n_kv = lay.n_kv_heads
-    if not lay.grouped:
-        ops.append(_slice_rows(base, prefix + lay.k, cols))
-        ops.append(_slice_rows(base, prefix + lay.v, cols))
-        n_kv = len(kept)
+    kv_kept = list(range(lay.n_kv_heads)) if lay.grouped else kept
+    for path, rows in lay.kept_rows(kept, kv_kept).items():
+        ops.append(_slice_rows(base, prefix + path, rows))
+    n_kv = len(kv_kept)
     ops.append(_linear_op(base, prefix + lay.o, out_weight, out_bias))
     for path, which in adapter.head_parameters(layer):
         if which == "q" or not lay.grouped:
             ops.append(_slice_parameter(base, prefix + path, cols))
     for path, values in adapter.head_attributes(len(kept), n_kv, lay.head_dim).items():
         op = {"op": "attrs", "path": prefix + path, "values": values}
+        apply_op(base, op)
+        ops.append(op)
+    for path, values in adapter.head_config(len(kept), n_kv, lay.head_dim).items():
+        op = {"op": "config", "path": prefix + path, "values": values}
         apply_op(base, op)
         ops.append(op)
     for selector in adapter.head_argument_selectors(kept):
@@ -111,10 +131,11 @@ def prune_neurons(
     out_weight: torch.Tensor,
     out_bias: torch.Tensor | None,
 ) -> list[dict]:
-    """Keep the FFN neurons ``kept``; the down projection becomes ``out_weight``/``out_bias``."""
+    """Keep the FFN neurons ``kept``; the down projection becomes ``out_weight``/``out_bias``.
+    A fused gate/up module keeps both halves' rows of the kept neurons (``FFNLayout.rows``)."""
     layer = adapter.layers(base)[layer_index]
     lay = adapter.ffn(layer)
     prefix = adapter.layer_path(layer_index) + "."
-    ops = [_slice_rows(base, prefix + path, kept) for path in lay.inputs]
+    ops = [_slice_rows(base, prefix + path, rows) for path, rows in lay.rows(kept).items()]
     ops.append(_linear_op(base, prefix + lay.output, out_weight, out_bias))
     return ops

@@ -248,5 +248,5 @@ class ChannelRanking(PruningMethod):
         ffn = adapter.ffn(layer)
         finished = stats.neurons.finish() if self.uses_activations else None
         w = layer.get_submodule(ffn.output).weight.detach().double()
-        w_in = torch.cat([layer.get_submodule(p).weight.detach() for p in ffn.inputs], dim=1)
+        w_in = torch.cat([w.detach() for w in ffn.input_weights(layer)], dim=1)
         return neuron_ranking(self.channel_scores(finished, w, w_in), standardize=self.standardize)

@@ -38,5 +38,5 @@ class Magnitude(ChannelRanking):
     ) -> torch.Tensor:
         import torch
 
-        q_rows = layer.get_submodule(adapter.attention(layer).q).weight.detach().double().cpu()
+        q_rows = adapter.attention(layer).weight(layer, "q").detach().double().cpu()
         return self.channel_scores(stats, w_o) * torch.linalg.vector_norm(q_rows, dim=1)
