@@ -59,7 +59,8 @@ GPT2 = {"vocab_size": VOCAB, "n_layer": 2, "n_embd": 32, "n_head": 4, "n_inner":
 GPT2 |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 # GPT-NeoX (Pythia): query_key_value interleaved head by head, parallel residual, partial rotary
 NEOX = {"vocab_size": VOCAB, "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
-NEOX |= {"intermediate_size": 64, "max_position_embeddings": 64, "pad_token_id": 0, "use_parallel_residual": True}
+NEOX |= {"intermediate_size": 64, "max_position_embeddings": 64, "pad_token_id": 0}
+NEOX |= {"use_parallel_residual": True}
 ENCODER_HEADS = ("Model", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
 ENCODER_HEADS += ("ForQuestionAnswering",)
 DECODER_HEADS = ("ForCausalLM",)

@@ -44,7 +44,8 @@ class GPT2Adapter(ModelAdapter):
         )
 
     def ffn(self, layer: nn.Module) -> FFNLayout:
-        return FFNLayout(inputs=("mlp.c_fc",), output="mlp.c_proj", width=self.linear_width(layer, "mlp.c_fc"))
+        width = self.linear_width(layer, "mlp.c_fc")
+        return FFNLayout(inputs=("mlp.c_fc",), output="mlp.c_proj", width=width)
 
     def head_attributes(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, dict]:
         return {"attn": {"split_size": n_heads * head_dim, "num_heads": n_heads}}
