@@ -284,7 +284,7 @@ def test_unsupported_architecture(calib, tmp_path, capsys):
     from conftest import _build_tiny_tokenizer
 
     model = tmp_path / "gptj"
-    config = transformers.GPTJConfig(vocab_size=19, n_positions=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4)
+    config = transformers.GPTJConfig(vocab_size=19, n_positions=64, n_embd=32, n_layer=1, n_head=4)
     transformers.GPTJForCausalLM(config).save_pretrained(model)
     _build_tiny_tokenizer().save_pretrained(model)
     before = digest(model)

@@ -240,3 +240,28 @@ def test_baselines_on_fused_layouts(family, method):
     pruned, report = _compress(model, method=method, keep_params=0.6)
     assert 0.45 <= report.params_kept <= 0.6
     assert torch.isfinite(_logits(pruned)).all()
+
+
+def test_a_stock_gpt_neox_folder_loads_with_its_legacy_head_name(tmp_path):
+    """transformers writes GPT-NeoX's LM head as the legacy ``embed_out`` (as the Pythia
+    checkpoints have it) and renames it on load for its own classes only: ``statprune.load`` of a
+    stock folder must keep the head (not warn that it is missing and drop it), and a compressed
+    folder, written under the in-memory names, must reload as it was."""
+    import warnings
+
+    from safetensors import safe_open
+
+    from statprune.persist import HeadlessCheckpointWarning
+
+    model = build("gpt_neox", "ForCausalLM")
+    model.save_pretrained(tmp_path / "dense")
+    with safe_open(tmp_path / "dense" / "model.safetensors", "pt") as f:
+        assert "embed_out.weight" in f.keys()  # noqa: SIM118 (a safetensors file, not a dict)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeadlessCheckpointWarning)
+        loaded = statprune.load(tmp_path / "dense")
+    assert type(loaded) is transformers.GPTNeoXForCausalLM
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    pruned, report = _compress(loaded)
+    folder = statprune.save(pruned, tmp_path / "pruned", tokenizer=TOKENIZER, report=report)
+    torch.testing.assert_close(_logits(statprune.load(folder)), _logits(pruned), rtol=0, atol=1e-6)
