@@ -40,7 +40,6 @@ from statprune.pipeline.records import Analysis, Job
 from statprune.pipeline.stages import THIN_TOKENS_PER_UNIT, check_finite_weights
 from statprune.progress import progress_bar
 from statprune.report import CompressionReport
-from statprune.surgery import linearize
 
 __all__ = [
     "CORRECTION_TARGETS",
@@ -115,7 +114,7 @@ def compress(
     model.to("cpu" if offload else device)
     timings: dict[str, float] = {}
     with torch.no_grad(), progress_bar.enabled(progress):
-        linearized = linearize(plan.adapter, model.base_model)  # GPT-2's Conv1D → nn.Linear
+        prepared = plan.adapter.prepare(model.base_model)  # GPT-2: Conv1D → nn.Linear; MoE: per-expert widths
         shapes = model_shapes(plan.adapter, model.base_model)
         keep_stats = keep_stats and stats_bytes(shapes) <= KEEP_STATS_BYTES
         job = Job(plan, model, batches, shapes, checkpoint, device if offload else None, keep_stats)
@@ -139,8 +138,8 @@ def compress(
             pruned = stages.prune(job, calib, counts, analysis)
     if checkpoint is not None:
         checkpoint.finish()
-    previous = list(getattr(model.config, "statprune_ops", None) or [])
-    model.config.statprune_ops = previous + linearized + pruned.ops
+    earlier = list(getattr(model.config, "statprune_ops", None) or [])
+    model.config.statprune_ops = earlier + prepared + pruned.ops
     model.train(was_training)
     report = stages.build_report(job, pruned, calib, analysis, start)
     if job.cost is not None:

@@ -62,7 +62,7 @@ __all__ = [
     "run_eval",
 ]
 
-TASKS = ("classify", "lm", "embed")
+TASKS = ("classify", "lm", "embed", "qa")  # qa: statprune.qa_eval (SQuAD-format JSONL)
 DEFAULT_WINDOW = 256
 DEFAULT_LABEL_FIELD = "label"
 # Largest number of logits (rows x window x vocab) computed at once for ``lm``; rows are capped so
@@ -76,6 +76,9 @@ EXIT_BELOW = 3  # exit status of ``eval --fail-below`` when a metric falls below
 FAIL_METRICS = ("agreement", "accuracy", "cosine_mean", "cosine_min", "neighbor_overlap_at_1",
                 "neighbor_overlap_at_10", "similarity_spearman")
 DEFAULT_FAIL_METRIC = {"classify": "agreement", "lm": "agreement", "embed": "neighbor_overlap_at_10"}
+DEFAULT_FAIL_METRIC["qa"] = "agreement"
+FAIL_METRICS += ("exact_match", "f1")  # qa
+GOLD_METRICS = ("accuracy", "exact_match", "f1")  # measured without --against
 # the rank correlation of pairwise similarities uses at most this many examples (n(n-1)/2 pairs)
 SPEARMAN_MAX_EXAMPLES = 2000
 # nearest neighbours are searched among at most this many examples (O(n²) similarities)
@@ -235,6 +238,12 @@ def _is_classifier(model: Any) -> bool:
     return head is not None and head.kind == "sequence-classification"
 
 
+def _task_head(model: Any):
+    from statprune.adapters import task_head
+
+    return task_head(model)
+
+
 def _is_causal_lm(model: Any) -> bool:
     from statprune.adapters import is_causal_lm
 
@@ -250,6 +259,8 @@ def detect_task(model: Any) -> str:
     base model (BertModel, MPNetModel, …); otherwise a ModelError asking for an explicit task."""
     if _is_classifier(model):
         return "classify"
+    if getattr(_task_head(model), "kind", None) == "question-answering":
+        return "qa"
     if _is_causal_lm(model):
         return "lm"
     if _is_base_model(model):
@@ -280,6 +291,8 @@ def _check_task(model: Any, task: str, which: str) -> None:
         raise ModelError(
             f"--task lm needs a …ForCausalLM model but {which} is a {name}; pass --task embed or classify"
         )
+    if task == "qa" and getattr(_task_head(model), "kind", None) != "question-answering":
+        raise ModelError(f"--task qa needs a …ForQuestionAnswering model but {which} is a {name}")
     if task == "embed" and not hasattr(model, "base_model"):
         raise ModelError(f"--task embed needs a transformers model but {which} is a {name}")
 
@@ -436,6 +449,13 @@ def evaluate(
     import torch
 
     task = _resolve_task(model, task)
+    if task == "qa":  # examples: statprune.qa_eval.QAExample records
+        from statprune.qa_eval import QAExample, evaluate_qa
+
+        if not all(isinstance(e, QAExample) for e in examples):
+            raise DataError("question answering needs QAExample records (statprune.qa_eval.read_squad_jsonl)")
+        return evaluate_qa(model, tokenizer, list(examples), reference=reference, seq_len=seq_len,
+                           batch_size=batch_size, worst=worst)
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
         raise DataError(f"worst must be a non-negative integer, got {worst!r}")
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("window", window),
@@ -992,7 +1012,6 @@ def evaluate_paths(
     check_model_dir(model_dir)
     if against is not None:
         check_model_dir(Path(against))
-    examples = read_examples(data_path, text_field=text_field, pair_field=pair_field)
     torch_dtype = None
     if dtype is not None:
         torch_dtype = getattr(torch, dtype, None)
@@ -1002,6 +1021,12 @@ def evaluate_paths(
     tokenizer = load_tokenizer(model_dir)
     model = load(model_dir, device=str(target), dtype=torch_dtype)
     task = _resolve_task(model, task)
+    if task == "qa":  # a SQuAD-format JSONL (statprune.qa_eval), not texts
+        from statprune.qa_eval import read_squad_jsonl
+
+        examples = read_squad_jsonl(data_path)
+    else:
+        examples = read_examples(data_path, text_field=text_field, pair_field=pair_field)
     reference = None if against is None else load(against, device=str(target), dtype=torch_dtype)
     labels = None
     if task == "classify":
@@ -1059,6 +1084,8 @@ def fail_below_checks(
             need = "labelled data" if metric == "accuracy" else "--against ORIGINAL"
             if metric.startswith(("cosine", "neighbor", "similarity")) and result.task != "embed":
                 need = "an embedding model (--task embed)"
+            if metric in ("exact_match", "f1") and result.task != "qa":
+                need = "a question-answering model (--task qa)"
             raise DataError(f"--fail-below: {metric} was not measured in this run; it needs {need}")
         checks.append((metric, float(value), bar, float(value) >= bar))
     return checks
@@ -1074,6 +1101,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--against", type=Path, help="the original model folder to compare with")
     e.add_argument("--task", default="auto", choices=["auto", *TASKS],
                    help="auto: classify for …ForSequenceClassification, lm for …ForCausalLM, "
+                        "qa for …ForQuestionAnswering (SQuAD-format JSONL: question, context, answers), "
                         "embed for bare encoders")
     e.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
     e.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
@@ -1114,7 +1142,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if worst < 0:
         raise DataError(f"--worst must be 0 or more, got {worst}")
     rules = getattr(args, "fail_below", None) or []
-    if args.against is None and any(m != "accuracy" for m, _ in rules):
+    if args.against is None and any(m not in GOLD_METRICS for m, _ in rules):
         raise DataError("--fail-below compares with the original: add --against ORIGINAL "
                         "(or watch accuracy alone: --fail-below accuracy=Q)")
     result = evaluate_paths(

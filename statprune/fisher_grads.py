@@ -52,7 +52,7 @@ from torch import nn
 from statprune.adapters import ModelAdapter, task_head
 from statprune.allocation import allowed_neuron_counts
 from statprune.calibration import CalibrationBatch, count_tokens
-from statprune.errors import BudgetError
+from statprune.errors import BudgetError, OptionsError
 from statprune.flops import LayerShape, dense_counts, total_cost
 from statprune.guards import (
     option,
@@ -110,12 +110,15 @@ def _frozen(model: nn.Module):
 
 def has_loss_without_labels(model: nn.Module) -> bool:
     """Whether a loss can be differentiated on unlabelled data: a task head with ``logits`` other
-    than regression (whose own predictions give zero gradients)."""
+    than regression (whose own predictions give zero gradients) and multiple choice (calibration
+    texts are one-choice questions, whose softmax over one choice has zero gradient)."""
     config, head = model.config, task_head(model)
-    regression = getattr(config, "problem_type", None) == "regression" or (
-        getattr(head, "kind", None) == "sequence-classification" and getattr(config, "num_labels", 2) == 1
+    kind = getattr(head, "kind", None)
+    flat = getattr(config, "problem_type", None) == "regression" or (
+        kind == "sequence-classification" and getattr(config, "num_labels", 2) == 1
     )
-    return model.base_model is not model and not regression and getattr(head, "logits", True)
+    flat = flat or kind == "multiple-choice"
+    return model.base_model is not model and not flat and getattr(head, "logits", True)
 
 
 def _per_example_loss(
@@ -279,6 +282,11 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
             f"{desc} needs a task head to differentiate (sequence classification or causal LM); "
             f"{type(model).__name__} is a bare encoder/decoder"
         )
+    if getattr(task_head(model), "kind", None) == "multiple-choice":
+        raise BudgetError(
+            f"{desc} cannot differentiate a multiple-choice model: calibration texts are one-choice "
+            "questions, whose loss has no gradient; use the default method (stat)"
+        )
     device = next(model.parameters()).device
     handles = []
     for i, layer in enumerate(adapter.layers(model.base_model)):
@@ -286,7 +294,13 @@ def _backward_batches(model, adapter, batches, prune, unlabelled, probe, desc) -
         if "heads" in prune and attn.n_heads:
             module = layer.get_submodule(attn.o)
             handles.append(probe.hook(("heads", i), module, attn.n_heads, attn.head_dim))
-        if "neurons" in prune and ffn.width:
+        if "neurons" in prune and ffn.width and ffn.experts is not None:  # routed experts
+            if isinstance(probe, _MaskProbe):  # the neurons are not the input of one module call
+                raise OptionsError(
+                    "--method fisher does not prune mixture-of-experts FFNs; use --method stat"
+                )
+            handles.append(probe.hook(("neurons", i), layer.get_submodule(ffn.probe), ffn.width, 1))
+        elif "neurons" in prune and ffn.width:
             handles.append(probe.hook(("neurons", i), layer.get_submodule(ffn.output), ffn.width, 1))
     kinds: set[str] = set()
     examples = 0

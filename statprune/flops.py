@@ -3,8 +3,10 @@
 Per layer at sequence length ``s``, hidden ``d``, head dim ``d_h`` (multiply-accumulates):
 a query head costs ``2·s·d·d_h`` (Q and output projections) ``+ 2·s²·d_h`` (QKᵀ and AV), a key/value
 head ``2·s·d·d_h``; so a multi-head-attention head costs ``4·s·d·d_h + 2·s²·d_h``. An FFN neuron
-costs ``2·s·d`` (``3·s·d`` gated). Embeddings, norms, softmax, biases and task heads are excluded;
-FLOPs = 2 × MACs. Parameters count the weights and biases of the same projections.
+costs ``2·s·d`` (``3·s·d`` gated), times ``k/E`` for the routed experts of a mixture-of-experts
+layer (a token passes through ``k`` of ``E``; every expert's parameters count). Embeddings, norms,
+softmax, biases, routers and task heads are excluded; FLOPs = 2 × MACs. Parameters count the
+weights and biases of the same projections.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ class LayerShape:
     o_bias: bool
     ffn_in_bias: bool
     ffn_out_bias: bool
+    # mixture of experts: the fraction (top-k, experts) of the FFN neurons a token passes through;
+    # FLOPs count those (balanced routing), parameters every expert
+    ffn_active: tuple[int, int] = (1, 1)
+
+    def __post_init__(self) -> None:  # a tuple even when read back from JSON (latency tables)
+        object.__setattr__(self, "ffn_active", tuple(int(v) for v in self.ffn_active))
 
     @property
     def grouped(self) -> bool:
@@ -54,7 +62,8 @@ class LayerShape:
         return s * d * hd * (2 * heads + 2 * self.kv_heads(heads)) + 2 * s * s * hd * heads
 
     def ffn_macs(self, neurons: int, seq_len: int) -> int:
-        return neurons * seq_len * self.hidden * (3 if self.gated else 2)
+        top_k, experts = self.ffn_active
+        return neurons * seq_len * self.hidden * (3 if self.gated else 2) * top_k // experts
 
     def attention_params(self, heads: int) -> int:
         d, hd, kv = self.hidden, self.head_dim, self.kv_heads(heads)
@@ -95,6 +104,7 @@ def layer_shape(layer: nn.Module, attn: AttentionLayout, ffn: FFNLayout, hidden:
         o_bias=_has_bias(layer, attn.o) or _has_bias(layer, attn.block),
         ffn_in_bias=_has_bias(layer, ffn.inputs[0]),
         ffn_out_bias=_has_bias(layer, ffn.output),
+        ffn_active=ffn.active,
     )
 
 

@@ -48,6 +48,91 @@ class EmptyAttention(nn.Module):
         return out, None
 
 
+class StatprunedExperts(nn.Module):
+    """The routed experts of a mixture-of-experts block, each with its own FFN width.
+
+    Stands in for the stock fused expert tensors (``gate_up_proj`` (E, 2I, H), ``down_proj``
+    (E, H, I): one width for every expert). The experts' neurons are stored concatenated: expert
+    ``e`` owns the ``widths[e]`` rows from ``offset_e = sum(widths[:e])`` of ``gate_linear`` and
+    ``up_linear`` and those columns of ``down_linear``. Called like the stock experts module,
+    ``(hidden_states (N, H), top_k_index (N, k), top_k_weights (N, k)) -> (N, H)``, it returns
+    ``sum over routed e of w_e(x) * down_e(act(gate_e x) * up_e x)``, plus ``down_linear.bias``
+    once per token when the pruning gave it one (the stock experts have no bias).
+    """
+
+    def __init__(self, hidden: int, widths: list[int], act: str):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.widths, self.act = [int(w) for w in widths], act
+        self.num_experts = len(self.widths)
+        total = sum(self.widths)
+        self.gate_linear = nn.Linear(hidden, total, bias=False)
+        self.up_linear = nn.Linear(hidden, total, bias=False)
+        self.down_linear = nn.Linear(total, hidden, bias=False)
+        self.act_fn = ACT2FN[act]
+
+    def _slices(self) -> list[slice]:
+        bounds, start = [], 0
+        for width in self.widths:
+            bounds.append(slice(start, start + width))
+            start += width
+        return bounds
+
+    def _neurons(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        gate = nn.functional.linear(x, self.gate_linear.weight[rows])
+        return self.act_fn(gate) * nn.functional.linear(x, self.up_linear.weight[rows])
+
+    def routing(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n: int) -> torch.Tensor:
+        """(N, E) routing weight of every token for every expert (0 where not routed)."""
+        dense = top_k_weights.new_zeros(n, self.num_experts + 1)
+        dense.scatter_add_(1, top_k_index.clamp(0, self.num_experts), top_k_weights)
+        return dense[:, : self.num_experts]
+
+    def activations(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert's neuron activations times its routing weight, (N, sum(widths)), zero for
+        the tokens not routed to it; and which tokens each expert got, (N, E) bool."""
+        n = hidden_states.shape[0]
+        weights = self.routing(top_k_index, top_k_weights, n)
+        experts = torch.arange(self.num_experts, device=top_k_index.device)
+        routed = (top_k_index.unsqueeze(-1) == experts).any(1)
+        out = hidden_states.new_zeros(n, sum(self.widths))
+        for e, rows in enumerate(self._slices()):
+            tokens = torch.nonzero(routed[:, e]).flatten()
+            if rows.stop > rows.start and tokens.numel():
+                z = self._neurons(hidden_states[tokens], rows)
+                out[tokens, rows] = z * weights[tokens, e, None].to(z.dtype)
+        return out, routed
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        if torch.compiler.is_exporting():  # no data-dependent shapes: every expert on every token
+            weights = self.routing(top_k_index, top_k_weights, hidden_states.shape[0])
+            for e, rows in enumerate(self._slices()):
+                if rows.stop > rows.start:
+                    z = self._neurons(hidden_states, rows)
+                    y = nn.functional.linear(z, self.down_linear.weight[:, rows])
+                    out = out + y * weights[:, e, None].to(y.dtype)
+        else:
+            for e, rows in enumerate(self._slices()):
+                if rows.stop == rows.start:
+                    continue
+                tokens, slot = torch.where(top_k_index == e)
+                if tokens.numel() == 0:
+                    continue
+                z = self._neurons(hidden_states[tokens], rows)
+                y = nn.functional.linear(z, self.down_linear.weight[:, rows])
+                y = y * top_k_weights[tokens, slot, None].to(y.dtype)
+                out.index_add_(0, tokens, y.to(out.dtype))
+        if self.down_linear.bias is not None:
+            out = out + self.down_linear.bias.to(out.dtype)
+        return out
+
+
 class ArgumentSelector:
     """Selects entries of one forward argument of a module, e.g. the per-head position bias
     that an encoder computes once for all layers (MPNet) when this layer keeps fewer heads."""
@@ -98,6 +183,12 @@ def apply_op(root: nn.Module, op: dict) -> nn.Module | None:
         old = getattr(parent, name)
         setattr(parent, name, nn.Parameter(old.new_empty(op["shape"]), requires_grad=old.requires_grad))
         return getattr(parent, name)
+    if kind == "experts":  # fused expert tensors -> per-expert widths (weights loaded later)
+        parent, name = _parent(root, path)
+        module = StatprunedExperts(op["hidden"], op["widths"], op["act"])
+        module.to(**_like(getattr(parent, name, root)))
+        setattr(parent, name, module)
+        return module
     if kind == "attrs":
         target = root.get_submodule(path)
         for key, value in op["values"].items():

@@ -139,9 +139,9 @@ def save(
             if not stock:
                 config.auto_map = _auto_map(model)
             config.architectures = [type(model).__name__]
-            # a compressed model is loaded by remote code, for which transformers applies no
-            # checkpoint renaming: save its weights under their in-memory names (GPT-NeoX's
-            # ``lm_head`` would otherwise be written as the legacy ``embed_out``, then not found)
+            # a compressed folder (model_type statprune_<type>) loads as remote code, for which
+            # transformers applies no checkpoint renaming: its weights keep their in-memory names
+            # (GPT-NeoX's ``lm_head`` would be written as the legacy ``embed_out``, Mixtral's renamed)
             model.save_pretrained(tmp, safe_serialization=True, save_original_format=not is_compressed(model))
             if is_compressed(model):
                 _set_model_type(tmp / "config.json", custom_model_type(model.config.model_type))

@@ -104,6 +104,8 @@ def prune_heads(
     for path, rows in lay.kept_rows(kept, kv_kept).items():
         ops.append(_slice_rows(base, prefix + path, rows))
     n_kv = len(kv_kept)
+    for path in adapter.head_projections(layer):
+        ops.append(_slice_rows(base, prefix + path, cols))
     ops.append(_linear_op(base, prefix + lay.o, out_weight, out_bias))
     for path, which in adapter.head_parameters(layer):
         if which == "q" or not lay.grouped:
@@ -136,6 +138,14 @@ def prune_neurons(
     layer = adapter.layers(base)[layer_index]
     lay = adapter.ffn(layer)
     prefix = adapter.layer_path(layer_index) + "."
+    attributes = adapter.neuron_attributes(layer, kept)  # from the widths before slicing
+    had_bias = getattr(layer.get_submodule(lay.output), "bias", None) is not None
+    if lay.experts is not None and out_bias is not None and not had_bias and not out_bias.any():
+        out_bias = None  # routed experts get no bias compensation (statprune.moe): no zero bias
     ops = [_slice_rows(base, prefix + path, rows) for path, rows in lay.rows(kept).items()]
     ops.append(_linear_op(base, prefix + lay.output, out_weight, out_bias))
+    for path, values in attributes.items():
+        op = {"op": "attrs", "path": prefix + path, "values": values}
+        apply_op(base, op)
+        ops.append(op)
     return ops

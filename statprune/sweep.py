@@ -769,6 +769,9 @@ def _read_inputs(config: SweepConfig) -> _Inputs:
     tokenizer = load_tokenizer(model_dir)
     dense = load(model_dir, device=str(target), dtype=torch_dtype)
     task = detect_task(dense) if config.task == "auto" else config.task
+    if task == "qa":  # (statprune.qa_eval reads SQuAD-format records, one model at a time)
+        raise DataError("sweep does not score question answering yet: run `statprune eval --task qa` on "
+                        "each compressed model, or pass --task embed")
     labels = None
     if task == "classify":
         labels = read_labels(eval_path, config.label_field, eval_text_field)

@@ -61,8 +61,28 @@ GPT2 |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 NEOX = {"vocab_size": VOCAB, "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
 NEOX |= {"intermediate_size": 64, "max_position_embeddings": 64, "pad_token_id": 0}
 NEOX |= {"use_parallel_residual": True}
+# mixture of experts: 4 experts of 32 neurons, top-2 (Qwen3-MoE: layer 0 dense, as its
+# mlp_only_layers allow; OLMoE: its q/k norms span every head, as OLMo2's)
+MOE = {**DECODER, "num_experts_per_tok": 2}
+MIXTRAL = {**MOE, "num_local_experts": 4, "intermediate_size": 32}
+QWEN3_MOE = {**MOE, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 8, "mlp_only_layers": [0]}
+OLMOE = {**MOE, "num_experts": 4, "intermediate_size": 32}
+# DeBERTa-v3's layout (shared key/query projections for positions, relative positions only, no
+# segment ids, log-bucketed distances); the -pos-proj variant has its own position projections
+# (sliced with the kept heads) and an absolute position table
+DEBERTA_V3 = {**ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "share_att_key": True}
+DEBERTA_V3 |= {"position_biased_input": False, "position_buckets": 8, "norm_rel_ebd": "layer_norm"}
+# weights 5x the default scale: at 0.02 the FFN inputs of this model without absolute positions
+# are nearly rank-deficient and the allocation splits duplicated neurons 30/34 at a 1e-6 error
+DEBERTA_V3 |= {"type_vocab_size": 0, "initializer_range": 0.1}
+DEBERTA_POS = {**DEBERTA_V3, "share_att_key": False, "position_biased_input": True, "type_vocab_size": 2}
+# ModernBERT: a global layer then a local one (sliding window of 8 tokens: the test inputs are
+# longer), special-token ids inside the tiny vocabulary
+MODERNBERT = {**ENCODER, "layer_types": ["full_attention", "sliding_attention"], "local_attention": 8}
+MODERNBERT |= {"cls_token_id": 2, "sep_token_id": 3, "bos_token_id": 2, "eos_token_id": 3}
 ENCODER_HEADS = ("Model", "ForSequenceClassification", "ForTokenClassification", "ForMaskedLM")
-ENCODER_HEADS += ("ForQuestionAnswering",)
+# question answering stays last: the ONNX check exports each family's last task class
+ENCODER_HEADS += ("ForMultipleChoice", "ForQuestionAnswering")
 DECODER_HEADS = ("ForCausalLM",)
 
 
@@ -91,6 +111,9 @@ FAMILIES: dict[str, Family] = {
     "electra": Family("ElectraConfig", {**ENCODER, "embedding_size": 16}, "Electra"),
     "distilbert": Family("DistilBertConfig", DISTILBERT, "DistilBert"),
     "mpnet": Family("MPNetConfig", ENCODER, "MPNet"),
+    "deberta-v2": Family("DebertaV2Config", DEBERTA_V3, "DebertaV2"),
+    "deberta-v2-pos-proj": Family("DebertaV2Config", DEBERTA_POS, "DebertaV2"),
+    "modernbert": Family("ModernBertConfig", MODERNBERT, "ModernBert"),
     "llama": Family("LlamaConfig", DECODER, "Llama", DECODER_HEADS),
     "mistral": Family("MistralConfig", DECODER, "Mistral", DECODER_HEADS),
     "qwen2": Family("Qwen2Config", DECODER, "Qwen2", DECODER_HEADS),
@@ -104,6 +127,9 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family("Phi3Config", PHI3, "Phi3", DECODER_HEADS),
     "gpt2": Family("GPT2Config", GPT2, "GPT2", DECODER_HEADS, {"ForCausalLM": "GPT2LMHeadModel"}),
     "gpt_neox": Family("GPTNeoXConfig", NEOX, "GPTNeoX", DECODER_HEADS),
+    "mixtral": Family("MixtralConfig", MIXTRAL, "Mixtral", DECODER_HEADS),
+    "qwen3_moe": Family("Qwen3MoeConfig", QWEN3_MOE, "Qwen3Moe", DECODER_HEADS),
+    "olmoe": Family("OlmoeConfig", OLMOE, "Olmoe", DECODER_HEADS),
 }
 # fmt: on
 

@@ -1,5 +1,6 @@
 """Fused projections (issue 16): Phi-3's stacked ``qkv_proj`` and ``gate_up_proj``, GPT-2's
-``Conv1D`` layers and stacked ``c_attn``, GPT-NeoX's head-by-head ``query_key_value``.
+``Conv1D`` layers and stacked ``c_attn``, GPT-NeoX's head-by-head ``query_key_value``, ModernBERT's
+stacked ``Wqkv`` and fused ``Wi`` ([input; gate]).
 
 ``tests/test_conformance.py`` runs the shared checks on these families; this file checks what is
 particular to them: the row layouts against hand-written indices, the ``Conv1D`` conversion, the
@@ -14,7 +15,7 @@ import pytest
 import torch
 import transformers
 from conftest import _build_tiny_tokenizer, tiny_texts
-from families import FAMILIES, build
+from families import FAMILIES, build, main_head
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.pytorch_utils import Conv1D
@@ -79,24 +80,38 @@ def test_fused_gate_up_rows_take_both_halves():
     assert torch.equal(gate, layer.m.gate_up.weight[:4]) and torch.equal(up, layer.m.gate_up.weight[4:])
 
 
+def test_a_layout_whose_paths_contradict_its_qkv_mode_is_refused():
+    with pytest.raises(ValueError, match="mismatches the paths"):
+        AttentionLayout("a", "a.qkv", "a.qkv", "a.qkv", "a.o", 4, 4, 2)  # fused paths, "separate"
+    with pytest.raises(ValueError, match="mismatches the paths"):
+        AttentionLayout("a", "a.q", "a.k", "a.v", "a.o", 4, 4, 2, qkv=QKV_STACKED)
+
+
+def _module_input(model, layer, path: str) -> torch.Tensor:
+    """The input of ``layer``'s module at ``path`` on ``IDS``, (tokens, features)."""
+    seen = {}
+    module = layer.get_submodule(path)
+    handle = module.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        model(IDS, **({"use_cache": False} if adapter_for(model.config).is_decoder else {}))
+    handle.remove()
+    return seen["x"].reshape(-1, seen["x"].shape[-1])
+
+
 def _head_outputs(model, layer, attn) -> torch.Tensor:
     """The attention's per-head outputs (input of the output projection), (tokens, heads, d_h)."""
-    seen = {}
-    module = layer.get_submodule(attn.o)
-    handle = module.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
-    _logits(model)
-    handle.remove()
-    return seen["x"].reshape(-1, attn.n_heads, attn.head_dim)
+    return _module_input(model, layer, attn.o).reshape(-1, attn.n_heads, attn.head_dim)
 
 
-@pytest.mark.parametrize("family", FUSED)
+@pytest.mark.parametrize("family", [*FUSED, "modernbert"])
 def test_layouts_name_the_rows_each_stock_forward_reads(family):
     """Zeroing the rows the layout gives for one query head changes that head's output alone;
     zeroing the value rows of key/value head 0 makes the outputs of exactly its query heads zero
-    (the stock forward splits the fused output where the layout says)."""
-    model = build(family, "ForCausalLM")
+    (the stock forward splits the fused output where the layout says); zeroing the input rows
+    of one FFN neuron (both halves of a fused module) zeroes that neuron alone."""
+    model = build(family, main_head(family))
     adapter = adapter_for(model.config)
-    linearize(adapter, model.base_model)
+    adapter.prepare(model.base_model)
     layer = adapter.layers(model.base_model)[0]
     attn = adapter.attention(layer)
     per_kv = attn.n_heads // attn.n_kv_heads
@@ -115,6 +130,15 @@ def test_layouts_name_the_rows_each_stock_forward_reads(family):
     assert changed[1] > 0 and torch.all(changed[[0, 2, 3]] == 0), changed
     after = zero("v", 0).abs().amax(dim=(0, 2))
     assert torch.all(after[:per_kv] == 0) and torch.all(after[per_kv:] > 0), after
+    ffn = adapter.ffn(layer)
+    with torch.no_grad():
+        for path, rows in ffn.rows(torch.tensor([3])).items():
+            module = layer.get_submodule(path)
+            module.weight[rows] = 0
+            if module.bias is not None:
+                module.bias[rows] = 0
+    neurons = _module_input(model, layer, ffn.output).abs().amax(dim=0)
+    assert neurons[3] == 0 and torch.all(neurons[torch.arange(ffn.width) != 3] > 0), neurons
 
 
 # ---------------------------------------------------------------------------- GPT-2's Conv1D

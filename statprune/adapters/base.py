@@ -26,7 +26,7 @@ from torch import nn
 # how the query, key and value projections of a layer are laid out (``AttentionLayout.qkv``)
 QKV_SEPARATE = "separate"  # three modules ``q``, ``k``, ``v`` (Llama, BERT)
 # one fused module (``q == k == v``): every query row, then every key row, then every value row
-# (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``)
+# (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, ModernBERT ``Wqkv``)
 QKV_STACKED = "stacked"
 # one fused module, head by head: head h's query, key and value rows, then head h + 1's
 # (GPT-NeoX ``query_key_value``; multi-head attention only)
@@ -57,6 +57,14 @@ class AttentionLayout:
         return self.n_kv_heads if self.grouped else 1
 
     qkv: str = QKV_SEPARATE  # the layout of the q/k/v rows (the ``QKV_…`` constants above)
+
+    def __post_init__(self) -> None:
+        """A fused layout names one module three times, a separate one three modules (``ValueError``
+        otherwise: an adapter bug that would slice the wrong rows)."""
+        if self.qkv not in (QKV_SEPARATE, QKV_STACKED, QKV_INTERLEAVED):
+            raise ValueError(f"unknown q/k/v layout {self.qkv!r}")
+        if (self.q == self.k == self.v) != (self.qkv != QKV_SEPARATE):
+            raise ValueError(f"q/k/v layout {self.qkv!r} mismatches the paths {self.q}, {self.k}, {self.v}")
 
     @property
     def o_inside_block(self) -> bool:
@@ -114,9 +122,16 @@ class FFNLayout:
     inputs: tuple[str, ...]  # e.g. ("intermediate.dense",) or ("mlp.gate_proj", "mlp.up_proj")
     output: str
     width: int
-    # one input module computing both halves of a gated FFN: rows 0 … width − 1 and width …
-    # 2·width − 1 (Phi-3 ``gate_up_proj``: gate then up; neuron i is rows i and width + i)
+    # one input module computing both halves of a gated FFN, chunked in two by the forward pass:
+    # neuron i is rows i and width + i (Phi-3 ``gate_up_proj`` = [gate; up], ModernBERT ``Wi`` =
+    # [input; gate])
     fused: bool = False
+    # mixture of experts (statprune.moe): the neurons of every routed expert, concatenated; each
+    # expert's width; the module whose calls give their routed activations (``activations``); the
+    # fraction of the neurons a token passes through, (top-k, experts)
+    experts: tuple[int, ...] | None = None
+    probe: str = ""
+    active: tuple[int, int] = (1, 1)
 
     @property
     def gated(self) -> bool:
@@ -130,8 +145,8 @@ class FFNLayout:
         return {path: neurons for path in self.inputs}
 
     def input_weights(self, layer: nn.Module) -> list[torch.Tensor]:
-        """The input projections' weights, each ``(width, in_features)``, in gate/up order
-        (a fused module's weight split in its halves)."""
+        """The input projections' weights, each ``(width, in_features)``, in the modules' order
+        (a fused module's weight split in its two halves, in its row order)."""
         weights = [layer.get_submodule(path).weight for path in self.inputs]
         return [weights[0][: self.width], weights[0][self.width :]] if self.fused else weights
 
@@ -190,6 +205,16 @@ class ModelAdapter(ABC):
         ``fisher_grads`` ask here."""
         head = cls.task_head(model)
         return head is not None and head.kind == "causal-lm"
+
+    @classmethod
+    def forward_inputs(cls, model: Any, inputs: dict) -> dict:
+        """Keyword arguments of ``model``'s forward for a batch of (batch, seq) token tensors: a
+        multiple-choice model takes (batch, choices, seq), so each sequence becomes a question
+        with one choice (its encoder sees the same (batch, seq) sequences, in the same order)."""
+        head = cls.task_head(model)
+        if head is None or head.kind != "multiple-choice":
+            return inputs
+        return {k: v.unsqueeze(1) if hasattr(v, "dim") and v.dim() == 2 else v for k, v in inputs.items()}
 
     @classmethod
     def auto_map(cls, model: Any, module: str) -> dict[str, str]:
@@ -278,6 +303,23 @@ class ModelAdapter(ABC):
         config with those fields (``config`` op), e.g. Phi-3's attention, which splits its fused
         ``qkv_proj`` output at ``config.num_attention_heads · head_dim``. Empty for most families."""
         return {}
+
+    def prepare(self, base_model: nn.Module) -> list[dict]:
+        """Structural changes made (and recorded as ops) before anything is measured, e.g. fused
+        expert tensors turned into per-expert widths (``statprune.adapters.moe``). None by default."""
+        return []
+
+    def neuron_attributes(self, layer: nn.Module, kept) -> dict[str, dict]:
+        """Module attributes (path relative to the layer -> {name: value}) to set when the layer
+        keeps FFN neurons ``kept`` (e.g. each expert's width). None by default."""
+        return {}
+
+    def head_projections(self, layer: nn.Module) -> tuple[str, ...]:
+        """Further linear layers in the attention block whose output rows run over the
+        concatenated query heads' features, sliced with the kept heads, e.g. DeBERTa-v2's
+        ``pos_key_proj``/``pos_query_proj`` (relative-position keys and queries per head).
+        Empty for most families."""
+        return ()
 
     def head_argument_selectors(self, kept_heads: list[int]) -> list[dict]:
         """Extra ``select_argument`` ops for per-head inputs computed outside the layer."""

@@ -1,10 +1,10 @@
 """OpenAI GPT-2 decoders: ``Conv1D`` projections and a fused, stacked ``c_attn``.
 
 GPT-2's linear layers are transformers ``Conv1D`` modules, whose weight is stored transposed
-((in, out)); ``statprune.surgery.linearize`` replaces them by ``nn.Linear`` before anything reads
-a weight (recorded as ``linear`` ops, so the saved folder rebuilds them), and every other part of
-statprune sees the usual orientation. ``c_attn`` computes queries, keys and values in one matrix,
-stacked (``QKV_STACKED``), and the attention splits its output every ``split_size`` features, an
+((in, out)); ``prepare`` (``statprune.surgery.linearize``) replaces them by ``nn.Linear`` before
+anything reads a weight (recorded as ``linear`` ops, so the saved folder rebuilds them), and every
+other part of statprune sees the usual orientation. ``c_attn`` computes queries, keys and values in
+one matrix, stacked (``QKV_STACKED``), and the attention splits its output every ``split_size`` features, an
 attribute set per layer with the kept heads. Multi-head attention, a GELU FFN (``c_fc``/``c_proj``),
 learned positions (``wpe``), biases everywhere. The causal-LM class is ``GPT2LMHeadModel``.
 """
@@ -42,6 +42,12 @@ class GPT2Adapter(ModelAdapter):
             head_dim=hd,
             qkv=QKV_STACKED,
         )
+
+    def prepare(self, base_model: nn.Module) -> list[dict]:
+        """Every ``Conv1D`` replaced by the equivalent ``nn.Linear`` (``linear`` ops)."""
+        from statprune.surgery import linearize
+
+        return linearize(self, base_model)
 
     def ffn(self, layer: nn.Module) -> FFNLayout:
         width = self.linear_width(layer, "mlp.c_fc")

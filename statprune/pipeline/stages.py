@@ -43,6 +43,7 @@ from statprune.fisher_grads import OutputSensitivity, has_loss_without_labels, o
 from statprune.flops import LayerShape, model_shapes, total_cost
 from statprune.linalg.heads import head_columns
 from statprune.methods import get_method
+from statprune.moe import pin_selection
 from statprune.options import LATENCY_OPTIONS, make_options, resolve_auto
 from statprune.pipeline.execution import (
     record_progress,
@@ -132,7 +133,8 @@ def prepare_calibration(
 
 def check_enough_tokens(shapes: list[LayerShape], tokens: int, plan: Plan, stacklevel: int = 3) -> None:
     """Too few tokens is a ``DataError``; few enough that the exact corrections overfit, a warning."""
-    widest = max(max(s.n_heads * s.head_dim, s.ffn_width) for s in shapes)
+    # routed experts (top-k of E, width I each): each sees about tokens * k / E, so it needs I * E / k
+    widest = max(max(s.n_heads * s.head_dim, s.ffn_width // s.ffn_active[0]) for s in shapes)
     if tokens < widest:
         raise DataError(
             f"calibration data has only {tokens} tokens; a meaningful factorization needs at least "
@@ -176,7 +178,7 @@ def capture_inputs(
     model_device = next(model.parameters()).device
     try:
         for batch in progress_bar(batches, desc="capture inputs"):
-            inputs = to_device(batch.inputs, model_device)
+            inputs = adapter.forward_inputs(model, to_device(batch.inputs, model_device))
             if adapter.is_decoder:
                 inputs["use_cache"] = False
             try:
@@ -283,7 +285,9 @@ def analyse_layer(
         curves.append(curve_from_errors(i, "heads", shape, errors, weight["heads"], kind, seq_len))
     if stats.neurons is not None:
         factor = metric_factor(sensitivity, "neurons", i)
-        stats.neuron_selection = method.select_neurons(adapter, layer, stats, options, factor=factor)
+        stats.neuron_selection = pin_selection(
+            method.select_neurons(adapter, layer, stats, options, factor=factor), stats.neurons
+        )
         errors = stats.neuron_selection.errors
         curves.append(
             curve_from_errors(i, "neurons", shape, errors, weight["neurons"], kind, seq_len, options.round_to)
@@ -428,8 +432,9 @@ def prune_layer(
         ops += prune_heads(adapter, base, i, kept_heads, w, b)
     kept_neurons, ffn_err = torch.arange(ffn.width), 0.0
     if stats.neurons is not None and want_neurons < ffn.width:
-        ident = stats.neuron_selection or method.select_neurons(
-            adapter, layer, stats, options, count, metric_factor(sensitivity, "neurons", i)
+        factor = metric_factor(sensitivity, "neurons", i)
+        ident = stats.neuron_selection or pin_selection(
+            method.select_neurons(adapter, layer, stats, options, count, factor), stats.neurons
         )
         kept_neurons, dropped = ident.keep(want_neurons)
         ffn_err = _relative(ident.errors, want_neurons)

@@ -50,6 +50,9 @@ def run_layer(
     for path, acc in hooks.items():
 
         def pre_hook(module, args, acc=acc):
+            if hasattr(acc, "add_call"):  # routed experts: their weighted activations (statprune.moe)
+                acc.add_call(module, args, current["mask"])
+                return
             x = args[0]
             acc.add_batch(x.reshape(-1, x.shape[-1])[current["mask"]])
 
@@ -70,13 +73,19 @@ def new_stats(
     """Empty accumulators for the blocks of ``layer`` that may be pruned."""
     attn, ffn = adapter.attention(layer), adapter.ffn(layer)
     dtype = getattr(torch, options.gram_dtype)
+    neurons = None
+    if "neurons" in options.prune and ffn.width and ffn.experts is not None:  # a Gram per routed expert
+        from statprune.moe import ExpertGramAccumulator
+
+        name = f"layer {getattr(getattr(layer, attn.block, None), 'layer_idx', '?')}"
+        neurons = ExpertGramAccumulator(ffn.experts, device, dtype, name)
+    elif "neurons" in options.prune and ffn.width:
+        neurons = GramAccumulator(ffn.width, device, dtype)
     return LayerStats(
         heads=GramAccumulator(attn.n_heads * attn.head_dim, device, dtype)
         if "heads" in options.prune and attn.n_heads
         else None,
-        neurons=GramAccumulator(ffn.width, device, dtype)
-        if "neurons" in options.prune and ffn.width
-        else None,
+        neurons=neurons,
     )
 
 
@@ -99,7 +108,7 @@ def collect(
     if stats.heads is not None:
         hooks[attn.o] = stats.heads
     if stats.neurons is not None:
-        hooks[ffn.output] = stats.neurons
+        hooks[ffn.probe or ffn.output] = stats.neurons
     outputs = run_layer(layer, calib, inputs, stats, hooks)
     return stats, outputs
 
@@ -123,14 +132,17 @@ def collect_with_targets(
     """
     attn, ffn = adapter.attention(layer), adapter.ffn(layer)
     stats = new_stats(adapter, layer, options, device)
-    blocks = {"heads": (attn.o, stats.heads), "neurons": (ffn.output, stats.neurons)}
+    blocks = {"heads": (attn.o, stats.heads), "neurons": (ffn.probe or ffn.output, stats.neurons)}
     blocks = {name: block for name, block in blocks.items() if block[1] is not None}
     dtype = getattr(torch, options.gram_dtype)
+    out_path = {"heads": attn.o, "neurons": ffn.output}
     shifts = {
-        name: CrossAccumulator(acc.width, layer.get_submodule(path).weight.shape[0], device, dtype)
-        for name, (path, acc) in blocks.items()
+        name: CrossAccumulator(acc.width, layer.get_submodule(out_path[name]).weight.shape[0], device, dtype)
+        for name, (_, acc) in blocks.items()
     }
     stats.head_targets, stats.neuron_targets = shifts.get("heads"), shifts.get("neurons")
+    if hasattr(stats.neurons, "targets"):  # routed experts: starved ones keep their neurons as they are
+        stats.neurons.targets = stats.neuron_targets
     current: dict = {}
     seen: dict[str, torch.Tensor] = {}  # this batch's block inputs and outputs, per pass
 
@@ -139,7 +151,9 @@ def collect_with_targets(
 
     def block_hooks(name: str, acc: GramAccumulator):
         def before(module, args):
-            if current["pass"] == "pruned":
+            if current["pass"] == "pruned" and hasattr(acc, "add_call"):  # routed experts
+                seen[f"in:{name}"] = acc.add_call(module, args, current["mask"])
+            elif current["pass"] == "pruned":
                 seen[f"in:{name}"] = rows(args[0])
                 acc.add_batch(seen[f"in:{name}"])
 

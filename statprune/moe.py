@@ -1,0 +1,143 @@
+"""Mixture-of-experts FFNs: statistics of the tokens routed to each expert, and pinned experts.
+
+A routed MoE block outputs ``y = sum_e w_e(x) * W_e z_e(x)`` over the experts ``e`` the router
+picked for token ``x`` (``z_e``: expert e's neuron activations, ``W_e`` its down projection,
+``w_e`` its routing weight). Concatenating ``z~ = [w_1 z_1, …, w_E z_E]`` (zero for the experts a
+token was not routed to) makes the block one linear map ``y = [W_1 … W_E] z~``: statprune prunes
+it as one FFN whose neurons are all the experts' neurons, and each kept neuron's corrected column
+goes back into its own expert's down projection, so the pruned block is exact to represent.
+
+Statistics: expert e's Gram is ``sum over the tokens routed to e of w_e² z_e z_eᵀ``, the Gram of
+its contribution to the layer output, so the least-squares correction of ``W_e`` fits the
+expert's own weighted output on its own tokens. The Grams of different experts are kept apart
+(block-diagonal): the selection never explains one expert's neurons by another's. Greedy pivoting
+on the block-diagonal Gram orders the neurons of all experts of a layer together (the largest
+residual first, whichever expert it is in), so the global allocation spreads a layer's cut over
+its experts by their error, and every expert ends with its own width.
+
+An expert that saw fewer routed calibration tokens than it has neurons has a rank-deficient Gram
+(its neurons would look removable at no error): it keeps every neuron, with a warning naming the
+layer, the expert and the token count (``ExpertGramAccumulator``, :func:`pin_selection`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from statprune.calibration import CalibrationWarning
+from statprune.linalg.gram import GramAccumulator, GramStats
+from statprune.linalg.interpolative import InterpolativeDecomposition
+
+
+class ExpertGramAccumulator:
+    """Block-diagonal Gram of the routed experts' weighted activations (see the module doc).
+
+    ``widths``: each expert's neuron count; ``name`` names the layer in the warning. Fed by
+    :meth:`add_call` with the experts module's call arguments; :meth:`finish` gives a
+    ``GramStats`` of width ``sum(widths)`` over all ``count`` real tokens, with the blocks of
+    starved experts zeroed; ``pinned`` then lists their neurons (indices into the
+    concatenation). Its column sums are zero: bias compensation (the next bias absorbing the mean
+    of what is removed) does not apply to routed experts, since one bias added to every token
+    cannot stand for a mean that each expert contributes only on its own tokens, and centering
+    the block-diagonal Gram by the means of all tokens would couple the experts (and lose
+    positive semi-definiteness).
+    """
+
+    def __init__(
+        self, widths: tuple[int, ...], device: torch.device | str, dtype: torch.dtype, name: str = ""
+    ) -> None:
+        self.widths, self.name = tuple(int(w) for w in widths), name
+        self.width = sum(self.widths)
+        self.device = torch.device(device)
+        self.blocks = [GramAccumulator(w, device, dtype) for w in self.widths]
+        self.tokens = [0] * len(self.widths)  # routed real tokens per expert
+        self._count = 0
+        self._finished: GramStats | None = None
+        self.pinned = torch.zeros(0, dtype=torch.long)
+        self.targets = None  # a CrossAccumulator of ZᵀΔ (correction toward the original model)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add_call(self, module: torch.nn.Module, args: tuple, mask: torch.Tensor) -> torch.Tensor:
+        """Add one call of the experts module (``args``: hidden states (N, H), top-k indices and
+        weights) restricted to the real tokens ``mask`` (N,); returns those tokens' ``z~`` rows."""
+        z, routed = module.activations(*args)
+        z, routed = z[mask], routed[mask]
+        self.add_routed(z, routed)
+        return z
+
+    def add_routed(self, z: torch.Tensor, routed: torch.Tensor) -> None:
+        """Add ``z~`` rows (n, sum(widths)) and which experts each token was routed to (n, E)."""
+        if self._finished is not None:
+            raise RuntimeError("this accumulator is finished; start a new one")
+        self._count += z.shape[0]
+        start = 0
+        for e, (acc, width) in enumerate(zip(self.blocks, self.widths, strict=True)):
+            rows = routed[:, e]
+            self.tokens[e] += int(rows.sum())
+            if width:
+                acc.add_batch(z[rows, start : start + width])
+            start += width
+
+    def starved(self) -> list[int]:
+        """Experts with fewer routed tokens than neurons."""
+        return [e for e, (n, w) in enumerate(zip(self.tokens, self.widths, strict=True)) if n < w]
+
+    def finish(self) -> GramStats:
+        if self._finished is not None:
+            return self._finished
+        gram = torch.zeros(self.width, self.width, dtype=torch.float64, device=self.device)
+        total = torch.zeros(self.width, dtype=torch.float64, device=self.device)
+        starved, pinned, start = set(self.starved()), [], 0
+        for e, (acc, width) in enumerate(zip(self.blocks, self.widths, strict=True)):
+            rows = slice(start, start + width)
+            if e in starved:
+                pinned.extend(range(start, start + width))
+            elif width:
+                gram[rows, rows] = acc.finish().gram
+            start += width
+        for e in sorted(starved):
+            warnings.warn(
+                CalibrationWarning(
+                    f"{self.name} expert {e} was routed only {self.tokens[e]} calibration tokens for its "
+                    f"{self.widths[e]} neurons: it keeps them all; give more calibration data to prune it"
+                ),
+                stacklevel=2,
+            )
+        self.pinned = torch.tensor(pinned, dtype=torch.long)
+        if self.targets is not None and pinned:  # nothing to refit on them
+            self.targets.finish().cross[self.pinned] = 0.0
+        self.blocks = []  # the dense result holds everything now
+        self._finished = GramStats(gram=gram, total=total, count=self._count)
+        return self._finished
+
+
+def pin_selection(selection: InterpolativeDecomposition, stats: object) -> InterpolativeDecomposition:
+    """``selection`` with the pinned neurons of ``stats`` (an :class:`ExpertGramAccumulator`,
+    after ``finish``) kept first, whatever the count; unchanged for any other statistics.
+
+    Their Gram rows are zero, so they never reduce the error: ``errors[c]`` for ``c`` at least
+    their number is the error of the other neurons kept in the original order; fewer than that
+    would remove pinned neurons, priced far above any real error so the allocation never does.
+    """
+    pinned = getattr(stats, "pinned", None)
+    if pinned is None or pinned.numel() == 0:
+        return selection
+    is_pinned = torch.zeros(selection.order.numel(), dtype=torch.bool)
+    is_pinned[pinned] = True
+    flags = is_pinned[selection.order]
+    others = selection.order[~flags]
+    # errors after each count of the other neurons: the old curve where the j-th other one is kept
+    positions = torch.nonzero(~flags).flatten() + 1
+    tail = torch.cat([selection.errors[:1], selection.errors[positions]])
+    n = int(is_pinned.sum())
+    penalty = max(float(selection.errors[0]), 1e-30) * 1e6
+    head = tail[0] + penalty * torch.arange(n, 0, -1, dtype=torch.float64)
+    errors = torch.cat([head, tail])
+    errors[-1] = 0.0  # every neuron kept
+    rank = min(selection.rank + n, selection.order.numel())
+    return InterpolativeDecomposition(order=torch.cat([pinned, others]), errors=errors, rank=rank)
