@@ -119,7 +119,7 @@ def compress(
     model.to("cpu" if offload else device)
     timings: dict[str, float] = {}
     with torch.no_grad(), progress_bar.enabled(progress):
-        prepared = plan.adapter.prepare(model.base_model)  # e.g. fused experts -> per-expert widths
+        prepared = plan.adapter.prepare(model.base_model)  # GPT-2: Conv1D → nn.Linear; MoE: per-expert widths
         shapes = model_shapes(plan.adapter, model.base_model)
         keep_stats = keep_stats and stats_bytes(shapes) <= KEEP_STATS_BYTES
         job = Job(plan, model, batches, shapes, checkpoint, device if offload else None, keep_stats)

@@ -305,6 +305,7 @@ def _cut(adapter: Any, layer: Any, heads: int, neurons: int) -> Any:
     from statprune.surgery import prune_heads, prune_neurons
 
     base = _stub_base(adapter, copy.deepcopy(layer))
+    adapter.prepare(base)  # e.g. GPT-2's Conv1D → nn.Linear: the surgery reads nn.Linear weights
     current = adapter.layers(base)[0]
     attn, ffn = adapter.attention(current), adapter.ffn(current)
     if heads < attn.n_heads:

@@ -10,6 +10,7 @@ installed: it must import nothing but torch and transformers.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -79,7 +80,10 @@ class EmptyAttention(nn.Module):
         out = hidden_states.new_zeros(shape)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        # the cache argument's name differs by family (GPT-NeoX: ``layer_past``)
+        cache = next(
+            (kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None
+        )
         if cache is not None and hasattr(cache, "update") and self.head_dim:
             batch, seq = hidden_states.shape[0], hidden_states.shape[1]
             empty = hidden_states.new_zeros(batch, 0, seq, self.head_dim)
@@ -235,6 +239,12 @@ def apply_op(root: nn.Module, op: dict) -> nn.Module | None:
         target = root.get_submodule(path)
         for key, value in op["values"].items():
             setattr(target, key, value)
+        return None
+    if kind == "config":  # the module reads these fields from its config: give it its own copy
+        target = root.get_submodule(path)
+        target.config = copy.copy(target.config)
+        for key, value in op["values"].items():
+            setattr(target.config, key, value)
         return None
     if kind == "select_argument":
         target = root.get_submodule(path)

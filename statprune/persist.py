@@ -139,8 +139,9 @@ def save(
             if not stock:
                 config.auto_map = _auto_map(model)
             config.architectures = [type(model).__name__]
-            # a compressed folder (model_type statprune_<type>) loads without transformers' checkpoint
-            # conversions, so its weights keep their in-memory names (Mixtral's would be renamed)
+            # a compressed folder (model_type statprune_<type>) loads as remote code, for which
+            # transformers applies no checkpoint renaming: its weights keep their in-memory names
+            # (GPT-NeoX's ``lm_head`` would be written as the legacy ``embed_out``, Mixtral's renamed)
             model.save_pretrained(tmp, safe_serialization=True, save_original_format=not is_compressed(model))
             if is_compressed(model):
                 _set_model_type(tmp / "config.json", custom_model_type(model.config.model_type))
@@ -287,6 +288,10 @@ def _missing_head(model: nn.Module, missing: Any) -> list[str]:
     return sorted(k for k in missing if not k.startswith(prefix))
 
 
+def _stock(cls: type) -> type:
+    return cls
+
+
 def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
     """Load a model folder (compressed or not) as its own task class, e.g. a
     ``BertForSequenceClassification``; no network access, no remote code executed. A folder whose
@@ -299,7 +304,10 @@ def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
     base = getattr(transformers, stock_architecture(archs[0]), None) if archs else None
     if base is None:
         raise ModelError(f"{folder} names no architecture transformers knows ({archs or 'none'})")
-    cls = modeling_statprune.statpruned_class(base)
+    # a stock folder loads with the stock class: transformers applies its checkpoint renamings
+    # (GPT-NeoX's legacy ``embed_out`` → ``lm_head``) to its own classes only, not to remote code
+    rebuild = modeling_statprune.statpruned_class if getattr(config, "statprune_ops", None) else _stock
+    cls = rebuild(base)
     kwargs = {"local_files_only": True, "use_safetensors": any(folder.glob("*.safetensors")) or None}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -317,9 +325,7 @@ def load(path: str | Path, device: str | None = None, dtype=None) -> nn.Module:
                     stacklevel=2,
                 )
                 config.architectures = [base_cls.__name__]
-                model = modeling_statprune.statpruned_class(base_cls).from_pretrained(
-                    folder, config=config, **kwargs
-                )
+                model = rebuild(base_cls).from_pretrained(folder, config=config, **kwargs)
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from statprune.adapters.base import ModelAdapter
 from statprune.linalg.heads import head_columns
@@ -37,6 +38,21 @@ def _slice_rows(base: nn.Module, path: str, rows: torch.Tensor) -> dict:
     return _linear_op(base, path, old.weight.detach()[rows], bias)
 
 
+def linearize(adapter: ModelAdapter, base: nn.Module) -> list[dict]:
+    """Replace every transformers ``Conv1D`` inside the layers (GPT-2: a linear layer whose weight
+    is stored transposed, (in, out)) by the equivalent ``nn.Linear`` (weight (out, in)), so that
+    the rest of statprune reads one weight orientation. Returns the ``linear`` ops, to be recorded
+    before any pruning op (the saved weights are then in the ``nn.Linear`` orientation)."""
+    ops = []
+    for index, layer in enumerate(adapter.layers(base)):
+        prefix = adapter.layer_path(index) + "."
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, Conv1D):
+                bias = None if module.bias is None else module.bias.detach()
+                ops.append(_linear_op(base, prefix + name, module.weight.detach().T, bias))
+    return ops
+
+
 def _slice_parameter(base: nn.Module, path: str, index: torch.Tensor) -> dict:
     """Keep entries ``index`` of a parameter's last dimension (a per-head norm weight)."""
     parent_path, _, name = path.rpartition(".")
@@ -59,7 +75,9 @@ def prune_heads(
     """Keep the query heads ``kept`` of a layer; the output projection becomes ``out_weight``.
 
     Key/value heads go with their query heads in multi-head attention and stay in grouped-query
-    attention (unless every head goes, which replaces the block by ``EmptyAttention``).
+    attention (unless every head goes, which replaces the block by ``EmptyAttention``). Separate
+    q/k/v modules are sliced each; a fused one once, keeping the rows of every kept head of each
+    part in the order its forward splits them (``AttentionLayout.kept_rows``).
     """
     layer = adapter.layers(base)[layer_index]
     lay = adapter.attention(layer)
@@ -82,20 +100,10 @@ def prune_heads(
                 module.bias.copy_(out_bias.to(module.bias.dtype))
         return [op, *ops]
     cols = head_columns(kept, lay.head_dim)
-    n_kv = lay.n_kv_heads if lay.grouped else len(kept)
-    rows: dict[str, list[torch.Tensor]] = {}  # per projection (a fused one holds q, k and v)
-    for i, (path, first, heads) in enumerate(lay.row_blocks()):
-        # queries keep the kept heads, keys/values too in multi-head attention; grouped
-        # attention keeps every key/value head (a fused projection re-slices them unchanged)
-        if i == 0 or not lay.grouped:
-            block = cols
-        elif lay.fused:
-            block = torch.arange(heads * lay.head_dim)
-        else:
-            continue
-        rows.setdefault(path, []).append(block + first)
-    for path, blocks in rows.items():
-        ops.append(_slice_rows(base, prefix + path, torch.cat(blocks)))
+    kv_kept = list(range(lay.n_kv_heads)) if lay.grouped else kept
+    for path, rows in lay.kept_rows(kept, kv_kept).items():
+        ops.append(_slice_rows(base, prefix + path, rows))
+    n_kv = len(kv_kept)
     for path in adapter.head_projections(layer):
         ops.append(_slice_rows(base, prefix + path, cols))
     ops.append(_linear_op(base, prefix + lay.o, out_weight, out_bias))
@@ -104,6 +112,10 @@ def prune_heads(
             ops.append(_slice_parameter(base, prefix + path, cols))
     for path, values in adapter.head_attributes(len(kept), n_kv, lay.head_dim).items():
         op = {"op": "attrs", "path": prefix + path, "values": values}
+        apply_op(base, op)
+        ops.append(op)
+    for path, values in adapter.head_config(len(kept), n_kv, lay.head_dim).items():
+        op = {"op": "config", "path": prefix + path, "values": values}
         apply_op(base, op)
         ops.append(op)
     for selector in adapter.head_argument_selectors(kept):
@@ -121,7 +133,8 @@ def prune_neurons(
     out_weight: torch.Tensor,
     out_bias: torch.Tensor | None,
 ) -> list[dict]:
-    """Keep the FFN neurons ``kept``; the down projection becomes ``out_weight``/``out_bias``."""
+    """Keep the FFN neurons ``kept``; the down projection becomes ``out_weight``/``out_bias``.
+    A fused gate/up module keeps both halves' rows of the kept neurons (``FFNLayout.rows``)."""
     layer = adapter.layers(base)[layer_index]
     lay = adapter.ffn(layer)
     prefix = adapter.layer_path(layer_index) + "."
@@ -129,7 +142,7 @@ def prune_neurons(
     had_bias = getattr(layer.get_submodule(lay.output), "bias", None) is not None
     if lay.experts is not None and out_bias is not None and not had_bias and not out_bias.any():
         out_bias = None  # routed experts get no bias compensation (statprune.moe): no zero bias
-    ops = [_slice_rows(base, prefix + path, lay.neuron_rows(kept)) for path in lay.inputs]
+    ops = [_slice_rows(base, prefix + path, rows) for path, rows in lay.rows(kept).items()]
     ops.append(_linear_op(base, prefix + lay.output, out_weight, out_bias))
     for path, values in attributes.items():
         op = {"op": "attrs", "path": prefix + path, "values": values}

@@ -52,6 +52,15 @@ GRANITE |= {"attention_multiplier": 0.2, "logits_scaling": 4.0}
 OPT = {"vocab_size": VOCAB, "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
 OPT |= {"ffn_dim": 64, "max_position_embeddings": 64, "word_embed_proj_dim": 32, "pad_token_id": 0}
 OPT |= {"enable_bias": True}
+# fused projections (issue 16). Phi-3: stacked qkv_proj and gate_up_proj, grouped queries.
+PHI3 = {**DECODER, "original_max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2}
+# GPT-2: Conv1D layers (weights stored (in, out)), stacked c_attn, learned positions, biases
+GPT2 = {"vocab_size": VOCAB, "n_layer": 2, "n_embd": 32, "n_head": 4, "n_inner": 64, "n_positions": 64}
+GPT2 |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+# GPT-NeoX (Pythia): query_key_value interleaved head by head, parallel residual, partial rotary
+NEOX = {"vocab_size": VOCAB, "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
+NEOX |= {"intermediate_size": 64, "max_position_embeddings": 64, "pad_token_id": 0}
+NEOX |= {"use_parallel_residual": True}
 # mixture of experts: 4 experts of 32 neurons, top-2 (Qwen3-MoE: layer 0 dense, as its
 # mlp_only_layers allow; OLMoE: its q/k norms span every head, as OLMo2's)
 MOE = {**DECODER, "num_experts_per_tok": 2}
@@ -83,6 +92,10 @@ class Family:
     fields: dict[str, Any] = field(default_factory=dict)
     prefix: str = ""  # class names are prefix + head, e.g. "Bert" + "ForMaskedLM"
     heads: tuple[str, ...] = ENCODER_HEADS
+    names: dict[str, str] = field(default_factory=dict)  # head -> class name, where not prefix + head
+
+    def class_name(self, head: str) -> str:
+        return self.names.get(head, self.prefix + head)
 
     @property
     def decoder(self) -> bool:
@@ -111,6 +124,9 @@ FAMILIES: dict[str, Family] = {
     "granite": Family("GraniteConfig", GRANITE, "Granite", DECODER_HEADS),
     "olmo2": Family("Olmo2Config", MHA, "Olmo2", DECODER_HEADS),
     "opt": Family("OPTConfig", OPT, "OPT", DECODER_HEADS),
+    "phi3": Family("Phi3Config", PHI3, "Phi3", DECODER_HEADS),
+    "gpt2": Family("GPT2Config", GPT2, "GPT2", DECODER_HEADS, {"ForCausalLM": "GPT2LMHeadModel"}),
+    "gpt_neox": Family("GPTNeoXConfig", NEOX, "GPTNeoX", DECODER_HEADS),
     "mixtral": Family("MixtralConfig", MIXTRAL, "Mixtral", DECODER_HEADS),
     "qwen3_moe": Family("Qwen3MoeConfig", QWEN3_MOE, "Qwen3Moe", DECODER_HEADS),
     "olmoe": Family("OlmoeConfig", OLMOE, "Olmoe", DECODER_HEADS),
@@ -129,7 +145,7 @@ def build(family: str, head: str, seed: int = 0) -> Any:
     fields = {**spec.fields, "num_labels": 2} if head == "ForQuestionAnswering" else spec.fields
     config = getattr(transformers, spec.config)(**fields)
     torch.manual_seed(seed)
-    return getattr(transformers, spec.prefix + head)(config).eval()
+    return getattr(transformers, spec.class_name(head))(config).eval()
 
 
 def main_head(family: str) -> str:

@@ -283,14 +283,14 @@ def test_unsupported_architecture(calib, tmp_path, capsys):
     import transformers
     from conftest import _build_tiny_tokenizer
 
-    model = tmp_path / "gpt2"
-    config = transformers.GPT2Config(vocab_size=19, n_positions=64, n_embd=32, n_layer=1, n_head=4)
-    transformers.GPT2LMHeadModel(config).save_pretrained(model)
+    model = tmp_path / "gptj"
+    config = transformers.GPTJConfig(vocab_size=19, n_positions=64, n_embd=32, n_layer=1, n_head=4)
+    transformers.GPTJForCausalLM(config).save_pretrained(model)
     _build_tiny_tokenizer().save_pretrained(model)
     before = digest(model)
     out = tmp_path / "out"
     code, _, err = run(capsys, *compress_args(model, calib, out))
-    assert_clean_failure(code, err, out, model, before, "unsupported architecture", "gpt2")
+    assert_clean_failure(code, err, out, model, before, "unsupported architecture", "gptj")
     for family in TINY_FAMILIES:  # every family statprune supports
         assert family in error_lines(err)[0]
 

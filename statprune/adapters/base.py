@@ -16,10 +16,21 @@ The class methods answer for any transformers model, including families statprun
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
+
+# how the query, key and value projections of a layer are laid out (``AttentionLayout.qkv``)
+QKV_SEPARATE = "separate"  # three modules ``q``, ``k``, ``v`` (Llama, BERT)
+# one fused module (``q == k == v``): every query row, then every key row, then every value row
+# (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, ModernBERT ``Wqkv``)
+QKV_STACKED = "stacked"
+# one fused module, head by head: head h's query, key and value rows, then head h + 1's
+# (GPT-NeoX ``query_key_value``; multi-head attention only)
+QKV_INTERLEAVED = "interleaved"
 
 
 @dataclass(frozen=True)
@@ -45,24 +56,63 @@ class AttentionLayout:
         """Groups that must keep equal numbers of query heads (1 for multi-head attention)."""
         return self.n_kv_heads if self.grouped else 1
 
+    qkv: str = QKV_SEPARATE  # the layout of the q/k/v rows (the ``QKV_…`` constants above)
+
+    def __post_init__(self) -> None:
+        """A fused layout names one module three times, a separate one three modules (``ValueError``
+        otherwise: an adapter bug that would slice the wrong rows)."""
+        if self.qkv not in (QKV_SEPARATE, QKV_STACKED, QKV_INTERLEAVED):
+            raise ValueError(f"unknown q/k/v layout {self.qkv!r}")
+        if (self.q == self.k == self.v) != (self.qkv != QKV_SEPARATE):
+            raise ValueError(f"q/k/v layout {self.qkv!r} mismatches the paths {self.q}, {self.k}, {self.v}")
+
     @property
     def o_inside_block(self) -> bool:
         return self.o.startswith(self.block + ".")
 
-    @property
-    def fused(self) -> bool:
-        """One projection computes queries, keys and values (``q == k == v``, e.g. ModernBERT's
-        ``Wqkv``): its output rows stack [queries; keys; values]."""
-        return self.q == self.k == self.v
+    def rows(self, part: str, heads: Sequence[int] | None = None) -> tuple[str, torch.Tensor]:
+        """The module computing ``part`` ("q", "k" or "v") and the rows of its weight (output
+        features) that hold ``heads`` of that part (default: all of them), head by head.
 
-    def row_blocks(self) -> tuple[tuple[str, int, int], ...]:
-        """(path, first row, heads) of the query, key and value projections, in that order: the
-        block's features are rows ``first … first + heads * head_dim`` of the module at path
-        (row 0 for separate projections; a fused projection stacks the three blocks)."""
-        q_rows, kv_rows = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        k_first, v_first = (q_rows, q_rows + kv_rows) if self.fused else (0, 0)
-        kv = self.n_kv_heads
-        return ((self.q, 0, self.n_heads), (self.k, k_first, kv), (self.v, v_first, kv))
+        Separate modules: rows ``h·d_h … (h+1)·d_h − 1``; stacked: the same, after the rows of the
+        parts before this one; interleaved: ``h·3·d_h + j·d_h + (0 … d_h − 1)`` for part j."""
+        which = "qkv".index(part)
+        count = self.n_heads if part == "q" else self.n_kv_heads
+        index = torch.as_tensor(list(range(count) if heads is None else heads), dtype=torch.long)
+        hd = self.head_dim
+        if self.qkv == QKV_INTERLEAVED:
+            starts = index * 3 * hd + which * hd
+        elif self.qkv == QKV_STACKED:
+            starts = (0, self.n_heads, self.n_heads + self.n_kv_heads)[which] * hd + index * hd
+        else:
+            starts = index * hd
+        return getattr(self, part), (starts[:, None] + torch.arange(hd)).reshape(-1)
+
+    def kept_rows(self, heads: Sequence[int], kv_heads: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Rows each q/k/v module keeps when the layer keeps the query heads ``heads`` and the
+        key/value heads ``kv_heads`` (path → row indices, in the order the module's forward reads
+        them); modules that keep every row are left out."""
+        kept: dict[str, list[torch.Tensor]] = {}
+        full: dict[str, list[torch.Tensor]] = {}
+        if self.qkv == QKV_INTERLEAVED:  # head by head: all three parts of a kept head together
+            hd3 = 3 * self.head_dim
+            index = torch.as_tensor(list(heads), dtype=torch.long)
+            kept[self.q] = [(index[:, None] * hd3 + torch.arange(hd3)).reshape(-1)]
+            full[self.q] = [torch.arange(self.n_heads * hd3)]
+        else:
+            for part, chosen in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+                path, rows = self.rows(part, chosen)
+                kept.setdefault(path, []).append(rows)
+                full.setdefault(path, []).append(self.rows(part)[1])
+        out = {path: torch.cat(rows) for path, rows in kept.items()}
+        return {path: rows for path, rows in out.items() if not torch.equal(rows, torch.cat(full[path]))}
+
+    def weight(self, layer: nn.Module, part: str) -> torch.Tensor:
+        """The rows of ``part``'s weight, ``(heads · head_dim, in_features)``, out of a fused
+        module where the projections are fused (a view for separate modules)."""
+        path, rows = self.rows(part)
+        w = layer.get_submodule(path).weight
+        return w if self.qkv == QKV_SEPARATE else w[rows.to(w.device)]
 
 
 @dataclass(frozen=True)
@@ -72,36 +122,33 @@ class FFNLayout:
     inputs: tuple[str, ...]  # e.g. ("intermediate.dense",) or ("mlp.gate_proj", "mlp.up_proj")
     output: str
     width: int
+    # one input module computing both halves of a gated FFN, chunked in two by the forward pass:
+    # neuron i is rows i and width + i (Phi-3 ``gate_up_proj`` = [gate; up], ModernBERT ``Wi`` =
+    # [input; gate])
+    fused: bool = False
     # mixture of experts (statprune.moe): the neurons of every routed expert, concatenated; each
     # expert's width; the module whose calls give their routed activations (``activations``); the
     # fraction of the neurons a token passes through, (top-k, experts)
     experts: tuple[int, ...] | None = None
     probe: str = ""
     active: tuple[int, int] = (1, 1)
-    # blocks of ``width`` rows stacked in each input projection: 2 for a fused gated projection
-    # (ModernBERT's ``Wi`` = [input; gate], chunked in two by the forward pass)
-    stacked: int = 1
 
     @property
     def gated(self) -> bool:
-        return len(self.inputs) * self.stacked == 2
+        return len(self.inputs) == 2 or self.fused
 
-    def row_blocks(self) -> tuple[tuple[str, int], ...]:
-        """(path, first row) of every block of ``width`` neuron rows in the input projections."""
-        return tuple((path, j * self.width) for path in self.inputs for j in range(self.stacked))
+    def rows(self, neurons: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows of each input module's weight that compute ``neurons`` (path → row indices)."""
+        neurons = torch.as_tensor(neurons, dtype=torch.long)
+        if self.fused:
+            return {self.inputs[0]: torch.cat([neurons, neurons + self.width])}
+        return {path: neurons for path in self.inputs}
 
-    def neuron_rows(self, kept):
-        """Rows of each input projection that hold the neurons ``kept`` (a LongTensor)."""
-        import torch
-
-        return torch.cat([kept + j * self.width for j in range(self.stacked)])
-
-    def input_weights(self, layer: nn.Module):
-        """Every input projection's weights of each neuron side by side: (width, blocks * in)."""
-        import torch
-
-        blocks = [layer.get_submodule(p).weight.detach()[r : r + self.width] for p, r in self.row_blocks()]
-        return torch.cat(blocks, dim=1)
+    def input_weights(self, layer: nn.Module) -> list[torch.Tensor]:
+        """The input projections' weights, each ``(width, in_features)``, in the modules' order
+        (a fused module's weight split in its two halves, in its row order)."""
+        weights = [layer.get_submodule(path).weight for path in self.inputs]
+        return [weights[0][: self.width], weights[0][self.width :]] if self.fused else weights
 
 
 @dataclass(frozen=True)
@@ -250,6 +297,13 @@ class ModelAdapter(ABC):
         ``q_norm.weight`` of width ``n_heads * head_dim``. Empty for most families."""
         return ()
 
+    def head_config(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, dict]:
+        """Config fields (path relative to the layer → {name: value}) that a module reads from
+        its ``config`` per layer, for a pruned head count: the module gets its own copy of the
+        config with those fields (``config`` op), e.g. Phi-3's attention, which splits its fused
+        ``qkv_proj`` output at ``config.num_attention_heads · head_dim``. Empty for most families."""
+        return {}
+
     def prepare(self, base_model: nn.Module) -> list[dict]:
         """Structural changes made (and recorded as ops) before anything is measured, e.g. fused
         expert tensors turned into per-expert widths (``statprune.adapters.moe``). None by default."""
@@ -279,14 +333,20 @@ class ModelAdapter(ABC):
 
     @staticmethod
     def linear_width(layer: nn.Module, path: str, dim: str = "out") -> int:
+        """Output (``dim="out"``) or input features of a linear module; transformers' ``Conv1D``
+        (GPT-2, weight stored as (in, out)) counts as one until ``surgery.linearize`` converts it."""
         module = layer.get_submodule(path)
+        if not hasattr(module, "out_features"):  # Conv1D: nf outputs, nx inputs
+            return module.nf if dim == "out" else module.nx
         return module.out_features if dim == "out" else module.in_features
 
-    @staticmethod
-    def current_heads(layer: nn.Module, q_path: str, head_dim: int) -> int:
-        """Heads currently in a layer (0 once the block was replaced by ``EmptyAttention``)."""
+    @classmethod
+    def current_heads(cls, layer: nn.Module, q_path: str, head_dim: int, parts: int = 1) -> int:
+        """Heads currently in a layer (0 once the block was replaced by ``EmptyAttention``):
+        the output features of ``q_path`` over ``parts · head_dim`` (3 for a fused q/k/v module
+        whose key/value heads go with the query heads)."""
         try:
-            q = layer.get_submodule(q_path)
+            layer.get_submodule(q_path)
         except AttributeError:
             return 0
-        return q.out_features // head_dim
+        return cls.linear_width(layer, q_path) // (parts * head_dim)

@@ -2,16 +2,18 @@
 the gate in one projection (``[input; gate]``, chunked in two), rotary positions, and local
 (sliding-window) attention on most layers with a global layer every few.
 
-The fused projections are sliced block by block (``AttentionLayout.row_blocks``,
-``FFNLayout.stacked``); the attention forward infers the head count from the width, and the
-sliding window is a per-layer fact that pruning does not touch, so no module attribute changes.
+``Wqkv`` stacks every query row, then every key row, then every value row (``QKV_STACKED``: the
+forward views its output as (…, 3, heads, head_dim)); ``Wi`` is a fused gated input
+(``FFNLayout.fused``: neuron i is rows i and width + i). The generic surgery slices both; the
+attention forward infers the head count from the width, and the sliding window is a per-layer fact
+that pruning does not touch, so no module attribute changes.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from statprune.adapters.base import AttentionLayout, FFNLayout, ModelAdapter
+from statprune.adapters.base import QKV_STACKED, AttentionLayout, FFNLayout, ModelAdapter
 
 
 class ModernBertAdapter(ModelAdapter):
@@ -20,10 +22,7 @@ class ModernBertAdapter(ModelAdapter):
 
     def attention(self, layer: nn.Module) -> AttentionLayout:
         head_dim = self.config.hidden_size // self.config.num_attention_heads
-        try:
-            heads = layer.get_submodule("attn.Wqkv").out_features // (3 * head_dim)
-        except AttributeError:  # every head removed: the block is an EmptyAttention
-            heads = 0
+        heads = self.current_heads(layer, "attn.Wqkv", head_dim, parts=3)
         return AttentionLayout(
             block="attn",
             q="attn.Wqkv",
@@ -33,12 +32,12 @@ class ModernBertAdapter(ModelAdapter):
             n_heads=heads,
             n_kv_heads=heads,
             head_dim=head_dim,
+            qkv=QKV_STACKED,
         )
 
     def ffn(self, layer: nn.Module) -> FFNLayout:
-        return FFNLayout(
-            inputs=("mlp.Wi",), output="mlp.Wo", width=self.linear_width(layer, "mlp.Wo", "in"), stacked=2
-        )
+        width = self.linear_width(layer, "mlp.Wo", "in")
+        return FFNLayout(inputs=("mlp.Wi",), output="mlp.Wo", width=width, fused=True)
 
     def head_attributes(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, dict]:
         return {}

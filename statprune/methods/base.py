@@ -241,10 +241,12 @@ class ChannelRanking(PruningMethod):
         plan: Any | None = None,
         factor: torch.Tensor | None = None,
     ) -> InterpolativeDecomposition:
+        import torch
+
         from statprune.linalg.baselines import neuron_ranking
 
         ffn = adapter.ffn(layer)
         finished = stats.neurons.finish() if self.uses_activations else None
         w = layer.get_submodule(ffn.output).weight.detach().double()
-        w_in = ffn.input_weights(layer)
+        w_in = torch.cat([w.detach() for w in ffn.input_weights(layer)], dim=1)
         return neuron_ranking(self.channel_scores(finished, w, w_in), standardize=self.standardize)

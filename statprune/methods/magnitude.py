@@ -38,6 +38,5 @@ class Magnitude(ChannelRanking):
     ) -> torch.Tensor:
         import torch
 
-        attn = adapter.attention(layer)  # the query rows (the first block of a fused projection)
-        q_rows = layer.get_submodule(attn.q).weight.detach()[: attn.n_heads * attn.head_dim].double().cpu()
+        q_rows = adapter.attention(layer).weight(layer, "q").detach().double().cpu()
         return self.channel_scores(stats, w_o) * torch.linalg.vector_norm(q_rows, dim=1)
