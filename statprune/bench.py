@@ -511,9 +511,9 @@ def _memory(loaded, batches, seq_len, backend, device, dtype, threads, enabled):
 
 
 def _child_memory(m: _Model, batches, seq_len, backend, dtype, threads):
-    args = {
-        "path": m.path,
-        "onnx": None if m.onnx_path is None else str(m.onnx_path),
+    args = {  # absolute: the child runs elsewhere
+        "path": str(Path(m.path).resolve()),
+        "onnx": None if m.onnx_path is None else str(Path(m.onnx_path).resolve()),
         "backend": backend,
         "batches": list(batches),
         "seq_len": seq_len,
@@ -526,16 +526,22 @@ def _child_memory(m: _Model, batches, seq_len, backend, dtype, threads):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # run from the package's own root: ``-m`` puts the working directory first on the import path,
+    # where another checkout's ``statprune/`` would shadow this one
     result = subprocess.run(
         [sys.executable, "-m", "statprune.bench_worker", json.dumps(args)],
         capture_output=True,
         text=True,
         env=env,
+        cwd=package_root,
     )
     line = next((x for x in result.stdout.splitlines() if x.startswith(bench_worker.PREFIX)), None)
     if result.returncode != 0 or line is None:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ModelError(f"measuring the memory of {m.path} failed ({tail}); pass --no-memory to skip it")
+        raise ModelError(
+            f"measuring the memory of {m.path} failed ({tail}); "
+            "pass --no-memory (sweep: --bench-no-memory) to skip it"
+        )
     data = json.loads(line.split(" ", 1)[1])
     return {int(b): float(mb) for b, mb in data["mb"].items()}, data["method"]
 

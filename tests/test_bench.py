@@ -65,6 +65,18 @@ def test_cpu_memory_is_measured_in_a_child_process(folders):
     assert "peak MB: child process" in format_table(rows)
 
 
+def test_memory_child_ignores_a_statprune_in_the_working_directory(folders, tmp_path, monkeypatch):
+    """Run from a folder holding another ``statprune/`` (an old checkout), with a relative model
+    path: the child still imports this statprune and finds the model."""
+    shadow = tmp_path / "statprune"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('the statprune in the working directory')\n")
+    (tmp_path / "pruned").symlink_to(folders["pruned"], target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    rows = benchmark(["pruned"], batches=(1,), **FAST)
+    assert rows[0].peak_memory_mb is not None and rows[0].memory_method.startswith("child process")
+
+
 def test_a_model_against_itself(folders):
     rows = benchmark([folders["bert"], folders["bert"]], batches=(2,), memory=False, **FAST)
     assert [r.label for r in rows] == ["bert", "bert#2"]
