@@ -122,11 +122,11 @@ def max_positions(model) -> int | None:
 
 
 def sliding_window(config) -> int | None:
-    """The attention window of a sliding-window decoder (Mistral, Qwen2 when enabled), else None."""
-    window = getattr(config, "sliding_window", None)
-    if not isinstance(window, int) or window <= 0 or not getattr(config, "use_sliding_window", True):
-        return None
-    return window
+    """Tokens a sliding-window attention layer sees (Mistral, Qwen2 when enabled, Gemma2/3,
+    ModernBERT's local layers; ``ModelAdapter.sliding_window``), else None."""
+    from statprune.adapters import adapter_class
+
+    return adapter_class(config).sliding_window(config)
 
 
 def check_seq_len(model, seq_len: int, name: str = "seq_len") -> int:

@@ -213,6 +213,13 @@ def test_fewer_examples_than_samples_warns(bert, calib_file, tmp_path, capsys):
     assert digest(model) == before
 
 
+def test_too_few_tokens_names_the_options_that_give_more(bert, calib, tmp_path, capsys):
+    model, before = bert
+    out = tmp_path / "out"
+    code, _, err = run(capsys, *compress_args(model, calib, out), "--samples", "3")
+    assert_clean_failure(code, err, out, model, before, "tokens", "the widest layer", "--samples", "--pack")
+
+
 def test_overwrite_replaces_existing_output(bert, calib, tmp_path, capsys):
     model, _ = bert
     out = tmp_path / "out"

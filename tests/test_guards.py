@@ -180,6 +180,22 @@ def test_sliding_window_and_pretokenized_width():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_seq_len(mistral, 16)
+    # ModernBERT's window is ``local_attention`` tokens (its config's ``sliding_window`` is the half)
+    from transformers import ModernBertConfig, ModernBertModel
+
+    modernbert = ModernBertModel(
+        ModernBertConfig(
+            vocab_size=32,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            local_attention=8,
+            pad_token_id=0,
+        )
+    )
+    with pytest.warns(LimitWarning, match="seq_len=16 exceeds the model's sliding attention window of 8 "):
+        check_seq_len(modernbert, 16)
     llama = build_tiny_model("llama")  # 128 positions; batches given ready-made, 200 wide
     wide = batches_from_tensors(torch.randint(4, 19, (8, 200)))
     with pytest.raises(ModelError, match="200 tokens wide but the model has 128 positions"):

@@ -258,6 +258,15 @@ class ModelAdapter(ABC):
             limit -= int(pad or 0) + 1
         return int(limit)
 
+    @classmethod
+    def sliding_window(cls, config: Any) -> int | None:
+        """Tokens a sliding-window attention layer sees (``config.sliding_window`` where enabled:
+        Mistral, Qwen2 with ``use_sliding_window``, Gemma2/3), else None (full attention)."""
+        window = getattr(config, "sliding_window", None)
+        if not isinstance(window, int) or window <= 0 or not getattr(config, "use_sliding_window", True):
+            return None
+        return window
+
     def kv_cache_head_dim(self, layout: AttentionLayout) -> int:
         """Head dimension of the zero-head keys/values that a layer which lost every head still
         records in the KV cache (so cache lengths stay right); 0 for encoders (no cache)."""

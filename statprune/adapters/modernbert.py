@@ -20,6 +20,13 @@ class ModernBertAdapter(ModelAdapter):
     model_types = ("modernbert",)
     layers_path = "layers"
 
+    @classmethod
+    def sliding_window(cls, config) -> int | None:
+        """The whole local window, ``local_attention`` tokens (``config.sliding_window`` is its
+        half, the reach on each side)."""
+        window = getattr(config, "local_attention", None)
+        return window if isinstance(window, int) and window > 0 else None
+
     def attention(self, layer: nn.Module) -> AttentionLayout:
         head_dim = self.config.hidden_size // self.config.num_attention_heads
         heads = self.current_heads(layer, "attn.Wqkv", head_dim, parts=3)

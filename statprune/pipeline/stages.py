@@ -41,6 +41,7 @@ from statprune.calibration import (
 from statprune.errors import DataError, ModelError
 from statprune.fisher_grads import OutputSensitivity, has_loss_without_labels, output_sensitivity
 from statprune.flops import LayerShape, model_shapes, total_cost
+from statprune.guards import option
 from statprune.linalg.heads import head_columns
 from statprune.methods import get_method
 from statprune.moe import pin_selection
@@ -138,7 +139,8 @@ def check_enough_tokens(shapes: list[LayerShape], tokens: int, plan: Plan, stack
     if tokens < widest:
         raise DataError(
             f"calibration data has only {tokens} tokens; a meaningful factorization needs at least "
-            f"{widest} (the widest layer) — give more or longer examples"
+            f"{widest} (the widest layer) — give more or longer examples (a larger "
+            f"{option('samples')}, or {option('pack', True)} to join short lines into full windows)"
         )
     thin = tokens < THIN_TOKENS_PER_UNIT * widest
     if thin and plan.method.warns_thin_data(plan.options):
