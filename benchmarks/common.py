@@ -15,6 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "scripts"))  # scripts/assets.py: fetch and cache the assets
+sys.path.insert(0, str(HERE.parent / "tests"))  # tests/families.py: the tiny models of every family
 import assets  # noqa: E402
 
 from statprune import CompressionOptions  # noqa: E402

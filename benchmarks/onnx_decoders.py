@@ -18,8 +18,9 @@ import time
 import warnings
 from pathlib import Path
 
+import common  # noqa: F401  (puts tests/ on the import path: the tiny families)
+
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
 
 def check(family: str, root: Path) -> dict:

@@ -100,7 +100,6 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def main() -> int:
-    sys.path.insert(0, str(REPO))
     start = time.perf_counter()
     if not (SITE / "optimum" / "onnxruntime").is_dir():
         _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(SITE), *PINS])
