@@ -303,6 +303,11 @@ LM_EVAL_LINE = (  # its own script writes that page (benchmarks/lm_eval_check.py
     "lm-eval's own command line: [`benchmarks/lm_eval_check.md`](lm_eval_check.md) "
     "(`python benchmarks/lm_eval_check.py`).\n"
 )
+GEMMA_REDUCED_LINE = (  # one committed sweep command writes that page (see its header)
+    "\nGemma-3-270M, STAT and the baselines at 90/70/50 % parameters under a reduced protocol (64 "
+    "windows, residual weighting; the full one's gradient pass through the 262k-token head does not "
+    "fit this machine's budget): [`benchmarks/gemma3_reduced.md`](gemma3_reduced.md).\n"
+)
 SERVING_LINE = (  # their own scripts write those pages (benchmarks/serve_check.py, serve_vllm.py)
     "\nServing engines, dense vs compressed SmolLM2 (80 % parameters, uneven per-layer widths): greedy "
     "token agreement with transformers and tokens/s in llama.cpp from `statprune export-gguf` "
@@ -407,6 +412,7 @@ def main() -> None:
         + EMBEDDING_AGREEMENT_LINE
         + LM_EVAL_LINE
         + SERVING_LINE
+        + GEMMA_REDUCED_LINE
     )
     print(f"wrote {results_file} and RESULTS.md in {time.perf_counter() - start:.0f} s")
 
