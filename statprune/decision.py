@@ -195,6 +195,11 @@ def _attention_ffn_share(model_dir: Path) -> float | None:
         return None
 
 
+
+def _count(n: int, noun: str) -> str:
+    """``1 thread``, ``2 threads``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
 def _bench_rows(path: Path, batch: int | None) -> tuple[dict[str, dict], str]:
     """``statprune bench --json`` forward rows at ``batch`` (default: the largest), by resolved folder."""
     data = _read_json(path, "give the file `statprune bench --json` wrote")
@@ -213,7 +218,7 @@ def _bench_rows(path: Path, batch: int | None) -> tuple[dict[str, dict], str]:
     setting = (
         f"batch {chosen}, {first.get('seq_len')} tokens per request, {first.get('backend')} on "
         f"{first.get('device')}"
-        + (f" ({first['threads']} threads)" if first.get("threads") else "")
+        + (f" ({_count(first['threads'], 'thread')})" if first.get("threads") else "")
         + f", median of {first.get('trials')} interleaved trials"
     )
     return picked, setting
