@@ -195,10 +195,10 @@ def _attention_ffn_share(model_dir: Path) -> float | None:
         return None
 
 
-
 def _count(n: int, noun: str) -> str:
     """``1 thread``, ``2 threads``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
 
 def _bench_rows(path: Path, batch: int | None) -> tuple[dict[str, dict], str]:
     """``statprune bench --json`` forward rows at ``batch`` (default: the largest), by resolved folder."""
