@@ -257,6 +257,19 @@ def ffn_fit_markdown(rows: list[dict]) -> str:
 SERVE_CACHE = Path.home() / ".cache" / "statprune"
 
 
+def serve_arguments(description: str, prompts: int, prompt_tokens: int, out: Path) -> argparse.ArgumentParser:
+    """The options every serving check takes: the model, its compression, the prompts, the output."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path, default=SERVE_CACHE / "smollm2")
+    parser.add_argument("--keep-params", type=float, default=0.8)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=prompts)
+    parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
+
+
 def serve_folder(model: Path, keep_params: float, samples: int) -> Path:
     """Where the serving checks keep ``model`` compressed to ``keep_params`` (shared by all engines)."""
     return SERVE_CACHE / "serve-vllm" / f"{model.name}-p{round(keep_params * 100)}-s{samples}"

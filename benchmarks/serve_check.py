@@ -29,7 +29,6 @@ measure from ``benchmarks/common.py``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from common import (
     SERVE_CACHE,
+    serve_arguments,
     serve_compress,
     serve_folder,
     serve_prompts,
@@ -265,16 +265,9 @@ def markdown(res: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=SERVE_CACHE / "smollm2")
-    parser.add_argument("--keep-params", type=float, default=0.8)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser = serve_arguments(__doc__.splitlines()[0], 8, 32, HERE / "serve_check.json")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--outtypes", default="f32,f16")
-    parser.add_argument("--out", type=Path, default=HERE / "serve_check.json")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     t0 = time.perf_counter()

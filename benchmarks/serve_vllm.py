@@ -22,7 +22,6 @@ machine would dominate a short run).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -32,7 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import serve_compress, serve_folder, serve_prompts, token_agreement, transformers_generate
+from common import (
+    serve_arguments,
+    serve_compress,
+    serve_folder,
+    serve_prompts,
+    token_agreement,
+    transformers_generate,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -156,14 +162,7 @@ def markdown(res: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=CACHE / "smollm2")
-    parser.add_argument("--keep-params", type=float, default=0.8)
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--prompt-tokens", type=int, default=24)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=HERE / "serve_vllm.json")
+    parser = serve_arguments(__doc__.splitlines()[0], 4, 24, HERE / "serve_vllm.json")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
