@@ -13,7 +13,8 @@ the FLOPs sweep (issue 18's targets, measured on the machine it runs on).
 The JSON records the machine's load average before and after: timings taken while other processes
 compete for the cores are noisy and must be rerun on a quiet machine before they are quoted.
 
-    python benchmarks/latency_budget.py --out benchmarks/latency_budget.json
+    python benchmarks/latency_budget.py                    # MiniLM-MR -> latency_budget_minilm-mr.json
+    python benchmarks/latency_budget.py --asset mpnet-mr   # MPNet-MR  -> latency_budget_mpnet-mr.json
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from statprune.flops import model_shapes
 from statprune.latency import LatencyCost, latency_table
 from statprune.persist import load, load_tokenizer
 
+QUIET_LOAD = 1.0  # 1-minute load average before the run (its own threads raise it afterwards)
+
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """Linear interpolation of (x, y) points at ``x`` (None outside their range)."""
@@ -52,7 +55,7 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("latency_budget.json"))
+    parser.add_argument("--out", type=Path, help="JSON to write (default: latency_budget_ASSET.json here)")
     parser.add_argument("--asset", default="minilm-mr", help="minilm-mr (default) or mpnet-mr")
     parser.add_argument("--samples", type=int, default=512, help="calibration examples")
     parser.add_argument("--batch", type=int, default=32)
@@ -62,6 +65,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path(__file__).with_name(f"latency_budget_{args.asset}.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -203,9 +208,15 @@ def main() -> None:
         "max_spread": max(spreads),
         "measure_seconds": round(measure_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
-        "note": "timings taken on a shared, loaded 2-core machine (see load averages); rerun on a "
-        "quiet machine before quoting them",
     }
+    busy = load_before[0] > QUIET_LOAD
+    out["note"] = (
+        f"1-minute load average above {QUIET_LOAD} before the run: other processes shared the "
+        "cores; rerun on a quiet machine before quoting these timings"
+        if busy
+        else f"quiet machine: 1-minute load average at most {QUIET_LOAD} before the run"
+        + (" (but a trial spread above the noise threshold: see max_spread)" if out["noisy"] else "")
+    )
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: out[k] for k in ("median_relative_error", "keep_latency", "max_spread", "seconds")}))
 

@@ -291,6 +291,47 @@ def outside_section(path: Path, rows: list[dict] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latency_section(folder: Path) -> str:
+    """Markdown of issue 18's latency targets: ``latency_budget_*.json`` (benchmarks/latency_budget.py)
+    and ``sweep_bench.json`` (its command inside)."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("latency_budget_*.json"))]
+    sweep = folder / "sweep_bench.json"
+    if not runs and not sweep.exists():
+        return ""
+    lines = [
+        "## Latency budgets\n",
+        "From `benchmarks/latency_budget.py --asset ASSET` (command in each JSON): the lookup tables of "
+        "one layer timed on this machine (Kwon et al. 2022), STAT at every FLOPs budget of the suite and "
+        "at `--keep-latency`, then the dense model and every candidate measured side by side (warm-up, "
+        "interleaved trials, medians; torch, CPU). Targets: `--keep-latency 0.5` measures within 10 % of "
+        "half the dense latency with accuracy at least the FLOPs sweep's at the same measured latency "
+        "(linear interpolation); median |predicted − measured| / measured latency fraction ≤ 10 %.\n",
+        "| model | batch × seq | threads | load before | dense ms | median error | keep-latency: "
+        "budget → measured | accuracy | FLOPs sweep at same latency | max spread | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        kl, env, proto = r["keep_latency"], r["environment"], r["protocol"]
+        swept = kl["flops_sweep_accuracy_at_same_latency"]
+        lines.append(
+            f"| {r['model']} | {proto['batch']} × {proto['seq_len']} | {env['threads']} "
+            f"| {env['load_average_before'][0]:.2f} | {r['dense']['latency_ms']:.0f} "
+            f"| {100 * r['median_relative_error']:.1f} % | {kl['budget']:g} → {kl['measured_fraction']:.3f} "
+            f"| {kl['accuracy']:.4f} | {'–' if swept is None else format(swept, '.4f')} "
+            f"| {r['max_spread']:.2f} | {r['seconds']:.0f} |"
+        )
+    for r in runs:
+        lines.append(f"\n{r['model']}: {r['note']}.")
+    if sweep.exists():
+        s = json.loads(sweep.read_text())
+        lines.append(
+            f"\n`sweep --bench` over six budgets (target: 10 minutes on two cores): "
+            f"{s['wall_seconds']:.0f} s, peak RSS {s['peak_rss_mb'] / 1024:.1f} GB "
+            f"(`benchmarks/sweep_bench.json`; `{s['command']}`)."
+        )
+    return "\n".join(lines) + "\n"
+
+
 EMBEDDING_AGREEMENT_LINE = (  # its own script writes that page (benchmarks/embedding_agreement.py)
     "Embedding models (MiniLM, MPNet) compressed as bare sentence encoders, STAT and the baselines side "
     "by side, judged by top-1 / top-10 nearest-neighbour overlap and the Spearman correlation of pairwise "
@@ -408,6 +449,8 @@ def main() -> None:
         + ablation_section(ablation)
         + "\n"
         + ffn_fit_section(args.out / "ffn_fit.json")
+        + "\n"
+        + latency_section(args.out)
         + "\n"
         + EMBEDDING_AGREEMENT_LINE
         + LM_EVAL_LINE
