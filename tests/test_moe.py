@@ -299,9 +299,9 @@ class SquareFloat64(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-                if sum(d >= self.size for d in t.shape) >= 2:
-                    self.found.add(tuple(t.shape))
+            square = isinstance(t, torch.Tensor) and sum(d >= self.size for d in t.shape) >= 2
+            if square and t.dtype == torch.float64:
+                self.found.add(tuple(t.shape))
         return out
 
 

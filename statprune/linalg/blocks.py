@@ -126,7 +126,7 @@ def select_columns_blockwise(
         diag = diag * (s.to(diag.device) ** 2)
     global_max = float(diag.max()) if m else 0.0
     pivots, values, gains, tail, total = [], [], [], [], 0.0
-    for b, (block, start) in enumerate(zip(gram.blocks, offsets, strict=True)):
+    for block, start in zip(gram.blocks, offsets, strict=True):
         w = block.shape[0]
         if w == 0:
             continue
