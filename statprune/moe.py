@@ -146,3 +146,52 @@ def pin_selection(selection: InterpolativeDecomposition, stats: object) -> Inter
     errors[-1] = 0.0  # every neuron kept
     rank = min(selection.rank + n, selection.order.numel())
     return InterpolativeDecomposition(order=torch.cat([pinned, others]), errors=errors, rank=rank)
+
+
+# public configs (config.json on the Hugging Face Hub): hidden_size, experts, expert FFN width
+# (OLMoE: num_experts, intermediate_size; Qwen3-MoE: num_experts, moe_intermediate_size;
+# Mixtral: num_local_experts, intermediate_size), experts per token, layers
+PUBLIC_MOE_CONFIGS = {
+    "OLMoE-1B-7B-0924": (2048, 64, 1024, 8, 16),
+    "Qwen3-30B-A3B": (2048, 128, 768, 8, 48),
+    "Mixtral-8x7B-v0.1": (4096, 8, 14336, 2, 32),
+}
+
+
+def statistics_memory(hidden: int, experts: int, width: int, block_rows: int = 4096) -> dict[str, int]:
+    """Bytes of one MoE layer's neuron statistics for ``experts`` experts of ``width`` neurons
+    and hidden size ``hidden`` (Gram and cross statistics in float64, rows in float32).
+
+    ``dense``: the former peak, the (E·I)² Gram plus the two temporaries of its column-scaled copy
+    in ``select_columns`` (``g * outer(s, s)``: 3 × 8 (E·I)²); ``blockwise``: the E blocks plus
+    one block's two such temporaries (8 E·I² + 2 × 8 I²); ``buffers``: the rows each expert's Gram
+    accumulator buffers before an update (4 E·I·max(block_rows, I), ``GramAccumulator``), the
+    same before and after; ``cross``: ``ZᵀΔ`` (8 E·I·H), only with ``correction_target
+    original``, the same before and after (each expert's I × H rows are needed for its refit);
+    ``rows_per_1k_tokens``: the routing-weighted activations ``z~`` of a batch that the experts
+    module hands the accumulator (4 × 1000 × E·I per thousand tokens of the batch), unchanged.
+    """
+    m = experts * width
+    return {
+        "dense": 3 * 8 * m * m,
+        "blockwise": 8 * experts * width * width + 2 * 8 * width * width,
+        "buffers": 4 * m * max(block_rows, width),
+        "cross": 8 * m * hidden,
+        "rows_per_1k_tokens": 4 * 1000 * m,
+    }
+
+
+def memory_table(configs: dict[str, tuple[int, ...]] = PUBLIC_MOE_CONFIGS) -> str:
+    """The Markdown table of :func:`statistics_memory` per layer for ``configs`` (docs/MOE.md),
+    in GB (10⁹ bytes)."""
+    keys = ("dense", "blockwise", "buffers", "cross", "rows_per_1k_tokens")
+    lines = [
+        "| model | H | E | I | layers | Gram peak before | Gram peak after | row buffers "
+        "| ZᵀΔ (original target) | z~ per 1k batch tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (hidden, experts, width, _top_k, layers) in configs.items():
+        mem = statistics_memory(hidden, experts, width)
+        cells = [name, hidden, experts, width, layers, *(f"{mem[k] / 1e9:.3g}" for k in keys)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)

@@ -130,10 +130,12 @@ def select_columns_blockwise(
         w = block.shape[0]
         if w == 0:
             continue
-        g = block.to(torch.float64).clone()
-        if s is not None:
+        g = block.to(torch.float64)
+        if s is not None:  # a scaled copy (factorized in place)
             sb = s[start : start + w].to(g.device)
             g = g * torch.outer(sb, sb)
+        else:
+            g = g.clone()
         block_diag = torch.diagonal(g)
         total += float(block_diag.sum())
         block_max = float(block_diag.max())
