@@ -365,3 +365,14 @@ def test_no_statistic_of_the_dense_experts_size_is_allocated(target, monkeypatch
     with SquareFloat64(4 * 32) as probe:
         _compress(model, **options)
     assert (4 * 32, 4 * 32) in probe.found
+
+
+def test_the_memory_table_in_the_docs_is_the_functions():
+    from pathlib import Path
+
+    from statprune.moe import memory_table, statistics_memory
+
+    doc = (Path(__file__).parent.parent / "docs" / "MOE.md").read_text()
+    assert memory_table() in doc
+    olmoe = statistics_memory(2048, 64, 1024)
+    assert olmoe["dense"] == 3 * 8 * 65536**2 and olmoe["blockwise"] == 8 * (64 + 2) * 1024**2
