@@ -322,6 +322,8 @@ def _dense_statistics(monkeypatch):
         ("mixtral", {"keep_flops": 0.6}),
         ("olmoe", {"keep_params": 0.5, "prune": ("neurons",), "correction_ridge": 0.05}),
         ("qwen3_moe", {"keep_flops": 0.5, "activations": "sequential", "correction_target": "original"}),
+        ("olmoe", {"keep_flops": 0.6, "method": "flap"}),
+        ("mixtral", {"keep_flops": 0.6, "method": "wanda-sp"}),
     ],
 )
 def test_blockwise_statistics_give_the_dense_grams_results(family, options, monkeypatch):
