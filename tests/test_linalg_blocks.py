@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from statprune.linalg import CrossStats, GramStats, fit_to_targets, fold_correction, interpolation_matrix
+from statprune.linalg import (
+    CrossStats,
+    GramStats,
+    fit_to_targets,
+    fold_correction,
+    interpolation_matrix,
+    interpolative,
+)
 from statprune.linalg.blocks import BlockDiagonalGram, fit_blockwise, select_columns_blockwise
 from statprune.linalg.interpolative import pivoted_cholesky, select_columns
 from statprune.moe import pin_selection
@@ -66,7 +73,15 @@ def assert_same_selection(block, dense):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("scaled", [False, True])
-def test_blockwise_selection_equals_dense(case, scaled):
+@pytest.mark.parametrize("backend", ["lapack", "torch"])
+def test_blockwise_selection_equals_dense(case, scaled, backend, monkeypatch):
+    """``torch``: the column-by-column factorization used off the CPU, run on the CPU here."""
+    if backend == "torch":
+        monkeypatch.setattr(
+            interpolative,
+            "_pivoted_cholesky_lapack",
+            lambda g, tol, _: interpolative._pivoted_cholesky_torch(g, tol),
+        )
     widths, ranks, zero = CASES[case]
     gram = blocks(widths, ranks, zero=zero)
     scale = torch.rand(gram.width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
