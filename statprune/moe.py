@@ -13,7 +13,9 @@ expert's own weighted output on its own tokens. The Grams of different experts a
 (block-diagonal): the selection never explains one expert's neurons by another's. Greedy pivoting
 on the block-diagonal Gram orders the neurons of all experts of a layer together (the largest
 residual first, whichever expert it is in), so the global allocation spreads a layer's cut over
-its experts by their error, and every expert ends with its own width.
+its experts by their error, and every expert ends with its own width. The Gram is kept as its
+blocks and factorized block by block (``statprune.linalg.blocks``: the same order, errors and
+corrections as the dense matrix, in ``E·I²`` memory instead of ``(E·I)²``).
 
 An expert that saw fewer routed calibration tokens than it has neurons has a rank-deficient Gram
 (its neurons would look removable at no error): it keeps every neuron, with a warning naming the
@@ -27,7 +29,8 @@ import warnings
 import torch
 
 from statprune.calibration import CalibrationWarning
-from statprune.linalg.gram import GramAccumulator, GramStats
+from statprune.linalg.blocks import BlockDiagonalGram
+from statprune.linalg.gram import GramAccumulator
 from statprune.linalg.interpolative import InterpolativeDecomposition
 
 
@@ -36,9 +39,10 @@ class ExpertGramAccumulator:
 
     ``widths``: each expert's neuron count; ``name`` names the layer in the warning. Fed by
     :meth:`add_call` with the experts module's call arguments; :meth:`finish` gives a
-    ``GramStats`` of width ``sum(widths)`` over all ``count`` real tokens, with the blocks of
-    starved experts zeroed; ``pinned`` then lists their neurons (indices into the
-    concatenation). Its column sums are zero: bias compensation (the next bias absorbing the mean
+    :class:`~statprune.linalg.blocks.BlockDiagonalGram` (one w × w block per expert, never the
+    dense ``sum(widths)`` square) over all ``count`` real tokens, with the blocks of starved
+    experts zeroed; ``pinned`` then lists their neurons (indices into the concatenation).
+    Its column sums are zero: bias compensation (the next bias absorbing the mean
     of what is removed) does not apply to routed experts, since one bias added to every token
     cannot stand for a mean that each expert contributes only on its own tokens, and centering
     the block-diagonal Gram by the means of all tokens would couple the experts (and lose
@@ -54,7 +58,7 @@ class ExpertGramAccumulator:
         self.blocks = [GramAccumulator(w, device, dtype) for w in self.widths]
         self.tokens = [0] * len(self.widths)  # routed real tokens per expert
         self._count = 0
-        self._finished: GramStats | None = None
+        self._finished: BlockDiagonalGram | None = None
         self.pinned = torch.zeros(0, dtype=torch.long)
         self.targets = None  # a CrossAccumulator of ZᵀΔ (correction toward the original model)
 
@@ -87,18 +91,18 @@ class ExpertGramAccumulator:
         """Experts with fewer routed tokens than neurons."""
         return [e for e, (n, w) in enumerate(zip(self.tokens, self.widths, strict=True)) if n < w]
 
-    def finish(self) -> GramStats:
+    def finish(self) -> BlockDiagonalGram:
+        """The experts' Grams as one :class:`~statprune.linalg.blocks.BlockDiagonalGram` (memory
+        ``8 Σ widths²`` bytes, never ``8 (Σ widths)²``), starved experts' blocks zeroed."""
         if self._finished is not None:
             return self._finished
-        gram = torch.zeros(self.width, self.width, dtype=torch.float64, device=self.device)
-        total = torch.zeros(self.width, dtype=torch.float64, device=self.device)
-        starved, pinned, start = set(self.starved()), [], 0
+        starved, pinned, blocks, start = set(self.starved()), [], [], 0
         for e, (acc, width) in enumerate(zip(self.blocks, self.widths, strict=True)):
-            rows = slice(start, start + width)
             if e in starved:
                 pinned.extend(range(start, start + width))
-            elif width:
-                gram[rows, rows] = acc.finish().gram
+                blocks.append(torch.zeros(width, width, dtype=torch.float64, device=self.device))
+            else:
+                blocks.append(acc.finish().gram)
             start += width
         for e in sorted(starved):
             warnings.warn(
@@ -111,8 +115,9 @@ class ExpertGramAccumulator:
         self.pinned = torch.tensor(pinned, dtype=torch.long)
         if self.targets is not None and pinned:  # nothing to refit on them
             self.targets.finish().cross[self.pinned] = 0.0
-        self.blocks = []  # the dense result holds everything now
-        self._finished = GramStats(gram=gram, total=total, count=self._count)
+        self.blocks = []  # the result holds the blocks now
+        total = torch.zeros(self.width, dtype=torch.float64, device=self.device)
+        self._finished = BlockDiagonalGram(blocks=tuple(blocks), total=total, count=self._count)
         return self._finished
 
 
@@ -141,3 +146,52 @@ def pin_selection(selection: InterpolativeDecomposition, stats: object) -> Inter
     errors[-1] = 0.0  # every neuron kept
     rank = min(selection.rank + n, selection.order.numel())
     return InterpolativeDecomposition(order=torch.cat([pinned, others]), errors=errors, rank=rank)
+
+
+# public configs (config.json on the Hugging Face Hub): hidden_size, experts, expert FFN width
+# (OLMoE: num_experts, intermediate_size; Qwen3-MoE: num_experts, moe_intermediate_size;
+# Mixtral: num_local_experts, intermediate_size), experts per token, layers
+PUBLIC_MOE_CONFIGS = {
+    "OLMoE-1B-7B-0924": (2048, 64, 1024, 8, 16),
+    "Qwen3-30B-A3B": (2048, 128, 768, 8, 48),
+    "Mixtral-8x7B-v0.1": (4096, 8, 14336, 2, 32),
+}
+
+
+def statistics_memory(hidden: int, experts: int, width: int, block_rows: int = 4096) -> dict[str, int]:
+    """Bytes of one MoE layer's neuron statistics for ``experts`` experts of ``width`` neurons
+    and hidden size ``hidden`` (Gram and cross statistics in float64, rows in float32).
+
+    ``dense``: the former peak, the (E·I)² Gram plus the two temporaries of its column-scaled copy
+    in ``select_columns`` (``g * outer(s, s)``: 3 × 8 (E·I)²); ``blockwise``: the E blocks plus
+    one block's two such temporaries (8 E·I² + 2 × 8 I²); ``buffers``: the rows each expert's Gram
+    accumulator buffers before an update (4 E·I·max(block_rows, I), ``GramAccumulator``), the
+    same before and after; ``cross``: ``ZᵀΔ`` (8 E·I·H), only with ``correction_target
+    original``, the same before and after (each expert's I × H rows are needed for its refit);
+    ``rows_per_1k_tokens``: the routing-weighted activations ``z~`` of a batch that the experts
+    module hands the accumulator (4 × 1000 × E·I per thousand tokens of the batch), unchanged.
+    """
+    m = experts * width
+    return {
+        "dense": 3 * 8 * m * m,
+        "blockwise": 8 * experts * width * width + 2 * 8 * width * width,
+        "buffers": 4 * m * max(block_rows, width),
+        "cross": 8 * m * hidden,
+        "rows_per_1k_tokens": 4 * 1000 * m,
+    }
+
+
+def memory_table(configs: dict[str, tuple[int, ...]] = PUBLIC_MOE_CONFIGS) -> str:
+    """The Markdown table of :func:`statistics_memory` per layer for ``configs`` (docs/MOE.md),
+    in GB (10⁹ bytes)."""
+    keys = ("dense", "blockwise", "buffers", "cross", "rows_per_1k_tokens")
+    lines = [
+        "| model | H | E | I | layers | Gram peak before | Gram peak after | row buffers "
+        "| ZᵀΔ (original target) | z~ per 1k batch tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, (hidden, experts, width, _top_k, layers) in configs.items():
+        mem = statistics_memory(hidden, experts, width)
+        cells = [name, hidden, experts, width, layers, *(f"{mem[k] / 1e9:.3g}" for k in keys)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)

@@ -12,11 +12,13 @@ import pytest
 import torch
 from conftest import _build_tiny_tokenizer, tiny_texts
 from families import build
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import statprune
 from statprune.adapters import adapter_for
 from statprune.calibration import CalibrationWarning
 from statprune.flops import model_shapes, total_cost
+from statprune.linalg import GramStats
 from statprune.modeling_statprune import StatprunedExperts
 from statprune.moe import ExpertGramAccumulator
 
@@ -280,3 +282,99 @@ def test_a_killed_run_resumes_to_identical_outputs(tmp_path, monkeypatch):
     assert resumed.config.statprune_ops == reference.config.statprune_ops
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------- block-wise statistics (statprune.linalg.blocks)
+
+
+class SquareFloat64(TorchDispatchMode):
+    """Records the shapes of the float64 tensors (the statistics' dtype) that ops return with two
+    dimensions of at least ``size`` (batches of activations have one such dimension at most:
+    tokens × hidden, or float32 tokens × neurons)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.found = size, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            square = isinstance(t, torch.Tensor) and sum(d >= self.size for d in t.shape) >= 2
+            if square and t.dtype == torch.float64:
+                self.found.add(tuple(t.shape))
+        return out
+
+
+def _dense_statistics(monkeypatch):
+    """The former path: ``finish`` hands the pipeline the dense (E·I)² Gram (``GramStats``)."""
+    blockwise = ExpertGramAccumulator.finish
+
+    def dense(self):
+        stats = blockwise(self)
+        return GramStats(gram=stats.gram, total=stats.total, count=stats.count)
+
+    monkeypatch.setattr(ExpertGramAccumulator, "finish", dense)
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("mixtral", {"keep_flops": 0.6}),
+        ("olmoe", {"keep_params": 0.5, "prune": ("neurons",), "correction_ridge": 0.05}),
+        ("qwen3_moe", {"keep_flops": 0.5, "activations": "sequential", "correction_target": "original"}),
+        ("olmoe", {"keep_flops": 0.6, "method": "flap"}),
+        ("mixtral", {"keep_flops": 0.6, "method": "wanda-sp"}),
+    ],
+)
+def test_blockwise_statistics_give_the_dense_grams_results(family, options, monkeypatch):
+    """Same kept neurons and weights (float64 model, to 1e-10) as the dense Gram gave."""
+    model = build(family, "ForCausalLM").double()
+    blockwise, report = _compress(model, **options)
+    with monkeypatch.context() as patch:
+        _dense_statistics(patch)
+        dense, dense_report = _compress(model, **options)
+    assert [r.neurons_kept for r in report.layers] == [r.neurons_kept for r in dense_report.layers]
+    assert [e.widths for e in _experts(blockwise)] == [e.widths for e in _experts(dense)]
+    for (name, a), b in zip(blockwise.state_dict().items(), dense.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+def test_a_starved_expert_gets_the_dense_grams_results(monkeypatch):
+    model = build("mixtral", "ForCausalLM").double()
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(_starve(2))
+    options = {"keep_params": 0.6, "prune": ("neurons",)}
+    with pytest.warns(CalibrationWarning):
+        blockwise, _ = _compress(model, **options)
+    with monkeypatch.context() as patch, pytest.warns(CalibrationWarning):
+        _dense_statistics(patch)
+        dense, _ = _compress(model, **options)
+    assert [e.widths for e in _experts(blockwise)] == [e.widths for e in _experts(dense)]
+    for (name, a), b in zip(blockwise.state_dict().items(), dense.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("target", ["activations", "original"])
+def test_no_statistic_of_the_dense_experts_size_is_allocated(target, monkeypatch):
+    """4 experts of 32 neurons: no float64 tensor of 128 × 128 or more in a whole compression
+    (the per-expert blocks are 32 × 32, the cross statistics 128 × 32); the dense path has some."""
+    model = build("mixtral", "ForCausalLM")
+    options = {"keep_flops": 0.6, "correction_target": target, "activations": "sequential"}
+    with SquareFloat64(4 * 32) as probe:
+        _compress(model, **options)
+    assert not probe.found, probe.found
+    _dense_statistics(monkeypatch)
+    with SquareFloat64(4 * 32) as probe:
+        _compress(model, **options)
+    assert (4 * 32, 4 * 32) in probe.found
+
+
+def test_the_memory_table_in_the_docs_is_the_functions():
+    from pathlib import Path
+
+    from statprune.moe import memory_table, statistics_memory
+
+    doc = (Path(__file__).parent.parent / "docs" / "MOE.md").read_text()
+    assert memory_table() in doc
+    olmoe = statistics_memory(2048, 64, 1024)
+    assert olmoe["dense"] == 3 * 8 * 65536**2 and olmoe["blockwise"] == 8 * (64 + 2) * 1024**2

@@ -3,6 +3,7 @@
 Nothing here knows about ``torch.nn`` modules: every function takes and returns plain tensors.
 """
 
+from statprune.linalg.blocks import BlockDiagonalGram, fit_blockwise, select_columns_blockwise
 from statprune.linalg.gram import CrossAccumulator, CrossStats, GramAccumulator, GramStats
 from statprune.linalg.heads import HeadSelection, select_heads
 from statprune.linalg.interpolative import (
@@ -15,16 +16,19 @@ from statprune.linalg.interpolative import (
 )
 
 __all__ = [
+    "BlockDiagonalGram",
     "CrossAccumulator",
     "CrossStats",
     "GramAccumulator",
     "GramStats",
     "HeadSelection",
     "InterpolativeDecomposition",
+    "fit_blockwise",
     "fit_to_targets",
     "fold_correction",
     "interpolation_matrix",
     "pivoted_cholesky",
     "select_columns",
+    "select_columns_blockwise",
     "select_heads",
 ]

@@ -39,14 +39,14 @@ def magnitude_scores(w_out: torch.Tensor, w_in_rows: torch.Tensor | None = None)
 def wanda_scores(stats: GramStats, w_out: torch.Tensor) -> torch.Tensor:
     """Structured Wanda: ``Σ_i |W_ij| · ‖X_j‖₂``, float64."""
     w = w_out.to(torch.float64).cpu()
-    diag = torch.diagonal(stats.gram).cpu()
+    diag = stats.diagonal().cpu()
     return w.abs().sum(dim=0) * torch.sqrt(diag.clamp(min=0.0))
 
 
 def flap_scores(stats: GramStats, w_out: torch.Tensor) -> torch.Tensor:
     """FLAP's fluctuation metric: the sample variance of ``X_j`` times ``‖W_:,j‖²``, float64."""
     w = w_out.to(torch.float64).cpu()
-    diag = torch.diagonal(stats.gram).cpu()
+    diag = stats.diagonal().cpu()
     n = max(stats.count, 2)
     mean = stats.mean.cpu()
     variance = (diag - n * mean * mean).clamp(min=0.0) / (n - 1)

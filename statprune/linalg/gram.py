@@ -29,6 +29,10 @@ class GramStats:
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
 
+    def diagonal(self) -> torch.Tensor:
+        """``diag(ZᵀZ)`` (m,), the squared column norms."""
+        return torch.diagonal(self.gram)
+
     def second_moment(self, centered: bool) -> torch.Tensor:
         """``ZᵀZ`` or, when ``centered``, ``(Z - 1μᵀ)ᵀ(Z - 1μᵀ)``: the Gram the ID factorizes.
 

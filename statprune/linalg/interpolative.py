@@ -130,6 +130,14 @@ def select_columns(gram: torch.Tensor, scale: torch.Tensor | None = None) -> Int
     perm, factor = pivoted_cholesky(g, overwrite=owned)
     rank = factor.shape[1]
     gains = torch.linalg.vector_norm(factor, dim=0).cpu() ** 2  # error removed by adding pivot j
+    return InterpolativeDecomposition(order=perm.cpu(), errors=error_curve(total, gains, m), rank=rank)
+
+
+def error_curve(total: float, gains: torch.Tensor, m: int) -> torch.Tensor:
+    """``errors[k]`` (m + 1,) of keeping the first k of m pivots: ``total`` (the trace) minus the
+    first k ``gains`` (each pivot's ``‖l_j‖²``; past the rank nothing more is removed), made
+    non-increasing despite rounding, and 0 for k = m."""
+    rank = gains.numel()
     errors = torch.empty(m + 1, dtype=torch.float64)
     errors[0] = total
     errors[1 : rank + 1] = total - torch.cumsum(gains, dim=0)
@@ -138,7 +146,7 @@ def select_columns(gram: torch.Tensor, scale: torch.Tensor | None = None) -> Int
     # make non-increasing despite rounding in the cumulative sums
     errors = torch.flip(torch.cummax(torch.flip(errors, [0]), dim=0).values, [0])
     errors[m] = 0.0
-    return InterpolativeDecomposition(order=perm.cpu(), errors=errors, rank=rank)
+    return errors
 
 
 def interpolation_matrix(
@@ -161,12 +169,16 @@ def interpolation_matrix(
     return spd_solve(g_ss, g_sd, ridge)
 
 
-def spd_solve(g_ss: torch.Tensor, rhs: torch.Tensor, ridge: float = RIDGE_FLOOR) -> torch.Tensor:
+def spd_solve(
+    g_ss: torch.Tensor, rhs: torch.Tensor, ridge: float = RIDGE_FLOOR, scale: float | None = None
+) -> torch.Tensor:
     """``(G + λ I)⁻¹ B`` for a PSD Gram block by Cholesky, ``λ`` = ``ridge`` (at least
-    :data:`RIDGE_FLOOR`) × its mean diagonal, grown only if the factorization fails; least
+    :data:`RIDGE_FLOOR`) × its mean diagonal (or ``scale`` when given: the mean diagonal of a
+    larger matrix ``G`` is a diagonal block of), grown only if the factorization fails; least
     squares as the last resort."""
     ridge = max(ridge, RIDGE_FLOOR)
-    scale = float(torch.diagonal(g_ss).mean()) if g_ss.numel() else 0.0
+    if scale is None:
+        scale = float(torch.diagonal(g_ss).mean()) if g_ss.numel() else 0.0
     if scale <= 0.0:
         return rhs.new_zeros(g_ss.shape[0], rhs.shape[1])
     eye = torch.eye(g_ss.shape[0], dtype=g_ss.dtype, device=g_ss.device)

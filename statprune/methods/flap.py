@@ -45,6 +45,12 @@ class Flap(ChannelRanking):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         import torch
 
+        from statprune.linalg.blocks import BlockDiagonalGram
+
         finished = stats.finish()
+        # with T = 0 a dropped column of zero mean changes nothing: routed experts' all are (their
+        # statistics have no column sums), and skipping them spares a dense k × (m − k) zero T
+        if isinstance(finished, BlockDiagonalGram):
+            dropped = dropped[finished.mean[dropped.to(finished.mean.device)].cpu() != 0]
         interp = torch.zeros(kept.numel(), dropped.numel(), dtype=torch.float64)
         return fold_interpolation(out, finished, kept, dropped, interp, options.bias_compensation)

@@ -81,13 +81,16 @@ class Stat(PruningMethod):
         import torch
 
         from statprune.linalg import select_columns
+        from statprune.linalg.blocks import BlockDiagonalGram, select_columns_blockwise
 
         ffn = adapter.ffn(layer)
         finished = stats.neurons.finish()
         w = layer.get_submodule(ffn.output).weight.detach().double()
         gram = finished.second_moment(options.bias_compensation)
         seen = w if factor is None else factor.to(w.device) @ w
-        return select_columns(gram, scale=torch.linalg.vector_norm(seen, dim=0))
+        # routed experts (statprune.moe): their block-diagonal Gram is factorized block by block
+        select = select_columns_blockwise if isinstance(gram, BlockDiagonalGram) else select_columns
+        return select(gram, scale=torch.linalg.vector_norm(seen, dim=0))
 
     def fold(
         self,
@@ -100,13 +103,17 @@ class Stat(PruningMethod):
         targets: CrossAccumulator | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from statprune.linalg import fit_to_targets, interpolation_matrix
+        from statprune.linalg.blocks import BlockDiagonalGram, fit_blockwise
 
         centered = options.bias_compensation
         ridge = options.correction_ridge
         finished = stats.finish()
+        bias = getattr(out, "bias", None)
+        b = None if bias is None else bias.detach()
+        if isinstance(finished, BlockDiagonalGram):  # routed experts: each expert's own block
+            shift = None if targets is None else targets.finish()
+            return fit_blockwise(out.weight.detach(), b, kept, dropped, finished, shift, centered, ridge)
         if targets is not None:
-            bias = getattr(out, "bias", None)
-            b = None if bias is None else bias.detach()
             return fit_to_targets(
                 out.weight.detach(), b, kept, dropped, finished, targets.finish(), centered, ridge
             )

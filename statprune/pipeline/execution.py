@@ -59,8 +59,9 @@ def timed(stages: dict[str, float], name: str) -> Iterator[None]:
 
 
 def stats_bytes(shapes: list[LayerShape]) -> int:
-    """Memory of every layer's float64 Gram matrices (heads and neurons)."""
-    return sum(8 * ((s.n_heads * s.head_dim) ** 2 + s.ffn_width**2) for s in shapes)
+    """Memory of every layer's float64 Gram matrices (heads and neurons; routed experts: one
+    block per expert, ``statprune.moe``)."""
+    return sum(8 * ((s.n_heads * s.head_dim) ** 2 + s.ffn_width**2 // s.ffn_active[1]) for s in shapes)
 
 
 def keeps_stats(options: CompressionOptions, offload: bool, checkpointed: bool) -> bool:
