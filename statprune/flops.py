@@ -67,18 +67,12 @@ class LayerShape:
         return s * d * hd * (2 * heads + 2 * self.kv_heads(heads)) + 2 * s * s * hd * heads
 
     def shared_of(self, neurons: int, shared: int | None = None) -> int:
-        """Shared-expert neurons among ``neurons`` kept: ``shared`` when given; else 0 or all of
-        them (no neuron or every neuron kept, or a layer without shared experts). A ``ValueError``
-        for a partial count of a layer with shared experts: its cost depends on the split."""
+        """Shared-expert neurons among ``neurons`` kept: ``shared`` when given, else as many as
+        keeping every expert the same fraction gives (``neurons · ffn_shared // ffn_width``: 0 or
+        all of them at no neuron or every neuron kept). The allocation always gives ``shared``."""
         if shared is not None:
             return shared
-        if self.ffn_shared == 0 or neurons == 0:
-            return 0
-        if neurons == self.ffn_width:
-            return self.ffn_shared
-        raise ValueError(
-            f"{neurons} of {self.ffn_width} neurons with shared experts: give how many are shared"
-        )
+        return neurons * self.ffn_shared // self.ffn_width if self.ffn_width else 0
 
     def ffn_macs(self, neurons: int, seq_len: int, shared: int | None = None) -> int:
         """``neurons`` kept, ``shared`` of them in shared experts (see :meth:`shared_of`)."""

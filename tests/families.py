@@ -67,9 +67,9 @@ MOE = {**DECODER, "num_experts_per_tok": 2}
 MIXTRAL = {**MOE, "num_local_experts": 4, "intermediate_size": 32}
 QWEN3_MOE = {**MOE, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 8, "mlp_only_layers": [0]}
 OLMOE = {**MOE, "num_experts": 4, "intermediate_size": 32}
-# Qwen2-MoE: a gated shared expert of 48 neurons beside the routed ones in every layer (a dense
+# Qwen2-MoE: a gated shared expert of 16 neurons beside the routed ones in every layer (a dense
 # layer is checked in tests/test_moe.py); router weights unnormalized over the top-k (its default)
-QWEN2_MOE = {**MOE, "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}
+QWEN2_MOE = {**MOE, "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 16}
 # DeBERTa-v3's layout (shared key/query projections for positions, relative positions only, no
 # segment ids, log-bucketed distances); the -pos-proj variant has its own position projections
 # (sliced with the kept heads) and an absolute position table
