@@ -497,3 +497,14 @@ def test_a_cost_model_by_count_refuses_shared_experts():
     shapes = model_shapes(adapter_for(model.config), model.base_model)
     with pytest.raises(statprune.StatpruneError, match="--keep-flops or --keep-params"):
         check_reachable(shapes, ByCount(), 0.5, 16, ("heads", "neurons"))
+
+
+@pytest.mark.parametrize("budget", [0.45, 0.55, 0.65])
+def test_qwen2_moe_flops_budget_is_met_when_the_pruning_pass_selects_again(budget):
+    """Sequential activations (the decoders' default) select each layer's neurons again on the
+    pruned model's inputs: the count alone would keep another shared/routed split than the one
+    the allocation priced (measured: 1.4 to 1.8 points over these budgets); the split it hands on
+    is kept."""
+    model = build("qwen2_moe", "ForCausalLM")
+    _, report = _compress(model, keep_flops=budget, prune=("neurons",), activations="sequential")
+    assert budget - 0.01 <= report.flops_kept <= budget
