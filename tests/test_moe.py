@@ -508,3 +508,28 @@ def test_qwen2_moe_flops_budget_is_met_when_the_pruning_pass_selects_again(budge
     model = build("qwen2_moe", "ForCausalLM")
     _, report = _compress(model, keep_flops=budget, prune=("neurons",), activations="sequential")
     assert budget - 0.01 <= report.flops_kept <= budget
+
+
+def test_qwen2_moe_killed_run_resumes_with_the_same_split(tmp_path, monkeypatch):
+    """The resumed run allocates again from the saved curves (their ``shared`` splits) and
+    ends with the same widths and weights."""
+    from statprune.checkpoint import Checkpoint
+
+    model = build("qwen2_moe", "ForCausalLM")
+    options = {"keep_flops": 0.5}
+    reference, _ = _compress(model, **options)
+    save = Checkpoint.save
+
+    def save_then_stop(self, stage, layer, data, inputs):
+        save(self, stage, layer, data, inputs)
+        if stage == "prune" and layer == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    resumed, _ = _compress(model, checkpoint_dir=tmp_path / "ckpt", resume=True, **options)
+    assert resumed.config.statprune_ops == reference.config.statprune_ops
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
