@@ -10,6 +10,15 @@ What a unit costs comes from the budget kind's cost model (:class:`CostModel`): 
 parameters from ``statprune.flops``'s accounting (:class:`Accounting`), or latency measured on
 this machine (``statprune.latency.LatencyCost``, Kwon et al. 2022's lookup tables). The greedy is
 the same for every kind.
+
+Shared experts (Qwen2-MoE): a layer's FFN neurons are its routed experts' and its shared
+expert's, and under a FLOPs budget a shared neuron costs ``E/k`` routed ones, so a count alone
+does not price the layer. Its two groups have their own error curves (the Gram is
+block-diagonal: errors add up over the groups), merged by error reduction per unit of cost into
+one order whose first ``c`` units hold a known number of shared neurons; the curve prices each
+count by that split (:func:`curve_from_errors`), and the allocation hands the split on with the
+count (:class:`SplitCount`) so that the pruning keeps exactly those, whatever order its own
+selection gives.
 """
 
 from __future__ import annotations
@@ -58,8 +67,49 @@ class Accounting(CostModel):
             raise ValueError(f"unknown cost kind {kind!r}")
         self.kind, self.seq_len = kind, seq_len
 
-    def layer_cost(self, shape: LayerShape, heads: int, neurons: int) -> float:
-        return shape.cost(heads, neurons, self.kind, self.seq_len)
+    def layer_cost(self, shape: LayerShape, heads: int, neurons: int, shared: int | None = None) -> float:
+        return shape.cost(heads, neurons, self.kind, self.seq_len, shared)
+
+
+def check_prices(model: CostModel, shapes: Sequence[LayerShape]) -> None:
+    """``OptionsError`` for a cost model that prices neurons by count alone (latency tables) on
+    a model with shared experts, whose neurons do not all cost the same."""
+    if not isinstance(model, Accounting) and any(s.ffn_shared for s in shapes):
+        from statprune.errors import OptionsError
+
+        raise OptionsError(
+            f"--keep-{model.kind or 'latency'} prices a layer's FFN neurons by their count, and a shared "
+            "expert's neurons (Qwen2-MoE) cost more than a routed expert's: use --keep-flops or --keep-params"
+        )
+
+
+class SplitCount(int):
+    """A layer's kept neuron count that also fixes how many are shared-expert neurons.
+
+    ``shared`` of the ``int(self)`` kept neurons are shared-expert neurons, whose indices start at
+    ``first`` (the shared experts come last in the concatenation). Handed to a selection's
+    ``keep`` (``InterpolativeDecomposition.keep`` asks for :meth:`arrange`), it keeps the first
+    ``shared`` shared neurons and the first ``int(self) - shared`` routed ones of the selection's
+    order, so the pruned layer costs what the allocation priced."""
+
+    shared: int
+    first: int
+
+    def __new__(cls, count: int, shared: int, first: int) -> SplitCount:
+        obj = super().__new__(cls, count)
+        obj.shared, obj.first = int(shared), int(first)
+        return obj
+
+    def __reduce__(self):
+        return SplitCount, (int(self), self.shared, self.first)
+
+    def arrange(self, order: torch.Tensor) -> torch.Tensor:
+        """``order`` (every neuron index once) rearranged so that its first ``int(self)`` entries
+        are the kept ones; each group keeps its own order."""
+        is_shared = order >= self.first
+        shared, routed = order[is_shared], order[~is_shared]
+        n = int(self) - self.shared
+        return torch.cat([shared[: self.shared], routed[:n], shared[self.shared :], routed[n:]])
 
 
 def cost_model(kind: str | CostModel, seq_len: int) -> CostModel:
@@ -76,6 +126,8 @@ class BlockCurve:
     counts: list[int]  # allowed counts, ascending, from 0 to the current width
     errors: list[float]  # weighted error for each count (non-increasing)
     costs: list[float]  # cost of the block at each count (the budget kind's unit)
+    # neurons of a layer with shared experts: how many of each count's kept neurons are shared
+    shared: list[int] | None = None
 
 
 def allowed_neuron_counts(width: int, multiple: int = 1) -> list[int]:
@@ -118,6 +170,7 @@ def allocate(
     if not 0.0 < keep <= 1.0:
         raise BudgetError(f"budget {keep} is outside (0, 1]: give the fraction to keep, e.g. 0.6")
     model = cost_model(kind, seq_len)
+    check_prices(model, shapes)
     dense = dense_counts(shapes)
     dense_cost = model.total(shapes, dense)
     target = keep * dense_cost - reserve
@@ -151,6 +204,12 @@ def allocate(
         fill_budget(shapes, curves, state, target, dense_cost)
     else:
         raise ValueError(f"unknown allocation method {method!r}")
+    for curve in curves:  # shared experts: the count carries the split the curve priced
+        if curve.shared is not None:
+            n = counts[curve.layer][1]
+            shape = shapes[curve.layer]
+            shared = curve.shared[curve.counts.index(n)]
+            counts[curve.layer][1] = SplitCount(n, shared, shape.ffn_width - shape.ffn_shared)
     result = [tuple(c) for c in counts]
     if all(h == 0 and n == 0 for h, n in result):
         raise BudgetError(f"budget {keep} would remove every head and neuron of the model; raise the budget")
@@ -363,6 +422,7 @@ def check_reachable(
     reachable floor (a fraction of the dense cost); raises :func:`floor_error`'s ``BudgetError``.
     The same test :func:`allocate` makes once the curves are known, from the shapes alone."""
     model = cost_model(kind, seq_len)
+    check_prices(model, shapes)
     dense = dense_counts(shapes)
     dense_cost = model.total(shapes, dense)
     floor = [(0 if "heads" in prune else h, 0 if "neurons" in prune else n) for h, n in dense]
@@ -394,10 +454,27 @@ def curve_from_errors(
     cost_kind: str | CostModel,
     seq_len: int,
     multiple: int = 1,
+    order: torch.Tensor | None = None,
 ) -> BlockCurve:
     """Build a block curve from an error curve indexed by count (heads per group or neurons);
-    each count's cost from ``cost_kind`` (``flops``, ``params`` or a :class:`CostModel`)."""
+    each count's cost from ``cost_kind`` (``flops``, ``params`` or a :class:`CostModel`).
+
+    ``order``: the neurons in the order ``errors`` keeps them (the selection's ``order``), needed
+    for a layer with shared experts (``shape.ffn_shared``): see :func:`merge_by_price`."""
     model = cost_model(cost_kind, seq_len)
+    if kind == "neurons" and shape.ffn_shared:
+        check_prices(model, [shape])
+        if order is None:
+            raise ValueError("a layer with shared experts needs the selection's order")
+        first = shape.ffn_width - shape.ffn_shared
+        routed_price = model.layer_cost(shape, 0, 1, 0) - model.layer_cost(shape, 0, 0, 0)
+        shared_price = model.layer_cost(shape, 0, 1, 1) - model.layer_cost(shape, 0, 0, 0)
+        merged, shared = merge_by_price(errors, order >= first, shared_price, routed_price)
+        counts = allowed_neuron_counts(len(errors) - 1, multiple)
+        base = model.layer_cost(shape, 0, 0, 0)
+        costs = [model.layer_cost(shape, 0, n, shared[n]) - base for n in counts]
+        errs = [weight * float(merged[n]) for n in counts]
+        return BlockCurve(layer, kind, counts, errs, costs, [shared[n] for n in counts])
     if kind == "heads":
         per_group = list(range(len(errors)))
         counts = [r * shape.groups for r in per_group]
@@ -408,3 +485,38 @@ def curve_from_errors(
         costs = [model.block_cost(shape, "neurons", n) for n in counts]
         errs = [weight * float(errors[n]) for n in counts]
     return BlockCurve(layer=layer, kind=kind, counts=counts, errors=errs, costs=costs)
+
+
+def merge_by_price(
+    errors: torch.Tensor, is_shared: torch.Tensor, shared_price: float, routed_price: float
+) -> tuple[torch.Tensor, list[int]]:
+    """Re-merge a layer's neuron order so that each step buys the most error per unit of cost.
+
+    ``errors[c]``: error keeping the first ``c`` neurons of the selection's order (``m + 1``
+    values); ``is_shared[j]``: whether its ``j``-th neuron is a shared-expert one. The routed and
+    shared groups have block-diagonal statistics, so step ``j``'s error reduction
+    ``errors[j] - errors[j + 1]`` belongs to its group alone and the error of keeping the first
+    ``a`` shared and ``b`` routed neurons (each group in its own order) is ``errors[0]`` minus
+    those reductions. Merging the groups by reduction / price (the larger first; routed first on
+    a tie) gives the errors of the merged order, ``(m + 1,)`` float64, and the number of shared
+    neurons among its first ``c``, for every ``c``."""
+    errors = errors.detach().double().cpu()
+    drops = (errors[:-1] - errors[1:]).tolist()
+    flags = is_shared.cpu().tolist()
+    groups = {
+        True: [d for d, f in zip(drops, flags, strict=True) if f],
+        False: [d for d, f in zip(drops, flags, strict=True) if not f],
+    }
+    price = {True: max(shared_price, 1e-30), False: max(routed_price, 1e-30)}
+    nxt = {True: 0, False: 0}
+    merged, shared, error, count = [float(errors[0])], [0], float(errors[0]), 0
+    for _ in drops:
+        options = [g for g in (False, True) if nxt[g] < len(groups[g])]
+        pick = max(options, key=lambda g: (groups[g][nxt[g]] / price[g], not g))
+        error -= groups[pick][nxt[pick]]
+        nxt[pick] += 1
+        count += pick
+        merged.append(error)
+        shared.append(count)
+    merged[-1] = float(errors[-1])  # every neuron kept: exactly as the selection says
+    return torch.tensor(merged, dtype=torch.float64), shared

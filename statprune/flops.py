@@ -4,7 +4,10 @@ Per layer at sequence length ``s``, hidden ``d``, head dim ``d_h`` (multiply-acc
 a query head costs ``2·s·d·d_h`` (Q and output projections) ``+ 2·s²·d_h`` (QKᵀ and AV), a key/value
 head ``2·s·d·d_h``; so a multi-head-attention head costs ``4·s·d·d_h + 2·s²·d_h``. An FFN neuron
 costs ``2·s·d`` (``3·s·d`` gated), times ``k/E`` for the routed experts of a mixture-of-experts
-layer (a token passes through ``k`` of ``E``; every expert's parameters count). Embeddings, norms,
+layer (a token passes through ``k`` of ``E``; every expert's parameters count) but not for its
+shared experts (Qwen2-MoE's, run on every token): a shared neuron costs ``E/k`` routed ones in
+FLOPs and one in parameters, so the FLOPs of a count of a layer's neurons depend on how many of
+them are shared (``shared=`` of :meth:`LayerShape.cost`). Embeddings, norms,
 softmax, biases, routers and task heads are excluded; FLOPs = 2 × MACs. Parameters count the
 weights and biases of the same projections.
 """
@@ -35,6 +38,8 @@ class LayerShape:
     # mixture of experts: the fraction (top-k, experts) of the FFN neurons a token passes through;
     # FLOPs count those (balanced routing), parameters every expert
     ffn_active: tuple[int, int] = (1, 1)
+    # of the ffn_width neurons, those of shared experts (on every token: not scaled by k/E)
+    ffn_shared: int = 0
 
     def __post_init__(self) -> None:  # a tuple even when read back from JSON (latency tables)
         object.__setattr__(self, "ffn_active", tuple(int(v) for v in self.ffn_active))
@@ -61,9 +66,20 @@ class LayerShape:
         d, hd, s = self.hidden, self.head_dim, seq_len
         return s * d * hd * (2 * heads + 2 * self.kv_heads(heads)) + 2 * s * s * hd * heads
 
-    def ffn_macs(self, neurons: int, seq_len: int) -> int:
+    def shared_of(self, neurons: int, shared: int | None = None) -> int:
+        """Shared-expert neurons among ``neurons`` kept: ``shared`` when given, else as many as
+        keeping every expert the same fraction gives (``neurons · ffn_shared // ffn_width``: 0 or
+        all of them at no neuron or every neuron kept). The allocation always gives ``shared``."""
+        if shared is not None:
+            return shared
+        return neurons * self.ffn_shared // self.ffn_width if self.ffn_width else 0
+
+    def ffn_macs(self, neurons: int, seq_len: int, shared: int | None = None) -> int:
+        """``neurons`` kept, ``shared`` of them in shared experts (see :meth:`shared_of`)."""
         top_k, experts = self.ffn_active
-        return neurons * seq_len * self.hidden * (3 if self.gated else 2) * top_k // experts
+        shared = self.shared_of(neurons, shared)
+        per_neuron = seq_len * self.hidden * (3 if self.gated else 2)
+        return (shared * experts + (neurons - shared) * top_k) * per_neuron // experts
 
     def attention_params(self, heads: int) -> int:
         d, hd, kv = self.hidden, self.head_dim, self.kv_heads(heads)
@@ -76,10 +92,11 @@ class LayerShape:
         biases = (neurons * n_in if self.ffn_in_bias else 0) + (self.hidden if self.ffn_out_bias else 0)
         return weights + biases
 
-    def cost(self, heads: int, neurons: int, kind: str, seq_len: int) -> int:
-        """FLOPs (``kind='flops'``) or parameters (``'params'``) of the layer's two blocks."""
+    def cost(self, heads: int, neurons: int, kind: str, seq_len: int, shared: int | None = None) -> int:
+        """FLOPs (``kind='flops'``) or parameters (``'params'``) of the layer's two blocks;
+        ``shared``: shared-expert neurons among ``neurons`` (see :meth:`shared_of`)."""
         if kind == "flops":
-            return 2 * (self.attention_macs(heads, seq_len) + self.ffn_macs(neurons, seq_len))
+            return 2 * (self.attention_macs(heads, seq_len) + self.ffn_macs(neurons, seq_len, shared))
         if kind == "params":
             return self.attention_params(heads) + self.ffn_params(neurons)
         raise ValueError(f"unknown cost kind {kind!r}")
@@ -93,6 +110,8 @@ def _has_bias(layer: nn.Module, path: str) -> bool:
 
 
 def layer_shape(layer: nn.Module, attn: AttentionLayout, ffn: FFNLayout, hidden: int) -> LayerShape:
+    """``ffn.experts`` widths past the ``ffn.active[1]`` routed experts are shared experts."""
+    shared = sum(ffn.experts[ffn.active[1] :]) if ffn.experts is not None else 0
     return LayerShape(
         hidden=hidden,
         n_heads=attn.n_heads,
@@ -105,6 +124,7 @@ def layer_shape(layer: nn.Module, attn: AttentionLayout, ffn: FFNLayout, hidden:
         ffn_in_bias=_has_bias(layer, ffn.inputs[0]),
         ffn_out_bias=_has_bias(layer, ffn.output),
         ffn_active=ffn.active,
+        ffn_shared=shared,
     )
 
 

@@ -104,14 +104,19 @@ class StatprunedExperts(nn.Module):
     ``(hidden_states (N, H), top_k_index (N, k), top_k_weights (N, k)) -> (N, H)``, it returns
     ``sum over routed e of w_e(x) * down_e(act(gate_e x) * up_e x)``, plus ``down_linear.bias``
     once per token when the pruning gave it one (the stock experts have no bias).
+
+    ``shared``: how many of the last ``widths`` are shared experts (Qwen2-MoE's
+    ``shared_expert``), run on every token with the weights of a fourth argument
+    ``shared_weights`` (N, shared) (``StatprunedSharedMoeBlock`` passes its sigmoid gate);
+    ``num_experts`` counts the routed ones.
     """
 
-    def __init__(self, hidden: int, widths: list[int], act: str):
+    def __init__(self, hidden: int, widths: list[int], act: str, shared: int = 0):
         super().__init__()
         from transformers.activations import ACT2FN
 
-        self.widths, self.act = [int(w) for w in widths], act
-        self.num_experts = len(self.widths)
+        self.widths, self.act, self.shared = [int(w) for w in widths], act, int(shared)
+        self.num_experts = len(self.widths) - self.shared
         total = sum(self.widths)
         self.gate_linear = nn.Linear(hidden, total, bias=False)
         self.up_linear = nn.Linear(hidden, total, bias=False)
@@ -135,15 +140,36 @@ class StatprunedExperts(nn.Module):
         dense.scatter_add_(1, top_k_index.clamp(0, self.num_experts), top_k_weights)
         return dense[:, : self.num_experts]
 
-    def activations(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args: Any
+    def _weights(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        shared_weights: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every expert's neuron activations times its routing weight, (N, sum(widths)), zero for
-        the tokens not routed to it; and which tokens each expert got, (N, E) bool."""
+        """(N, E + shared) weight of every token for every expert (0 where not routed) and
+        (N, E + shared) bool: which tokens each expert got (a shared expert: all)."""
         n = hidden_states.shape[0]
         weights = self.routing(top_k_index, top_k_weights, n)
         experts = torch.arange(self.num_experts, device=top_k_index.device)
         routed = (top_k_index.unsqueeze(-1) == experts).any(1)
+        if self.shared:
+            weights = torch.cat([weights, shared_weights.reshape(n, self.shared).to(weights.dtype)], 1)
+            routed = torch.cat([routed, routed.new_ones(n, self.shared)], 1)
+        return weights, routed
+
+    def activations(
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        shared_weights: torch.Tensor | None = None,
+        *args: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert's neuron activations times its routing weight, (N, sum(widths)), zero for
+        the tokens not routed to it; and which tokens each expert got, (N, E + shared) bool."""
+        n = hidden_states.shape[0]
+        weights, routed = self._weights(hidden_states, top_k_index, top_k_weights, shared_weights)
         out = hidden_states.new_zeros(n, sum(self.widths))
         for e, rows in enumerate(self._slices()):
             tokens = torch.nonzero(routed[:, e]).flatten()
@@ -153,18 +179,23 @@ class StatprunedExperts(nn.Module):
         return out, routed
 
     def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        shared_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        slices = self._slices()
         if torch.compiler.is_exporting():  # no data-dependent shapes: every expert on every token
             weights = self.routing(top_k_index, top_k_weights, hidden_states.shape[0])
-            for e, rows in enumerate(self._slices()):
+            for e, rows in enumerate(slices[: self.num_experts]):
                 if rows.stop > rows.start:
                     z = self._neurons(hidden_states, rows)
                     y = nn.functional.linear(z, self.down_linear.weight[:, rows])
                     out = out + y * weights[:, e, None].to(y.dtype)
         else:
-            for e, rows in enumerate(self._slices()):
+            for e, rows in enumerate(slices[: self.num_experts]):
                 if rows.stop == rows.start:
                     continue
                 tokens, slot = torch.where(top_k_index == e)
@@ -174,9 +205,35 @@ class StatprunedExperts(nn.Module):
                 y = nn.functional.linear(z, self.down_linear.weight[:, rows])
                 y = y * top_k_weights[tokens, slot, None].to(y.dtype)
                 out.index_add_(0, tokens, y.to(out.dtype))
+        for rows, w in zip(slices[self.num_experts :], range(self.shared), strict=True):  # every token
+            if rows.stop > rows.start:
+                z = self._neurons(hidden_states, rows)
+                y = nn.functional.linear(z, self.down_linear.weight[:, rows])
+                out = out + shared_weights[:, w, None].to(y.dtype) * y
         if self.down_linear.bias is not None:
             out = out + self.down_linear.bias.to(out.dtype)
         return out
+
+
+class StatprunedSharedMoeBlock(nn.Module):
+    """A sparse MoE block with a gated shared expert (Qwen2-MoE), its neurons beside the routed
+    experts' in one ``StatprunedExperts`` (``shared=1``, the last width).
+
+    Holds the stock block's router ``gate`` and ``shared_expert_gate`` as they are and computes
+    what the stock block does, ``experts(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x)``,
+    on (batch, seq, hidden) inputs.
+    """
+
+    def __init__(self, gate: nn.Module, shared_expert_gate: nn.Module, experts: StatprunedExperts):
+        super().__init__()
+        self.gate, self.shared_expert_gate, self.experts = gate, shared_expert_gate, experts
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        _, weights, index = self.gate(x)
+        shared = torch.sigmoid(self.shared_expert_gate(x))
+        return self.experts(x, index, weights, shared).reshape(shape)
 
 
 class ArgumentSelector:
@@ -233,6 +290,14 @@ def apply_op(root: nn.Module, op: dict) -> nn.Module | None:
         parent, name = _parent(root, path)
         module = StatprunedExperts(op["hidden"], op["widths"], op["act"])
         module.to(**_like(getattr(parent, name, root)))
+        setattr(parent, name, module)
+        return module
+    if kind == "shared_experts":  # a MoE block with a gated shared expert: its router and gate kept
+        parent, name = _parent(root, path)
+        old = getattr(parent, name)
+        experts = StatprunedExperts(op["hidden"], op["widths"], op["act"], shared=op["shared"])
+        experts.to(**_like(old))
+        module = StatprunedSharedMoeBlock(old.gate, old.shared_expert_gate, experts)
         setattr(parent, name, module)
         return module
     if kind == "attrs":

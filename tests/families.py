@@ -67,6 +67,9 @@ MOE = {**DECODER, "num_experts_per_tok": 2}
 MIXTRAL = {**MOE, "num_local_experts": 4, "intermediate_size": 32}
 QWEN3_MOE = {**MOE, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 8, "mlp_only_layers": [0]}
 OLMOE = {**MOE, "num_experts": 4, "intermediate_size": 32}
+# Qwen2-MoE: a gated shared expert of 16 neurons beside the routed ones in every layer (a dense
+# layer is checked in tests/test_moe.py); router weights unnormalized over the top-k (its default)
+QWEN2_MOE = {**MOE, "num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 16}
 # DeBERTa-v3's layout (shared key/query projections for positions, relative positions only, no
 # segment ids, log-bucketed distances); the -pos-proj variant has its own position projections
 # (sliced with the kept heads) and an absolute position table
@@ -128,6 +131,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("GPT2Config", GPT2, "GPT2", DECODER_HEADS, {"ForCausalLM": "GPT2LMHeadModel"}),
     "gpt_neox": Family("GPTNeoXConfig", NEOX, "GPTNeoX", DECODER_HEADS),
     "mixtral": Family("MixtralConfig", MIXTRAL, "Mixtral", DECODER_HEADS),
+    "qwen2_moe": Family("Qwen2MoeConfig", QWEN2_MOE, "Qwen2Moe", DECODER_HEADS),
     "qwen3_moe": Family("Qwen3MoeConfig", QWEN3_MOE, "Qwen3Moe", DECODER_HEADS),
     "olmoe": Family("OlmoeConfig", OLMOE, "Olmoe", DECODER_HEADS),
 }

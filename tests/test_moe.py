@@ -378,3 +378,254 @@ def test_the_memory_table_in_the_docs_is_the_functions():
     assert memory_table() in doc
     olmoe = statistics_memory(2048, 64, 1024)
     assert olmoe["dense"] == 3 * 8 * 65536**2 and olmoe["blockwise"] == 8 * (64 + 2) * 1024**2
+# ------------------------------------------------------------------- Qwen2-MoE: the shared expert
+
+
+def _balanced(module, args, out):
+    """Router hook: token t goes to experts t mod 4 and t + 1 mod 4 (weights 0.7, 0.3), so each of
+    the 4 experts gets exactly k/E = 1/2 of the tokens (the balance the FLOPs count assumes)."""
+    n = out[0].shape[0]
+    first = torch.arange(n) % 4
+    index = torch.stack([first, (first + 1) % 4], dim=1)
+    weights = torch.tensor([0.7, 0.3], dtype=out[1].dtype).expand(n, 2)
+    return out[0], weights, index
+
+
+def _shared_blocks(model):
+    return [layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "shared_expert_gate")]
+
+
+def test_qwen2_moe_shared_expert_joins_the_experts_module_exactly():
+    """The ``shared_experts`` op alone (budget 1): the routed experts' neurons then the shared
+    expert's in one module, the router and the shared expert's gate the stock modules."""
+    from statprune.modeling_statprune import StatprunedSharedMoeBlock
+
+    model = build("qwen2_moe", "ForCausalLM")
+    same, _ = _compress(model, keep_params=1.0)
+    for before, after in zip(model.model.layers, same.model.layers, strict=True):
+        assert isinstance(after.mlp, StatprunedSharedMoeBlock)
+        assert after.mlp.experts.widths == [32] * 4 + [16] and after.mlp.experts.shared == 1
+        assert after.mlp.experts.num_experts == 4
+        assert type(after.mlp.gate) is type(before.mlp.gate)
+        assert torch.equal(after.mlp.gate.weight, before.mlp.gate.weight)
+        assert torch.equal(after.mlp.shared_expert_gate.weight, before.mlp.shared_expert_gate.weight)
+        shared = after.mlp.experts.down_linear.weight[:, 128:]
+        assert torch.equal(shared, before.mlp.shared_expert.down_proj.weight)
+    torch.testing.assert_close(_logits(same), _logits(model), rtol=0, atol=1e-5)
+
+
+def test_qwen2_moe_shared_block_is_weighted_by_its_sigmoid_gate_on_every_token():
+    """The shared expert's Gram block is Σ over ALL tokens of σ(g·x)² z zᵀ (from the stock
+    module); the routed blocks stay as for the other families; no cross terms."""
+    model = build("qwen2_moe", "ForCausalLM")
+    block = model.model.layers[0].mlp
+    x = torch.randn(200, 32)
+    with torch.no_grad():
+        shared = block.shared_expert
+        z = torch.nn.functional.silu(shared.gate_proj(x)) * shared.up_proj(x)
+        z = z * torch.sigmoid(block.shared_expert_gate(x))
+        expected = z.double().T @ z.double()
+        _, weights, index = block.gate(x)
+        adapter = adapter_for(model.config)
+        adapter.prepare(model.base_model)
+        new = model.model.layers[0].mlp
+        acc = ExpertGramAccumulator(tuple(new.experts.widths), "cpu", torch.float64, "layer 0")
+        gate = torch.sigmoid(new.shared_expert_gate(x))
+        acc.add_call(new.experts, (x, index, weights, gate), torch.ones(200, dtype=torch.bool))
+    stats = acc.finish()
+    assert acc.tokens[4] == 200 and sum(acc.tokens[:4]) == 400  # top-2 of the routed experts
+    torch.testing.assert_close(stats.gram[128:, 128:], expected, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(stats.gram[128:, :128]) == 0
+
+
+def test_qwen2_moe_shared_expert_is_pruned_and_its_gate_and_the_router_untouched():
+    model = build("qwen2_moe", "ForCausalLM")
+    for kind in ("flops", "params"):
+        pruned, report = _compress(model, **{f"keep_{kind}": 0.5}, prune=("neurons",))
+        assert (report.flops_kept if kind == "flops" else report.params_kept) <= 0.5
+        widths = [e.widths for e in _experts(pruned)]
+        assert any(w[4] < 16 for w in widths), widths  # the shared expert lost neurons
+        assert len({w for ws in widths for w in ws[:4]}) > 1  # routed experts: their own widths
+        for before, after, lr in zip(model.model.layers, pruned.model.layers, report.layers, strict=True):
+            assert torch.equal(after.mlp.gate.weight, before.mlp.gate.weight)
+            assert torch.equal(after.mlp.shared_expert_gate.weight, before.mlp.shared_expert_gate.weight)
+            assert after.mlp.experts.down_linear.bias is None
+            assert len(lr.neurons_kept) == sum(after.mlp.experts.widths)
+
+
+def test_qwen2_moe_uneven_widths_reload_exactly(tmp_path):
+    """Saved, then rebuilt by the folder's own code from the stock Qwen2-MoE classes."""
+    import transformers
+
+    model = build("qwen2_moe", "ForCausalLM")
+    pruned, _ = _compress(model, keep_flops=0.6)
+    folder = statprune.save(pruned, tmp_path / "out", tokenizer=TOKENIZER)
+    remote = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(remote).__module__.endswith("modeling_statprune")
+    assert [e.widths for e in _experts(remote)] == [e.widths for e in _experts(pruned)]
+    torch.testing.assert_close(_logits(remote), _logits(pruned), rtol=0, atol=1e-6)
+
+
+def _counted_flops(model, seq_len: int = 16) -> int:
+    """torch's FLOP counter over one forward of ``seq_len`` tokens with balanced routing (eager
+    attention and experts), less the LM head, the routers and the shared experts' gates (not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.config._attn_implementation = "eager"
+    model.config._experts_implementation = "eager"  # the stock experts' loop of matrix products
+    handles = [layer.mlp.gate.register_forward_hook(_balanced) for layer in model.model.layers]
+    ids = torch.randint(3, 19, (1, seq_len))
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    head = model.get_output_embeddings()
+    routers = sum(2 * seq_len * 32 * (4 + 1) for _ in model.model.layers)  # gate (E x H), shared gate (1 x H)
+    return counter.get_total_flops() - 2 * seq_len * head.in_features * head.out_features - routers
+
+
+def test_qwen2_moe_accounting_equals_torchs_flop_count_and_the_parameters():
+    """Dense and pruned (uneven routed widths, a narrower shared expert): FLOPs as torch counts
+    them under balanced routing (a shared neuron E/k = 2 routed ones), parameters as held."""
+    from torch import nn
+
+    model = build("qwen2_moe", "ForCausalLM")
+    adapter = adapter_for(model.config)
+    shape = model_shapes(adapter, model.base_model)[0]
+    assert (shape.ffn_width, shape.ffn_shared, shape.ffn_active) == (144, 16, (2, 4))
+    assert shape.ffn_macs(144, 16) == 16 * 32 * 3 * (16 + 128 // 2)
+    pruned, report = _compress(model, keep_flops=0.45)
+    assert any(e.widths[4] < 16 for e in _experts(pruned))
+    assert any(len(lr.heads_kept) < 4 for lr in report.layers)
+    for m in (model, pruned):
+        shapes = model_shapes(adapter, m.base_model)
+        dense = [(s.n_heads, s.ffn_width) for s in shapes]
+        assert total_cost(shapes, dense, "flops", 16) == _counted_flops(m)
+        held = sum(
+            p.numel()
+            for layer in m.model.layers
+            for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear) and not name.endswith(("mlp.gate", "shared_expert_gate"))
+            for p in module.parameters(recurse=False)
+        )
+        fused = sum(
+            p.numel() for layer in m.model.layers for p in layer.mlp.experts.parameters(recurse=False)
+        )
+        assert total_cost(shapes, dense, "params", 16) == held + fused
+    assert report.flops_after == _counted_flops(pruned)
+
+
+def test_qwen2_moe_duplicated_neurons_inside_each_expert_are_removed_exactly():
+    """Half of each routed expert's neurons and of the shared expert's copy the other half: at
+    the FLOPs of half of each, every expert keeps half and the outputs do not move."""
+    model = build("qwen2_moe", "ForCausalLM")
+    adapter = adapter_for(model.config)
+    adapter.prepare(model.base_model)
+    with torch.no_grad():
+        for layer in adapter.layers(model.base_model):
+            ffn = adapter.ffn(layer)
+            for e, w in enumerate(ffn.experts):
+                a, h = sum(ffn.experts[:e]), w // 2
+                for path in ffn.inputs:
+                    weight = layer.get_submodule(path).weight
+                    weight[a + h : a + 2 * h] = weight[a : a + h]
+    shapes = model_shapes(adapter, model.base_model)
+    half = total_cost(shapes, [(s.n_heads, s.ffn_width // 2) for s in shapes], "flops", 16)
+    budget = half / total_cost(shapes, [(s.n_heads, s.ffn_width) for s in shapes], "flops", 16)
+    pruned, report = _compress(model, keep_flops=budget, prune=("neurons",))
+    assert all(e.widths == [16] * 4 + [8] for e in _experts(pruned))
+    assert report.flops_kept <= budget
+    reference = _logits(model)
+    assert torch.linalg.vector_norm(_logits(pruned) - reference) / torch.linalg.vector_norm(reference) < 1e-5
+
+
+def test_qwen2_moe_correction_beats_plain_removal():
+    test_correction_beats_plain_removal("qwen2_moe")
+
+
+def test_qwen2_moe_dense_layers_are_pruned_as_dense_ffns():
+    """``decoder_sparse_step=2``: layer 0 is a plain SwiGLU MLP (no shared expert), layer 1 sparse."""
+    import transformers
+    from families import FAMILIES
+
+    config = transformers.Qwen2MoeConfig(**{**FAMILIES["qwen2_moe"].fields, "decoder_sparse_step": 2})
+    torch.manual_seed(0)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    pruned, report = _compress(model, keep_flops=0.6, prune=("neurons",))
+    dense = pruned.model.layers[0].mlp
+    assert not hasattr(dense, "experts") and dense.up_proj.out_features == len(report.layers[0].neurons_kept)
+    assert dense.up_proj.out_features < 64 and report.flops_kept <= 0.6
+    assert pruned.model.layers[1].mlp.experts.shared == 1
+
+
+def test_shared_and_routed_neurons_are_merged_by_error_per_unit_of_cost():
+    """``merge_by_price``: the groups' own error reductions re-merged by reduction / price; the
+    allocation's ``SplitCount`` then keeps that split whatever order the selection has."""
+    from statprune.allocation import SplitCount, merge_by_price
+    from statprune.linalg.interpolative import InterpolativeDecomposition
+
+    # order: routed 0 (drop 5), shared 3 (drop 4), routed 1 (drop 2), shared 4 (drop 1), routed 2 (1)
+    errors = torch.tensor([13.0, 8.0, 4.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    is_shared = torch.tensor([False, True, False, True, False])
+    merged, shared = merge_by_price(errors, is_shared, shared_price=2.0, routed_price=1.0)
+    # per cost: routed 5, 2, 1; shared 2, 0.5 -> routed 0, routed 1 and shared 3 (tie: routed first)
+    assert merged.tolist() == [13.0, 8.0, 6.0, 2.0, 1.0, 0.0]
+    assert shared == [0, 0, 0, 1, 1, 2]
+    selection = InterpolativeDecomposition(order=torch.tensor([0, 3, 1, 4, 2]), errors=errors, rank=5)
+    kept, dropped = selection.keep(SplitCount(3, shared=1, first=3))
+    assert kept.tolist() == [0, 1, 3] and dropped.tolist() == [2, 4]
+    assert selection.keep(3)[0].tolist() == [0, 1, 3]  # a plain count: the selection's own prefix
+    assert selection.keep(SplitCount(2, shared=0, first=3))[0].tolist() == [0, 1]
+
+
+def test_a_cost_model_by_count_refuses_shared_experts():
+    from statprune.allocation import CostModel, check_reachable
+
+    class ByCount(CostModel):
+        kind = "latency"
+
+        def layer_cost(self, shape, heads, neurons):
+            return float(heads + neurons)
+
+    model = build("qwen2_moe", "ForCausalLM")
+    shapes = model_shapes(adapter_for(model.config), model.base_model)
+    with pytest.raises(statprune.StatpruneError, match="--keep-flops or --keep-params"):
+        check_reachable(shapes, ByCount(), 0.5, 16, ("heads", "neurons"))
+
+
+@pytest.mark.parametrize("budget", [0.45, 0.55, 0.65])
+def test_qwen2_moe_flops_budget_is_met_when_the_pruning_pass_selects_again(budget):
+    """Sequential activations (the decoders' default) select each layer's neurons again on the
+    pruned model's inputs: the count alone would keep another shared/routed split than the one
+    the allocation priced (measured: 1.4 to 1.8 points over these budgets); the split it hands on
+    is kept."""
+    model = build("qwen2_moe", "ForCausalLM")
+    _, report = _compress(model, keep_flops=budget, prune=("neurons",), activations="sequential")
+    assert budget - 0.01 <= report.flops_kept <= budget
+
+
+def test_qwen2_moe_killed_run_resumes_with_the_same_split(tmp_path, monkeypatch):
+    """The resumed run allocates again from the saved curves (their ``shared`` splits) and
+    ends with the same widths and weights."""
+    from statprune.checkpoint import Checkpoint
+
+    model = build("qwen2_moe", "ForCausalLM")
+    options = {"keep_flops": 0.5}
+    reference, _ = _compress(model, **options)
+    save = Checkpoint.save
+
+    def save_then_stop(self, stage, layer, data, inputs):
+        save(self, stage, layer, data, inputs)
+        if stage == "prune" and layer == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
+    monkeypatch.setattr(Checkpoint, "save", save)
+    resumed, _ = _compress(model, checkpoint_dir=tmp_path / "ckpt", resume=True, **options)
+    assert resumed.config.statprune_ops == reference.config.statprune_ops
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -20,11 +20,6 @@ REFUSED: dict[str, str] = {
         "shared layer weights: every ALBERT layer reuses one set of weights, so pruning one "
         "layer's heads or neurons would prune them in all layers"
     ),
-    "qwen2_moe": (
-        "not supported yet: its gated shared expert is a second FFN in every layer whose neurons "
-        "cost more FLOPs than a routed expert's, and statprune prices one kind of FFN neuron per "
-        "layer (Qwen3-MoE, Mixtral and OLMoE are supported)"
-    ),
 }
 
 

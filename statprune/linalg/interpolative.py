@@ -34,9 +34,11 @@ class InterpolativeDecomposition:
     rank: int
 
     def keep(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept and dropped column indices (each sorted) when keeping ``k`` columns."""
-        kept = torch.sort(self.order[:k]).values
-        dropped = torch.sort(self.order[k:]).values
+        """Kept and dropped column indices (each sorted) when keeping ``k`` columns (a ``k`` with
+        an ``arrange`` method, ``statprune.allocation.SplitCount``, first rearranges the order)."""
+        order = k.arrange(self.order) if hasattr(k, "arrange") else self.order
+        kept = torch.sort(order[:k]).values
+        dropped = torch.sort(order[k:]).values
         return kept, dropped
 
 

@@ -290,9 +290,11 @@ def analyse_layer(
         stats.neuron_selection = pin_selection(
             method.select_neurons(adapter, layer, stats, options, factor=factor), stats.neurons
         )
-        errors = stats.neuron_selection.errors
+        errors, order = stats.neuron_selection.errors, stats.neuron_selection.order
         curves.append(
-            curve_from_errors(i, "neurons", shape, errors, weight["neurons"], kind, seq_len, options.round_to)
+            curve_from_errors(
+                i, "neurons", shape, errors, weight["neurons"], kind, seq_len, options.round_to, order
+            )
         )
     return stats, outputs
 
