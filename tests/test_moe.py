@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import _build_tiny_tokenizer, tiny_texts
+from conftest import _build_tiny_tokenizer, assert_same_weights, interrupted_after, tiny_texts
 from families import build
 
 import statprune
@@ -258,25 +258,13 @@ def test_a_starved_experts_target_statistics_are_zeroed_with_its_gram():
     assert torch.count_nonzero(cross[4:]) == 0 and torch.count_nonzero(cross[:4]) == 12
 
 
-def test_a_killed_run_resumes_to_identical_outputs(tmp_path, monkeypatch):
+def test_a_killed_run_resumes_to_identical_outputs(tmp_path):
     """The resumed run converts the experts again before replaying the saved surgery ops."""
-    from statprune.checkpoint import Checkpoint
-
     model = build("olmoe", "ForCausalLM")
     options = {"keep_params": 0.5}
     reference, _ = _compress(model, **options)
-    save = Checkpoint.save
-
-    def save_then_stop(self, stage, layer, data, inputs):
-        save(self, stage, layer, data, inputs)
-        if stage == "prune" and layer == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(tmp_path / "ckpt", "prune", 0):
         _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
-    monkeypatch.setattr(Checkpoint, "save", save)
     resumed, _ = _compress(model, checkpoint_dir=tmp_path / "ckpt", resume=True, **options)
     assert resumed.config.statprune_ops == reference.config.statprune_ops
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(reference, resumed)
