@@ -23,7 +23,6 @@ option (SQuAD v1.1).
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import time
@@ -103,26 +102,16 @@ def _answers(value: Any, where: str) -> tuple[str, ...]:
 def read_squad_jsonl(path: str | Path) -> list[QAExample]:
     """The questions of a SQuAD-format JSONL file (see the module docstring).
 
-    Raises ``DataError`` for a missing or unreadable file, a line that is not a JSON object,
+    Raises ``DataError`` for a missing, empty or non-UTF-8 file, a line that is not a JSON object,
     or a missing/ill-typed ``question``, ``context`` or ``answers`` field (naming the line)."""
+    from statprune.calibration import json_objects
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; question answering reads a SQuAD-format .jsonl file")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read it as UTF-8 text ({exc})") from None
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in json_objects(path, "with question, context and answers"):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: each line must be a JSON object with question, context, answers")
         for name in ("question", "context", "answers"):
             if name not in record:
                 raise DataError(
@@ -141,8 +130,6 @@ def read_squad_jsonl(path: str | Path) -> list[QAExample]:
                 None if ident is None else str(ident),
             )
         )
-    if not examples:
-        raise DataError(f"{path}: no questions in the file")
     return examples
 
 
