@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from statprune.methods import register
-from statprune.methods.base import PruningMethod, fold_interpolation
+from statprune.methods.base import PruningMethod, detached_bias, fold_interpolation
 
 if TYPE_CHECKING:
     import torch
@@ -105,10 +105,7 @@ class Stat(PruningMethod):
         ridge = options.correction_ridge
         finished = stats.finish()
         if targets is not None:
-            bias = getattr(out, "bias", None)
-            b = None if bias is None else bias.detach()
-            return fit_to_targets(
-                out.weight.detach(), b, kept, dropped, finished, targets.finish(), centered, ridge
-            )
+            w, b = out.weight.detach(), detached_bias(out)
+            return fit_to_targets(w, b, kept, dropped, finished, targets.finish(), centered, ridge)
         interp = interpolation_matrix(finished.second_moment(centered), kept, dropped, ridge)
         return fold_interpolation(out, finished, kept, dropped, interp, centered)
