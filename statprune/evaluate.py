@@ -1166,6 +1166,19 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def write_eval_json(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """``eval --json``: ``record`` followed by the resolved paths of the model, the data (when
+    given) and the reference, written atomically; says where. Nothing without ``--json``."""
+    if args.json is None:
+        return
+    record = {**record, "model": str(Path(args.model).resolve())}
+    if getattr(args, "data", None) is not None:
+        record["data"] = str(Path(args.data).resolve())
+    record["against"] = None if args.against is None else str(Path(args.against).resolve())
+    _write_json(args.json, record)
+    print(f"\nwrote {args.json}")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """The ``eval`` command: print the results and, with ``--json``, write them."""
     import os
@@ -1191,15 +1204,7 @@ def run_eval(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, worst=worst,
     )
     print(result.summary())
-    if args.json is not None:
-        data = {
-            **result.to_dict(),
-            "model": str(Path(args.model).resolve()),
-            "data": str(Path(args.data).resolve()),
-            "against": None if args.against is None else str(Path(args.against).resolve()),
-        }
-        _write_json(args.json, data)
-        print(f"\nwrote {args.json}")
+    write_eval_json(args, result.to_dict())
     status = 0
     for metric, value, bar, passed in fail_below_checks(result, rules):
         if passed:

@@ -427,15 +427,7 @@ def run_harness_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     print(result.summary())
-    if args.json is not None:
-        from statprune.evaluate import _write_json
+    from statprune.evaluate import write_eval_json
 
-        data = {
-            "task": "lm-eval",
-            "lm_eval": result.to_dict(),
-            "model": str(Path(args.model).resolve()),
-            "against": None if args.against is None else str(Path(args.against).resolve()),
-        }
-        _write_json(args.json, data)
-        print(f"\nwrote {args.json}")
+    write_eval_json(args, {"task": "lm-eval", "lm_eval": result.to_dict()})
     return 0
