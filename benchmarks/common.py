@@ -303,9 +303,9 @@ def serve_prompts(tokenizer, n: int, max_tokens: int) -> tuple[list[str], list[l
 
 
 def transformers_generate(folder: Path, compressed: bool, ids: list[list[int]], new_tokens: int) -> dict:
-    """transformers' greedy continuations (KV cache, batch 1, float32) and their time after one
-    warm-up: ``{"tokens": [[int]], "seconds": float}``. Dense: ``AutoModelForCausalLM``;
-    compressed: ``statprune.load``."""
+    """transformers' greedy continuations (KV cache, batch 1, float32), their time after one
+    warm-up and the tokens generated per second: ``{"tokens": [[int]], "seconds": float,
+    "tok_s": float}``. Dense: ``AutoModelForCausalLM``; compressed: ``statprune.load``."""
     import time
 
     import torch
@@ -328,7 +328,30 @@ def transformers_generate(folder: Path, compressed: bool, ids: list[list[int]], 
     generate(ids[0])  # warm-up
     start = time.perf_counter()
     tokens = [generate(p) for p in ids]
-    return {"tokens": tokens, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": seconds, "tok_s": new_tokens * len(ids) / seconds}
+
+
+def run_child(
+    python: Path, script: str, spec: dict, env: dict[str, str], cwd: str | None = None, tail: int = 15
+) -> tuple[dict | None, str]:
+    """Run ``script`` (``python -c``) in another venv's ``python`` with ``spec`` as its JSON
+    argument and ``env`` added to the environment, without this checkout's ``PYTHONPATH`` (the
+    venv's own packages). The script prints its result as one line ``RESULT <json>``; returns
+    ``(result, "")``, or ``(None, the last tail lines of its stderr or stdout)`` when it failed."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, **env}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [str(python), "-c", script, json.dumps(spec)], capture_output=True, text=True, env=env, cwd=cwd
+    )
+    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if proc.returncode or result is None:
+        return None, "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-tail:])
+    return json.loads(result[len("RESULT ") :]), ""
 
 
 def token_agreement(a: list[list[int]], b: list[list[int]]) -> dict:

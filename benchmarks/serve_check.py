@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from common import (
     SERVE_CACHE,
+    run_child,
     serve_arguments,
     serve_compress,
     serve_folder,
@@ -126,16 +127,10 @@ def llama_cpp_run(python: Path, gguf: Path, job: dict) -> tuple[dict, list[np.nd
     with tempfile.TemporaryDirectory() as tmp:
         logits_file = Path(tmp) / "logits"
         spec = {"gguf": str(gguf), "n_ctx": 512, "logits_file": str(logits_file), **job}
-        env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"])}
-        env.pop("PYTHONPATH", None)
-        proc = subprocess.run(
-            [str(python), "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=env
-        )
-        result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
-        if proc.returncode or result is None:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-20:])
-            raise RuntimeError(f"llama.cpp failed on {gguf.name}:\n{tail}")
-        return json.loads(result[len("RESULT ") :]), [np.load(f"{logits_file}{i}.npy") for i in (0, 1)]
+        result, error = run_child(python, CHILD, spec, {"OMP_NUM_THREADS": str(job["threads"])}, tail=20)
+        if result is None:
+            raise RuntimeError(f"llama.cpp failed on {gguf.name}:\n{error}")
+        return result, [np.load(f"{logits_file}{i}.npy") for i in (0, 1)]
 
 
 def logits_match(reference, got) -> dict:
@@ -305,7 +300,6 @@ def main() -> None:
     for name, folder, compressed in (("dense", args.model, False), ("compressed", compressed_dir, True)):
         start = time.perf_counter()
         hf = transformers_generate(folder, compressed, ids, args.new_tokens)
-        hf["tok_s"] = n_new / hf["seconds"]
         model = statprune.load(folder, dtype=torch.float32)
         ref = reference_logits(model, ids[0])
         del model

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from common import (
+    run_child,
     serve_arguments,
     serve_compress,
     serve_folder,
@@ -97,23 +98,13 @@ def ensure_venv() -> float | None:
 
 def vllm_run(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
     spec = {"model": str(folder), "prompts": ids, "new_tokens": new_tokens, "max_len": 256}
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PYTHONPATH", None)  # the venv's own statprune (with its entry point), not this checkout
-    with tempfile.TemporaryDirectory() as tmp:
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory() as tmp:  # the venv's own statprune (with its entry point)
         start = time.perf_counter()
-        proc = subprocess.run(
-            [venv_python(), "-c", VLLM_CHILD, json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp,
-        )
-    total = time.perf_counter() - start
-    result = next((line for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
-    if proc.returncode or result is None:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"error": "\n".join(tail)}
-    return {**json.loads(result[len("RESULT ") :]), "process_seconds": total}
+        result, error = run_child(venv_python(), VLLM_CHILD, spec, env, cwd=tmp)
+    if result is None:
+        return {"error": error}
+    return {**result, "process_seconds": time.perf_counter() - start}
 
 
 def markdown(res: dict) -> str:
@@ -199,7 +190,6 @@ def main() -> None:
     for name, folder, compressed in (("dense", args.model, False), ("compressed", out_dir, True)):
         start = time.perf_counter()
         hf = transformers_generate(folder, compressed, ids, args.new_tokens)
-        hf["tok_s"] = n_new / hf["seconds"]
         vl = vllm_run(folder, ids, args.new_tokens)
         if "error" not in vl:
             vl["tok_s"] = n_new / vl["seconds"]

@@ -45,3 +45,18 @@ def resolve_device(name: str | None):
     if name != "cpu" and not name.startswith("cuda"):
         raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
+
+
+def resolve_dtype(name: str | None):
+    """A torch dtype name (``float32``, ``bfloat16``, ``float16``) as a ``torch.dtype``; None stays
+    None (the checkpoint's own dtype). Raises ``DataError`` for any other name."""
+    import torch
+
+    from statprune.errors import DataError
+
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise DataError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return dtype

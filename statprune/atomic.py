@@ -62,13 +62,14 @@ def _fsync(path: Path) -> None:
     if path.is_dir():
         for root, _, files in os.walk(path):
             for name in files:
-                _fsync_file(Path(root) / name)
+                _fsync_path(Path(root) / name)
             _fsync_dir(Path(root))
     else:
-        _fsync_file(path)
+        _fsync_path(path)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """fsync one file or one folder's entry list (opened read-only)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,11 +79,7 @@ def _fsync_file(path: Path) -> None:
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem can sync a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(path)
 
 
 def _remove(tmp: Path | None, created: list[Path]) -> None:
@@ -173,7 +170,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             raise FileNotFoundError(errno.ENOENT, "nothing was written to the temporary file", str(tmp))
         companions = sorted(p for p in folder.iterdir() if p.name != target.name and p.is_file())
         for file in [*companions, tmp]:
-            _fsync_file(file)
+            _fsync_path(file)
         for file in companions:
             os.replace(file, target.parent / file.name)
         os.replace(tmp, target)

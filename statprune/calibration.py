@@ -13,7 +13,7 @@ import json
 import random
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -164,8 +164,10 @@ def _pair(
     return values[0] if pair_field is None else (values[0], values[1])
 
 
-def _read_jsonl(path: Path, text_field: str, pair_field: str | None) -> list[Any]:
-    examples = []
+def json_objects(path: Path, hint: str = 'e.g. {"text": "..."}') -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file (UTF-8, a BOM dropped,
+    split on newlines only: JSON strings may hold U+2028). Raises ``DataError`` naming the line
+    for a line that is not a JSON object; ``hint`` ends that message."""
     for number, line in enumerate(_lines(_read_text(path)), start=1):
         if not line.strip():
             continue
@@ -174,15 +176,19 @@ def _read_jsonl(path: Path, text_field: str, pair_field: str | None) -> list[Any
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{where} is not valid JSON ({e.msg} at column {e.colno}); "
-                'write one object per line, e.g. {"text": "..."}'
+                f"{where} is not valid JSON ({e.msg} at column {e.colno}); write one object per line, {hint}"
             ) from e
         if not isinstance(record, dict):
             raise DataError(
-                f"{where} is a JSON {_json_type(record)}, not an object; "
-                'write one object per line, e.g. {"text": "..."}'
+                f"{where} is a JSON {_json_type(record)}, not an object; write one object per line, {hint}"
             )
-        if (example := _pair(record, where, text_field, pair_field)) is not None:
+        yield number, record
+
+
+def _read_jsonl(path: Path, text_field: str, pair_field: str | None) -> list[Any]:
+    examples = []
+    for number, record in json_objects(path):
+        if (example := _pair(record, f"{path} line {number}", text_field, pair_field)) is not None:
             examples.append(example)
     return examples
 

@@ -35,12 +35,13 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statprune.argtypes import positive_int, resolve_device
+from statprune.argtypes import positive_int, resolve_device, resolve_dtype
 from statprune.errors import DataError, ModelError, OutputError
 from statprune.guards import check_count, check_seq_len
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TASKS",
     "EvalResult",
+    "TaskResult",
     "add_eval_parser",
     "detect_task",
     "embedding_agreement",
@@ -74,10 +76,9 @@ DEFAULT_WORST = 50  # examples listed in ``worst_examples``
 EXIT_BELOW = 3  # exit status of ``eval --fail-below`` when a metric falls below its bar
 # metrics --fail-below may watch (higher is better); the default is the task's agreement measure
 FAIL_METRICS = ("agreement", "accuracy", "cosine_mean", "cosine_min", "neighbor_overlap_at_1",
-                "neighbor_overlap_at_10", "similarity_spearman")
-DEFAULT_FAIL_METRIC = {"classify": "agreement", "lm": "agreement", "embed": "neighbor_overlap_at_10"}
-DEFAULT_FAIL_METRIC["qa"] = "agreement"
-FAIL_METRICS += ("exact_match", "f1")  # qa
+                "neighbor_overlap_at_10", "similarity_spearman", "exact_match", "f1")
+DEFAULT_FAIL_METRIC = {"classify": "agreement", "lm": "agreement", "embed": "neighbor_overlap_at_10",
+                       "qa": "agreement"}
 GOLD_METRICS = ("accuracy", "exact_match", "f1")  # measured without --against
 # the rank correlation of pairwise similarities uses at most this many examples (n(n-1)/2 pairs)
 SPEARMAN_MAX_EXAMPLES = 2000
@@ -86,7 +87,22 @@ NEIGHBOR_MAX_EXAMPLES = 20000
 
 
 @dataclass
-class EvalResult:
+class TaskResult:
+    """What every evaluation reports first: the task, the examples evaluated and the tokens fed to
+    the model. :class:`EvalResult` (classify, lm, embed) and :class:`statprune.qa_eval.QAResult`
+    add their metrics; ``eval --json`` writes :meth:`to_dict` and ``--fail-below`` reads the
+    metrics by name (:func:`fail_below_checks`)."""
+
+    task: str
+    n_examples: int
+    n_tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult(TaskResult):
     """Metrics of one evaluation; ``None`` where a metric does not apply.
 
     ``n_tokens`` counts the real (non-padding, after truncation) tokens fed to the model for
@@ -96,9 +112,6 @@ class EvalResult:
     actually used (``classify`` / ``embed``); ``window`` / ``stride`` those of ``lm``.
     """
 
-    task: str
-    n_examples: int
-    n_tokens: int
     accuracy: float | None = None
     perplexity: float | None = None
     window: int | None = None
@@ -132,9 +145,6 @@ class EvalResult:
     # first, at most ``worst`` of them; ``worst_rule`` says what was ranked
     worst_examples: list[dict[str, Any]] | None = None
     worst_rule: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def summary(self) -> str:
         """A compact human-readable report."""
@@ -189,7 +199,7 @@ class EvalResult:
                 lines.append("  … all listed in the --json output" if self.flipped <= listed
                              else f"  … the first {listed} in the --json output")
         elif self.worst_examples:
-            lines += ["", f"{self.worst_rule}:"] + [_describe_worst(e) for e in self.worst_examples[:5]]
+            lines += worst_lines(self.worst_rule, self.worst_examples)
         return "\n".join(lines)
 
 
@@ -212,7 +222,15 @@ def _per_class_table(rows: list[dict[str, Any]], limit: int = 10) -> str:
     return "\n".join(lines)
 
 
+def worst_lines(rule: str | None, examples: list[dict[str, Any]]) -> list[str]:
+    """The summary's list of what moved most: a blank line, ``rule:``, the first five entries."""
+    return ["", f"{rule}:"] + [_describe_worst(e) for e in examples[:5]]
+
+
 def _describe_worst(example: dict[str, Any]) -> str:
+    if "question" in example:  # qa (statprune.qa_eval)
+        question, answer, reference = example["question"][:60], example["answer"], example["reference"]
+        return f"  #{example['index']}: {question!r} -> {answer!r} (reference {reference!r})"
     text = str(example.get("text", ""))
     text = text if len(text) <= 70 else text[:69] + "…"
     if "prediction" in example:
@@ -336,6 +354,26 @@ def _check_positive(name: str, value: int | None) -> None:
         raise DataError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_worst(worst: int) -> None:
+    if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
+        raise DataError(f"worst must be a non-negative integer, got {worst!r}")
+
+
+@contextmanager
+def eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Every model given (``None`` skipped, each one once) in eval mode for the block; each gets
+    its own training flag back after it, whatever happens."""
+    distinct = list({id(m): m for m in models if m is not None}.values())
+    training = [m.training for m in distinct]
+    try:
+        for m in distinct:
+            m.eval()
+        yield
+    finally:
+        for m, was_training in zip(distinct, training, strict=True):
+            m.train(was_training)
+
+
 def _device_of(model: nn.Module) -> torch.device:
     import torch
 
@@ -434,12 +472,14 @@ def evaluate(
     window: int | None = None,
     stride: int | None = None,
     worst: int = DEFAULT_WORST,
-) -> EvalResult:
+) -> TaskResult:
     """Evaluate ``model`` on ``examples`` (texts, or (text, pair) tuples for classify / embed).
 
-    ``task`` is ``auto`` (from the model's class, see :func:`detect_task`), ``classify``, ``lm``
-    or ``embed``. ``reference`` (typically the uncompressed original, sharing the tokenizer) adds
-    the comparison metrics. ``labels`` (``classify`` only; one per example: ids, or names from
+    ``task`` is ``auto`` (from the model's class, see :func:`detect_task`), ``classify``, ``lm``,
+    ``embed`` or ``qa`` (``examples`` are then :class:`statprune.qa_eval.QAExample` records, the
+    result a :class:`statprune.qa_eval.QAResult`; see :func:`statprune.qa_eval.evaluate_qa`).
+    ``reference`` (typically the uncompressed original, sharing the tokenizer) adds the comparison
+    metrics. ``labels`` (``classify`` only; one per example: ids, or names from
     ``config.label2id``) add accuracy. ``seq_len`` truncates each example (``classify`` /
     ``embed``); ``lm`` scores the texts joined by blank lines with windows of ``window`` tokens
     (default min(256, max positions)) moved by ``stride`` (default ``window``): every token is
@@ -456,8 +496,7 @@ def evaluate(
             raise DataError("question answering needs QAExample records (statprune.qa_eval.read_squad_jsonl)")
         return evaluate_qa(model, tokenizer, list(examples), reference=reference, seq_len=seq_len,
                            batch_size=batch_size, worst=worst)
-    if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
-        raise DataError(f"worst must be a non-negative integer, got {worst!r}")
+    _check_worst(worst)
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("window", window),
                         ("stride", stride)):
         _check_positive(name, value)
@@ -475,25 +514,16 @@ def evaluate(
     if reference is not None:
         _check_reference(model, reference, task)
 
-    models = [model] if reference is None or reference is model else [model, reference]
-    training = [m.training for m in models]
     start = time.perf_counter()
-    try:
-        for m in models:
-            m.eval()
-        with torch.no_grad():
-            if task == "lm":
-                result = _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride,
+    with eval_mode(model, reference), torch.no_grad():
+        if task == "lm":
+            result = _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stride, worst)
+        else:
+            seq_len = _truncation_length(tokenizer, seq_len)
+            evaluate_batches = _evaluate_classify if task == "classify" else _evaluate_embed
+            result = evaluate_batches(model, reference, tokenizer, examples, labels, seq_len, batch_size,
                                       worst)
-            else:
-                seq_len = _truncation_length(tokenizer, seq_len)
-                evaluate_batches = _evaluate_classify if task == "classify" else _evaluate_embed
-                result = evaluate_batches(model, reference, tokenizer, examples, labels, seq_len, batch_size,
-                                          worst)
-                result.seq_len = seq_len
-    finally:
-        for m, was_training in zip(models, training, strict=True):
-            m.train(was_training)
+            result.seq_len = seq_len
     result.seconds = time.perf_counter() - start
     return result
 
@@ -996,7 +1026,7 @@ def evaluate_paths(
     device: str | None = "auto",
     dtype: str | None = None,
     worst: int = DEFAULT_WORST,
-) -> EvalResult:
+) -> TaskResult:
     """:func:`evaluate` on folders and a data file.
 
     The model (and ``against``, the reference) load with :func:`statprune.persist.load`, the
@@ -1005,7 +1035,6 @@ def evaluate_paths(
     explicit field must exist). ``samples`` keeps the first N examples. ``dtype`` is a torch dtype
     name such as ``bfloat16``.
     """
-    import torch
 
     from statprune.calibration import read_examples
     from statprune.persist import check_model_dir, load, load_tokenizer
@@ -1017,11 +1046,7 @@ def evaluate_paths(
     check_model_dir(model_dir)
     if against is not None:
         check_model_dir(Path(against))
-    torch_dtype = None
-    if dtype is not None:
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise DataError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    torch_dtype = resolve_dtype(dtype)
     target = resolve_device(device)
     tokenizer = load_tokenizer(model_dir)
     model = load(model_dir, device=str(target), dtype=torch_dtype)
@@ -1076,7 +1101,7 @@ def _fail_below(text: str) -> tuple[str | None, float]:
 
 
 def fail_below_checks(
-    result: EvalResult, rules: Sequence[tuple[str | None, float]]
+    result: TaskResult, rules: Sequence[tuple[str | None, float]]
 ) -> list[tuple[str, float, float, bool]]:
     """``(metric, value, bar, passed)`` for each ``(metric or None, bar)``; None names the task's
     agreement measure (:data:`DEFAULT_FAIL_METRIC`). A metric the run did not measure raises a
@@ -1141,6 +1166,19 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def write_eval_json(args: argparse.Namespace, record: dict[str, Any]) -> None:
+    """``eval --json``: ``record`` followed by the resolved paths of the model, the data (when
+    given) and the reference, written atomically; says where. Nothing without ``--json``."""
+    if args.json is None:
+        return
+    record = {**record, "model": str(Path(args.model).resolve())}
+    if getattr(args, "data", None) is not None:
+        record["data"] = str(Path(args.data).resolve())
+    record["against"] = None if args.against is None else str(Path(args.against).resolve())
+    _write_json(args.json, record)
+    print(f"\nwrote {args.json}")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """The ``eval`` command: print the results and, with ``--json``, write them."""
     import os
@@ -1166,15 +1204,7 @@ def run_eval(args: argparse.Namespace) -> int:
         device=args.device, dtype=args.dtype, worst=worst,
     )
     print(result.summary())
-    if args.json is not None:
-        data = {
-            **result.to_dict(),
-            "model": str(Path(args.model).resolve()),
-            "data": str(Path(args.data).resolve()),
-            "against": None if args.against is None else str(Path(args.against).resolve()),
-        }
-        _write_json(args.json, data)
-        print(f"\nwrote {args.json}")
+    write_eval_json(args, result.to_dict())
     status = 0
     for metric, value, bar, passed in fail_below_checks(result, rules):
         if passed:

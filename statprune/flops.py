@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from statprune.adapters.base import AttentionLayout, FFNLayout, ModelAdapter
+from statprune.adapters.base import AttentionLayout, FFNLayout, HeadGroups, ModelAdapter
 
 
 @dataclass(frozen=True)
-class LayerShape:
+class LayerShape(HeadGroups):
     """Geometry of one layer, enough to price any head/neuron count."""
 
     hidden: int
@@ -43,14 +43,6 @@ class LayerShape:
 
     def __post_init__(self) -> None:  # a tuple even when read back from JSON (latency tables)
         object.__setattr__(self, "ffn_active", tuple(int(v) for v in self.ffn_active))
-
-    @property
-    def grouped(self) -> bool:
-        return self.n_kv_heads < self.n_heads
-
-    @property
-    def groups(self) -> int:
-        return self.n_kv_heads if self.grouped else 1
 
     @property
     def heads_per_group(self) -> int:

@@ -355,9 +355,8 @@ def harness_paths(
 ) -> HarnessResult:
     """:func:`harness_evaluate` on folders: each model (compressed or not) loads with
     :func:`statprune.persist.load` and its own tokenizer; ``dtype`` is a torch dtype name."""
-    import torch
 
-    from statprune.argtypes import resolve_device
+    from statprune.argtypes import resolve_device, resolve_dtype
     from statprune.persist import check_model_dir, load, load_tokenizer
 
     with _quiet_lm_eval():  # a missing extra or a bad task file (or its data) fails before the models load
@@ -365,11 +364,7 @@ def harness_paths(
     check_model_dir(Path(model_dir))
     if against is not None:
         check_model_dir(Path(against))
-    torch_dtype = None
-    if dtype is not None:
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise DataError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    torch_dtype = resolve_dtype(dtype)
     target = str(resolve_device(device))
     model = load(model_dir, device=target, dtype=torch_dtype)
     _check_model(model, str(model_dir))
@@ -432,15 +427,7 @@ def run_harness_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     print(result.summary())
-    if args.json is not None:
-        from statprune.evaluate import _write_json
+    from statprune.evaluate import write_eval_json
 
-        data = {
-            "task": "lm-eval",
-            "lm_eval": result.to_dict(),
-            "model": str(Path(args.model).resolve()),
-            "against": None if args.against is None else str(Path(args.against).resolve()),
-        }
-        _write_json(args.json, data)
-        print(f"\nwrote {args.json}")
+    write_eval_json(args, {"task": "lm-eval", "lm_eval": result.to_dict()})
     return 0

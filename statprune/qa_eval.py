@@ -23,19 +23,18 @@ option (SQuAD v1.1).
 
 from __future__ import annotations
 
-import json
 import re
 import string
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from statprune.errors import DataError, ModelError
+from statprune.evaluate import DEFAULT_WORST, TaskResult, worst_lines
 
 MAX_ANSWER_TOKENS = 30  # the longest span predicted, in tokens (the usual SQuAD setting)
-DEFAULT_WORST = 50
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -103,26 +102,16 @@ def _answers(value: Any, where: str) -> tuple[str, ...]:
 def read_squad_jsonl(path: str | Path) -> list[QAExample]:
     """The questions of a SQuAD-format JSONL file (see the module docstring).
 
-    Raises ``DataError`` for a missing or unreadable file, a line that is not a JSON object,
+    Raises ``DataError`` for a missing, empty or non-UTF-8 file, a line that is not a JSON object,
     or a missing/ill-typed ``question``, ``context`` or ``answers`` field (naming the line)."""
+    from statprune.calibration import json_objects
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file; question answering reads a SQuAD-format .jsonl file")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read it as UTF-8 text ({exc})") from None
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in json_objects(path, "with question, context and answers"):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: each line must be a JSON object with question, context, answers")
         for name in ("question", "context", "answers"):
             if name not in record:
                 raise DataError(
@@ -141,8 +130,6 @@ def read_squad_jsonl(path: str | Path) -> list[QAExample]:
                 None if ident is None else str(ident),
             )
         )
-    if not examples:
-        raise DataError(f"{path}: no questions in the file")
     return examples
 
 
@@ -293,17 +280,15 @@ def predict_answers(
 
 
 @dataclass
-class QAResult:
+class QAResult(TaskResult):
     """Question-answering metrics (fractions in [0, 1]; None where not measured).
 
     ``exact_match``/``f1``: SQuAD v1.1 metrics against the gold answers. With a reference model:
     its own ``reference_exact_match``/``reference_f1``, ``agreement`` (the fraction of questions
     whose predicted character span equals the reference's) and ``logit_relative_error``
-    (‖Δ‖ / ‖reference‖ of the start and end logits over all context tokens of all windows)."""
+    (‖Δ‖ / ‖reference‖ of the start and end logits over all context tokens of all windows).
+    ``eval --json`` and ``--fail-below`` treat it like :class:`statprune.evaluate.EvalResult`."""
 
-    task: str
-    n_examples: int
-    n_tokens: int
     n_windows: int
     exact_match: float
     f1: float
@@ -317,9 +302,6 @@ class QAResult:
     seconds: float = 0.0
     worst_examples: list[dict[str, Any]] | None = None
     worst_rule: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def summary(self) -> str:
         lines = [
@@ -338,10 +320,7 @@ class QAResult:
             lines.append(f"same answer span as the reference: {self.agreement:.4f}")
             lines.append(f"start/end logits, relative error vs reference: {self.logit_relative_error:.6f}")
         if self.worst_examples:
-            lines += ["", f"{self.worst_rule}:"]
-            for w in self.worst_examples[:5]:
-                question, answer, reference = w["question"][:60], w["answer"], w["reference"]
-                lines.append(f"  #{w['index']}: {question!r} -> {answer!r} (reference {reference!r})")
+            lines += worst_lines(self.worst_rule, self.worst_examples)
         return "\n".join(lines)
 
 
@@ -368,29 +347,21 @@ def evaluate_qa(
 
     Raises ``ModelError`` for a model (or reference) without a question-answering head, and
     ``DataError`` for no examples or bad sizes."""
-    from statprune.adapters import task_head
+    from statprune.evaluate import _check_positive, _check_task, _check_worst, _truncation_length, eval_mode
     from statprune.guards import check_seq_len
 
-    for which, m in (("the model", model), ("the reference model", reference)):
-        if m is not None and getattr(task_head(m), "kind", None) != "question-answering":
-            raise ModelError(
-                f"--task qa needs a …ForQuestionAnswering model but {which} is a {type(m).__name__}"
-            )
+    _check_task(model, "qa", "the model")
+    if reference is not None:
+        _check_task(reference, "qa", "the reference model")
     if not examples:
         raise DataError("there are no questions to evaluate; provide some data")
     for name, value in (("batch_size", batch_size), ("max_answer_tokens", max_answer_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DataError(f"{name} must be a positive integer, got {value!r}")
+        _check_positive(name, value)
+    _check_worst(worst)
     check_seq_len(model, seq_len)
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 1_000_000:
-        seq_len = min(seq_len, limit)
-    models = [model] if reference is None or reference is model else [model, reference]
-    training = [m.training for m in models]
+    seq_len = _truncation_length(tokenizer, seq_len)
     start = time.perf_counter()
-    try:
-        for m in models:
-            m.eval()
+    with eval_mode(model, reference):
         encoded = tokenize_windows(tokenizer, examples, seq_len)
         got = predict_answers(model, tokenizer, examples, seq_len, batch_size, max_answer_tokens, encoded)
         ref = None
@@ -398,9 +369,6 @@ def evaluate_qa(
             ref = predict_answers(
                 reference, tokenizer, examples, seq_len, batch_size, max_answer_tokens, encoded
             )
-    finally:
-        for m, was_training in zip(models, training, strict=True):
-            m.train(was_training)
     em, f1 = _scores(got.texts, examples)
     result = QAResult(
         task="qa",

@@ -7,7 +7,10 @@ import os
 # Tiny models run fastest single-threaded, and parallel test processes must not oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -151,3 +154,41 @@ def calib_file(tmp_path):
         return path
 
     return make
+
+
+# --- interrupted and resumed runs -----------------------------------------------------------
+
+
+@contextmanager
+def interrupted_after(checkpoint_dir: str | Path, stage: str, layer: int) -> Iterator[None]:
+    """Run the block as if Ctrl-C struck right after the checkpoint in ``checkpoint_dir`` saved
+    ``layer`` of ``stage`` (``"analyse"`` or ``"prune"``).
+
+    ``Checkpoint.save`` is patched for the block only. Fails unless the block raised that
+    ``KeyboardInterrupt`` and left a checkpoint whose ``stage`` had finished exactly ``layer``, so
+    that a run resumed from it has work left to replay.
+    """
+    from statprune.checkpoint import Checkpoint
+
+    save = Checkpoint.save
+
+    def save_then_stop(self, name, at, data, inputs):
+        save(self, name, at, data, inputs)
+        if name == stage and at == layer:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Checkpoint, "save", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    state = json.loads((Path(checkpoint_dir) / f"{stage}.json").read_text())
+    assert state["done"] == layer, state
+
+
+def assert_same_weights(expected: Any, got: Any) -> None:
+    """Every tensor of ``got``'s state dict equals ``expected``'s, bit for bit, in the same order."""
+    import torch
+
+    pairs = zip(expected.state_dict().items(), got.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
+        assert torch.equal(a, b), name

@@ -9,7 +9,13 @@ import time
 
 import pytest
 import torch
-from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
+from conftest import (
+    _build_tiny_tokenizer,
+    assert_same_weights,
+    build_tiny_model,
+    interrupted_after,
+    tiny_texts,
+)
 from safetensors.torch import load_file
 
 import statprune
@@ -135,32 +141,19 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path):
         checkpoint_dir=tmp_path / "ckpt",
         resume=True,
     )
-    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(plain, ckpt)
 
 
-def test_interrupted_original_target_run_resumes_with_both_hidden_streams(tmp_path, monkeypatch):
+def test_interrupted_original_target_run_resumes_with_both_hidden_streams(tmp_path):
     """A correction toward the original model carries the original hidden states beside the
     pruned ones; the checkpoint saves both, so the resumed run matches an uninterrupted one."""
-    from statprune.checkpoint import Checkpoint
-
     model = build_tiny_model("llama", num_hidden_layers=4)
     texts = tiny_texts(300)
     options = {"keep_params": 0.5, "progress": False, "correction_target": "original"}
     reference, _ = statprune.compress(model, TOKENIZER, texts, **options)
-    save = Checkpoint.save
-
-    def save_then_stop(self, stage, layer, data, inputs):
-        save(self, stage, layer, data, inputs)
-        if stage == "prune" and layer == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(tmp_path / "ckpt", "prune", 1):
         statprune.compress(model, TOKENIZER, texts, checkpoint_dir=tmp_path / "ckpt", **options)
-    monkeypatch.setattr(Checkpoint, "save", save)
     resumed, _ = statprune.compress(
         model, TOKENIZER, texts, checkpoint_dir=tmp_path / "ckpt", resume=True, **options
     )
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(reference, resumed)

@@ -495,15 +495,34 @@ def _in_tmp(path) -> bool:
     return ".tmp-" in str(path)
 
 
-def _enospc_write_text(monkeypatch):
+def _fail_writes_in_tmp(monkeypatch, error) -> None:
+    """``Path.write_text`` raises ``error(path)`` for files in ``save``'s temporary folder."""
     original = Path.write_text
 
     def write_text(self, *args, **kwargs):
         if _in_tmp(self):
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+            raise error(self)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def _previous_output(tmp_path) -> tuple[Path, dict[str, str]]:
+    """An output folder an earlier run left, and its digest."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    return out, digest(out)
+
+
+def assert_clean_interrupt(code, err) -> None:
+    """Ctrl-C: exit status 130, an ``interrupted`` message, no traceback and no ``error:`` line."""
+    assert code == 130, err
+    assert "interrupted" in err and "Traceback" not in err and error_lines(err) == []
+
+
+def _enospc_write_text(monkeypatch):
+    _fail_writes_in_tmp(monkeypatch, lambda path: OSError(errno.ENOSPC, "No space left on device", str(path)))
 
 
 def _enospc_safetensors(monkeypatch):
@@ -545,10 +564,7 @@ def test_disk_full(inject, bert, calib, tmp_path, capsys, monkeypatch):
 
 def test_disk_full_with_overwrite_keeps_previous_output(bert, calib, tmp_path, capsys, monkeypatch):
     model, before = bert
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous run")
-    out_before = digest(out)
+    out, out_before = _previous_output(tmp_path)
     _enospc_write_text(monkeypatch)
     code, _, err = run(capsys, *compress_args(model, calib, out, "--overwrite"))
     assert code == 1 and error_lines(err) and "disk full" in error_lines(err)[0], err
@@ -558,14 +574,9 @@ def test_disk_full_with_overwrite_keeps_previous_output(bert, calib, tmp_path, c
 def test_other_write_error(bert, calib, tmp_path, capsys, monkeypatch):
     model, before = bert
     out = tmp_path / "out"
-    original = Path.write_text
-
-    def write_text(self, *args, **kwargs):
-        if _in_tmp(self):
-            raise PermissionError(errno.EACCES, "Permission denied", str(self))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", write_text)
+    _fail_writes_in_tmp(
+        monkeypatch, lambda path: PermissionError(errno.EACCES, "Permission denied", str(path))
+    )
     code, _, err = run(capsys, *compress_args(model, calib, out))
     assert_clean_failure(code, err, out, model, before, "cannot write", "Permission denied")
 
@@ -592,17 +603,9 @@ def test_device_out_of_memory_is_one_line(bert, calib, tmp_path, capsys, monkeyp
 def test_interrupt_while_saving(bert, calib, tmp_path, capsys, monkeypatch):
     model, before = bert
     out = tmp_path / "out"
-    original = Path.write_text
-
-    def write_text(self, *args, **kwargs):
-        if _in_tmp(self):
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", write_text)
+    _fail_writes_in_tmp(monkeypatch, lambda path: KeyboardInterrupt())
     code, stdout, err = run(capsys, *compress_args(model, calib, out))
-    assert code == 130
-    assert "interrupted" in err and "Traceback" not in err and error_lines(err) == []
+    assert_clean_interrupt(code, err)
     assert not out.exists() and leftovers(out) == [] and digest(model) == before
     assert "saved to" not in stdout
 
@@ -610,10 +613,7 @@ def test_interrupt_while_saving(bert, calib, tmp_path, capsys, monkeypatch):
 def test_interrupt_between_renames_restores_previous_output(bert, calib, tmp_path, capsys, monkeypatch):
     """--overwrite moves the old output aside, then the new one in: Ctrl-C in between."""
     model, before = bert
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous run")
-    out_before = digest(out)
+    out, out_before = _previous_output(tmp_path)
     original = os.rename
 
     def rename(src, dst, *args, **kwargs):
@@ -623,7 +623,7 @@ def test_interrupt_between_renames_restores_previous_output(bert, calib, tmp_pat
 
     monkeypatch.setattr(os, "rename", rename)
     code, _, err = run(capsys, *compress_args(model, calib, out, "--overwrite"))
-    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert_clean_interrupt(code, err)
     assert digest(out) == out_before and leftovers(out) == [] and digest(model) == before
 
 
@@ -764,8 +764,7 @@ def test_ctrl_c_during_compression(tmp_path):
             proc.wait()
     reader.join(10)
     err = "".join(lines)
-    assert code == 130, err
-    assert "interrupted" in err and "Traceback" not in err and error_lines(err) == []
+    assert_clean_interrupt(code, err)
     assert proc.stdout.read() == ""
     assert not out.exists() and leftovers(out) == []
     assert digest(model) == before

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import _build_tiny_tokenizer, tiny_texts
+from conftest import _build_tiny_tokenizer, assert_same_weights, interrupted_after, tiny_texts
 from families import FAMILIES, build, main_head
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -291,25 +291,13 @@ def test_a_stock_gpt_neox_folder_loads_with_its_legacy_head_name(tmp_path):
     torch.testing.assert_close(_logits(statprune.load(folder)), _logits(pruned), rtol=0, atol=1e-6)
 
 
-def test_an_interrupted_gpt2_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+def test_an_interrupted_gpt2_run_resumes_to_the_same_model(tmp_path):
     """The Conv1D conversion is redone on the resumed run's fresh copy, before the saved pruning
     ops are replayed: the result and its op list equal an uninterrupted run's."""
-    from statprune.checkpoint import Checkpoint
-
     model = build("gpt2", "ForCausalLM")
     reference, _ = _compress(model)
-    save = Checkpoint.save
-
-    def save_then_stop(self, stage, layer, data, inputs):
-        save(self, stage, layer, data, inputs)
-        if stage == "prune" and layer == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(tmp_path / "ckpt", "prune", 0):
         _compress(model, checkpoint_dir=str(tmp_path / "ckpt"))
-    monkeypatch.setattr(Checkpoint, "save", save)
     resumed, _ = _compress(model, checkpoint_dir=str(tmp_path / "ckpt"), resume=True)
     assert resumed.config.statprune_ops == reference.config.statprune_ops
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(reference, resumed)

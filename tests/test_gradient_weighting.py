@@ -9,7 +9,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
+from conftest import (
+    _build_tiny_tokenizer,
+    assert_same_weights,
+    build_tiny_model,
+    interrupted_after,
+    tiny_texts,
+)
 
 import statprune
 import statprune.pipeline.stages
@@ -331,29 +337,19 @@ def test_resume_measures_sensitivity_only_while_it_is_needed(
     """The saved curves are already weighted: a run resumed after its analysis pass skips the
     backward pass unless its pruning pass selects under the fisher metric, one resumed inside it
     runs it again; all match an uninterrupted run."""
-    from statprune.checkpoint import Checkpoint
-
     model = build_tiny_model("llama", num_hidden_layers=3)
     options = {"keep_params": 0.5, "layer_weighting": "gradient", "error_metric": metric}
     reference, _ = _compress(model, **options)
-    save, measure = Checkpoint.save, statprune.pipeline.stages.output_sensitivity
+    measure = statprune.pipeline.stages.output_sensitivity
     calls = []
-
-    def save_then_stop(self, name, layer, data, inputs):
-        save(self, name, layer, data, inputs)
-        if name == stage and layer == 0:
-            raise KeyboardInterrupt
 
     def counted(*args, **kwargs):
         calls.append(1)
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(tmp_path / "ckpt", stage, 0):
         _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
-    monkeypatch.setattr(Checkpoint, "save", save)
     monkeypatch.setattr(statprune.pipeline.stages, "output_sensitivity", counted)
     resumed, _ = _compress(model, checkpoint_dir=tmp_path / "ckpt", resume=True, **options)
     assert len(calls) == (1 if measured_again else 0)
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(reference, resumed)

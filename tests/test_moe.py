@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import _build_tiny_tokenizer, tiny_texts
+from conftest import _build_tiny_tokenizer, assert_same_weights, interrupted_after, tiny_texts
 from families import build
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -260,28 +260,16 @@ def test_a_starved_experts_target_statistics_are_zeroed_with_its_gram():
     assert torch.count_nonzero(cross[4:]) == 0 and torch.count_nonzero(cross[:4]) == 12
 
 
-def test_a_killed_run_resumes_to_identical_outputs(tmp_path, monkeypatch):
+def test_a_killed_run_resumes_to_identical_outputs(tmp_path):
     """The resumed run converts the experts again before replaying the saved surgery ops."""
-    from statprune.checkpoint import Checkpoint
-
     model = build("olmoe", "ForCausalLM")
     options = {"keep_params": 0.5}
     reference, _ = _compress(model, **options)
-    save = Checkpoint.save
-
-    def save_then_stop(self, stage, layer, data, inputs):
-        save(self, stage, layer, data, inputs)
-        if stage == "prune" and layer == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(tmp_path / "ckpt", "prune", 0):
         _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
-    monkeypatch.setattr(Checkpoint, "save", save)
     resumed, _ = _compress(model, checkpoint_dir=tmp_path / "ckpt", resume=True, **options)
     assert resumed.config.statprune_ops == reference.config.statprune_ops
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(reference, resumed)
 
 
 # ----------------------------------------------------------- block-wise statistics (statprune.linalg.blocks)
@@ -606,26 +594,14 @@ def test_qwen2_moe_flops_budget_is_met_when_the_pruning_pass_selects_again(budge
     assert budget - 0.01 <= report.flops_kept <= budget
 
 
-def test_qwen2_moe_killed_run_resumes_with_the_same_split(tmp_path, monkeypatch):
+def test_qwen2_moe_killed_run_resumes_with_the_same_split(tmp_path):
     """The resumed run allocates again from the saved curves (their ``shared`` splits) and
     ends with the same widths and weights."""
-    from statprune.checkpoint import Checkpoint
-
     model = build("qwen2_moe", "ForCausalLM")
     options = {"keep_flops": 0.5}
     reference, _ = _compress(model, **options)
-    save = Checkpoint.save
-
-    def save_then_stop(self, stage, layer, data, inputs):
-        save(self, stage, layer, data, inputs)
-        if stage == "prune" and layer == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpoint, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(tmp_path / "ckpt", "prune", 0):
         _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
-    monkeypatch.setattr(Checkpoint, "save", save)
     resumed, _ = _compress(model, checkpoint_dir=tmp_path / "ckpt", resume=True, **options)
     assert resumed.config.statprune_ops == reference.config.statprune_ops
-    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(reference, resumed)

@@ -148,6 +148,15 @@ def test_reading_squad_jsonl(tmp_path):
         read_squad_jsonl(bad)
 
 
+def test_a_line_separator_inside_a_context_does_not_split_the_line(tmp_path):
+    """JSON strings may hold U+2028 unescaped; the file is split on newlines only."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text(
+        '{"question": "q", "context": "a\u2028b", "answers": {"text": ["a"]}}\n', encoding="utf-8"
+    )
+    assert read_squad_jsonl(path) == [QAExample("q", "a\u2028b", ("a",))]
+
+
 def _cli(argv) -> int:
     from statprune.cli import main
 

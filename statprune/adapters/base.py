@@ -33,18 +33,12 @@ QKV_STACKED = "stacked"
 QKV_INTERLEAVED = "interleaved"
 
 
-@dataclass(frozen=True)
-class AttentionLayout:
-    """Attention projections of one layer (paths relative to the layer module)."""
+class HeadGroups:
+    """The grouped-query structure of an attention with ``n_heads`` query heads and ``n_kv_heads``
+    key/value heads (shared by :class:`AttentionLayout` and ``statprune.flops.LayerShape``)."""
 
-    block: str  # the module replaced by ``EmptyAttention`` when every head goes
-    q: str
-    k: str
-    v: str
-    o: str  # output projection: its input columns are the concatenated head outputs
     n_heads: int
     n_kv_heads: int
-    head_dim: int
 
     @property
     def grouped(self) -> bool:
@@ -56,6 +50,19 @@ class AttentionLayout:
         """Groups that must keep equal numbers of query heads (1 for multi-head attention)."""
         return self.n_kv_heads if self.grouped else 1
 
+
+@dataclass(frozen=True)
+class AttentionLayout(HeadGroups):
+    """Attention projections of one layer (paths relative to the layer module)."""
+
+    block: str  # the module replaced by ``EmptyAttention`` when every head goes
+    q: str
+    k: str
+    v: str
+    o: str  # output projection: its input columns are the concatenated head outputs
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
     qkv: str = QKV_SEPARATE  # the layout of the q/k/v rows (the ``QKV_…`` constants above)
 
     def __post_init__(self) -> None:

@@ -15,12 +15,12 @@ from typing import Any
 
 from torch import nn
 
-from statprune.adapters.base import AttentionLayout
 from statprune.adapters.bert import BertAdapter
 
 
 class DebertaV2Adapter(BertAdapter):
     model_types = ("deberta-v2",)
+    qkv_names = ("query_proj", "key_proj", "value_proj")
 
     @classmethod
     def max_positions(cls, model: Any) -> int | None:
@@ -30,21 +30,9 @@ class DebertaV2Adapter(BertAdapter):
             return None
         return super().max_positions(model)
 
-    def attention(self, layer: nn.Module) -> AttentionLayout:
-        head_dim = getattr(self.config, "attention_head_size", None) or (
-            self.config.hidden_size // self.config.num_attention_heads
-        )
-        heads = self.current_heads(layer, "attention.self.query_proj", head_dim)
-        return AttentionLayout(
-            block="attention.self",
-            q="attention.self.query_proj",
-            k="attention.self.key_proj",
-            v="attention.self.value_proj",
-            o="attention.output.dense",
-            n_heads=heads,
-            n_kv_heads=heads,
-            head_dim=head_dim,
-        )
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "attention_head_size", None) or super().head_dim
 
     def head_projections(self, layer: nn.Module) -> tuple[str, ...]:
         block = layer.get_submodule("attention.self")

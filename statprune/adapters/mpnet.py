@@ -8,37 +8,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from statprune.adapters.base import AttentionLayout, FFNLayout, ModelAdapter
+from statprune.adapters.bert import BertAdapter
 
 
-class MPNetAdapter(ModelAdapter):
+class MPNetAdapter(BertAdapter):
+    """BERT's layer with other attention module names, plus the shared position bias."""
+
     model_types = ("mpnet",)
-    layers_path = "encoder.layer"
     positions_after_pad = True
-
-    def attention(self, layer: nn.Module) -> AttentionLayout:
-        head_dim = self.config.hidden_size // self.config.num_attention_heads
-        heads = self.current_heads(layer, "attention.attn.q", head_dim)
-        return AttentionLayout(
-            block="attention.attn",
-            q="attention.attn.q",
-            k="attention.attn.k",
-            v="attention.attn.v",
-            o="attention.attn.o",
-            n_heads=heads,
-            n_kv_heads=heads,
-            head_dim=head_dim,
-        )
-
-    def ffn(self, layer: nn.Module) -> FFNLayout:
-        return FFNLayout(
-            inputs=("intermediate.dense",),
-            output="output.dense",
-            width=self.linear_width(layer, "intermediate.dense"),
-        )
-
-    def head_attributes(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, dict]:
-        return {"attention.attn": {"num_attention_heads": n_heads, "all_head_size": n_heads * head_dim}}
+    attention_block = "attention.attn"
+    qkv_names = ("q", "k", "v")
+    attention_output = "attention.attn.o"
 
     def shared_head_tables(self, base_model: nn.Module) -> list[tuple[nn.Parameter, int]]:
         # MPNetEncoder.relative_attention_bias: Embedding(buckets, heads)

@@ -161,9 +161,8 @@ class PruningMethod:
         (the method's or ``options.correction=False``) the kept columns and the bias unchanged;
         else :meth:`fold`. ``block``: columns per unit (``head_dim`` for heads)."""
         out = layer.get_submodule(out_path)
-        bias = getattr(out, "bias", None)
         if not options.correction or not self.corrects:
-            return out.weight.detach()[:, kept.to(out.weight.device)], None if bias is None else bias.detach()
+            return out.weight.detach()[:, kept.to(out.weight.device)], detached_bias(out)
         return self.fold(out, stats, kept, dropped, options, block, targets)
 
     def fold(
@@ -180,16 +179,21 @@ class PruningMethod:
         raise NotImplementedError
 
 
+def detached_bias(module: nn.Module) -> torch.Tensor | None:
+    """``module.bias`` detached from autograd, or None for a module without one."""
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach()
+
+
 def fold_interpolation(
     out: nn.Module, finished: GramStats, kept: torch.Tensor, dropped: torch.Tensor, interp, centered: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``W[:, S] + W[:, D] Tᵀ`` (and with ``centered`` the bias absorbing the removed means)."""
     from statprune.linalg import fold_correction
 
-    bias = getattr(out, "bias", None)
     return fold_correction(
         out.weight.detach(),
-        None if bias is None else bias.detach(),
+        detached_bias(out),
         kept,
         dropped,
         interp,

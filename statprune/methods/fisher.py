@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from statprune.errors import OptionsError
 from statprune.methods import register
-from statprune.methods.base import PruningMethod
+from statprune.methods.base import PruningMethod, detached_bias
 
 if TYPE_CHECKING:
     import torch
@@ -117,8 +117,7 @@ class Fisher(PruningMethod):
         from statprune.linalg.fisher import tune_mask_scales
 
         w = out.weight.detach()
-        bias = getattr(out, "bias", None)
         scales = tune_mask_scales(stats.finish().gram, w, kept, block).scales
         cols = kept.to(w.device)
         tuned = w.double()[:, cols] * scales.to(w.device).repeat_interleave(block)[None, :]
-        return tuned, None if bias is None else bias.detach()
+        return tuned, detached_bias(out)

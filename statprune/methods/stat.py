@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from statprune.methods import register
-from statprune.methods.base import PruningMethod, fold_interpolation
+from statprune.methods.base import PruningMethod, detached_bias, fold_interpolation
 
 if TYPE_CHECKING:
     import torch
@@ -108,8 +108,7 @@ class Stat(PruningMethod):
         centered = options.bias_compensation
         ridge = options.correction_ridge
         finished = stats.finish()
-        bias = getattr(out, "bias", None)
-        b = None if bias is None else bias.detach()
+        b = detached_bias(out)
         if isinstance(finished, BlockDiagonalGram):  # routed experts: each expert's own block
             shift = None if targets is None else targets.finish()
             return fit_blockwise(out.weight.detach(), b, kept, dropped, finished, shift, centered, ridge)
