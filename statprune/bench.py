@@ -377,7 +377,9 @@ def _load_one(i, path, label, backend, device, dtype, seq_len, tmp, threads) -> 
         del model
         entry.onnx_path = tmp / f"model{i}.onnx"
         with _no_progress_bars():
-            export_onnx(path, entry.onnx_path, seq_len=max(2, min(16, limit or 16)), past=False, pooling=False)
+            export_onnx(
+                path, entry.onnx_path, seq_len=max(2, min(16, limit or 16)), past=False, pooling=False
+            )
         entry.session = onnx_session(entry.onnx_path, device, threads)
     return entry
 
