@@ -982,7 +982,11 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     if result.selection is not None:
         say(result.selection.message)
     if interrupted:  # the finished work is written; stop as the user asked
-        raise KeyboardInterrupt
+        raise SweepInterrupted(
+            "interrupted while measuring; the compressed candidates and their evaluations were written"
+            + ("" if config.out is None else f" to {Path(config.out).resolve()}")
+            + "; rerun the same command to measure them (the finished candidates are not evaluated again)"
+        )
     if result.dense_row is not None and not _anything_measured(result):
         first = next(r for r in [result.dense_row, *result.rows] if r.bench_error)
         where = "" if config.out is None else (
@@ -993,6 +997,10 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             "rerun the same command to measure them (finished candidates are not compressed again)"
         )
     return result
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C while ``sweep --bench`` measured: what was finished is written (the message says where)."""
 
 
 class MeasurementError(StatpruneError):
@@ -1053,7 +1061,7 @@ def _settings(config: SweepConfig) -> dict[str, Any]:
         **{k: getattr(config, k) for k in (
             "budget_kind", "samples", "seq_len", "seed", "batch_size", "pack", "eval_batch_size",
             "eval_samples", "task", "text_field", "pair_field", "label_field", "device", "dtype")},
-        "compress_options": config.compress_options,
+        "compress_options": _non_default_options(config.compress_options),
     }
     bench = None
     if config.bench:
@@ -1061,6 +1069,29 @@ def _settings(config: SweepConfig) -> dict[str, Any]:
         bench.update(trials=config.bench_trials, memory=config.bench_memory)
     # through JSON, so that what is compared is what sweep.json stores (tuples as lists, paths as text)
     return json.loads(json.dumps({"runs": runs, "bench": bench}, sort_keys=True, default=str))
+
+
+def _non_default_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The compression options that differ from ``CompressionOptions``' defaults (the CLI passes
+    every one, the API only those given: the same sweep either way)."""
+    from dataclasses import MISSING
+
+    from statprune.options import CompressionOptions
+
+    defaults = CompressionOptions.__dataclass_fields__
+    kept = {}
+    for name, value in options.items():
+        f = defaults.get(name)
+        default = MISSING if f is None else f.default
+        if default is MISSING and f is not None and f.default_factory is not MISSING:
+            default = f.default_factory()
+        if default is MISSING or _plain(value) != _plain(default):
+            kept[name] = value
+    return kept
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
 
 
 def _previous(config: SweepConfig) -> _Previous | None:
@@ -1629,7 +1660,24 @@ def run_sweep(args: argparse.Namespace) -> int:
         if budgets is not None or budget_kind not in ("flops", "latency"):
             raise OptionsError("--keep-latency F is one latency budget; drop --budgets/--budget-kind")
         budgets, budget_kind = [args.keep_latency], "latency"
-    result = sweep(
+    try:
+        result = _sweep_from_args(args, budgets, budget_kind, log)
+    except SweepInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    out = Path(args.out).resolve()
+    timed = result.dense_row is not None and result.dense_row.latency_ms is not None
+    written = "results.json, sweep.json, results.md, plot.png" + (", plot_latency.png" if timed else "")
+    if result.selection is not None:
+        written += ", best.json"
+        if result.selection.saved:
+            written += ", best/"
+    print(f"\nwrote {written} to {out} ({result.seconds:.1f} s)")
+    return 0
+
+
+def _sweep_from_args(args: argparse.Namespace, budgets, budget_kind: str, log) -> SweepResult:
+    return sweep(
         args.model, args.data, args.eval_data, budgets=DEFAULT_BUDGETS if budgets is None else budgets,
         methods=args.methods, budget_kind=budget_kind, bench=args.bench, bench_trials=args.bench_trials,
         bench_memory=not args.bench_no_memory,
@@ -1640,12 +1688,3 @@ def run_sweep(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, name=args.name, device=args.device, dtype=args.dtype,
         progress=not args.quiet and sys.stderr.isatty(), log=log, **options_from_args(args, for_sweep=True),
     )
-    out = Path(args.out).resolve()
-    timed = result.dense_row is not None and result.dense_row.latency_ms is not None
-    written = "results.json, sweep.json, results.md, plot.png" + (", plot_latency.png" if timed else "")
-    if result.selection is not None:
-        written += ", best.json"
-        if result.selection.saved:
-            written += ", best/"
-    print(f"\nwrote {written} to {out} ({result.seconds:.1f} s)")
-    return 0

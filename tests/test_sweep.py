@@ -613,7 +613,9 @@ def test_a_model_the_backend_cannot_run_is_recorded_and_nothing_measured_is_an_e
     assert not (out2 / "plot_latency.png").exists() and (out2 / "plot.png").is_file()
 
 
-def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(assets, tmp_path, monkeypatch):
+def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
+    assets, tmp_path, monkeypatch, capsys
+):
     from statprune import bench as bench_module
 
     def interrupt(*_args, **_kwargs):
@@ -622,17 +624,23 @@ def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(asse
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         patch.setattr(bench_module, "time_calls", interrupt)
-        with pytest.raises(KeyboardInterrupt):
-            _bench_sweep(assets, out, bench_memory=False)
+        code = cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--budgets", "0.8,0.5",
+                   "--methods", "magnitude", "--samples", "60", "--min-quality", "0", "--out", out,
+                   "--bench", "--bench-trials", "2", "--bench-batch", "2", "--bench-seq-len", "8",
+                   "--bench-no-memory", "--quiet")
+    assert code == 130
+    stderr = capsys.readouterr().err
+    assert "interrupted while measuring; the compressed candidates and their evaluations were written to " \
+        f"{out}" in stderr
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["dense", "magnitude", "magnitude"]
     assert all(r["bench_error"] == "interrupted while measuring (Ctrl-C)" for r in rows)
     assert all(r["value"] is not None for r in rows)
     lines: list[str] = []
-    _bench_sweep(assets, out, lines, bench_memory=False)
+    _bench_sweep(assets, out, lines, bench_memory=False, dtype="float32")  # the CLI's settings, by the API
     assert sum("compressed again to measure it" in line for line in lines) == 2
     resumed = json.loads((out / "results.json").read_text())
     assert all(r["latency_ms"] > 0 and r["bench_error"] is None for r in resumed)
     assert [r["value"] for r in resumed] == [r["value"] for r in rows]
     with pytest.raises(OutputError, match=r"other settings \(seq_len\)"):  # not the same sweep
-        _bench_sweep(assets, out, bench_memory=False, seq_len=64)
+        _bench_sweep(assets, out, bench_memory=False, dtype="float32", seq_len=64)
