@@ -640,26 +640,41 @@ def _cuda_memory(loaded, batches, seq_len, device):
     return out
 
 
+# the smallest peak-memory difference a comparison claims, as a share of the reference's peak: one
+# repeat of the reference measures the noise only roughly (page-granular RSS, allocator arenas)
+MEMORY_RESOLUTION = 0.01
+
+
 def memory_caveat(peak_mb: float | None, reference_mb: float | None, noise_mb: float | None) -> str | None:
     """Why a model's peak memory shows no real saving against the reference (dense) model's:
-    ``"above"`` (its peak is not below the reference's), ``"noise"`` (below by no more than
-    ``noise_mb``, the gap between two measurements of the reference), or None (a real saving, or
-    not measured). Peak RSS includes the runtime's own allocations (allocator arenas, kernels,
-    thread pools), which dominate for models of a few MiB; their weights (``weight_mb``) still
-    compare exactly."""
+    ``"above"`` (its peak is not below the reference's), ``"noise"`` (below it by no more than the
+    noise: ``noise_mb``, the gap between two measurements of the reference, or
+    ``MEMORY_RESOLUTION`` of the reference's peak, whichever is larger), or None (a saving, or not
+    measured). Peak RSS includes the runtime's own allocations (allocator arenas, kernels, thread
+    pools), which dominate for models of a few MiB; their weights (``weight_mb``) still compare
+    exactly."""
     if peak_mb is None or reference_mb is None:
         return None
     if peak_mb >= reference_mb:
         return "above"
-    if noise_mb is not None and reference_mb - peak_mb <= noise_mb:
+    if reference_mb - peak_mb <= max(noise_mb or 0.0, MEMORY_RESOLUTION * reference_mb):
         return "noise"
     return None
 
 
+def weight_share(weight_mb: float | None, peak_mb: float | None) -> str | None:
+    """``"the weights are 0.1% of the peak memory"`` (None when either is unknown): how much of a
+    peak the model itself explains."""
+    if weight_mb is None or not peak_mb:
+        return None
+    return f"the weights are {weight_mb / peak_mb:.1%} of the peak memory"
+
+
 MEMORY_CAVEAT_NOTE = (
     "peak memory not below the dense (first) model's, or below it by less than the measurement "
-    "noise; peak RSS also counts the runtime's own allocations (allocator arenas, kernels, thread "
-    "pools), which outweigh the weights of a small model: compare the weights column"
+    f"noise (the gap of two measurements of it, at least {MEMORY_RESOLUTION:.0%} of its peak); peak "
+    "RSS also counts the runtime's own allocations (allocator arenas, kernels, thread pools), which "
+    "outweigh the weights of a small model: compare the weights column"
 )
 
 
@@ -755,6 +770,9 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     lines.append("weights MiB: the model's parameters and buffers (2^20 bytes)")
     if flagged:
         lines.append(f"†: {MEMORY_CAVEAT_NOTE}")
+    share = weight_share(head.weight_mb, head.peak_memory_mb)
+    if share:
+        lines.append(f"first model: {share} ({head.label}, batch {head.batch})")
     if head.backend == "onnxruntime" and any(r.kind == "forward" for r in rows):
         lines.append("onnxruntime: full-sequence forward only (prefill/generation need the torch backend)")
     return "\n".join(lines)

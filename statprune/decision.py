@@ -177,6 +177,24 @@ class DecisionReport:
         return self.candidates[0].memory_noise_mb if self.candidates else None
 
     @property
+    def memory_note(self) -> str:
+        """The ‡ footnote (Markdown): which peaks show no real saving, the noise, what dominates."""
+        from statprune.bench import MEMORY_RESOLUTION, weight_share
+
+        names = ", ".join(c.name for c in self.memory_flagged)
+        noise = self.memory_noise
+        gap = "" if noise is None else f"{noise:,.1f} MiB between two measurements of it, "
+        text = (
+            f"‡ Peak memory of {names} is not below the dense model's, or below it by less than the "
+            f"measurement noise ({gap}at least {MEMORY_RESOLUTION:.0%} of its peak). Peak resident "
+            "memory also counts the runtime's own allocations (allocator arenas, kernels, thread pools), "
+            "which outweigh the weights of a small model: compare the weights column."
+        )
+        dense = self.candidates[0]
+        share = weight_share(dense.weight_mb, dense.peak_memory_mb)
+        return text + (f" For the dense model, {share}." if share else "")
+
+    @property
     def not_measured(self) -> list[Candidate]:
         """The candidates (evaluated) whose measurement failed, with the reason in ``bench_error``."""
         return [c for c in self.candidates if c.bench_error and c.error is None]

@@ -1325,7 +1325,7 @@ def results_markdown(result: SweepResult) -> str:
     cells = {(r.method, r.budget): r for r in result.rows}
     direction = "higher" if result.higher_is_better else "lower"
     lines = [f"# statprune sweep: {result.model}", "", result.protocol(), ""]
-    header = f"| keep {result.budget_kind} | " + " | ".join(result.methods) + " |"
+    header = f"| keep {_KIND_LABELS[result.budget_kind]} | " + " | ".join(result.methods) + " |"
     rule = "|---|" + "---:|" * len(result.methods)
 
     def table(value_of: Callable[[SweepRow], float | None], dense: float, fmt_metric: str) -> list[str]:
@@ -1347,7 +1347,8 @@ def results_markdown(result: SweepResult) -> str:
     lines += [
         "",
         f"Cells: {metric_label(metric)} ({direction} is better) on the evaluation set, with the "
-        f"achieved fraction of {result.budget_kind} kept in parentheses; rows are the requested budgets.",
+        f"achieved fraction of {_KIND_LABELS[result.budget_kind]} kept in parentheses; rows are the "
+        "requested budgets.",
     ]
     if metric != "agreement" and any(r.agreement is not None for r in result.rows):
         lines += ["", "Top-1 agreement with the dense model:", ""]
@@ -1364,10 +1365,13 @@ def results_markdown(result: SweepResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+_KIND_LABELS = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
+
+
 def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> list[str]:
     """The measured table: median latency (share of dense), throughput, peak memory and weights,
     with a footnote for peaks that show no real saving and the models that were not measured."""
-    from statprune.bench import MEMORY_CAVEAT_NOTE, memory_caveat
+    from statprune.bench import MEMORY_CAVEAT_NOTE, memory_caveat, weight_share
 
     bench, dense = result.bench, result.dense_row
     noise = bench.get("memory_noise_mb")
@@ -1395,7 +1399,7 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
         + (f", {threads} thread{'' if threads == 1 else 's'}" if threads else "")
         + f", median of {bench['trials']} interleaved trials; peak memory: {bench['memory_method']}):",
         "",
-        f"| keep {result.budget_kind} | " + " | ".join(result.methods) + " |",
+        f"| keep {_KIND_LABELS[result.budget_kind]} | " + " | ".join(result.methods) + " |",
         "|---|" + "---:|" * len(result.methods),
         "| dense (100%) | " + " | ".join(cell(dense) for _ in result.methods) + " |",
     ]
@@ -1410,6 +1414,9 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
     if noise is not None:
         lines += ["", f"Peak-memory noise: {noise:,.1f} MiB (two measurements of the dense model "
                       "in separate processes)."]
+    share = weight_share(dense.weight_mb, dense.peak_memory_mb)
+    if share:
+        lines += ["", f"Dense model: {share}; the rest is activations and the runtime's own allocations."]
     if flagged:
         lines += ["", f"‡ {MEMORY_CAVEAT_NOTE.replace('dense (first)', 'dense')}."]
     resumed = bench.get("resumed")

@@ -128,11 +128,12 @@ def test_a_pruned_peak_above_the_dense_one_is_flagged_not_silent():
     dense, above = row("dense", 40.0, 4.0, 0.5), row("pruned", 41.0, 2.0, 0.5)
     assert memory_caveat(41.0, 40.0, 0.5) == "above" and memory_caveat(39.8, 40.0, 0.5) == "noise"
     assert memory_caveat(30.0, 40.0, 0.5) is None and memory_caveat(None, 40.0, 0.5) is None
+    assert memory_caveat(39.7, 40.0, 0.1) == "noise"  # a measured gap below 1 % of the peak: 1 % counts
     table = format_table([dense, above])
     assert "41.0 †" in table and "40.0 †" not in table
     assert "†: peak memory not below the dense (first) model's" in table
     assert "†" not in format_table([dense, row("pruned", 30.0, 2.0, 0.5)])
-    assert "1 thread," in table
+    assert "1 thread," in table and "first model: the weights are 10.0% of the peak memory" in table
 
 
 def test_memory_child_ignores_a_statprune_in_the_working_directory(folders, tmp_path, monkeypatch):

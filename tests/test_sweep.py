@@ -113,7 +113,7 @@ def test_results_markdown_has_protocol_and_table(swept):
     for fragment in ("`tinybert`", "60 of 60 examples", "seq len 128", "24 examples", "accuracy",
                      "budget kind: flops", "attention+FFN FLOPs"):
         assert fragment in protocol, fragment
-    assert "| keep flops | stat | magnitude |" in text
+    assert "| keep FLOPs | stat | magnitude |" in text
     assert "| dense (100%) | 1.0000 | 1.0000 |" in text
     for budget in ("| 80% |", "| 50% |"):
         assert budget in text
