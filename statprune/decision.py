@@ -158,8 +158,13 @@ class DecisionReport:
 
     @property
     def price_decimals(self) -> int:
-        """Decimals of the price per machine-hour."""
-        return money_decimals([self.price_per_hour])
+        """Decimals of the price per machine-hour: as given (at least 2)."""
+        return given_decimals(self.price_per_hour)
+
+    @property
+    def latency_decimals(self) -> int:
+        """Decimals of every latency (ms): 3 significant figures for the fastest, at least 1."""
+        return column_decimals([c.latency_ms for c in self.candidates], 1, 4)
 
     @property
     def day_decimals(self) -> int:
@@ -655,7 +660,8 @@ def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
     text += "."
     if rec.latency_ms is not None and dense.latency_ms is not None:
         text += (
-            f" Measured latency {rec.latency_ms:.1f} ms against {dense.latency_ms:.1f} ms dense "
+            f" Measured latency {rec.latency_ms:.{report.latency_decimals}f} ms against "
+            f"{dense.latency_ms:.{report.latency_decimals}f} ms dense "
             f"(speed-up {dense.latency_ms / rec.latency_ms:.2f}×)."
         )
     if rec.cost_per_million is not None and dense.cost_per_million is not None:
@@ -691,13 +697,26 @@ def _fmt(metric: str, value: float | None) -> str:
     return f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
 
 
-def money_decimals(values) -> int:
-    """Decimals that show the smallest of ``values`` with 3 significant figures (at least 2, at most
-    6), so that a column of money amounts has one precision for every row."""
+def column_decimals(values, minimum: int = 2, maximum: int = 6) -> int:
+    """Decimals that show the smallest of ``values`` with 3 significant figures (at least
+    ``minimum``, at most ``maximum``), so that a column has one precision for every row."""
     small = [abs(v) for v in values if v is not None and v != 0 and math.isfinite(v)]
     if not small:
-        return 2
-    return int(min(6, max(2, 2 - math.floor(math.log10(min(small))))))
+        return minimum
+    return int(min(maximum, max(minimum, 2 - math.floor(math.log10(min(small))))))
+
+
+def money_decimals(values) -> int:
+    """Decimals of a column of money amounts (:func:`column_decimals`, at least 2)."""
+    return column_decimals(values, 2)
+
+
+def given_decimals(value: float | None) -> int:
+    """Decimals that show a given amount (a price) exactly, at least 2 and at most 6."""
+    for digits in range(2, 6):
+        if value is None or round(value, digits) == value:
+            return digits
+    return 6
 
 
 def money(value: float | None, decimals: int = 2) -> str:

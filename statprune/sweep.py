@@ -1372,10 +1372,12 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
     """The measured table: median latency (share of dense), throughput, peak memory and weights,
     with a footnote for peaks that show no real saving and the models that were not measured."""
     from statprune.bench import MEMORY_CAVEAT_NOTE, memory_caveat, weight_share
+    from statprune.decision import column_decimals
 
     bench, dense = result.bench, result.dense_row
     noise = bench.get("memory_noise_mb")
     flagged = []
+    digits = column_decimals([r.latency_ms for r in (dense, *result.rows) if r is not None], 1, 4)
 
     def cell(row: SweepRow | None) -> str:
         if row is None:
@@ -1383,7 +1385,7 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
         if row.latency_ms is None:
             return "failed" if row.value is None else "not measured"
         fraction = "" if row.latency_fraction is None else f" ({row.latency_fraction:.1%} of dense)"
-        text = f"{row.latency_ms:,.1f} ms{fraction}, {row.throughput:,.1f} {row.unit}"
+        text = f"{row.latency_ms:,.{digits}f} ms{fraction}, {row.throughput:,.1f} {row.unit}"
         if row.peak_memory_mb is not None:
             text += f", peak {row.peak_memory_mb:,.1f} MiB"
             if row is not dense and memory_caveat(row.peak_memory_mb, dense.peak_memory_mb, noise):

@@ -238,7 +238,7 @@ def test_money_has_one_precision_per_column(swept, tmp_path):
     md = render_markdown(report)
     rows = [line.split("|")[1:-1] for line in md.splitlines() if line.startswith("| ") and "---" not in line]
     header, body = [c.strip() for c in rows[0]], rows[1:]
-    for column in ("cost / 1M requests", "cost / day"):
+    for column in ("cost / 1M requests", "cost / day", "latency (ms)"):
         cells = [r[header.index(column)].strip() for r in body]
         assert len({_decimals(c) for c in cells}) == 1, cells
         smallest = min(cells, key=lambda c: float(c.replace(",", "")))
@@ -249,6 +249,10 @@ def test_money_has_one_precision_per_column(swept, tmp_path):
         assert text in html, text
     assert report.cost_decimals == 3 and "| 12.346 |" in md  # dense: 1e6 / (22.5 * 3600)
     assert "Serving cost at 1.00 per machine-hour and 300,000 requests per day" in md
+    assert report.latency_decimals == 3  # the fastest: 1000 / 1200 = 0.833 ms
+    assert f"Measured latency {report.recommended.latency_ms:.3f} ms against 44.444 ms dense" in report.reason
+    cheap = build_report(measured_copy(swept, tmp_path / "p"), price_per_hour=0.045, plots=False)
+    assert cheap.price_decimals == 3 and "Serving cost at 0.045 per machine-hour" in render_markdown(cheap)
 
 
 def test_memory_that_shows_no_saving_is_flagged_not_silent(swept, tmp_path):
