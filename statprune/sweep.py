@@ -978,7 +978,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     result.seconds = round(time.perf_counter() - started, 3)
     if config.out is not None:
         _write(result, config.out, config.overwrite or previous is not None, saved, tokenizer,
-               calib_path=config.calib_path, settings=_settings(config))
+               calib_path=config.calib_path, settings=_settings(config), resumed=previous is not None)
     if result.selection is not None:
         say(result.selection.message)
     if interrupted:  # the finished work is written; stop as the user asked
@@ -1120,7 +1120,10 @@ def _previous(config: SweepConfig) -> _Previous | None:
     fields = set(SweepRow.__dataclass_fields__)
     rows, dense = {}, None
     for item in raw:
-        row = SweepRow(**{k: v for k, v in item.items() if k in fields})
+        try:
+            row = SweepRow(**{k: v for k, v in item.items() if k in fields})
+        except TypeError:  # not rows of this version: refused as any non-empty folder is
+            return None
         if row.change_interval is not None:
             row.change_interval = tuple(row.change_interval)
         if not same_bench:  # measured otherwise (or not asked for now): measured again
@@ -1568,15 +1571,28 @@ def _sweep_json(result: SweepResult, settings: dict[str, Any] | None = None) -> 
     return data
 
 
+_OWN_OUTPUTS = (
+    "results.json", "results.md", "sweep.json", "plot.png", "plot_latency.png", "best.json", "best"
+)
+
+
 def _write(
-    result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path, settings=None
+    result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path, settings=None,
+    resumed: bool = False,
 ) -> None:
-    """Write every output into a temporary folder next to ``out``, then rename it into place."""
+    """Write every output into a temporary folder next to ``out``, then rename it into place.
+    ``resumed``: ``out`` holds the earlier run; files the sweep does not write (a report, a
+    ``bench.json``) are carried over."""
+    import shutil
+
     from statprune.atomic import atomic_folder
     from statprune.persist import save
 
     out = out.resolve()
     with atomic_folder(out) as tmp:
+        for item in sorted(out.iterdir()) if resumed and out.is_dir() else ():
+            if item.name not in _OWN_OUTPUTS:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / "results.json").write_text(json.dumps(result.to_rows(), indent=2) + "\n")
         (tmp / "results.md").write_text(results_markdown(result))
         (tmp / "sweep.json").write_text(json.dumps(_sweep_json(result, settings), indent=2) + "\n")

@@ -636,8 +636,10 @@ def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
     assert [r["method"] for r in rows] == ["dense", "magnitude", "magnitude"]
     assert all(r["bench_error"] == "interrupted while measuring (Ctrl-C)" for r in rows)
     assert all(r["value"] is not None for r in rows)
+    (out / "report.html").write_text("mine")  # not the sweep's own: kept by the rerun
     lines: list[str] = []
     _bench_sweep(assets, out, lines, bench_memory=False, dtype="float32")  # the CLI's settings, by the API
+    assert (out / "report.html").read_text() == "mine"
     assert sum("compressed again to measure it" in line for line in lines) == 2
     resumed = json.loads((out / "results.json").read_text())
     assert all(r["latency_ms"] > 0 and r["bench_error"] is None for r in resumed)
