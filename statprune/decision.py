@@ -162,6 +162,11 @@ class DecisionReport:
         return given_decimals(self.price_per_hour)
 
     @property
+    def weight_decimals(self) -> int:
+        """Decimals of every weights figure (MiB): 3 significant figures for the smallest, at least 1."""
+        return column_decimals([c.weight_mb for c in self.candidates], 1, 4)
+
+    @property
     def latency_decimals(self) -> int:
         """Decimals of every latency (ms): 3 significant figures for the fastest, at least 1."""
         return column_decimals([c.latency_ms for c in self.candidates], 1, 4)

@@ -1380,7 +1380,9 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
     bench, dense = result.bench, result.dense_row
     noise = bench.get("memory_noise_mb")
     flagged = []
-    digits = column_decimals([r.latency_ms for r in (dense, *result.rows) if r is not None], 1, 4)
+    measured = [r for r in (dense, *result.rows) if r is not None]
+    digits = column_decimals([r.latency_ms for r in measured], 1, 4)
+    weight_digits = column_decimals([r.weight_mb for r in measured], 1, 4)
 
     def cell(row: SweepRow | None) -> str:
         if row is None:
@@ -1395,7 +1397,7 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
                 text += " ‡"
                 flagged.append(row)
         if row.weight_mb is not None:
-            text += f", weights {row.weight_mb:,.1f} MiB"
+            text += f", weights {row.weight_mb:,.{weight_digits}f} MiB"
         return f"**{text}**" if row is best else text
 
     threads = bench.get("threads")
@@ -1423,12 +1425,14 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
     if share:
         lines += ["", f"Dense model: {share}; the rest is activations and the runtime's own allocations."]
     if flagged:
-        lines += ["", f"‡ {MEMORY_CAVEAT_NOTE.replace('dense (first)', 'dense')}."]
+        note = MEMORY_CAVEAT_NOTE.replace("dense (first)", "dense")
+        lines += ["", f"‡ {note[0].upper()}{note[1:]}."]
     resumed = bench.get("resumed")
     if resumed:
         lines += ["", f"Resumed: {', '.join(resumed['measured_again'])} measured in a second session next to "
-                      f"the dense model (dense {_ms(resumed['dense_latency_ms'])} in that session, "
-                      f"{_ms(resumed['first_dense_latency_ms'])} in the first, which the dense row shows); "
+                      f"the dense model (dense {_ms(resumed['dense_latency_ms'], digits)} in that session, "
+                      f"{_ms(resumed['first_dense_latency_ms'], digits)} in the first, which the dense row "
+                      "shows); "
                       "their shares are of their own session's dense latency."]
     failed = [r for r in (dense, *result.rows) if r is not None and r.bench_error]
     if failed:
@@ -1439,8 +1443,8 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
     return lines
 
 
-def _ms(value: float | None) -> str:
-    return "not measured" if value is None else f"{value:,.1f} ms"
+def _ms(value: float | None, digits: int = 1) -> str:
+    return "not measured" if value is None else f"{value:,.{digits}f} ms"
 
 
 def write_latency_plot(result: SweepResult, path: Path) -> None:

@@ -267,7 +267,8 @@ def test_memory_that_shows_no_saving_is_flagged_not_silent(swept, tmp_path):
     assert flagged == [report.candidates[1].name, report.candidates[2].name]
     assert [c.memory_caveat for c in report.candidates[1:3]] == ["above", "noise"]
     md = render_markdown(report)
-    assert "| 41.5 ‡ | 2.0 |" in md and "| 39.8 ‡ | 2.0 |" in md and "| 20.0 | 2.0 |" in md
+    assert report.weight_decimals == 2  # 3 significant figures for the smallest: 2.00
+    assert "| 41.5 ‡ | 2.00 |" in md and "| 39.8 ‡ | 2.00 |" in md and "| 20.0 | 2.00 |" in md
     assert f"‡ Peak memory of {flagged[0]}, {flagged[1]} is not below the dense model's" in md
     assert "measurement noise (0.5 MiB between two measurements of it, at least 1% of its peak)" in md
     assert "For the dense model, the weights are 10.0% of the peak memory." in md
