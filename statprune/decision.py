@@ -162,6 +162,11 @@ class DecisionReport:
         return given_decimals(self.price_per_hour)
 
     @property
+    def size_decimals(self) -> int:
+        """Decimals of every size on disk (MiB): 3 significant figures for the smallest, at least 1."""
+        return column_decimals([c.size_bytes / 2**20 for c in self.candidates if c.size_bytes], 1, 4)
+
+    @property
     def weight_decimals(self) -> int:
         """Decimals of every weights figure (MiB): 3 significant figures for the smallest, at least 1."""
         return column_decimals([c.weight_mb for c in self.candidates], 1, 4)
@@ -608,7 +613,7 @@ def _objective_text(report: DecisionReport, cand: Candidate) -> str:
     if value is None:
         return "not measured"
     if report.objective == "latency":
-        return f"{value:.1f} ms"
+        return f"{value:.{report.latency_decimals}f} ms"
     if report.objective == "memory":
         return f"peak {value:,.1f} MiB"
     kind = {"flops": "FLOPs", "params": "parameters"}.get(report.objective or "", report.budget_label)
@@ -881,10 +886,10 @@ def _inline_markdown(text: str):
     return Markup(MarkdownIt("commonmark", {"html": False}).renderInline(str(text)))
 
 
-def _size(cand: Candidate) -> str:
+def _size(cand: Candidate, decimals: int = 1) -> str:
     if cand.size_bytes is None:
         return "—"
-    text = f"{cand.size_bytes / 2**20:,.1f} MiB"  # the unit of the memory columns
+    text = f"{cand.size_bytes / 2**20:,.{decimals}f} MiB"  # the unit of the memory columns
     return text if cand.size_measured else f"≈ {text}"
 
 

@@ -249,6 +249,8 @@ def test_money_has_one_precision_per_column(swept, tmp_path):
         assert text in html, text
     assert report.cost_decimals == 3 and "| 12.346 |" in md  # dense: 1e6 / (22.5 * 3600)
     assert "Serving cost at 1.00 per machine-hour and 300,000 requests per day" in md
+    sizes = [re.search(r"[\d,]+\.(\d+) MiB", r[header.index("size on disk")]) for r in body]
+    assert all(sizes) and len({len(m.group(1)) for m in sizes}) == 1  # one precision for the column
     assert report.latency_decimals == 3  # the fastest: 1000 / 1200 = 0.833 ms
     assert f"Measured latency {report.recommended.latency_ms:.3f} ms against 44.444 ms dense" in report.reason
     cheap = build_report(measured_copy(swept, tmp_path / "p"), price_per_hour=0.045, plots=False)
