@@ -21,6 +21,14 @@ Peak memory:
   forward through ``/proc/self/clear_refs``; where that is unavailable, ``getrusage`` maxrss is
   used and the value also includes transient loading memory (``memory_method`` says which);
 - onnxruntime on CUDA: not measured (None).
+
+Memory is in MiB (2^20 bytes; the fields keep their historical ``_mb`` names). Next to the peak,
+every row gives ``weight_mb``, the model's own parameters and buffers (exact): on CPU the peak RSS
+also counts the runtime's allocations (allocator arenas, lazily loaded kernels, thread pools),
+which for a model of a few MiB outweigh its weights, so a pruned model's peak can come out above
+the dense one's. With two or more models on CPU the first is measured twice and
+``memory_noise_mb`` is the gap; :func:`memory_caveat` flags peaks that are not below the first
+model's or only by less than that noise, and the table marks them with a footnote.
 """
 
 from __future__ import annotations
@@ -75,6 +83,11 @@ class BenchRow:
     params_ratio: float  # params / params of the first model
     trials: int
     threads: int | None  # torch / onnxruntime intra-op threads on CPU
+    # the model's own parameters and buffers in MiB (exact, from the tensors): what pruning shrinks
+    weight_mb: float | None = None
+    # |difference| of two peak-memory measurements of the first model in separate child processes
+    # (CPU, 2+ models): differences between models below it are measurement noise
+    memory_noise_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +124,7 @@ def benchmark(
     new_tokens: int = 32,
     memory: bool = True,
     generate: bool = True,
+    failures: dict[str, str] | None = None,
 ) -> list[BenchRow]:
     """Benchmark ``models`` side by side; returns rows in model order within each (kind, batch).
 
@@ -118,6 +132,12 @@ def benchmark(
     (checked against PyTorch) to a temporary folder. ``memory=False`` skips the peak-memory
     measurement (the child processes cost a few seconds per model on CPU); ``generate=False``
     skips the generation rows of causal LMs (prefill only).
+
+    ``failures``: when a dict is given, a model that cannot be loaded, exported or run is recorded
+    there (``str(path)`` as given -> a one-line reason) and left out of the rows instead of
+    failing the whole benchmark; a model whose peak memory cannot be measured (the child process
+    died) keeps its latency rows with ``peak_memory_mb`` None and is recorded too. Without it,
+    the first failure raises (``ModelError`` or the library's error).
     """
     import torch
 
@@ -149,8 +169,12 @@ def benchmark(
             tmp = None
             if backend == "onnxruntime":
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="statprune-bench-")))
-            loaded = _load_all(models, backend, device, dtype, seq_len, tmp, threads)
-            memory_mb, method = _memory(loaded, batches, seq_len, backend, device, dtype, threads, memory)
+            loaded = _load_all(models, backend, device, dtype, seq_len, tmp, threads, failures)
+            if failures is not None:  # one forward each, so a model that cannot run is dropped here
+                loaded = _runnable(loaded, batches, seq_len, backend, device, failures)
+            memory_mb, method, noise = _memory(
+                loaded, batches, seq_len, backend, device, dtype, threads, memory, failures
+            )
             rows: list[BenchRow] = []
             common = {"backend": backend, "device": device, "seq_len": seq_len, "threads": used_threads}
             with torch.inference_mode():
@@ -159,7 +183,9 @@ def benchmark(
                     times = time_calls(calls, warmup, trials, _sync(device, backend))
                     for m, ts in zip(loaded, times, strict=True):
                         mem = memory_mb.get((m.label, batch))
-                        rows.append(_row(m, "forward", batch, 0, ts, batch, "seq/s", mem, method, common))
+                        row = _row(m, "forward", batch, 0, ts, batch, "seq/s", mem, method, common)
+                        row.memory_noise_mb = noise.get(batch) if mem is not None else None
+                        rows.append(row)
                 lm = [m for m in loaded if m.causal] if backend == "torch" else []
                 for batch in lm_batches if lm else ():
                     calls = [_prefill_call(m, batch, seq_len, device) for m in lm]
@@ -192,6 +218,7 @@ def module_calls(
     for model, label in zip(models, labels, strict=True):
         params = sum(p.numel() for p in model.parameters())
         m = _Model(label, label, params, is_causal_lm(model), input_spec(model), model=model)
+        m.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         device = str(next(model.parameters()).device)
         use_prefill = kind == "prefill" and m.causal
         call = _prefill_call(m, batch, seq_len, device) if use_prefill else _forward_call(
@@ -285,7 +312,43 @@ def _labels(models: Sequence[str | Path]) -> list[str]:
     return labels
 
 
-def _load_all(models, backend, device, dtype, seq_len, tmp, threads) -> list[_Model]:
+def _reason(exc: BaseException) -> str:
+    """A failure in one line: the error's own first line (its type when it has no message)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _runnable(loaded, batches, seq_len, backend, device, failures) -> list[_Model]:
+    """The models whose forward runs at every batch size; the others go into ``failures``."""
+    import torch
+
+    kept = []
+    for m in loaded:
+        try:
+            with torch.inference_mode():
+                for batch in batches:
+                    _forward_call(m, batch, seq_len, backend, device)()
+        except Exception as exc:  # any backend error: recorded for this model only
+            failures[m.path] = f"its forward failed ({_reason(exc)})"
+            continue
+        kept.append(m)
+    return kept
+
+
+def _load_all(models, backend, device, dtype, seq_len, tmp, threads, failures=None) -> list[_Model]:
+    loaded = []
+    for i, (path, label) in enumerate(zip(models, _labels(models), strict=True)):
+        if failures is None:
+            loaded.append(_load_one(i, path, label, backend, device, dtype, seq_len, tmp, threads))
+            continue
+        try:
+            loaded.append(_load_one(i, path, label, backend, device, dtype, seq_len, tmp, threads))
+        except Exception as exc:  # one model that cannot be loaded or exported: recorded, skipped
+            failures[str(path)] = f"it could not be loaded for {backend} ({_reason(exc)})"
+    return loaded
+
+
+def _load_one(i, path, label, backend, device, dtype, seq_len, tmp, threads) -> _Model:
     import torch
 
     from statprune.adapters import task_head
@@ -299,33 +362,26 @@ def _load_all(models, backend, device, dtype, seq_len, tmp, threads) -> list[_Mo
         onnx_session,
     )
 
-    loaded = []
-    for i, (path, label) in enumerate(zip(models, _labels(models), strict=True)):
+    with _no_progress_bars():
+        model = load_model(path, device=device if backend == "torch" else None, dtype=getattr(torch, dtype))
+    if getattr(task_head(model), "kind", None) == "multiple-choice":
+        raise ModelError(f"{path}: multiple-choice models take 3-D inputs; bench the base model instead")
+    check_seq_len(model, seq_len)
+    params = sum(p.numel() for p in model.parameters())
+    entry = _Model(str(path), label, params, is_causal_lm(model), input_spec(model))
+    entry.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if backend == "torch":
+        entry.model = model
+    else:
+        limit = max_positions(model)
+        del model
+        entry.onnx_path = tmp / f"model{i}.onnx"
         with _no_progress_bars():
-            model = load_model(
-                path, device=device if backend == "torch" else None, dtype=getattr(torch, dtype)
+            export_onnx(
+                path, entry.onnx_path, seq_len=max(2, min(16, limit or 16)), past=False, pooling=False
             )
-        if getattr(task_head(model), "kind", None) == "multiple-choice":
-            raise ModelError(f"{path}: multiple-choice models take 3-D inputs; bench the base model instead")
-        check_seq_len(model, seq_len)
-        params = sum(p.numel() for p in model.parameters())
-        entry = _Model(str(path), label, params, is_causal_lm(model), input_spec(model))
-        entry.weight_bytes = sum(
-            t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())
-        )
-        if backend == "torch":
-            entry.model = model
-        else:
-            limit = max_positions(model)
-            del model
-            entry.onnx_path = tmp / f"model{i}.onnx"
-            with _no_progress_bars():
-                export_onnx(
-                    path, entry.onnx_path, seq_len=max(2, min(16, limit or 16)), past=False, pooling=False
-                )
-            entry.session = onnx_session(entry.onnx_path, device, threads)
-        loaded.append(entry)
-    return loaded
+        entry.session = onnx_session(entry.onnx_path, device, threads)
+    return entry
 
 
 @contextlib.contextmanager
@@ -472,6 +528,7 @@ def _row(m: _Model, kind, batch, new_tokens, seconds, units, unit, mem, method, 
         params_ratio=1.0,
         trials=len(seconds),
         **common,
+        weight_mb=m.weight_bytes / 2**20 if m.weight_bytes else None,
     )
 
 
@@ -493,21 +550,37 @@ _METHODS = {
 }
 
 
-def _memory(loaded, batches, seq_len, backend, device, dtype, threads, enabled):
-    """{(label, batch): MB} and a description of the method; empty when not measured."""
+def _memory(loaded, batches, seq_len, backend, device, dtype, threads, enabled, failures=None):
+    """``({(label, batch): MiB}, method description, {batch: noise MiB})``; empty when not measured.
+
+    On CPU with two or more models the first one is measured twice, in two child processes: the
+    gap between the two is the noise floor of comparing models (allocator arenas, lazily loaded
+    kernels and thread pools weigh as much as a tiny model's weights); its value is their mean.
+    A model whose child process fails is recorded in ``failures`` (when given) and left out."""
     if not enabled:
-        return {}, "not measured"
+        return {}, "not measured", {}
     if device.startswith("cuda"):
         if backend != "torch":
-            return {}, "not measured (onnxruntime on CUDA)"
-        return _cuda_memory(loaded, batches, seq_len, device), _METHODS["cuda"]
+            return {}, "not measured (onnxruntime on CUDA)", {}
+        return _cuda_memory(loaded, batches, seq_len, device), _METHODS["cuda"], {}
     out: dict[tuple[str, int], float] = {}
+    noise: dict[int, float] = {}
     method = "rss-peak"
-    for m in loaded:
-        measured, used = _child_memory(m, batches, seq_len, backend, dtype, threads)
+    for i, m in enumerate(loaded):
+        try:
+            measured, used = _child_memory(m, batches, seq_len, backend, dtype, threads)
+            if i == 0 and len(loaded) > 1:
+                again, _ = _child_memory(m, batches, seq_len, backend, dtype, threads)
+                noise = {b: abs(mb - again[b]) for b, mb in measured.items()}
+                measured = {b: (mb + again[b]) / 2 for b, mb in measured.items()}
+        except ModelError as exc:
+            if failures is None:
+                raise
+            failures[m.path] = f"its peak memory could not be measured ({_reason(exc)})"
+            continue
         method = used if used != "rss-peak" else method
         out.update({(m.label, b): mb for b, mb in measured.items()})
-    return out, _METHODS[method]
+    return out, _METHODS[method], noise
 
 
 def _child_memory(m: _Model, batches, seq_len, backend, dtype, threads):
@@ -538,8 +611,10 @@ def _child_memory(m: _Model, batches, seq_len, backend, dtype, threads):
     line = next((x for x in result.stdout.splitlines() if x.startswith(bench_worker.PREFIX)), None)
     if result.returncode != 0 or line is None:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        code = result.returncode
+        died = f"killed by signal {-code}" if code < 0 else f"exit status {code}" if code else "no result"
         raise ModelError(
-            f"measuring the memory of {m.path} failed ({tail}); "
+            f"the memory-measuring child process for {m.path} failed ({died}: {tail}); "
             "pass --no-memory (sweep: --bench-no-memory) to skip it"
         )
     data = json.loads(line.split(" ", 1)[1])
@@ -563,6 +638,44 @@ def _cuda_memory(loaded, batches, seq_len, device):
                 extra = torch.cuda.max_memory_allocated(device) - before
                 out[(m.label, batch)] = (extra + m.weight_bytes) / 2**20
     return out
+
+
+# the smallest peak-memory difference a comparison claims, as a share of the reference's peak: one
+# repeat of the reference measures the noise only roughly (page-granular RSS, allocator arenas)
+MEMORY_RESOLUTION = 0.01
+
+
+def memory_caveat(peak_mb: float | None, reference_mb: float | None, noise_mb: float | None) -> str | None:
+    """Why a model's peak memory shows no real saving against the reference (dense) model's:
+    ``"above"`` (its peak is not below the reference's), ``"noise"`` (below it by no more than the
+    noise: ``noise_mb``, the gap between two measurements of the reference, or
+    ``MEMORY_RESOLUTION`` of the reference's peak, whichever is larger), or None (a saving, or not
+    measured). Peak RSS includes the runtime's own allocations (allocator arenas, kernels, thread
+    pools), which dominate for models of a few MiB; their weights (``weight_mb``) still compare
+    exactly."""
+    if peak_mb is None or reference_mb is None:
+        return None
+    if peak_mb >= reference_mb:
+        return "above"
+    if reference_mb - peak_mb <= max(noise_mb or 0.0, MEMORY_RESOLUTION * reference_mb):
+        return "noise"
+    return None
+
+
+def weight_share(weight_mb: float | None, peak_mb: float | None) -> str | None:
+    """``"the weights are 0.1% of the peak memory"`` (None when either is unknown): how much of a
+    peak the model itself explains."""
+    if weight_mb is None or not peak_mb:
+        return None
+    return f"the weights are {weight_mb / peak_mb:.1%} of the peak memory"
+
+
+MEMORY_CAVEAT_NOTE = (
+    "peak memory not below the dense (first) model's, or below it by less than the measurement "
+    f"noise (the gap of two measurements of it, at least {MEMORY_RESOLUTION:.0%} of its peak); peak "
+    "RSS also counts the runtime's own allocations (allocator arenas, kernels, thread pools), which "
+    "outweigh the weights of a small model: compare the weights column"
+)
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -601,26 +714,34 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     if not rows:
         return "(no measurements)"
     head = rows[0]
-    threads = f", {head.threads} threads" if head.threads else ""
+    threads = f", {head.threads} thread{'' if head.threads == 1 else 's'}" if head.threads else ""
     lines = [
         f"backend {head.backend} on {head.device}{threads}, {head.seq_len} tokens per sequence, "
         f"{head.trials} trials (median / p90)"
     ]
-    header = ["model", "kind", "batch", "params", "median ms", "p90 ms", "throughput", "peak MB", "speedup"]
+    header = ["model", "kind", "batch", "params", "median ms", "p90 ms", "throughput", "weights MiB",
+              "peak MiB", "speedup"]
     table = []
+    first: dict[tuple[str, int], BenchRow] = {}
+    flagged = False
     for r in rows:
+        ref = first.setdefault((r.kind, r.batch), r)
         kind = f"generate {r.new_tokens}" if r.kind == "generate" else r.kind
+        peak = "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:,.1f}"
+        if r is not ref and memory_caveat(r.peak_memory_mb, ref.peak_memory_mb, r.memory_noise_mb):
+            peak, flagged = peak + " †", True
         table.append(
             [
                 r.label,
                 kind,
                 str(r.batch),
-                f"{_count(r.params)} ({r.params_ratio:.2f}x)",
+                f"{_count(r.params)} ({r.params_ratio:.2f}×)",
                 f"{r.latency_ms:.2f}",
                 f"{r.latency_p90_ms:.2f}",
                 f"{r.throughput:,.1f} {r.unit}",
-                "-" if r.peak_memory_mb is None else f"{r.peak_memory_mb:,.1f}",
-                f"{r.speedup:.2f}x",
+                "-" if r.weight_mb is None else f"{r.weight_mb:,.1f}",
+                peak,
+                f"{r.speedup:.2f}×",
             ]
         )
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
@@ -642,7 +763,16 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     methods = sorted({r.memory_method for r in rows if r.peak_memory_mb is not None})
     lines.append("")
     lines.append("speedup: latency of the first model / latency; params ratio to the first model in ()")
-    lines += [f"peak MB: {m}" for m in methods] or ["peak MB: not measured"]
+    lines += [f"peak MiB: {m}" for m in methods] or ["peak MiB: not measured"]
+    noise = max((r.memory_noise_mb for r in rows if r.memory_noise_mb is not None), default=None)
+    if noise is not None:
+        lines.append(f"peak MiB noise: {noise:,.1f} MiB (two measurements of the first model)")
+    lines.append("weights MiB: the model's parameters and buffers (2^20 bytes)")
+    if flagged:
+        lines.append(f"†: {MEMORY_CAVEAT_NOTE}")
+    share = weight_share(head.weight_mb, head.peak_memory_mb)
+    if share:
+        lines.append(f"first model: {share} ({head.label}, batch {head.batch})")
     if head.backend == "onnxruntime" and any(r.kind == "forward" for r in rows):
         lines.append("onnxruntime: full-sequence forward only (prefill/generation need the torch backend)")
     return "\n".join(lines)

@@ -75,7 +75,11 @@ class Candidate:
     size_measured: bool = False
     latency_ms: float | None = None
     throughput: float | None = None  # requests (sequences) per second
-    peak_memory_mb: float | None = None
+    peak_memory_mb: float | None = None  # MiB (2^20 bytes), as statprune.bench measures it
+    weight_mb: float | None = None  # the model's parameters and buffers, MiB (exact)
+    memory_noise_mb: float | None = None  # gap of two peak measurements of the dense model, MiB
+    memory_caveat: str | None = None  # "above" / "noise": the peak shows no real saving (bench.memory_caveat)
+    bench_error: str | None = None  # why it was not measured (or its peak memory was not)
     spread: float | None = None  # p90 / median latency of the benchmark's trials
     cost_per_million: float | None = None
     cost_per_day: float | None = None
@@ -146,6 +150,69 @@ class DecisionReport:
             f"sweep … --min-quality Q --save-best`) and measure it with `statprune bench {model} "
             f"{best} --batch 1,8,32 --json {self.sweep_dir}/bench.json`; then run `statprune report` again."
         )
+
+    @property
+    def cost_decimals(self) -> int:
+        """Decimals of every cost per 1M requests (one number for the column, see :func:`money_decimals`)."""
+        return money_decimals([c.cost_per_million for c in self.candidates])
+
+    @property
+    def price_decimals(self) -> int:
+        """Decimals of the price per machine-hour: as given (at least 2)."""
+        return given_decimals(self.price_per_hour)
+
+    @property
+    def size_decimals(self) -> int:
+        """Decimals of every size on disk (MiB): 3 significant figures for the smallest, at least 1."""
+        return column_decimals([c.size_bytes / 2**20 for c in self.candidates if c.size_bytes], 1, 4)
+
+    @property
+    def weight_decimals(self) -> int:
+        """Decimals of every weights figure (MiB): 3 significant figures for the smallest, at least 1."""
+        return column_decimals([c.weight_mb for c in self.candidates], 1, 4)
+
+    @property
+    def latency_decimals(self) -> int:
+        """Decimals of every latency (ms): 3 significant figures for the fastest, at least 1."""
+        return column_decimals([c.latency_ms for c in self.candidates], 1, 4)
+
+    @property
+    def day_decimals(self) -> int:
+        """Decimals of every cost per day."""
+        return money_decimals([c.cost_per_day for c in self.candidates])
+
+    @property
+    def memory_flagged(self) -> list[Candidate]:
+        """The candidates whose measured peak memory shows no real saving over the dense model's."""
+        return [c for c in self.candidates if c.memory_caveat]
+
+    @property
+    def memory_noise(self) -> float | None:
+        """The dense model's peak-memory noise (MiB), when measured."""
+        return self.candidates[0].memory_noise_mb if self.candidates else None
+
+    @property
+    def memory_note(self) -> str:
+        """The ‡ footnote (Markdown): which peaks show no real saving, the noise, what dominates."""
+        from statprune.bench import MEMORY_RESOLUTION, weight_share
+
+        names = ", ".join(c.name for c in self.memory_flagged)
+        noise = self.memory_noise
+        gap = "" if noise is None else f"{noise:,.1f} MiB between two measurements of it, "
+        text = (
+            f"‡ Peak memory of {names} is not below the dense model's, or below it by less than the "
+            f"measurement noise ({gap}at least {MEMORY_RESOLUTION:.0%} of its peak). Peak resident "
+            "memory also counts the runtime's own allocations (allocator arenas, kernels, thread pools), "
+            "which outweigh the weights of a small model: compare the weights column."
+        )
+        dense = self.candidates[0]
+        share = weight_share(dense.weight_mb, dense.peak_memory_mb)
+        return text + (f" For the dense model, {share}." if share else "")
+
+    @property
+    def not_measured(self) -> list[Candidate]:
+        """The candidates (evaluated) whose measurement failed, with the reason in ``bench_error``."""
+        return [c for c in self.candidates if c.bench_error and c.error is None]
 
     @property
     def cost_formula(self) -> str:
@@ -259,7 +326,7 @@ def build_report(
     re-selects under the sweep's bar). Raises DataError for a folder that is not a sweep's output
     or bad numbers, OptionsError for a bar or objective that cannot apply.
     """
-    from statprune.bench import NOISY_SPREAD
+    from statprune.bench import NOISY_SPREAD, memory_caveat
     from statprune.sweep import (
         OBJECTIVES,
         SweepRow,
@@ -438,6 +505,12 @@ def build_report(
         _attach(cand, raw_rows[rows.index(row)])  # a sweep that measured latency itself
         report.candidates.append(cand)
 
+    swept_bench = meta.get("bench") if isinstance(meta.get("bench"), dict) else {}
+    sweep_noise = swept_bench.get("memory_noise_mb")
+    if dense.memory_noise_mb is None and sweep_noise is not None:
+        dense.memory_noise_mb = float(sweep_noise)
+    for cand in report.candidates[1:]:
+        cand.memory_caveat = memory_caveat(cand.peak_memory_mb, dense.peak_memory_mb, dense.memory_noise_mb)
     for cand in report.candidates:
         if cand.throughput and price_per_hour is not None:
             cand.cost_per_million = price_per_hour * 1e6 / (cand.throughput * 3600.0)
@@ -500,6 +573,11 @@ def _objective(rows: list, given: str | None, swept: str | None) -> str | None:
 def _attach(cand: Candidate, row: dict | None) -> None:
     if not row:
         return
+    if row.get("bench_error"):
+        cand.bench_error = str(row["bench_error"])
+    for name in ("weight_mb", "memory_noise_mb"):
+        if row.get(name) is not None:
+            setattr(cand, name, float(row[name]))
     latency, p90 = row.get("latency_ms"), row.get("latency_p90_ms")
     if latency is not None:
         cand.latency_ms = float(latency)
@@ -535,9 +613,9 @@ def _objective_text(report: DecisionReport, cand: Candidate) -> str:
     if value is None:
         return "not measured"
     if report.objective == "latency":
-        return f"{value:.1f} ms"
+        return f"{value:.{report.latency_decimals}f} ms"
     if report.objective == "memory":
-        return f"{value:,.0f} MB"
+        return f"peak {value:,.1f} MiB"
     kind = {"flops": "FLOPs", "params": "parameters"}.get(report.objective or "", report.budget_label)
     return f"keeps {value:.1%} of the {kind}"
 
@@ -592,13 +670,15 @@ def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
     text += "."
     if rec.latency_ms is not None and dense.latency_ms is not None:
         text += (
-            f" Measured latency {rec.latency_ms:.1f} ms against {dense.latency_ms:.1f} ms dense "
+            f" Measured latency {rec.latency_ms:.{report.latency_decimals}f} ms against "
+            f"{dense.latency_ms:.{report.latency_decimals}f} ms dense "
             f"(speed-up {dense.latency_ms / rec.latency_ms:.2f}×)."
         )
     if rec.cost_per_million is not None and dense.cost_per_million is not None:
+        digits = report.cost_decimals
         text += (
-            f" Serving cost {rec.cost_per_million:.4g} per 1M requests against "
-            f"{dense.cost_per_million:.4g} dense."
+            f" Serving cost {money(rec.cost_per_million, digits)} per 1M requests against "
+            f"{money(dense.cost_per_million, digits)} dense."
         )
     losers = []
     if passing:
@@ -625,6 +705,33 @@ def _fmt(metric: str, value: float | None) -> str:
     if value is None:
         return "—"
     return f"{value:.2f}" if metric == "perplexity" else f"{value:.4f}"
+
+
+def column_decimals(values, minimum: int = 2, maximum: int = 6) -> int:
+    """Decimals that show the smallest of ``values`` with 3 significant figures (at least
+    ``minimum``, at most ``maximum``), so that a column has one precision for every row."""
+    small = [abs(v) for v in values if v is not None and v != 0 and math.isfinite(v)]
+    if not small:
+        return minimum
+    return int(min(maximum, max(minimum, 2 - math.floor(math.log10(min(small))))))
+
+
+def money_decimals(values) -> int:
+    """Decimals of a column of money amounts (:func:`column_decimals`, at least 2)."""
+    return column_decimals(values, 2)
+
+
+def given_decimals(value: float | None) -> int:
+    """Decimals that show a given amount (a price) exactly, at least 2 and at most 6."""
+    for digits in range(2, 6):
+        if value is None or round(value, digits) == value:
+            return digits
+    return 6
+
+
+def money(value: float | None, decimals: int = 2) -> str:
+    """An amount of money with thousands separators and ``decimals`` decimals (``—`` for None)."""
+    return "—" if value is None else f"{value:,.{decimals}f}"
 
 
 def _signed(metric: str, value: float | None) -> str:
@@ -766,7 +873,7 @@ def _environment():
     env.filters["pct"] = lambda v: "—" if v is None else f"{v:.1%}"
     env.filters["size"] = _size
     env.filters["num"] = lambda v, digits=1: "—" if v is None else f"{v:,.{digits}f}"
-    env.filters["money"] = lambda v: "—" if v is None else f"{v:,.4g}"
+    env.filters["money"] = money
     return env
 
 
@@ -779,11 +886,10 @@ def _inline_markdown(text: str):
     return Markup(MarkdownIt("commonmark", {"html": False}).renderInline(str(text)))
 
 
-def _size(cand: Candidate) -> str:
+def _size(cand: Candidate, decimals: int = 1) -> str:
     if cand.size_bytes is None:
         return "—"
-    size = cand.size_bytes
-    text = f"{size / 1e6:,.1f} MB" if size >= 1e6 else f"{size / 1e3:,.1f} kB"
+    text = f"{cand.size_bytes / 2**20:,.{decimals}f} MiB"  # the unit of the memory columns
     return text if cand.size_measured else f"≈ {text}"
 
 

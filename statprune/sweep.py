@@ -23,6 +23,21 @@ medians, peak memory in a child process) at ``--bench-batch`` × ``--bench-seq-l
 ``--backend``; the rows gain ``latency_ms`` (median), ``latency_p90_ms``, ``throughput`` (``unit``
 seq/s), ``peak_memory_mb`` and ``latency_fraction`` (of the dense latency), and ``results.json``
 gains a ``dense`` row. A trial spread (p90 / median) above ``bench.NOISY_SPREAD`` is warned about.
+Memory is in MiB; next to the peak (``peak_memory_mb``) each row has ``weight_mb`` (its parameters
+and buffers, exact), and a peak that is not below the dense one, or only by less than the noise
+(two measurements of the dense model), gets a footnote in the table instead of passing silently.
+
+A model that cannot be measured (it fails to load or run on the backend, its memory-measuring
+child process dies) does not cost the sweep: its row keeps its compression and evaluation, gets
+``bench_error`` (the reason) and empty latency fields, and the others are measured. Ctrl-C while
+measuring writes everything finished, likewise marked, then stops. The sweep exits non-zero
+(``MeasurementError``, after writing the results) only when no model at all could be measured.
+
+Resuming: rerunning the same command into the same ``--out`` (no ``--overwrite``) keeps the
+finished runs of the earlier one (``sweep.json``'s ``settings`` must match; budgets and methods
+may be added) and only compresses and evaluates what is missing. With ``--bench``, runs whose
+measurement is missing are compressed again (deterministically) and measured next to the dense
+model; measured runs keep their numbers.
 
 Selection rule: among the runs that meet the bar, the one with the smallest objective
 (``--objective``: measured ``latency``, ``flops`` or ``params`` kept, peak ``memory``; default
@@ -49,7 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from statprune.argtypes import fraction, positive_int
-from statprune.errors import BudgetError, DataError, OptionsError, OutputError
+from statprune.errors import BudgetError, DataError, OptionsError, OutputError, StatpruneError
 from statprune.guards import check_count
 from statprune.methods import default_sweep_methods, method_names
 from statprune.options import add_option_arguments, options_from_args
@@ -152,6 +167,8 @@ class SweepRow:
     unit: str | None = None
     peak_memory_mb: float | None = None
     latency_fraction: float | None = None  # latency_ms / the dense row's latency_ms
+    weight_mb: float | None = None  # --bench: the model's parameters and buffers, MiB (exact)
+    bench_error: str | None = None  # --bench: why this model (or its peak memory) was not measured
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -750,7 +767,7 @@ class _Inputs:
     target: Any  # torch.device
 
 
-def _read_inputs(config: SweepConfig) -> _Inputs:
+def _read_inputs(config: SweepConfig, resuming: bool = False) -> _Inputs:
     """Check the folders, read the data and the dense model, tokenize the calibration sample."""
     import torch
 
@@ -761,7 +778,7 @@ def _read_inputs(config: SweepConfig) -> _Inputs:
 
     model_dir, calib_path, eval_path = config.model_dir, config.calib_path, config.eval_path
     check_model_dir(model_dir)
-    if config.out is not None:
+    if config.out is not None and not resuming:
         _check_out(config.out, config.overwrite, model_dir)
     if not eval_path.exists():
         raise DataError(
@@ -815,7 +832,8 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
 
     started = time.perf_counter() if started is None else started
     say = config.log or (lambda _line: None)
-    inputs = _read_inputs(config)
+    previous = _previous(config)  # a rerun into the same --out: what it already holds
+    inputs = _read_inputs(config, resuming=previous is not None)
     tokenizer, dense, metric, target = inputs.tokenizer, inputs.dense, inputs.metric, inputs.target
     higher = _METRICS[metric][0]
     bar, budget_kind, methods = config.bar, config.budget_kind, config.methods
@@ -879,6 +897,18 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     total = len(methods) * len(config.budgets)
     for number, (method, budget) in enumerate(((m, b) for m in methods for b in config.budgets), start=1):
         head = f"[{number:>{len(str(total))}}/{total}] {method:<9} keep {budget:.2f} {budget_kind}"
+        old = None if previous is None else previous.rows.get((method, budget))
+        if old is not None:  # finished in an earlier run into this --out: not compressed again
+            result.rows.append(old)
+            if scratch is None or old.value is None or _measured(old, config):
+                say(f"{head}: done in the earlier run (kept)")
+                continue
+            say(f"{head}: done in the earlier run; compressed again to measure it")
+            model, report = run_one(method, budget)
+            candidates.append((old, _save_candidate(scratch, method, budget, model, report, tokenizer)))
+            del model
+            _free(target, large)
+            continue
         row = SweepRow(model_name, inputs.task, method, budget_kind, budget, None, metric, None,
                        float(dense_value), 0.0)
         tic = time.perf_counter()
@@ -910,13 +940,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             f"(dense {_fmt(metric, dense_value)}){extra}  {row.seconds:.1f} s"
         )
         if scratch is not None:
-            from statprune.bench import _no_progress_bars
-            from statprune.persist import save
-
-            folder = Path(scratch.name) / f"{method}-{budget:g}"
-            with _no_progress_bars():
-                save(model, folder, tokenizer=tokenizer, report=report)
-            candidates.append((row, folder))
+            candidates.append((row, _save_candidate(scratch, method, budget, model, report, tokenizer)))
         if keep_best and meets(row.value, threshold, higher):
             contenders = [row] if kept is None else [kept[0], row]
             if select_best(contenders, threshold, higher, methods)[0] is row:
@@ -928,9 +952,10 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         if scratch is not None:
             scratch.cleanup()
         raise BudgetError(f"every run failed; first error: {result.rows[0].error}")
+    interrupted = False
     if scratch is not None:
         try:
-            _bench(config, result, candidates, str(target.type), say)
+            interrupted = _bench(config, result, candidates, str(target.type), say, previous)
         finally:
             scratch.cleanup()
     if bar is not None:
@@ -952,10 +977,163 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     _free(target, large)
     result.seconds = round(time.perf_counter() - started, 3)
     if config.out is not None:
-        _write(result, config.out, config.overwrite, saved, tokenizer, calib_path=config.calib_path)
+        _write(result, config.out, config.overwrite or previous is not None, saved, tokenizer,
+               calib_path=config.calib_path, settings=_settings(config), resumed=previous is not None)
     if result.selection is not None:
         say(result.selection.message)
+    if interrupted:  # the finished work is written; stop as the user asked
+        raise SweepInterrupted(
+            "interrupted while measuring; the compressed candidates and their evaluations were written"
+            + ("" if config.out is None else f" to {Path(config.out).resolve()}")
+            + "; rerun the same command to measure them (the finished candidates are not evaluated again)"
+        )
+    if result.dense_row is not None and not _anything_measured(result):
+        first = next(r for r in [result.dense_row, *result.rows] if r.bench_error)
+        where = "" if config.out is None else (
+            f"; the candidates and their evaluations are in {config.out}/results.json"
+        )
+        raise MeasurementError(
+            f"--bench measured nothing: {_row_name(first)} failed: {first.bench_error}{where}; "
+            "rerun the same command to measure them (finished candidates are not compressed again)"
+        )
     return result
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C while ``sweep --bench`` measured: what was finished is written (the message says where)."""
+
+
+class MeasurementError(StatpruneError):
+    """``sweep --bench`` could not measure any model (the results without latency are written)."""
+
+
+def _row_name(row: SweepRow) -> str:
+    """``dense`` or ``METHOD at keep B KIND``: how messages name a sweep's model."""
+    return "dense" if row.method == "dense" else f"{row.method} at keep {row.budget:g} {row.budget_kind}"
+
+
+def _anything_measured(result: SweepResult) -> bool:
+    rows = [r for r in (result.dense_row, *result.rows) if r is not None]
+    return any(r.latency_ms is not None for r in rows)
+
+
+_BENCH_FIELDS = ("latency_ms", "latency_p90_ms", "throughput", "unit", "peak_memory_mb", "latency_fraction",
+                 "weight_mb", "bench_error")
+
+
+def _measured(row: SweepRow, config: SweepConfig) -> bool:
+    """Whether ``row`` holds every measurement ``config`` asks for (latency; peak memory unless
+    ``bench_memory`` is off)."""
+    return row.latency_ms is not None and (not config.bench_memory or row.peak_memory_mb is not None)
+
+
+def _save_candidate(scratch, method: str, budget: float, model, report, tokenizer) -> Path:
+    """Save a candidate into the scratch folder ``--bench`` measures it from."""
+    from statprune.bench import _no_progress_bars
+    from statprune.persist import save
+
+    folder = Path(scratch.name) / f"{method}-{budget:g}"
+    with _no_progress_bars():
+        save(model, folder, tokenizer=tokenizer, report=report)
+    return folder
+
+
+# ------------------------------------------------------------------------------------- resuming
+
+
+@dataclass
+class _Previous:
+    """What an earlier run into the same ``--out`` left: its rows by (method, budget) and, when
+    it measured with the same ``--bench`` settings, its dense row and bench record."""
+
+    rows: dict[tuple[str, float], SweepRow]
+    dense: SweepRow | None
+    bench: dict[str, Any] | None
+
+
+def _settings(config: SweepConfig) -> dict[str, Any]:
+    """What makes two sweeps' runs interchangeable (``sweep.json``'s ``settings``): everything but
+    the budgets and methods (a rerun may add some), and the ``--bench`` settings apart (``bench``)."""
+    runs = {
+        "model_dir": str(config.model_dir.resolve()),
+        "calibration": str(config.calib_path.resolve()),
+        "evaluation": str(config.eval_path.resolve()),
+        **{k: getattr(config, k) for k in (
+            "budget_kind", "samples", "seq_len", "seed", "batch_size", "pack", "eval_batch_size",
+            "eval_samples", "task", "text_field", "pair_field", "label_field", "device", "dtype")},
+        "compress_options": _non_default_options(config.compress_options),
+    }
+    bench = None
+    if config.bench:
+        bench = {k: config.bench_setting(k) for k in ("bench_batch", "bench_seq_len", "backend")}
+        bench.update(trials=config.bench_trials, memory=config.bench_memory)
+    # through JSON, so that what is compared is what sweep.json stores (tuples as lists, paths as text)
+    return json.loads(json.dumps({"runs": runs, "bench": bench}, sort_keys=True, default=str))
+
+
+def _non_default_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The compression options that differ from ``CompressionOptions``' defaults (the CLI passes
+    every one, the API only those given: the same sweep either way)."""
+    from dataclasses import MISSING
+
+    from statprune.options import CompressionOptions
+
+    defaults = CompressionOptions.__dataclass_fields__
+    kept = {}
+    for name, value in options.items():
+        f = defaults.get(name)
+        default = MISSING if f is None else f.default
+        if default is MISSING and f is not None and f.default_factory is not MISSING:
+            default = f.default_factory()
+        if default is MISSING or _plain(value) != _plain(default):
+            kept[name] = value
+    return kept
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _previous(config: SweepConfig) -> _Previous | None:
+    """The finished runs of an earlier sweep into ``config.out`` with the same settings, to resume
+    it; None when there is none (or ``--overwrite``). An earlier sweep with other settings is an
+    ``OutputError`` naming what differs."""
+    out = config.out
+    if out is None or config.overwrite or not (out / "results.json").is_file():
+        return None
+    try:
+        meta = json.loads((out / "sweep.json").read_text())
+        raw = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return None  # not a sweep's folder: refused as any non-empty folder is
+    stored = meta.get("settings") if isinstance(meta, dict) else None
+    if not isinstance(stored, dict) or not isinstance(raw, list):
+        return None
+    current = _settings(config)
+    if stored.get("runs") != current["runs"]:
+        differ = sorted(k for k in current["runs"] if stored["runs"].get(k) != current["runs"][k])
+        raise OutputError(
+            f"--out {out} holds a sweep with other settings ({', '.join(differ) or 'format'}); rerun "
+            "with the same ones to resume it, or pass --overwrite or choose another folder"
+        )
+    same_bench = current["bench"] is not None and stored.get("bench") == current["bench"]
+    fields = set(SweepRow.__dataclass_fields__)
+    rows, dense = {}, None
+    for item in raw:
+        try:
+            row = SweepRow(**{k: v for k, v in item.items() if k in fields})
+        except TypeError:  # not rows of this version: refused as any non-empty folder is
+            return None
+        if row.change_interval is not None:
+            row.change_interval = tuple(row.change_interval)
+        if not same_bench:  # measured otherwise (or not asked for now): measured again
+            for name in _BENCH_FIELDS:
+                setattr(row, name, None)
+        if row.method == "dense":
+            dense = row
+        else:
+            rows[row.method, row.budget] = row
+    return _Previous(rows, dense if same_bench else None, meta.get("bench") if same_bench else None)
 
 
 def _unreachable_budgets(config: SweepConfig, dense: nn.Module) -> dict[tuple[str, float], str]:
@@ -1005,78 +1183,135 @@ def _bench(
     candidates: list[tuple[SweepRow, Path]],
     device: str,
     say: Callable[[str], None],
-) -> None:
+    previous: _Previous | None = None,
+) -> bool:
     """Measure the dense model and every candidate side by side (``statprune.bench.benchmark``:
     the same warm-up, interleaved trials, medians and peak memory as ``statprune bench``) and
-    fill in the rows' measured fields and ``result.dense_row``; warn when the trials were noisy."""
+    fill in the rows' measured fields and ``result.dense_row``; warn when the trials were noisy.
+
+    A model that cannot be measured (it does not load or run on the backend, its memory-measuring
+    child process dies) gets ``bench_error`` and empty latency fields; the others are measured.
+    A ``KeyboardInterrupt`` while measuring marks every model not measured; True is returned so
+    that the caller writes the results and then stops. When resuming (``previous``), only the
+    candidates given are measured, next to the dense model again (their ``latency_fraction`` is
+    relative to that session's dense latency); the dense row of the earlier run is kept."""
     import warnings
 
     from statprune.bench import NOISY_SPREAD, benchmark, noisy
 
     batch, seq_len = config.bench_setting("bench_batch"), config.bench_setting("bench_seq_len")
     backend = config.bench_setting("backend")
-    say(
-        f"bench: {len(candidates) + 1} models side by side, batch {batch} x {seq_len} tokens, "
-        f"{backend} on {device}, {config.bench_trials} trials"
-    )
-    tic = time.perf_counter()
-    measured = benchmark(
-        [config.model_dir, *(folder for _, folder in candidates)],
-        batches=(batch,),
-        seq_len=seq_len,
-        backend=backend,
-        device=device,
-        trials=config.bench_trials,
-        dtype=config.dtype or "float32",
-        lm_batches=(batch,),
-        memory=config.bench_memory,
-        generate=False,
-    )
-    forward = [r for r in measured if r.kind == "forward"]
-    prefill = [r for r in measured if r.kind == "prefill"]  # causal LMs on torch: what serving pays
-    for fwd, pre in zip(forward, prefill, strict=False):
-        pre.peak_memory_mb, pre.memory_method = fwd.peak_memory_mb, fwd.memory_method
-    measured = prefill if len(prefill) == len(forward) else forward
+    old_dense = previous.dense if previous is not None else None
+    if old_dense is not None and _measured(old_dense, config) and not candidates:
+        result.dense_row, result.bench = old_dense, previous.bench  # nothing left to measure
+        return False
     dense = SweepRow(
         result.model, result.task, "dense", result.budget_kind, 1.0, 1.0, result.metric,
         result.dense_value, result.dense_value, 0.0, flops_kept=1.0, params_kept=1.0,
     )
     if result.budget_kind == "latency":
         dense.predicted_latency_fraction = 1.0
-    for row, bench_row in zip([dense, *(r for r, _ in candidates)], measured, strict=True):
+    models = [(dense, config.model_dir), *candidates]
+    say(
+        f"bench: {len(models)} models side by side, batch {batch} x {seq_len} tokens, "
+        f"{backend} on {device}, {config.bench_trials} trials"
+    )
+    tic = time.perf_counter()
+    failures: dict[str, str] = {}
+    interrupted = False
+    try:
+        measured = benchmark(
+            [folder for _, folder in models],
+            batches=(batch,),
+            seq_len=seq_len,
+            backend=backend,
+            device=device,
+            trials=config.bench_trials,
+            dtype=config.dtype or "float32",
+            lm_batches=(batch,),
+            memory=config.bench_memory,
+            generate=False,
+            failures=failures,
+        )
+    except KeyboardInterrupt:
+        interrupted, measured = True, []
+        for _, folder in models:
+            failures.setdefault(str(folder), "interrupted while measuring (Ctrl-C)")
+    except (StatpruneError, RuntimeError, OSError) as exc:  # not pinned on one model: every one fails
+        measured = []
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        for _, folder in models:
+            failures.setdefault(str(folder), reason)
+    forward = {r.model: r for r in measured if r.kind == "forward"}
+    by_model = dict(forward)
+    for r in measured:  # causal LMs on torch: prefill is what serving pays
+        if r.kind == "prefill":
+            fwd = forward[r.model]
+            r.peak_memory_mb, r.memory_method = fwd.peak_memory_mb, fwd.memory_method
+            r.weight_mb, r.memory_noise_mb = fwd.weight_mb, fwd.memory_noise_mb
+            by_model[r.model] = r
+    reference = by_model.get(str(config.model_dir))
+    for row, folder in models:
+        for name in _BENCH_FIELDS:
+            setattr(row, name, None)
+        bench_row = by_model.get(str(folder))
+        row.bench_error = failures.get(str(folder))
+        if bench_row is None:
+            say(f"bench: {_row_name(row)} not measured: {row.bench_error}")
+            continue
         row.latency_ms = round(bench_row.latency_ms, 4)
         row.latency_p90_ms = round(bench_row.latency_p90_ms, 4)
         row.throughput = round(bench_row.throughput, 4)
         row.unit = bench_row.unit
         row.peak_memory_mb = None if bench_row.peak_memory_mb is None else round(bench_row.peak_memory_mb, 2)
-        reference = measured[0].latency_ms
-        row.latency_fraction = bench_row.latency_ms / reference if reference else None
-    result.dense_row = dense
-    shaky = noisy(measured)
-    head = measured[0]
-    result.bench = {
+        row.weight_mb = None if bench_row.weight_mb is None else round(bench_row.weight_mb, 4)
+        if reference is not None and reference.latency_ms:
+            row.latency_fraction = bench_row.latency_ms / reference.latency_ms
+        if row.bench_error:
+            say(f"bench: {_row_name(row)}: {row.bench_error}")
+    rows = list(by_model.values())
+    shaky = noisy(rows)
+    head = reference or (rows[0] if rows else None)
+    noise = None if reference is None else reference.memory_noise_mb
+    bench = {
         "batch": batch,
         "seq_len": seq_len,
         "backend": backend,
-        "device": head.device,
-        "threads": head.threads,
-        "trials": head.trials,
-        "kind": head.kind,
-        "memory_method": head.memory_method,
+        "device": head.device if head else device,
+        "threads": head.threads if head else None,
+        "trials": head.trials if head else config.bench_trials,
+        "kind": head.kind if head else "forward",
+        "memory_method": head.memory_method if head else "not measured",
+        "memory_noise_mb": None if noise is None else round(noise, 2),
         "seconds": round(time.perf_counter() - tic, 3),
-        "max_spread": round(max(r.latency_p90_ms / r.latency_ms for r in measured if r.latency_ms > 0), 3),
+        "max_spread": round(max((r.latency_p90_ms / r.latency_ms for r in rows if r.latency_ms > 0),
+                                default=1.0), 3),
         "noisy": [r.label for r in shaky],
+        "failed": {_row_name(row): row.bench_error for row, _ in models if row.bench_error},
         "warning": None,
     }
+    if old_dense is not None and _measured(old_dense, config):  # resumed: keep the first session's dense
+        bench["resumed"] = {
+            "measured_again": [_row_name(row) for row, _ in candidates],
+            "dense_latency_ms": None if reference is None else round(reference.latency_ms, 4),
+            "first_dense_latency_ms": old_dense.latency_ms,
+        }
+        dense = old_dense
+        if previous is not None and previous.bench:
+            for key in ("device", "threads", "kind", "memory_method", "memory_noise_mb"):
+                bench[key] = previous.bench.get(key, bench[key])
+    result.dense_row, result.bench = dense, bench
     if shaky:
         message = (
-            f"noisy machine: {len(shaky)} of {len(measured)} latency measurements have a trial spread "
-            f"(p90/median) above {NOISY_SPREAD} (worst {result.bench['max_spread']:.2f}); rerun on "
+            f"noisy machine: {len(shaky)} of {len(rows)} latency measurements have a trial spread "
+            f"(p90/median) above {NOISY_SPREAD} (worst {bench['max_spread']:.2f}); rerun on "
             "a quieter machine before trusting the latency ranking"
         )
-        result.bench["warning"] = message
+        bench["warning"] = message
         warnings.warn(message, BenchWarning, stacklevel=3)
-    say(f"bench: {result.bench['seconds']:.1f} s; dense {head.latency_ms:.1f} ms")
+    done = f"dense {dense.latency_ms:.1f} ms" if dense.latency_ms is not None else "dense not measured"
+    say(f"bench: {bench['seconds']:.1f} s; {done}")
+    return interrupted
 
 
 class BenchWarning(UserWarning):
@@ -1093,7 +1328,7 @@ def results_markdown(result: SweepResult) -> str:
     cells = {(r.method, r.budget): r for r in result.rows}
     direction = "higher" if result.higher_is_better else "lower"
     lines = [f"# statprune sweep: {result.model}", "", result.protocol(), ""]
-    header = f"| keep {result.budget_kind} | " + " | ".join(result.methods) + " |"
+    header = f"| keep {_KIND_LABELS[result.budget_kind]} | " + " | ".join(result.methods) + " |"
     rule = "|---|" + "---:|" * len(result.methods)
 
     def table(value_of: Callable[[SweepRow], float | None], dense: float, fmt_metric: str) -> list[str]:
@@ -1115,7 +1350,8 @@ def results_markdown(result: SweepResult) -> str:
     lines += [
         "",
         f"Cells: {metric_label(metric)} ({direction} is better) on the evaluation set, with the "
-        f"achieved fraction of {result.budget_kind} kept in parentheses; rows are the requested budgets.",
+        f"achieved fraction of {_KIND_LABELS[result.budget_kind]} kept in parentheses; rows are the "
+        "requested budgets.",
     ]
     if metric != "agreement" and any(r.agreement is not None for r in result.rows):
         lines += ["", "Top-1 agreement with the dense model:", ""]
@@ -1132,26 +1368,45 @@ def results_markdown(result: SweepResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+_KIND_LABELS = {"flops": "FLOPs", "params": "parameters", "latency": "latency"}
+
+
 def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> list[str]:
-    """The measured table: median latency (fraction of dense), throughput and peak memory."""
+    """The measured table: median latency (share of dense), throughput, peak memory and weights,
+    with a footnote for peaks that show no real saving and the models that were not measured."""
+    from statprune.bench import MEMORY_CAVEAT_NOTE, memory_caveat, weight_share
+    from statprune.decision import column_decimals
+
     bench, dense = result.bench, result.dense_row
+    noise = bench.get("memory_noise_mb")
+    flagged = []
+    measured = [r for r in (dense, *result.rows) if r is not None]
+    digits = column_decimals([r.latency_ms for r in measured], 1, 4)
+    weight_digits = column_decimals([r.weight_mb for r in measured], 1, 4)
 
     def cell(row: SweepRow | None) -> str:
         if row is None:
             return "—"
         if row.latency_ms is None:
-            return "failed" if row.value is None else "—"
-        memory = "" if row.peak_memory_mb is None else f", {row.peak_memory_mb:,.0f} MB"
-        fraction = "" if row.latency_fraction is None else f" ({row.latency_fraction:.2f}x)"
-        text = f"{row.latency_ms:.1f} ms{fraction}, {row.throughput:,.1f} {row.unit}{memory}"
+            return "failed" if row.value is None else "not measured"
+        fraction = "" if row.latency_fraction is None else f" ({row.latency_fraction:.1%} of dense)"
+        text = f"{row.latency_ms:,.{digits}f} ms{fraction}, {row.throughput:,.1f} {row.unit}"
+        if row.peak_memory_mb is not None:
+            text += f", peak {row.peak_memory_mb:,.1f} MiB"
+            if row is not dense and memory_caveat(row.peak_memory_mb, dense.peak_memory_mb, noise):
+                text += " ‡"
+                flagged.append(row)
+        if row.weight_mb is not None:
+            text += f", weights {row.weight_mb:,.{weight_digits}f} MiB"
         return f"**{text}**" if row is best else text
 
+    threads = bench.get("threads")
     lines = [
         f"Measured ({bench['kind']}, {bench_setting(bench)}"
-        + (f", {bench['threads']} threads" if bench["threads"] else "")
+        + (f", {threads} thread{'' if threads == 1 else 's'}" if threads else "")
         + f", median of {bench['trials']} interleaved trials; peak memory: {bench['memory_method']}):",
         "",
-        f"| keep {result.budget_kind} | " + " | ".join(result.methods) + " |",
+        f"| keep {_KIND_LABELS[result.budget_kind]} | " + " | ".join(result.methods) + " |",
         "|---|" + "---:|" * len(result.methods),
         "| dense (100%) | " + " | ".join(cell(dense) for _ in result.methods) + " |",
     ]
@@ -1160,11 +1415,36 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
         lines.append(f"| {budget * 100:g}% | " + " | ".join(parts) + " |")
     lines += [
         "",
-        "Cells: median latency (its fraction of the dense latency), throughput, peak memory.",
+        "Cells: median latency (its share of the dense latency), throughput, peak memory during one "
+        "forward and the model's own weights (parameters and buffers; MiB = 2^20 bytes).",
     ]
+    if noise is not None:
+        lines += ["", f"Peak-memory noise: {noise:,.1f} MiB (two measurements of the dense model "
+                      "in separate processes)."]
+    share = weight_share(dense.weight_mb, dense.peak_memory_mb)
+    if share:
+        lines += ["", f"Dense model: {share}; the rest is activations and the runtime's own allocations."]
+    if flagged:
+        note = MEMORY_CAVEAT_NOTE.replace("dense (first)", "dense")
+        lines += ["", f"‡ {note[0].upper()}{note[1:]}."]
+    resumed = bench.get("resumed")
+    if resumed:
+        lines += ["", f"Resumed: {', '.join(resumed['measured_again'])} measured in a second session next to "
+                      f"the dense model (dense {_ms(resumed['dense_latency_ms'], digits)} in that session, "
+                      f"{_ms(resumed['first_dense_latency_ms'], digits)} in the first, which the dense row "
+                      "shows); "
+                      "their shares are of their own session's dense latency."]
+    failed = [r for r in (dense, *result.rows) if r is not None and r.bench_error]
+    if failed:
+        lines += ["", "Not measured (or measured in part):", ""]
+        lines += [f"- {_row_name(r)}: {r.bench_error}" for r in failed]
     if bench.get("warning"):
         lines += ["", f"**Warning:** {bench['warning']}."]
     return lines
+
+
+def _ms(value: float | None, digits: int = 1) -> str:
+    return "not measured" if value is None else f"{value:,.{digits}f} ms"
 
 
 def write_latency_plot(result: SweepResult, path: Path) -> None:
@@ -1280,7 +1560,7 @@ def bench_setting(bench: dict[str, Any]) -> str:
     return f"batch {bench['batch']} x {bench['seq_len']} tokens, {bench['backend']} on {bench['device']}"
 
 
-def _sweep_json(result: SweepResult) -> dict[str, Any]:
+def _sweep_json(result: SweepResult, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The protocol and settings of a sweep (``statprune report`` reads them)."""
     keys = ("model", "architecture", "task", "metric", "higher_is_better", "dense_value", "budget_kind",
             "budgets", "methods", "seq_len", "seed", "calibration_examples", "calibration_tokens",
@@ -1290,21 +1570,38 @@ def _sweep_json(result: SweepResult) -> dict[str, Any]:
             **{k: getattr(result, k) for k in keys}, "objective": objective, "bench": result.bench}
     if result.bench is not None:
         data["bench_setting"] = bench_setting(result.bench)
+    if settings is not None:
+        data["settings"] = settings  # a rerun into the same --out resumes when they match
     return data
 
 
-def _write(result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path) -> None:
-    """Write every output into a temporary folder next to ``out``, then rename it into place."""
+_OWN_OUTPUTS = (
+    "results.json", "results.md", "sweep.json", "plot.png", "plot_latency.png", "best.json", "best"
+)
+
+
+def _write(
+    result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path, settings=None,
+    resumed: bool = False,
+) -> None:
+    """Write every output into a temporary folder next to ``out``, then rename it into place.
+    ``resumed``: ``out`` holds the earlier run; files the sweep does not write (a report, a
+    ``bench.json``) are carried over."""
+    import shutil
+
     from statprune.atomic import atomic_folder
     from statprune.persist import save
 
     out = out.resolve()
     with atomic_folder(out) as tmp:
+        for item in sorted(out.iterdir()) if resumed and out.is_dir() else ():
+            if item.name not in _OWN_OUTPUTS:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / "results.json").write_text(json.dumps(result.to_rows(), indent=2) + "\n")
         (tmp / "results.md").write_text(results_markdown(result))
-        (tmp / "sweep.json").write_text(json.dumps(_sweep_json(result), indent=2) + "\n")
+        (tmp / "sweep.json").write_text(json.dumps(_sweep_json(result, settings), indent=2) + "\n")
         write_plot(result, tmp / "plot.png")
-        if result.dense_row is not None:
+        if result.dense_row is not None and result.dense_row.latency_ms is not None:
             write_latency_plot(result, tmp / "plot_latency.png")
         if result.selection is not None:
             (tmp / "best.json").write_text(json.dumps(_best_json(result, calib_path), indent=2) + "\n")
@@ -1392,7 +1689,24 @@ def run_sweep(args: argparse.Namespace) -> int:
         if budgets is not None or budget_kind not in ("flops", "latency"):
             raise OptionsError("--keep-latency F is one latency budget; drop --budgets/--budget-kind")
         budgets, budget_kind = [args.keep_latency], "latency"
-    result = sweep(
+    try:
+        result = _sweep_from_args(args, budgets, budget_kind, log)
+    except SweepInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    out = Path(args.out).resolve()
+    timed = result.dense_row is not None and result.dense_row.latency_ms is not None
+    written = "results.json, sweep.json, results.md, plot.png" + (", plot_latency.png" if timed else "")
+    if result.selection is not None:
+        written += ", best.json"
+        if result.selection.saved:
+            written += ", best/"
+    print(f"\nwrote {written} to {out} ({result.seconds:.1f} s)")
+    return 0
+
+
+def _sweep_from_args(args: argparse.Namespace, budgets, budget_kind: str, log) -> SweepResult:
+    return sweep(
         args.model, args.data, args.eval_data, budgets=DEFAULT_BUDGETS if budgets is None else budgets,
         methods=args.methods, budget_kind=budget_kind, bench=args.bench, bench_trials=args.bench_trials,
         bench_memory=not args.bench_no_memory,
@@ -1403,11 +1717,3 @@ def run_sweep(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, name=args.name, device=args.device, dtype=args.dtype,
         progress=not args.quiet and sys.stderr.isatty(), log=log, **options_from_args(args, for_sweep=True),
     )
-    out = Path(args.out).resolve()
-    written = "results.json, sweep.json, results.md, plot.png" + (", plot_latency.png" if args.bench else "")
-    if result.selection is not None:
-        written += ", best.json"
-        if result.selection.saved:
-            written += ", best/"
-    print(f"\nwrote {written} to {out} ({result.seconds:.1f} s)")
-    return 0

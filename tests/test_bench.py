@@ -2,13 +2,23 @@
 
 import argparse
 import json
+import shutil
+import sys
 
 import pytest
 import torch
 from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
 
 import statprune
-from statprune.bench import BenchRow, add_bench_parser, benchmark, format_table, run_bench, to_dict
+from statprune.bench import (
+    BenchRow,
+    add_bench_parser,
+    benchmark,
+    format_table,
+    memory_caveat,
+    run_bench,
+    to_dict,
+)
 from statprune.errors import DeviceError, ModelError
 
 TOKENIZER = _build_tiny_tokenizer()
@@ -62,7 +72,68 @@ def test_cpu_memory_is_measured_in_a_child_process(folders):
     rows = benchmark([folders["pruned"]], batches=(1, 3), **FAST)
     assert all(r.peak_memory_mb is not None and r.peak_memory_mb >= 0 for r in rows)
     assert all(r.memory_method.startswith("child process") for r in rows)
-    assert "peak MB: child process" in format_table(rows)
+    assert "peak MiB: child process" in format_table(rows)
+
+
+def _dying_python(tmp_path, pattern: str) -> str:
+    """A stand-in for ``sys.executable`` whose child process is killed (SIGKILL, as the OOM killer
+    does) when its arguments match ``pattern``; any other command runs the real interpreter."""
+    script = tmp_path / "python"
+    script.write_text(f'#!/bin/sh\ncase "$*" in *{pattern}*) kill -9 $$;; esac\nexec {sys.executable} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_dying_memory_child_is_recorded_and_the_others_are_kept(folders, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "executable", _dying_python(tmp_path, "pruned"))
+    with pytest.raises(ModelError, match="killed by signal 9"):  # without failures: as before
+        benchmark([folders["bert"], folders["pruned"]], batches=(2,), **FAST)
+    failures: dict[str, str] = {}
+    rows = benchmark([folders["bert"], folders["pruned"]], batches=(2,), failures=failures, **FAST)
+    assert list(failures) == [str(folders["pruned"])]
+    assert "peak memory could not be measured" in failures[str(folders["pruned"])]
+    assert "killed by signal 9" in failures[str(folders["pruned"])]
+    bert, pruned = rows  # latency is still measured for both
+    assert bert.peak_memory_mb > 0 and pruned.peak_memory_mb is None and pruned.latency_ms > 0
+
+
+def test_a_model_that_cannot_run_is_recorded_and_the_others_are_kept(folders, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["pruned"], broken)
+    (broken / "config.json").write_text("{not json")
+    failures: dict[str, str] = {}
+    rows = benchmark([folders["bert"], broken], batches=(2,), memory=False, failures=failures, **FAST)
+    assert [r.label for r in rows] == ["bert"] and rows[0].latency_ms > 0
+    assert list(failures) == [str(broken)] and "could not be loaded" in failures[str(broken)]
+
+
+def test_weights_are_reported_next_to_the_peak_and_noise_is_measured(folders):
+    rows = benchmark([folders["bert"], folders["pruned"]], batches=(2,), **FAST)
+    bert, pruned = rows
+    for row, folder in zip(rows, ("bert", "pruned"), strict=True):
+        model = statprune.load(folders[folder])
+        exact = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        assert row.weight_mb == pytest.approx(exact / 2**20)
+        assert row.memory_noise_mb is not None and row.memory_noise_mb >= 0
+    assert pruned.weight_mb < bert.weight_mb
+    table = format_table(rows)
+    assert "weights MiB" in table and f"{pruned.weight_mb:,.1f}" in table and "peak MiB noise" in table
+
+
+def test_a_pruned_peak_above_the_dense_one_is_flagged_not_silent():
+    def row(label, peak, weights, noise):
+        return BenchRow(label, label, "torch", "cpu", "forward", 2, 8, 0, 100, 1.0, 1.1, 2000.0, "seq/s",
+                        peak, "child process", 1.0, 1.0, 3, 1, weight_mb=weights, memory_noise_mb=noise)
+
+    dense, above = row("dense", 40.0, 4.0, 0.5), row("pruned", 41.0, 2.0, 0.5)
+    assert memory_caveat(41.0, 40.0, 0.5) == "above" and memory_caveat(39.8, 40.0, 0.5) == "noise"
+    assert memory_caveat(30.0, 40.0, 0.5) is None and memory_caveat(None, 40.0, 0.5) is None
+    assert memory_caveat(39.7, 40.0, 0.1) == "noise"  # a measured gap below 1 % of the peak: 1 % counts
+    table = format_table([dense, above])
+    assert "41.0 †" in table and "40.0 †" not in table
+    assert "†: peak memory not below the dense (first) model's" in table
+    assert "†" not in format_table([dense, row("pruned", 30.0, 2.0, 0.5)])
+    assert "1 thread," in table and "first model: the weights are 10.0% of the peak memory" in table
 
 
 def test_memory_child_ignores_a_statprune_in_the_working_directory(folders, tmp_path, monkeypatch):

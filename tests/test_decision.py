@@ -185,9 +185,114 @@ def test_cost_per_million_requests_from_measured_throughput(swept, tmp_path):
     assert "speed-up 1.60×" in report.reason
     assert len(report.plots) == 2  # quality vs size, and vs measured latency
     md = render_markdown(report)
-    assert "throughput in requests/s × 3600" in md and f"{rec.cost_per_million:,.4g}" in md
+    assert "throughput in requests/s × 3600" in md
+    assert f"{rec.cost_per_million:,.{report.cost_decimals}f}" in md
     # batch 1 was measured too: its rows are used when asked for
     assert build_report(swept.out, bench=bench, bench_batch=1, plots=False).recommended.latency_ms == 5.0
+
+
+def measured_copy(swept, tmp_path, *, throughput=None, peak=None, weights=None, failed=None, noise=None):
+    """A copy of the shared sweep as if ``sweep --bench`` had measured it: per row (in results.json
+    order) ``throughput`` (seq/s), ``peak`` and ``weights`` (MiB); the dense model gets index -1.
+    ``failed``: {row index: reason}, a failed measurement (no latency, no memory)."""
+    measured = tmp_path / "sweep"
+    shutil.copytree(swept.out, measured)
+    rows = json.loads((measured / "results.json").read_text())
+    n = len(rows)
+    throughput = throughput or {i: 100.0 + 10 * i for i in range(-1, n)}
+    peak, weights, failed = peak or {}, weights or {}, failed or {}
+
+    def fields(i):
+        if i in failed:
+            return {"latency_ms": None, "latency_p90_ms": None, "throughput": None, "peak_memory_mb": None,
+                    "bench_error": failed[i]}
+        return {"latency_ms": 1e3 / throughput[i], "latency_p90_ms": 1.05e3 / throughput[i],
+                "throughput": throughput[i], "unit": "seq/s", "peak_memory_mb": peak.get(i),
+                "weight_mb": weights.get(i), "bench_error": None}
+
+    for i, row in enumerate(rows):
+        row.update(fields(i))
+    (measured / "results.json").write_text(json.dumps(rows))
+    meta = json.loads((measured / "sweep.json").read_text())
+    meta["dense_bench"] = fields(-1)
+    meta["bench"] = {"memory_noise_mb": noise}
+    meta["bench_setting"] = "batch 8 x 128 tokens, torch on cpu"
+    (measured / "sweep.json").write_text(json.dumps(meta))
+    return measured
+
+
+def _decimals(cell: str) -> int:
+    return len(cell.split(".")[1]) if "." in cell else 0
+
+
+def test_money_has_one_precision_per_column(swept, tmp_path):
+    """Costs of different magnitudes (here 0.93 to 12.3 per 1M requests) print with the same
+    number of decimals in every row, the smallest with 3 significant figures; HTML and Markdown
+    agree, and the reason quotes the same figures."""
+    n = len(json.loads((swept.out / "results.json").read_text()))
+    throughputs = {-1: 22.5, **{i: 300.0 * (i + 1) for i in range(n)}}
+    report = build_report(measured_copy(swept, tmp_path, throughput=throughputs), price_per_hour=1.0,
+                          requests_per_day=3e5, plots=False)
+    costs = [c.cost_per_million for c in report.candidates]
+    assert max(costs) / min(costs) > 10  # magnitudes that ".4g" printed with mixed decimals
+    md = render_markdown(report)
+    rows = [line.split("|")[1:-1] for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+    header, body = [c.strip() for c in rows[0]], rows[1:]
+    for column in ("cost / 1M requests", "cost / day", "latency (ms)"):
+        cells = [r[header.index(column)].strip() for r in body]
+        assert len({_decimals(c) for c in cells}) == 1, cells
+        smallest = min(cells, key=lambda c: float(c.replace(",", "")))
+        assert len(smallest.replace(",", "").replace(".", "").lstrip("0")) >= 3, smallest
+    html = render_html(report)
+    for cand in report.candidates:
+        text = f"<td>{cand.cost_per_million:,.{report.cost_decimals}f}</td>"
+        assert text in html, text
+    assert report.cost_decimals == 3 and "| 12.346 |" in md  # dense: 1e6 / (22.5 * 3600)
+    assert "Serving cost at 1.00 per machine-hour and 300,000 requests per day" in md
+    sizes = [re.search(r"[\d,]+\.(\d+) MiB", r[header.index("size on disk")]) for r in body]
+    assert all(sizes) and len({len(m.group(1)) for m in sizes}) == 1  # one precision for the column
+    assert report.latency_decimals == 3  # the fastest: 1000 / 1200 = 0.833 ms
+    assert f"Measured latency {report.recommended.latency_ms:.3f} ms against 44.444 ms dense" in report.reason
+    cheap = build_report(measured_copy(swept, tmp_path / "p"), price_per_hour=0.045, plots=False)
+    assert cheap.price_decimals == 3 and "Serving cost at 0.045 per machine-hour" in render_markdown(cheap)
+
+
+def test_memory_that_shows_no_saving_is_flagged_not_silent(swept, tmp_path):
+    """A pruned candidate whose peak RSS comes out above the dense one's (tiny models: the runtime's
+    own allocations dominate), or below it by less than the noise, is marked ‡ with a note; the
+    weights are shown next to the peak; a real saving is not marked."""
+    n = len(json.loads((swept.out / "results.json").read_text()))
+    peak = {-1: 40.0, 0: 41.5, 1: 39.8, **{i: 20.0 for i in range(2, n)}}
+    weights = {-1: 4.0, **{i: 2.0 for i in range(n)}}
+    report = build_report(measured_copy(swept, tmp_path, peak=peak, weights=weights, noise=0.5), plots=False)
+    flagged = [c.name for c in report.memory_flagged]
+    assert flagged == [report.candidates[1].name, report.candidates[2].name]
+    assert [c.memory_caveat for c in report.candidates[1:3]] == ["above", "noise"]
+    md = render_markdown(report)
+    assert report.weight_decimals == 2  # 3 significant figures for the smallest: 2.00
+    assert "| 41.5 ‡ | 2.00 |" in md and "| 39.8 ‡ | 2.00 |" in md and "| 20.0 | 2.00 |" in md
+    assert f"‡ Peak memory of {flagged[0]}, {flagged[1]} is not below the dense model's" in md
+    assert "measurement noise (0.5 MiB between two measurements of it, at least 1% of its peak)" in md
+    assert "For the dense model, the weights are 10.0% of the peak memory." in md
+    html = render_html(report)
+    assert '<p id="memory-note" class="warn">‡ Peak memory of' in html
+    assert "<th>peak memory (MiB)</th><th>weights (MiB)</th>" in html
+    quiet = build_report(measured_copy(swept, tmp_path / "q", peak={i: 40.0 - i for i in range(-1, n)}),
+                         plots=False)
+    assert not quiet.memory_flagged and "memory-note" not in render_html(quiet)
+
+
+def test_a_failed_measurement_is_named_with_its_reason(swept, tmp_path):
+    reason = "its peak memory could not be measured (killed by signal 9)"
+    report = build_report(measured_copy(swept, tmp_path, failed={1: reason}), price_per_hour=2.0, plots=False)
+    cand = report.candidates[2]
+    assert cand.bench_error == reason and cand.latency_ms is None and cand.cost_per_million is None
+    assert report.not_measured == [cand]
+    md = render_markdown(report)
+    assert "| not measured § |" in md and f"- {cand.name}: {reason}" in md
+    html = render_html(report)
+    assert '<div id="bench-failures" class="warn">§ Not measured' in html
+    assert f"<li>{cand.name}: {reason}</li>" in html
 
 
 def test_latency_recorded_by_the_sweep_itself_is_used(swept, tmp_path):
@@ -398,10 +503,18 @@ def test_report_renders_in_a_real_browser(swept, tmp_path):
     from matplotlib.image import imread
 
     browser = _chromium()
-    bench = bench_file(
-        tmp_path / "bench.json", {swept.model: (40.0, 200.0), swept.out / "best": (25.0, 320.0)}
-    )
-    report = build_report(swept.out, bench=bench, price_per_hour=3.0, requests_per_day=1e6)
+    # measured by the sweep: one candidate's peak memory above the dense one's, one not measured
+    rows = json.loads((swept.out / "results.json").read_text())
+    best = json.loads((swept.out / "best.json").read_text())["best"]
+    others = [i for i, r in enumerate(rows) if (r["method"], r["budget"]) != (best["method"], best["budget"])]
+    reason = "it could not be loaded for onnxruntime (unsupported operator)"
+    peak = {-1: 40.0, **{i: 30.0 for i in range(len(rows))}, others[0]: 44.0}
+    weights = {-1: 4.0, **{i: 2.0 for i in range(len(rows))}}
+    failed = {others[1]: reason}
+    measured = measured_copy(swept, tmp_path, peak=peak, weights=weights, failed=failed, noise=0.4)
+    report = build_report(measured, price_per_hour=3.0, requests_per_day=1e6)
+    above, failed = report.candidates[1 + others[0]], report.candidates[1 + others[1]]
+    assert report.memory_flagged == [above] and report.not_measured == [failed]
     page = tmp_path / "report.html"
     page.write_text(render_html(report), encoding="utf-8")
     flags = [
@@ -433,6 +546,16 @@ def test_report_renders_in_a_real_browser(swept, tmp_path):
         r'<tr class="candidate recommended" data-name="' + re.escape(report.recommended.name), dom
     )
     assert "throughput in requests/s × 3600" in dom
+    # the notes a reader must not miss: the peak memory that shows no saving, the failed measurement
+    note = re.search(r'<p id="memory-note" class="warn">([^<]*)</p>', dom)
+    assert note is not None and f"Peak memory of {above.name} is not below the dense model" in note.group(1)
+    assert "0.4 MiB" in note.group(1)
+    row = re.search(r'data-name="' + re.escape(above.name) + r'">(.*?)</tr>', dom, re.S)
+    assert row is not None and '<td class="memory">44.0 ‡</td>' in row.group(1)
+    failures = re.search(r'<div id="bench-failures" class="warn">(.*?)</div>', dom, re.S)
+    assert failures is not None and f"<li>{failed.name}: {reason}</li>" in failures.group(1)
+    row = re.search(r'data-name="' + re.escape(failed.name) + r'">(.*?)</tr>', dom, re.S)
+    assert row is not None and '<td class="latency">not measured §</td>' in row.group(1)
     plots = re.search(r'data-plots="([^"]*)"', dom)
     assert plots is not None, "the probe did not run: the page did not finish loading"
     sizes = plots.group(1).split(",")

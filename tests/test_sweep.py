@@ -113,7 +113,7 @@ def test_results_markdown_has_protocol_and_table(swept):
     for fragment in ("`tinybert`", "60 of 60 examples", "seq len 128", "24 examples", "accuracy",
                      "budget kind: flops", "attention+FFN FLOPs"):
         assert fragment in protocol, fragment
-    assert "| keep flops | stat | magnitude |" in text
+    assert "| keep FLOPs | stat | magnitude |" in text
     assert "| dense (100%) | 1.0000 | 1.0000 |" in text
     for budget in ("| 80% |", "| 50% |"):
         assert budget in text
@@ -514,3 +514,135 @@ def test_bench_measures_causal_lms_by_prefill(tiny_model_dir, calib_file, tmp_pa
     assert [r["method"] for r in rows] == ["dense", "stat"]
     assert all(r["latency_ms"] > 0 for r in rows)
     assert "Measured (prefill, batch 2 x 8 tokens" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------- --bench failures, resuming
+
+FAST_BENCH = {"bench": True, "bench_trials": 2, "bench_batch": 2, "bench_seq_len": 8}
+
+
+def _bench_sweep(assets, out, lines=None, **extra):
+    settings = {"budgets": [0.8, 0.5], "methods": ["magnitude"], "samples": 60, "min_quality": "0",
+                "out": out, "log": None if lines is None else lines.append, **FAST_BENCH, **extra}
+    return sweep(assets.model, assets.calib, assets.eval, **settings)
+
+
+def _dying_python(tmp_path, pattern: str) -> str:
+    """``sys.executable`` whose child process is SIGKILLed (as by the OOM killer) when its arguments
+    match ``pattern``; other commands run the real interpreter."""
+    import sys
+
+    script = tmp_path / "python"
+    script.write_text(f'#!/bin/sh\ncase "$*" in *{pattern}*) kill -9 $$;; esac\nexec {sys.executable} "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_a_dying_memory_child_keeps_every_candidate_and_a_rerun_measures_only_it(
+    assets, tmp_path, monkeypatch
+):
+    import sys
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "executable", _dying_python(tmp_path, "magnitude-0.5"))
+        result = _bench_sweep(assets, out)
+    rows = {r["method"] + str(r["budget"]): r for r in json.loads((out / "results.json").read_text())}
+    assert set(rows) == {"dense1.0", "magnitude0.8", "magnitude0.5"}
+    failed, kept = rows["magnitude0.5"], rows["magnitude0.8"]
+    assert failed["value"] is not None and kept["value"] is not None  # the evaluations are kept
+    assert "killed by signal 9" in failed["bench_error"] and failed["peak_memory_mb"] is None
+    assert failed["latency_ms"] > 0  # only its memory was lost
+    assert kept["bench_error"] is None and kept["peak_memory_mb"] > 0
+    assert rows["dense1.0"]["peak_memory_mb"] > 0
+    for row in rows.values():  # the weights, exact, next to every peak
+        assert row["weight_mb"] > 0
+    assert kept["weight_mb"] < rows["dense1.0"]["weight_mb"]
+    text = (out / "results.md").read_text()
+    assert "Not measured (or measured in part):" in text
+    assert "- magnitude at keep 0.5 flops: its peak memory" in text
+    assert result.bench["memory_noise_mb"] is not None and "Peak-memory noise:" in text
+
+    lines: list[str] = []  # the same command again: only the missing measurement is redone
+    again = _bench_sweep(assets, out, lines)
+    assert sum("compressed again to measure it" in line for line in lines) == 1
+    assert any(line.endswith("keep 0.80 flops: done in the earlier run (kept)") for line in lines)
+    new = {r["method"] + str(r["budget"]): r for r in json.loads((out / "results.json").read_text())}
+    assert new["magnitude0.5"]["peak_memory_mb"] > 0 and new["magnitude0.5"]["bench_error"] is None
+    assert new["magnitude0.8"] == kept and new["dense1.0"] == rows["dense1.0"]  # not measured again
+    assert new["magnitude0.5"]["value"] == failed["value"]
+    assert again.bench["resumed"]["measured_again"] == ["magnitude at keep 0.5 flops"]
+    text = (out / "results.md").read_text()
+    assert "Resumed: magnitude at keep 0.5 flops measured in a second session" in text
+
+
+def test_a_model_the_backend_cannot_run_is_recorded_and_nothing_measured_is_an_error(
+    assets, tmp_path, monkeypatch
+):
+    from statprune import bench as bench_module
+    from statprune.sweep import MeasurementError
+
+    real = bench_module._load_one
+
+    def broken_for(pattern):
+        def load(i, path, *args):
+            if pattern in str(path):
+                raise RuntimeError("unsupported operator aten::fancy\nsecond line")
+            return real(i, path, *args)
+        return load
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(bench_module, "_load_one", broken_for("magnitude-0.8"))
+    _bench_sweep(assets, out, bench_memory=False)
+    rows = json.loads((out / "results.json").read_text())
+    failed = next(r for r in rows if r["budget"] == 0.8)
+    assert failed["value"] is not None and failed["latency_ms"] is None and failed["throughput"] is None
+    assert failed["bench_error"] == "it could not be loaded for torch (unsupported operator aten::fancy)"
+    assert all(r["latency_ms"] > 0 for r in rows if r is not failed)
+    assert "| 80% | not measured |" in (out / "results.md").read_text()
+
+    out2 = tmp_path / "out2"  # nothing can be measured: written, then a one-line error
+    monkeypatch.setattr(bench_module, "_load_one", broken_for(""))
+    with pytest.raises(MeasurementError) as info:
+        _bench_sweep(assets, out2, bench_memory=False)
+    message = str(info.value)
+    assert message.startswith("--bench measured nothing: dense failed: it could not be loaded for torch")
+    assert "\n" not in message and "rerun the same command" in message
+    rows = json.loads((out2 / "results.json").read_text())
+    assert len(rows) == 3 and all(r["value"] is not None and r["latency_ms"] is None for r in rows)
+    assert not (out2 / "plot_latency.png").exists() and (out2 / "plot.png").is_file()
+
+
+def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
+    assets, tmp_path, monkeypatch, capsys
+):
+    from statprune import bench as bench_module
+
+    def interrupt(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(bench_module, "time_calls", interrupt)
+        code = cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--budgets", "0.8,0.5",
+                   "--methods", "magnitude", "--samples", "60", "--min-quality", "0", "--out", out,
+                   "--bench", "--bench-trials", "2", "--bench-batch", "2", "--bench-seq-len", "8",
+                   "--bench-no-memory", "--quiet")
+    assert code == 130
+    stderr = capsys.readouterr().err
+    assert "interrupted while measuring; the compressed candidates and their evaluations were written to " \
+        f"{out}" in stderr
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["dense", "magnitude", "magnitude"]
+    assert all(r["bench_error"] == "interrupted while measuring (Ctrl-C)" for r in rows)
+    assert all(r["value"] is not None for r in rows)
+    (out / "report.html").write_text("mine")  # not the sweep's own: kept by the rerun
+    lines: list[str] = []
+    _bench_sweep(assets, out, lines, bench_memory=False, dtype="float32")  # the CLI's settings, by the API
+    assert (out / "report.html").read_text() == "mine"
+    assert sum("compressed again to measure it" in line for line in lines) == 2
+    resumed = json.loads((out / "results.json").read_text())
+    assert all(r["latency_ms"] > 0 and r["bench_error"] is None for r in resumed)
+    assert [r["value"] for r in resumed] == [r["value"] for r in rows]
+    with pytest.raises(OutputError, match=r"other settings \(seq_len\)"):  # not the same sweep
+        _bench_sweep(assets, out, bench_memory=False, dtype="float32", seq_len=64)
