@@ -18,7 +18,19 @@ Cost model (milliseconds per forward of ``batch`` sequences of ``seq_len`` token
 ``ffn(n)`` the measured increments over it (0 at width 0), made non-decreasing in the width (a
 running maximum, against timing noise) and interpolated linearly between grid points; ``rest``
 (embeddings, task head, per-call overhead) is the dense model's measured latency minus the
-dense layers' predicted sum (floored at 0). The table is cached as JSON (never pickle) under
+dense layers' predicted sum (floored at 0).
+
+Matrix-multiply kernels run widths that are not a multiple of ``ALIGN`` (8) slower per unit: on this
+project's 2-core CPU (torch 2.13, batch 32 × 128 tokens) an MPNet FFN of 2,765 neurons took 18 %
+longer per neuron than one of 2,760 or 2,768, and widths ≡ 1…7 mod 8 around 1,152 and 2,304 cost
+12–20 % more (measured side by side, interleaved). The neuron grid is therefore measured on
+multiples of ``ALIGN``, plus one unaligned width per shape whose latency over the fit gives the
+FFN's ``unaligned`` factor (at least 1), applied to every unaligned width. The allocation then
+sees an unaligned count as dearer than the aligned one above it (more cost, more error), so latency
+budgets keep aligned FFN widths, and FLOPs-budget models with arbitrary widths are priced as they
+run. Heads are not adjusted (head widths are multiples of ``head_dim``).
+
+The table is cached as JSON (never pickle) under
 ``$STATPRUNE_CACHE/latency/`` (default ``~/.cache/statprune/latency/``), keyed by the model's
 config (its shape), device, backend, batch, sequence length, threads, dtype and torch version.
 
@@ -47,7 +59,8 @@ from statprune.flops import LayerShape
 # widths measured per block kind (evenly spread, always including 0 and the full width)
 GRID_POINTS = 5
 WARMUP, TRIALS = 1, 5
-FORMAT = 2  # version of the cached JSON layout (2: the dense model timed with the layers)
+ALIGN = 8  # FFN widths that are multiples of this run at full kernel speed (see the module doc)
+FORMAT = 3  # version of the cached JSON layout (2: the dense model timed with the layers; 3: unaligned)
 
 
 class LatencyWarning(UserWarning):
@@ -106,6 +119,16 @@ def grid(width: int, step: int = 1, points: int = GRID_POINTS) -> list[int]:
     return sorted({p * step for p in picks} | {0, width})
 
 
+def unaligned_probe(neuron_grid: Sequence[int]) -> int | None:
+    """A width between the last two grid points that is not a multiple of ``ALIGN`` (timed to find
+    the FFN's ``unaligned`` factor), or None when the grid is too fine to hold one."""
+    if len(neuron_grid) < 2:
+        return None
+    low, high = neuron_grid[-2], neuron_grid[-1]
+    probe = low + ALIGN // 2 + 1  # odd, and past the aligned point
+    return probe if low >= ALIGN and probe < high and probe % ALIGN else None
+
+
 @dataclass
 class LayerTable:
     """One layer shape's cost model: ``base`` ms (no head, no neuron) plus the two blocks."""
@@ -114,10 +137,12 @@ class LayerTable:
     base: float
     attention: BlockTable
     ffn: BlockTable
-    spread: float = 1.0  # largest trial spread (p90 / median) of its measurements
+    spread: float = 1.0  # trial spread (p90 / median) of its measurements' per-round sum
+    unaligned: float = 1.0  # the FFN's cost factor at widths that are not multiples of ALIGN
 
     def cost(self, heads: int, neurons: int) -> float:
-        return self.base + self.attention(heads) + self.ffn(neurons)
+        ffn = self.ffn(neurons) * (self.unaligned if neurons % ALIGN else 1.0)
+        return self.base + self.attention(heads) + ffn
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,6 +151,7 @@ class LayerTable:
             "attention": {"widths": list(self.attention.widths), "ms": list(self.attention.ms)},
             "ffn": {"widths": list(self.ffn.widths), "ms": list(self.ffn.ms)},
             "spread": self.spread,
+            "unaligned": self.unaligned,
         }
 
     @classmethod
@@ -136,6 +162,7 @@ class LayerTable:
             BlockTable(tuple(data["attention"]["widths"]), tuple(data["attention"]["ms"])),
             BlockTable(tuple(data["ffn"]["widths"]), tuple(data["ffn"]["ms"])),
             float(data.get("spread", 1.0)),
+            float(data.get("unaligned", 1.0)),
         )
 
 
@@ -361,15 +388,18 @@ def measure_table(
         layers = adapter.layers(model.base_model)
         # every variant of every distinct layer shape, and the whole dense model, in one interleaved
         # timing loop: load drifting during the measurement hits the layers and the model alike
-        plan: list[tuple[LayerShape, list[int], list[int], list[tuple[int, int]]]] = []
+        plan: list[tuple[LayerShape, list[int], list[int], int | None, list[tuple[int, int]]]] = []
         calls = []
         for index, shape in enumerate(shapes):
             if any(p[0] == shape for p in plan):
                 continue
             head_grid = grid(shape.n_heads, shape.groups, points)
-            neuron_grid = grid(shape.ffn_width, 1, points)
+            step = ALIGN if shape.ffn_width >= ALIGN * (points - 1) else 1
+            neuron_grid = grid(shape.ffn_width, step, points)
+            probe = unaligned_probe(neuron_grid) if step == ALIGN else None
             widths = [(h, 0) for h in head_grid] + [(0, n) for n in neuron_grid if n > 0]
-            plan.append((shape, head_grid, neuron_grid, widths))
+            widths += [] if probe is None else [(0, probe)]
+            plan.append((shape, head_grid, neuron_grid, probe, widths))
             for h, n in widths:
                 variant = layer_variant(adapter, layers[index], h, n)
                 calls.append(lambda v=variant: v(hidden, *args, **kwargs))
@@ -379,18 +409,25 @@ def measure_table(
             times = time_calls(calls, warmup, trials, sync)
     tables: list[LayerTable] = []
     position = 0
-    for shape, head_grid, neuron_grid, widths in plan:
+    for shape, head_grid, neuron_grid, probe, widths in plan:
         ms = {w: statistics.median(times[position + i]) * 1e3 for i, w in enumerate(widths)}
-        shape_spread = max(spread(times[position + i]) for i in range(len(widths)))
+        # noise as the spread of each round's total: one hiccup in a millisecond-long call moves
+        # its median little but would dominate a per-call p90 / median
+        rounds = [sum(times[position + i][r] for i in range(len(widths))) for r in range(trials)]
         position += len(widths)
         base = ms[(0, 0)]
+        ffn = fit_block(neuron_grid, [ms[(0, n)] - base for n in neuron_grid])
+        factor = 1.0
+        if probe is not None and ffn(probe) > 0:
+            factor = max(1.0, (ms[(0, probe)] - base) / ffn(probe))
         tables.append(
             LayerTable(
                 shape,
                 base,
                 fit_block(head_grid, [ms[(h, 0)] - base for h in head_grid]),
-                fit_block(neuron_grid, [ms[(0, n)] - base for n in neuron_grid]),
-                shape_spread,
+                ffn,
+                spread(rounds),
+                factor,
             )
         )
     dense_ms = statistics.median(times[-1]) * 1e3

@@ -75,6 +75,28 @@ def test_grid_spans_zero_to_full_width_on_multiples_of_the_step():
     assert grid(3, 1, 5) == [0, 1, 2, 3]
 
 
+def test_the_unaligned_probe_sits_between_the_last_grid_points_off_the_alignment():
+    neuron_grid = grid(3072, latency.ALIGN, 5)
+    assert all(n % latency.ALIGN == 0 for n in neuron_grid)
+    probe = latency.unaligned_probe(neuron_grid)
+    assert neuron_grid[-2] < probe < neuron_grid[-1] and probe % latency.ALIGN
+    assert latency.unaligned_probe([0, 1, 2, 3]) is None  # too fine to hold one
+
+
+def test_unaligned_ffn_widths_are_priced_by_the_measured_factor_and_allocation_avoids_them():
+    table = synthetic_table(attention_ms=1.0, ffn_ms=3.0)
+    layer = table.layers[0]
+    layer.unaligned = 1.2
+    assert layer.cost(4, 40) == pytest.approx(layer.base + 1.0 + 3.0 * 40 / 64)  # 40: a multiple of 8
+    assert layer.cost(4, 41) == pytest.approx(layer.base + 1.0 + 1.2 * 3.0 * 41 / 64)
+    assert layer.cost(4, 41) > layer.cost(4, 48)  # dearer than the aligned width above it
+    model = LatencyCost(table)
+    for keep in (0.9, 0.7, 0.5):
+        counts = allocate_under(table, keep)
+        assert all(n % latency.ALIGN == 0 for _, n in counts), counts
+        assert model.total([SHAPE] * 2, counts) <= keep * table.dense_ms + 1e-9
+
+
 # ------------------------------------------------------------------------------ allocation
 
 
@@ -266,7 +288,7 @@ def test_measured_table_covers_every_width_with_the_real_layers(family, tmp_path
     assert table.source == "measured" and len(table.layers) == 1  # both layers share one shape
     layer = table.layers[0]
     assert layer.attention.widths[0] == 0 and layer.attention.widths[-1] == shapes[0].n_heads
-    assert layer.ffn.widths[-1] == shapes[0].ffn_width
+    assert layer.ffn.widths[-1] == shapes[0].ffn_width and layer.unaligned >= 1.0
     for block in (layer.attention, layer.ffn):
         assert block.ms[0] == 0.0 and list(block.ms) == sorted(block.ms)
     assert table.dense_ms > 0 and table.rest >= 0
