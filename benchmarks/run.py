@@ -294,7 +294,8 @@ def outside_section(path: Path, rows: list[dict] | None = None) -> str:
 def latency_section(folder: Path) -> str:
     """Markdown of issue 18's latency targets: ``latency_budget_*.json`` (benchmarks/latency_budget.py)
     and ``sweep_bench.json`` (its command inside)."""
-    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("latency_budget_*.json"))]
+    files = sorted(folder.glob("latency_budget_*.json"))
+    runs = [json.loads(p.read_text()) | {"file": p.name} for p in files]
     sweep = folder / "sweep_bench.json"
     if not runs and not sweep.exists():
         return ""
@@ -306,22 +307,23 @@ def latency_section(folder: Path) -> str:
         "interleaved trials, medians; torch, CPU). Targets: `--keep-latency 0.5` measures within 10 % of "
         "half the dense latency with accuracy at least the FLOPs sweep's at the same measured latency "
         "(linear interpolation); median |predicted − measured| / measured latency fraction ≤ 10 %.\n",
-        "| model | batch × seq | threads | load before | dense ms | median error | keep-latency: "
-        "budget → measured | accuracy | FLOPs sweep at same latency | max spread | seconds |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model (file) | table | batch × seq | threads | load before | dense ms | median error "
+        "| keep-latency: budget → measured | accuracy | FLOPs sweep at same latency | max spread | seconds |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         kl, env, proto = r["keep_latency"], r["environment"], r["protocol"]
         swept = kl["flops_sweep_accuracy_at_same_latency"]
         lines.append(
-            f"| {r['model']} | {proto['batch']} × {proto['seq_len']} | {env['threads']} "
+            f"| {r['model']} (`{r['file']}`) | {r['table']['source']} "
+            f"| {proto['batch']} × {proto['seq_len']} | {env['threads']} "
             f"| {env['load_average_before'][0]:.2f} | {r['dense']['latency_ms']:.0f} "
             f"| {100 * r['median_relative_error']:.1f} % | {kl['budget']:g} → {kl['measured_fraction']:.3f} "
             f"| {kl['accuracy']:.4f} | {'–' if swept is None else format(swept, '.4f')} "
             f"| {r['max_spread']:.2f} | {r['seconds']:.0f} |"
         )
     for r in runs:
-        lines.append(f"\n{r['model']}: {r['note']}.")
+        lines.append(f"\n`{r['file']}`: {r['note']}.")
     if sweep.exists():
         s = json.loads(sweep.read_text())
         lines.append(
