@@ -32,7 +32,7 @@ import json
 import math
 import os
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,7 @@ class DecisionReport:
     bench_setting: str | None = None
     bench_by: str = "statprune bench"  # or "statprune sweep --bench"
     measured: bool = False
+    bench_failure: str | None = None  # the sweep ran with --bench but measured nothing: the first reason
     warnings: list[str] = field(default_factory=list)
     plots: dict[str, str] = field(default_factory=dict)  # title -> base64 PNG
 
@@ -138,6 +139,13 @@ class DecisionReport:
         """How to get latency, throughput and memory into the page (Markdown)."""
         model = self.model_dir or "MODEL_DIR"
         best = Path(self.sweep_dir) / "best"
+        if self.bench_failure is not None:  # it was run with --bench: a rerun resumes it
+            return (
+                f"The sweep was run with `--bench` but measured nothing ({self.bench_failure}). Rerun "
+                "the same `statprune sweep` command into the same `--out`: it resumes, keeping every "
+                "evaluation and measuring the candidates (each is compressed again to be measured); "
+                "then run `statprune report` again."
+            )
         rerun = "rerun the sweep with `--bench` (every candidate and the dense model, side by side)"
         if best.is_dir():
             return (
@@ -332,6 +340,7 @@ def build_report(
         SweepRow,
         _check_bar,
         meets,
+        memory_ranking,
         metric_label,
         parse_min_quality,
         select_best,
@@ -344,6 +353,10 @@ def build_report(
 
     sweep_dir = Path(sweep_dir)
     results_path = sweep_dir / "results.json"
+    if not sweep_dir.exists():
+        raise DataError(f"{sweep_dir} does not exist; give the --out folder of `statprune sweep`")
+    if not sweep_dir.is_dir():
+        raise DataError(f"{sweep_dir} is not a folder; give the --out folder of `statprune sweep`")
     if not results_path.is_file():
         raise DataError(f"{sweep_dir} has no results.json; give the --out folder of `statprune sweep`")
     for name, value in (("--price-per-hour", price_per_hour), ("--requests-per-day", requests_per_day)):
@@ -360,10 +373,18 @@ def build_report(
     if not raw_rows:
         raise DataError(f"{results_path} holds no sweep rows; rerun the sweep")
     fields = set(SweepRow.__dataclass_fields__)
+    required = [n for n, f in SweepRow.__dataclass_fields__.items() if f.default is MISSING
+                and f.default_factory is MISSING]
+    missing = sorted({n for r in raw_rows for n in required if n not in r})
+    if missing:
+        raise DataError(
+            f"{results_path} is not a sweep's results.json (its rows lack {', '.join(missing)}); "
+            "give the --out folder of `statprune sweep`, or rerun the sweep"
+        )
     try:
         rows = [SweepRow(**{k: v for k, v in r.items() if k in fields}) for r in raw_rows]
-    except TypeError as exc:
-        raise DataError(f"{results_path} is not a sweep's results.json ({exc}); rerun the sweep") from None
+    except TypeError:
+        raise DataError(f"{results_path} is not a sweep's results.json; rerun the sweep") from None
     meta_path = sweep_dir / "sweep.json"
     meta = _read_json(meta_path, "rerun the sweep") if meta_path.is_file() else {}
     if dense_rows and not meta.get("dense_bench"):
@@ -413,6 +434,10 @@ def build_report(
         report.threshold = bar.threshold(dense_value, higher)
         report.bar = bar.describe(metric, dense_value, higher)
         report.objective = _objective(rows, objective, meta.get("objective"))
+        if report.objective == "memory":  # peaks that differ by noise only: ranked by the weights
+            dense_meta = meta.get("dense_bench") or {}
+            noise = (meta.get("bench") or {}).get("memory_noise_mb") or dense_meta.get("memory_noise_mb")
+            report.objective = memory_ranking(rows, dense_meta.get("peak_memory_mb"), noise)
         chosen, closest = select_best(rows, report.threshold, higher, methods, report.objective)
         report.rule = selection_rule(report.objective)
     elif best is not None:
@@ -445,10 +470,23 @@ def build_report(
     bench_path = Path(bench) if bench is not None else sweep_dir / "bench.json"
     if bench is not None and not bench_path.is_file():
         raise DataError(f"--bench {bench_path} not found; give the file `statprune bench --json` wrote")
+    swept = meta.get("bench") if isinstance(meta.get("bench"), dict) else {}
     if bench_path.is_file():
         measurements, report.bench_setting = _bench_rows(bench_path, bench_batch)
         report.bench_source = str(bench_path)
-    elif meta.get("bench_setting"):
+    elif bench_batch is not None:  # it picks a batch of a bench file; the sweep measured one batch
+        if swept.get("batch") is None:
+            raise OptionsError(
+                f"--bench-batch {bench_batch} picks the measurements of a `statprune bench --json` file, "
+                f"and {sweep_dir} has none (no --bench, no bench.json); drop --bench-batch"
+            )
+        if int(swept["batch"]) != bench_batch:
+            raise OptionsError(
+                f"--bench-batch {bench_batch}: the sweep measured batch {swept['batch']} only "
+                f"(sweep --bench-batch {swept['batch']}); drop --bench-batch, or rerun the sweep with "
+                f"--bench-batch {bench_batch}"
+            )
+    if not bench_path.is_file() and meta.get("bench_setting"):
         report.bench_setting, report.bench_by = meta["bench_setting"], "statprune sweep --bench"
 
     dense = Candidate(
@@ -539,6 +577,9 @@ def build_report(
             "machine's load changed during the measurement — rerun on an idle machine before deciding"
         )
     report.measured = any(c.latency_ms is not None for c in report.candidates)
+    if not report.measured and (isinstance(meta.get("bench"), dict) or report.bench_by != "statprune bench"):
+        reasons = [c.bench_error for c in report.candidates if c.bench_error]
+        report.bench_failure = reasons[0] if reasons else "no measurement was recorded"
     if price_per_hour is not None and not any(c.cost_per_million is not None for c in report.candidates):
         report.warnings.append("a price was given but no throughput was measured: no cost can be computed")
     report.reason = _reason(report, chosen, closest, dense)
@@ -595,6 +636,7 @@ _SUPERLATIVES = {
     "flops": "cheapest in FLOPs",
     "params": "smallest in parameters",
     "memory": "leanest in peak memory",
+    "weights": "smallest in weights",
 }
 
 
@@ -605,6 +647,7 @@ def _objective_value(report: DecisionReport, cand: Candidate) -> float | None:
         "flops": cand.flops_kept,
         "params": cand.params_kept,
         "memory": cand.peak_memory_mb,
+        "weights": cand.weight_mb,
     }[report.objective]
 
 
@@ -616,7 +659,11 @@ def _objective_text(report: DecisionReport, cand: Candidate) -> str:
         return f"{value:.{report.latency_decimals}f} ms"
     if report.objective == "memory":
         return f"peak {value:,.1f} MiB"
+    if report.objective == "weights":
+        return f"weights {value:,.{report.weight_decimals}f} MiB"
     kind = {"flops": "FLOPs", "params": "parameters"}.get(report.objective or "", report.budget_label)
+    if report.objective is None and report.budget_kind == "latency":  # the lookup tables' figure
+        return f"predicted to keep {value:.1%} of the dense latency"
     return f"keeps {value:.1%} of the {kind}"
 
 
@@ -638,8 +685,9 @@ def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
         if closest is not None:
             text += (
                 f"; the closest is {closest.method} @ {closest.budget:.0%} with {metric} "
-                f"{_fmt(metric, closest.value)}, keeping {closest.achieved:.1%} of the dense "
-                f"{report.budget_label}"
+                f"{_fmt(metric, closest.value)}, "
+                + ("predicted to keep " if report.budget_kind == "latency" else "keeping ")
+                + f"{closest.achieved:.1%} of the dense {report.budget_label}"
             )
         return text + "."
     rec = report.recommended
@@ -657,6 +705,21 @@ def _reason(report: DecisionReport, chosen, closest, dense: Candidate) -> str:
         text = (
             f"{rec.name} is the only candidate that meets the bar {report.bar} "
             f"({_objective_text(report, rec)})."
+        )
+    if report.objective == "weights":
+        text += (
+            " Ranked by the model's weights, not its peak memory (--objective memory): no "
+            "candidate's peak memory is below the dense model's by more than the measurement noise."
+        )
+    elif report.objective == "memory" and rec.memory_caveat:
+        text += (
+            " Its peak memory is "
+            + (
+                "not below the dense model's"
+                if rec.memory_caveat == "above"
+                else "below the dense model's only by noise"
+            )
+            + " (‡)."
         )
     text += f" Its {metric} is {_fmt(metric, rec.value)}"
     if rec.interval is not None:

@@ -99,6 +99,9 @@ DEFAULT_METHODS = default_sweep_methods()
 DEFAULT_BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 BUDGET_KINDS = ("flops", "params", "latency")
 OBJECTIVES = ("latency", "flops", "params", "memory")
+# what a selection may rank by: the objectives, and "weights" (weight_mb), which --objective memory
+# ranks by when no candidate's peak memory is below the dense one's by more than the noise
+RANKINGS = (*OBJECTIVES, "weights")
 # The selected model is kept in memory during the sweep when the dense weights take at most this
 # many bytes; larger models (LLMs) are compressed again at the end instead.
 KEEP_IN_MEMORY_BYTES = 1 << 30
@@ -111,6 +114,7 @@ _OBJECTIVE_WORDS = {
     "flops": "FLOPs kept",
     "params": "parameters kept",
     "memory": "peak memory",
+    "weights": "model weights (--objective memory: every peak memory within noise of dense)",
 }
 
 
@@ -181,6 +185,7 @@ class SweepRow:
             "flops": self.flops_kept,
             "params": self.params_kept,
             "memory": self.peak_memory_mb,
+            "weights": self.weight_mb,
         }[objective]
 
 
@@ -432,7 +437,7 @@ def select_best(
     metric, then the method earlier in ``methods``), or None; ``closest`` is the run with the best
     metric (ties: smaller objective), reported when nothing meets the bar. Runs without a value of
     the objective (not measured) are not candidates."""
-    if objective is not None and objective not in OBJECTIVES:
+    if objective is not None and objective not in RANKINGS:
         raise OptionsError(f"unknown objective {objective!r}: choose {', '.join(OBJECTIVES)}")
     order = list(methods) if methods is not None else list(method_names())
 
@@ -462,8 +467,14 @@ def _describe_row(row: SweepRow) -> str:
         measured = f", {row.latency_ms:.1f} ms"
         if row.latency_fraction is not None:
             measured += f" ({row.latency_fraction:.1%} of dense)"
+    if row.budget_kind == "latency":  # the lookup tables' prediction, not a measurement
+        kept = f"predicted {row.achieved:.1%} of dense latency"
+        if row.latency_ms is not None:
+            measured = f"; measured {measured.removeprefix(', ')}"
+    else:
+        kept = f"achieved {row.achieved:.1%}"
     return (
-        f"{row.method} at keep {row.budget:g} {row.budget_kind} (achieved {row.achieved:.1%}{measured}): "
+        f"{row.method} at keep {row.budget:g} {row.budget_kind} ({kept}{measured}): "
         f"{row.metric} {_fmt(row.metric, row.value)}"
     )
 
@@ -476,6 +487,21 @@ def default_objective(rows: Sequence[SweepRow], objective: str | None = None) ->
     return "latency" if any(r.latency_ms is not None for r in rows) else None
 
 
+def memory_ranking(rows: Sequence[SweepRow], dense_peak_mb: float | None, noise_mb: float | None) -> str:
+    """What ``--objective memory`` ranks by: ``"memory"`` (peak memory) when some evaluated
+    candidate's peak is below the dense one's by more than the noise (``bench.memory_caveat``),
+    else ``"weights"`` (``weight_mb``, exact) when every evaluated candidate has it: peaks that
+    differ by noise only would rank by chance."""
+    from statprune.bench import memory_caveat
+
+    valued = [r for r in rows if r.value is not None and r.peak_memory_mb is not None]
+    if not valued or dense_peak_mb is None:
+        return "memory"
+    if any(memory_caveat(r.peak_memory_mb, dense_peak_mb, noise_mb) is None for r in valued):
+        return "memory"
+    return "weights" if all(r.weight_mb is not None for r in valued) else "memory"
+
+
 def _selection(
     rows: Sequence[SweepRow],
     bar: QualityBar,
@@ -483,10 +509,20 @@ def _selection(
     dense_value: float,
     methods: Sequence[str],
     objective: str | None = None,
+    dense_row: SweepRow | None = None,
+    noise_mb: float | None = None,
+    fell_back: bool = False,
 ) -> Selection:
+    """``fell_back``: the sweep measured (``--bench``) but nothing was measured, so the selection
+    ranks by the achieved fraction (the message says so)."""
+    from statprune.bench import memory_caveat
+
     higher = _METRICS[metric][0]
     threshold = bar.threshold(dense_value, higher)
-    objective = default_objective(rows, objective)
+    objective = None if fell_back else default_objective(rows, objective)
+    dense_peak = None if dense_row is None else dense_row.peak_memory_mb
+    if objective == "memory":
+        objective = memory_ranking(rows, dense_peak, noise_mb)
     best, closest = select_best(rows, threshold, higher, methods, objective)
     described = bar.describe(metric, dense_value, higher)
     smallest = {
@@ -495,11 +531,27 @@ def _selection(
         "flops": "the fewest FLOPs",
         "params": "the fewest parameters",
         "memory": "the least peak memory",
+        "weights": (
+            "the smallest weights (--objective memory: no candidate's peak memory is below the dense "
+            "model's by more than the measurement noise, so they are ranked by their weights)"
+        ),
     }
     if best is not None:
         closest = None  # only reported when nothing meets the bar
         what = smallest[objective]
+        if fell_back:
+            kind = {"flops": "FLOPs kept", "params": "parameters kept"}.get(
+                best.budget_kind, "latency predicted by the lookup tables"
+            )
+            what += f" by {kind}, because --bench measured nothing (rerun the same command to measure)"
         message = f"best: {_describe_row(best)} — {what} with {described}"
+        caveat = memory_caveat(best.peak_memory_mb, dense_peak, noise_mb) if objective == "memory" else None
+        if caveat:
+            message += (
+                "; its peak memory is "
+                + ("not below the dense model's" if caveat == "above"
+                   else "below the dense model's only by noise")
+            )
     elif closest is not None:
         message = f"no configuration reaches {described}; closest: {_describe_row(closest)}"
     else:
@@ -935,8 +987,9 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         row.change_interval = evaluated.accuracy_change_interval if metric == "accuracy" else None
         result.rows.append(row)
         extra = "" if row.agreement is None or metric == "agreement" else f"  agreement {row.agreement:.4f}"
+        share = "predicted" if budget_kind == "latency" else "kept"  # latency: the lookup tables' figure
         say(
-            f"{head} -> {row.achieved:.1%} kept  {metric} {_fmt(metric, row.value)} "
+            f"{head} -> {row.achieved:.1%} {share}  {metric} {_fmt(metric, row.value)} "
             f"(dense {_fmt(metric, dense_value)}){extra}  {row.seconds:.1f} s"
         )
         if scratch is not None:
@@ -959,8 +1012,11 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         finally:
             scratch.cleanup()
     if bar is not None:
+        noise = None if result.bench is None else result.bench.get("memory_noise_mb")
+        fell_back = result.dense_row is not None and not _anything_measured(result)
         result.selection = _selection(
-            result.rows, bar, metric, float(dense_value), methods, config.objective
+            result.rows, bar, metric, float(dense_value), methods, config.objective, result.dense_row,
+            noise, fell_back,
         )
     saved = None
     if config.save_best and result.selection is not None and result.selection.best is not None:
@@ -992,11 +1048,29 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         where = "" if config.out is None else (
             f"; the candidates and their evaluations are in {config.out}/results.json"
         )
+        broken = _backend_problem(config.bench_setting("backend"))
+        fix = (
+            f"{broken}, then rerun the same command" if broken
+            else "rerun the same command"
+        )
         raise MeasurementError(
             f"--bench measured nothing: {_row_name(first)} failed: {first.bench_error}{where}; "
-            "rerun the same command to measure them (finished candidates are not compressed again)"
+            f"{fix} to measure them (the evaluations are kept; each candidate is compressed again "
+            "to be measured)"
         )
     return result
+
+
+def _backend_problem(backend: str) -> str | None:
+    """What to install when ``backend``'s package cannot be imported (None: it imports)."""
+    if backend != "onnxruntime":
+        return None
+    try:
+        import onnxruntime  # noqa: F401
+    except Exception as exc:  # missing, or installed but broken (a bad wheel, a missing library)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"the onnxruntime package cannot be imported ({reason}): pip install 'statprune[onnx]'"
+    return None
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -1094,6 +1168,47 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+_SETTING_FLAGS = {"model_dir": "MODEL", "calibration": "--data", "evaluation": "--eval",
+                  "eval_samples": "--eval-samples", "eval_batch_size": "eval_batch_size"}
+
+
+def _setting_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``--flag was OLD, now NEW`` for every setting that differs between two sweeps' ``runs``
+    settings (compression options one by one; an option missing from one side has its default)."""
+    from statprune.options import CompressionOptions
+
+    def flag(name: str) -> str:
+        return _SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+    def shown(value: Any) -> str:
+        if isinstance(value, bool) or value is None:
+            return {True: "on", False: "off", None: "unset"}[value]
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        if name == "compress_options":
+            continue
+        if old.get(name) != new.get(name):
+            changes.append(f"{flag(name)} was {shown(old.get(name))}, now {shown(new.get(name))}")
+    before, after = old.get("compress_options") or {}, new.get("compress_options") or {}
+    fields_ = CompressionOptions.__dataclass_fields__
+    defaults = {name: _plain(_option_default(f)) for name, f in fields_.items()}
+    for name in sorted(set(before) | set(after)):
+        was, now = before.get(name, defaults.get(name)), after.get(name, defaults.get(name))
+        if was != now:
+            changes.append(f"{flag(name)} was {shown(was)}, now {shown(now)}")
+    return changes
+
+
+def _option_default(f) -> Any:
+    from dataclasses import MISSING
+
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
 def _previous(config: SweepConfig) -> _Previous | None:
     """The finished runs of an earlier sweep into ``config.out`` with the same settings, to resume
     it; None when there is none (or ``--overwrite``). An earlier sweep with other settings is an
@@ -1111,9 +1226,9 @@ def _previous(config: SweepConfig) -> _Previous | None:
         return None
     current = _settings(config)
     if stored.get("runs") != current["runs"]:
-        differ = sorted(k for k in current["runs"] if stored["runs"].get(k) != current["runs"][k])
+        differ = _setting_changes(stored.get("runs") or {}, current["runs"])
         raise OutputError(
-            f"--out {out} holds a sweep with other settings ({', '.join(differ) or 'format'}); rerun "
+            f"--out {out} holds a sweep with other settings ({'; '.join(differ) or 'format'}); rerun "
             "with the same ones to resume it, or pass --overwrite or choose another folder"
         )
     same_bench = current["bench"] is not None and stored.get("bench") == current["bench"]
@@ -1139,15 +1254,14 @@ def _previous(config: SweepConfig) -> _Previous | None:
 def _unreachable_budgets(config: SweepConfig, dense: nn.Module) -> dict[tuple[str, float], str]:
     """``(method, budget) -> why`` for the runs whose FLOPs or params budget lies below the
     reachable floor (``allocation.check_reachable``: every unit ``--prune`` allows removed), from
-    the model's shapes alone; ``BudgetError`` when no run can be met. Latency budgets are checked
-    by each run once its lookup tables are measured (still before any calibration)."""
+    the model's shapes alone (latency: from the lookup tables measured on this machine, cached per
+    model shape, device and backend, which compress then reuses); ``BudgetError`` when no run can
+    be met."""
     from statprune.allocation import adds_biases, check_reachable
     from statprune.errors import StatpruneError
     from statprune.flops import model_shapes
     from statprune.pipeline.stages import resolve_options
 
-    if config.budget_kind == "latency":
-        return {}
     kind, found = config.budget_kind, {}
     for method in config.methods:
         try:
@@ -1158,10 +1272,20 @@ def _unreachable_budgets(config: SweepConfig, dense: nn.Module) -> dict[tuple[st
         except StatpruneError:
             continue  # the method's own constraints fail its runs one by one
         shapes = model_shapes(plan.adapter, dense.base_model)
+        cost: Any = kind
+        if kind == "latency":  # the measured lookup tables (cached: compress reads them again)
+            from statprune.latency import LatencyCost, latency_table
+
+            try:
+                table = latency_table(dense, plan.adapter, shapes, batch=plan.options.bench_batch,
+                                      seq_len=plan.options.latency_seq_len, backend=plan.options.backend)
+            except StatpruneError:
+                continue  # each run reports it
+            cost = LatencyCost(table)
         for budget in config.budgets:
             try:
-                check_reachable(shapes, kind, budget, config.seq_len, plan.options.prune, adds_biases(plan),
-                                name="--budgets")
+                check_reachable(shapes, cost, budget, config.seq_len, plan.options.prune, adds_biases(plan),
+                                name="--budgets" if kind != "latency" else None)
             except BudgetError as exc:
                 found[method, budget] = str(exc)
     if found and len(found) == len(config.methods) * len(config.budgets):
@@ -1237,7 +1361,7 @@ def _bench(
         interrupted, measured = True, []
         for _, folder in models:
             failures.setdefault(str(folder), "interrupted while measuring (Ctrl-C)")
-    except (StatpruneError, RuntimeError, OSError) as exc:  # not pinned on one model: every one fails
+    except (StatpruneError, RuntimeError, OSError, ImportError) as exc:  # every model fails
         measured = []
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         for _, folder in models:
@@ -1330,6 +1454,7 @@ def results_markdown(result: SweepResult) -> str:
     lines = [f"# statprune sweep: {result.model}", "", result.protocol(), ""]
     header = f"| keep {_KIND_LABELS[result.budget_kind]} | " + " | ".join(result.methods) + " |"
     rule = "|---|" + "---:|" * len(result.methods)
+    predicted = " predicted" if result.budget_kind == "latency" else ""
 
     def table(value_of: Callable[[SweepRow], float | None], dense: float, fmt_metric: str) -> list[str]:
         rows = [header, rule, "| dense (100%) | " + " | ".join(
@@ -1341,7 +1466,7 @@ def results_markdown(result: SweepResult) -> str:
                 if row is None or row.value is None:
                     parts.append("failed" if row is not None else "—")
                     continue
-                text = f"{_fmt(fmt_metric, value_of(row))} ({row.achieved:.1%})"
+                text = f"{_fmt(fmt_metric, value_of(row))} ({row.achieved:.1%}{predicted})"
                 parts.append(f"**{text}**" if row is best else text)
             rows.append(f"| {budget * 100:g}% | " + " | ".join(parts) + " |")
         return rows
@@ -1350,8 +1475,12 @@ def results_markdown(result: SweepResult) -> str:
     lines += [
         "",
         f"Cells: {metric_label(metric)} ({direction} is better) on the evaluation set, with the "
-        f"achieved fraction of {_KIND_LABELS[result.budget_kind]} kept in parentheses; rows are the "
-        "requested budgets.",
+        + (
+            "fraction of the dense latency kept as predicted by the lookup tables (not measured) "
+            if result.budget_kind == "latency"
+            else f"achieved fraction of {_KIND_LABELS[result.budget_kind]} kept "
+        )
+        + "in parentheses; rows are the requested budgets.",
     ]
     if metric != "agreement" and any(r.agreement is not None for r in result.rows):
         lines += ["", "Top-1 agreement with the dense model:", ""]
@@ -1670,6 +1799,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true",
                    help="no progress bars (one line per run is still printed)")
     add_option_arguments(s.add_argument_group("compression options (every run)"), for_sweep=True)
+    for action in s._actions:  # --bench-batch: its default in the help (--bench-seq-len names its own)
+        if action.dest == "bench_batch" and action.help and "default" not in action.help:
+            action.help += " (default: %(default)s)"
     return s
 
 

@@ -621,3 +621,68 @@ def test_report_of_a_measured_sweep_prices_every_candidate(swept, tmp_path):
     best = result.selection.best
     assert report.recommended.name == f"{best.method} @ {best.budget:.0%}"
     assert (out / "best" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ memory, a failed --bench, input
+
+
+def test_objective_memory_within_noise_ranks_by_weights_and_says_so(swept, tmp_path):
+    # every candidate's peak above the dense one's (the runtime dominates a tiny model): the peaks
+    # rank by chance, the weights do not; the smallest weights belong to the last row
+    peak = {-1: 100.0, 0: 101.0, 1: 100.5, 2: 102.0, 3: 100.8}
+    weights = {-1: 40.0, 0: 30.0, 1: 20.0, 2: 35.0, 3: 12.0}
+    measured = measured_copy(swept, tmp_path, peak=peak, weights=weights, noise=2.0)
+    report = build_report(measured, min_quality="0", objective="memory", plots=False)
+    assert report.objective == "weights"
+    rows = json.loads((measured / "results.json").read_text())
+    smallest = min(range(len(rows)), key=lambda i: weights[i])
+    assert report.recommended is report.candidates[1 + smallest]
+    assert "smallest in weights (weights 12.0 MiB)" in report.reason
+    assert "Ranked by the model's weights, not its peak memory" in report.reason
+    assert "leanest in peak memory" not in report.reason
+    # one real saving: ranked by peak memory again
+    peak[1] = 60.0
+    measured = measured_copy(swept, tmp_path / "saving", peak=peak, weights=weights, noise=2.0)
+    report = build_report(measured, min_quality="0", objective="memory", plots=False)
+    assert report.objective == "memory" and report.recommended is report.candidates[2]
+
+
+def test_a_sweep_whose_bench_measured_nothing_is_told_to_rerun_the_same_command(swept, tmp_path):
+    rows = json.loads((swept.out / "results.json").read_text())
+    failed = {i: "interrupted while measuring (Ctrl-C)" for i in range(-1, len(rows))}
+    measured = measured_copy(swept, tmp_path, failed=failed)
+    report = build_report(measured, plots=False)
+    assert not report.measured
+    advice = report.measure_advice
+    assert "rerun the same `statprune sweep` command" in advice and "interrupted while measuring" in advice
+    assert "rerun the sweep with `--bench`" not in advice
+    assert "rerun the same `statprune sweep` command" in render_markdown(report)
+
+
+def test_bench_batch_other_than_the_sweep_s_is_refused(swept, tmp_path):
+    measured = measured_copy(swept, tmp_path)
+    meta = json.loads((measured / "sweep.json").read_text())
+    meta["bench"] = {"batch": 8, "seq_len": 128, "backend": "torch", "device": "cpu"}
+    (measured / "sweep.json").write_text(json.dumps(meta))
+    with pytest.raises(OptionsError, match=r"--bench-batch 32: the sweep measured batch 8 only"):
+        build_report(measured, bench_batch=32, plots=False)
+    assert build_report(measured, bench_batch=8, plots=False).measured
+    with pytest.raises(OptionsError, match=r"has none \(no --bench, no bench\.json\); drop --bench-batch"):
+        build_report(swept.out, bench_batch=8, plots=False)
+
+
+def test_a_missing_folder_or_foreign_results_is_one_line(tmp_path, capsys):
+    with pytest.raises(DataError, match=r"missing does not exist"):
+        build_report(tmp_path / "missing")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "results.json").write_text(json.dumps([{"method": "x"}]))
+    with pytest.raises(DataError) as info:
+        build_report(foreign)
+    message = str(info.value)
+    assert "is not a sweep's results.json (its rows lack" in message and "__init__" not in message
+    (foreign / "results.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(DataError, match="holds no sweep rows"):
+        build_report(foreign)
+    assert main(["report", str(foreign)]) == 1
+    assert capsys.readouterr().err.strip().count("\n") == 0

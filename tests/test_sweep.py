@@ -402,13 +402,15 @@ def benched(assets, tmp_path_factory):
         return latency.LatencyTable(key={}, layers=[layer], dense_ms=6.4, rest=0.2)
 
     out = assets.root / "benched"
+    lines: list[str] = []
+    cache = tmp_path_factory.mktemp("latency-cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STATPRUNE_CACHE", str(tmp_path_factory.mktemp("latency-cache")))
+        patch.setenv("STATPRUNE_CACHE", str(cache))
         patch.setattr(latency, "measure_table", synthetic)
         result = sweep(assets.model, assets.calib, assets.eval, budgets=[0.9, 0.6], methods=METHODS,
                        samples=60, budget_kind="latency", bench=True, bench_memory=False, bench_trials=2,
-                       bench_batch=2, bench_seq_len=8, min_quality="0", out=out, log=None)
-    return SimpleNamespace(result=result, out=out)
+                       bench_batch=2, bench_seq_len=8, min_quality="0", out=out, log=lines.append)
+    return SimpleNamespace(result=result, out=out, lines=lines, synthetic=synthetic, cache=cache)
 
 
 BENCH_KEYS = {"latency_ms", "latency_p90_ms", "throughput", "unit", "peak_memory_mb", "latency_fraction"}
@@ -608,6 +610,8 @@ def test_a_model_the_backend_cannot_run_is_recorded_and_nothing_measured_is_an_e
     message = str(info.value)
     assert message.startswith("--bench measured nothing: dense failed: it could not be loaded for torch")
     assert "\n" not in message and "rerun the same command" in message
+    # true of a rerun: the evaluations are kept, the candidates are compressed again to be measured
+    assert "not compressed again" not in message and "compressed again to be measured" in message
     rows = json.loads((out2 / "results.json").read_text())
     assert len(rows) == 3 and all(r["value"] is not None and r["latency_ms"] is None for r in rows)
     assert not (out2 / "plot_latency.png").exists() and (out2 / "plot.png").is_file()
@@ -629,6 +633,10 @@ def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
                    "--bench", "--bench-trials", "2", "--bench-batch", "2", "--bench-seq-len", "8",
                    "--bench-no-memory", "--quiet")
     assert code == 130
+    # nothing was measured: the selection says it ranked by FLOPs instead of latency, and why
+    message = json.loads((out / "best.json").read_text())["message"]
+    assert "the smallest model by FLOPs kept, because --bench measured nothing" in message
+    assert "rerun the same command" in message
     stderr = capsys.readouterr().err
     assert "interrupted while measuring; the compressed candidates and their evaluations were written to " \
         f"{out}" in stderr
@@ -644,5 +652,94 @@ def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
     resumed = json.loads((out / "results.json").read_text())
     assert all(r["latency_ms"] > 0 and r["bench_error"] is None for r in resumed)
     assert [r["value"] for r in resumed] == [r["value"] for r in rows]
-    with pytest.raises(OutputError, match=r"other settings \(seq_len\)"):  # not the same sweep
+    with pytest.raises(OutputError, match=r"other settings \(--seq-len was 128, now 64\)"):  # not the same
         _bench_sweep(assets, out, bench_memory=False, dtype="float32", seq_len=64)
+
+
+# ------------------------------------------------------------------ labels, memory, messages
+
+
+def test_a_latency_budget_is_labelled_predicted_next_to_the_measured_share(benched):
+    runs = [line for line in benched.lines if " -> " in line]
+    assert len(runs) == 4 and all("% predicted " in line and "% kept" not in line for line in runs)
+    message = benched.result.selection.message
+    best = benched.result.selection.best
+    assert "achieved" not in message
+    assert f"predicted {best.achieved:.1%} of dense latency; measured {best.latency_ms:.1f} ms" in message
+    assert f"({best.latency_fraction:.1%} of dense)" in message
+    text = (benched.out / "results.md").read_text()
+    assert f"({best.achieved:.1%} predicted)" in text
+    assert "fraction of the dense latency kept as predicted by the lookup tables" in text
+    assert "achieved fraction" not in text
+
+
+def _memory_rows(peaks, weights):
+    rows = []
+    for i, (peak, weight) in enumerate(zip(peaks, weights, strict=True)):
+        row = make_measured("stat", 0.9 - 0.1 * i, 0.9, latency=10.0, memory=peak, params=0.9 - 0.1 * i)
+        row.weight_mb = weight
+        rows.append(row)
+    return rows
+
+
+def test_objective_memory_ranks_by_weights_when_every_peak_is_within_noise():
+    from statprune.sweep import QualityBar, _selection
+
+    dense = make_measured("dense", 1.0, 0.9, latency=12.0, memory=500.0, params=1.0)
+    # peaks above dense or below it by noise only: the lowest peak (499) is not the smallest model
+    rows = _memory_rows(peaks=[499.0, 503.0, 501.0], weights=[30.0, 20.0, 10.0])
+    bar = QualityBar(0.5, False, "0.5")
+    selection = _selection(rows, bar, "accuracy", 0.9, ["stat"], "memory", dense, noise_mb=4.0)
+    assert selection.objective == "weights" and selection.best is rows[2]
+    assert "no candidate's peak memory is below the dense model's by more than the measurement noise" in \
+        selection.message and "model weights" in selection.rule
+    # one real saving: ranked by peak memory, and a pick with a peak above dense would say so
+    rows = _memory_rows(peaks=[400.0, 503.0, 501.0], weights=[30.0, 20.0, 10.0])
+    selection = _selection(rows, bar, "accuracy", 0.9, ["stat"], "memory", dense, noise_mb=4.0)
+    assert selection.objective == "memory" and selection.best is rows[0]
+    assert "its peak memory" not in selection.message
+
+
+def test_a_broken_backend_package_is_named_with_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    problem = sweep_module._backend_problem("onnxruntime")
+    assert "onnxruntime package cannot be imported" in problem
+    assert "pip install 'statprune[onnx]'" in problem
+    assert sweep_module._backend_problem("torch") is None
+
+
+def test_a_resume_with_other_settings_names_the_flags_and_values():
+    old = {"seq_len": 128, "compress_options": {"bench_batch": 8}}
+    new = {"seq_len": 128, "compress_options": {}}
+    assert sweep_module._setting_changes(old, new) == ["--bench-batch was 8, now 32"]
+    new = {"seq_len": 64, "compress_options": {"bench_batch": 8, "prune": ["heads"]}}
+    assert sweep_module._setting_changes(old, new) == [
+        "--seq-len was 128, now 64", "--prune was heads,neurons, now heads"
+    ]
+
+
+def test_help_shows_the_bench_defaults():
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    text = add_sweep_parser(sub).format_help()
+    assert re.search(r"--bench-batch.*\(default: 32\)", " ".join(text.split()))
+    assert re.search(r"--bench-seq-len.*\(default: --seq-len\)", " ".join(text.split()))
+
+
+def test_a_latency_budget_below_the_floor_stops_before_any_work(assets, benched, tmp_path, monkeypatch):
+    from statprune import latency
+
+    monkeypatch.setenv("STATPRUNE_CACHE", str(benched.cache))
+    monkeypatch.setattr(latency, "measure_table", benched.synthetic)
+    lines: list[str] = []
+    out = tmp_path / "out"
+    with pytest.raises(BudgetError) as info:
+        sweep(assets.model, assets.calib, assets.eval, budgets=[0.01], methods=["magnitude"], samples=60,
+              budget_kind="latency", bench_batch=2, bench_seq_len=8, out=out, log=lines.append)
+    message = str(info.value)
+    assert "is below what can be reached" in message and "smallest reachable budget" in message
+    assert "every run failed" not in message and "\n" not in message
+    assert not any(line.startswith("dense:") for line in lines)  # the dense model was not evaluated
+    assert not out.exists()
