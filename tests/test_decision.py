@@ -654,9 +654,9 @@ def test_a_sweep_whose_bench_measured_nothing_is_told_to_rerun_the_same_command(
     report = build_report(measured, plots=False)
     assert not report.measured
     advice = report.measure_advice
-    assert "rerun the same `statprune sweep` command" in advice and "interrupted while measuring" in advice
+    assert "Rerun the same `statprune sweep` command" in advice and "interrupted while measuring" in advice
     assert "rerun the sweep with `--bench`" not in advice
-    assert "rerun the same `statprune sweep` command" in render_markdown(report)
+    assert "Rerun the same `statprune sweep` command" in render_markdown(report)
 
 
 def test_bench_batch_other_than_the_sweep_s_is_refused(swept, tmp_path):
