@@ -42,7 +42,9 @@ model; measured runs keep their numbers.
 Selection rule: among the runs that meet the bar, the one with the smallest objective
 (``--objective``: measured ``latency``, ``flops`` or ``params`` kept, peak ``memory``; default
 latency when measured, else the achieved fraction of the budget kind), any method; ties go to the
-better metric, then to the method listed first.
+better metric, then to the method listed first. ``memory`` ranks by the weights (``weight_mb``)
+when no candidate's peak is below the dense one's by more than the noise (:func:`memory_ranking`);
+a ``--bench`` sweep that measured nothing ranks by the achieved fraction, and its message says so.
 
     result = sweep("model/", "calib.txt", "checks.jsonl", budgets=[0.8, 0.6], methods=["stat"],
                    min_quality="99%", out="sweep/")
