@@ -86,6 +86,7 @@ __all__ = [
     "SweepResult",
     "SweepRow",
     "add_sweep_parser",
+    "memory_ranking",
     "parse_budgets",
     "parse_methods",
     "parse_min_quality",
