@@ -161,9 +161,11 @@ def benchmark(
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    # one thread count for every backend, recorded in each row: ``threads``, else torch's
+    # (OMP_NUM_THREADS or one per core), set explicitly on onnxruntime sessions too, whose own
+    # default differs, so both backends are compared at the same count
     used_threads = torch.get_num_threads() if device == "cpu" else None
-    if backend == "onnxruntime" and device == "cpu":
-        used_threads = threads  # None: onnxruntime's default (one per physical core)
+    threads = used_threads or threads
     try:
         with contextlib.ExitStack() as stack:
             tmp = None

@@ -160,8 +160,34 @@ def _compress(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from statprune.persist import load_report
 
-    print(load_report(args.model).summary())
+    report = load_report(args.model)
+    print(report.summary())
+    if report.budget_kind == "latency" and report.options.get("round_to") == 1:
+        from statprune.latency import ALIGN
+
+        print(
+            f"\nround_to=1 forces no multiple; the latency table prices FFN widths off a multiple of "
+            f"{ALIGN} higher (measured), so a latency budget mostly keeps multiples of {ALIGN}."
+        )
+    experts = _expert_widths(args.model)
+    if experts:
+        shared = ", then the shared one" if any(e.shared for e in experts) else ""
+        print(f"\nMoE layers, FFN neurons kept per expert (routed experts in order{shared}):")
+        print("\n".join(f"{e.layer:>5}  {e.describe()}" for e in experts))
     return 0
+
+
+def _expert_widths(folder: Path) -> list:
+    """Per-expert widths of a saved MoE model, from its ``config.json`` (empty without experts)."""
+    import json
+
+    from statprune.model_card import expert_widths
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):  # the report is all there is to show
+        return []
+    return expert_widths(config.get("statprune_ops") if isinstance(config, dict) else None)
 
 
 def main(argv: list[str] | None = None) -> int:

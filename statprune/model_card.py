@@ -10,6 +10,8 @@ when known, and how to load and serve the folder.
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,16 @@ retraining and the next layer's weights corrected by least squares on calibratio
 Total: {{ totals[0] }} of {{ totals[1] }} heads and {{ totals[2] }} of {{ totals[3] }} FFN neurons kept.
 {% else %}
 No compression report was given; the per-layer widths are in `config.json` (`statprune_ops`).
+{% endif %}
+{% if experts %}
+
+Mixture-of-experts layers, FFN neurons kept per expert (routed experts in order{{ shared_note }}):
+
+| layer | routed experts |{{ " shared expert |" if shared_note }}
+|---|---|{{ "---|" if shared_note }}
+{% for row in experts -%}
+| {{ row | join(" | ") }} |
+{% endfor %}
 {% endif %}
 
 Weights are stored in {{ dtype }}.
@@ -135,6 +147,65 @@ ONNX Runtime: `statprune export-onnx {{ folder_name }} {{ folder_name }}` writes
 """
 
 
+@dataclass
+class ExpertWidths:
+    """One MoE layer's FFN widths (neurons) per expert, kept and before compression."""
+
+    layer: int
+    routed: list[int]
+    routed_before: list[int]
+    shared: list[int]  # Qwen2-MoE's shared expert (empty when the layer has none)
+    shared_before: list[int]
+
+    def describe(self) -> str:
+        """``routed 16, 21, 10, 10 of 32 each; shared 15 of 16``."""
+        text = f"routed {_joined(self.routed)} of {_of(self.routed_before)}"
+        if self.shared:
+            text += f"; shared {_joined(self.shared)} of {_of(self.shared_before)}"
+        return text
+
+
+def _joined(widths: list[int]) -> str:
+    return ", ".join(str(w) for w in widths)
+
+
+def _of(widths: list[int]) -> str:
+    return f"{widths[0]} each" if len(set(widths)) == 1 and len(widths) > 1 else _joined(widths)
+
+
+def _shared(e: ExpertWidths) -> str:
+    return f"{_joined(e.shared)} of {_joined(e.shared_before)}" if e.shared else "—"
+
+
+def expert_widths(ops: list[dict] | None) -> list[ExpertWidths]:
+    """Each MoE layer's per-expert widths, from a saved config's ``statprune_ops``: the ``experts``
+    / ``shared_experts`` ops give the widths before compression (the shared experts last,
+    ``shared`` of them), the later ``attrs`` ops on that experts module the kept ones (see
+    ``modeling_statprune.apply_op``). Layers in order; empty for a model without experts."""
+    found: dict[str, tuple[list[int], list[int], int]] = {}  # experts module path -> before, now, shared
+    for op in ops or []:
+        if op.get("op") in ("experts", "shared_experts"):
+            path = op["path"] if op["op"] == "experts" else f"{op['path']}.experts"
+            found[path] = (list(op["widths"]), list(op["widths"]), int(op.get("shared", 0)))
+        elif op.get("op") == "attrs" and op.get("path") in found and "widths" in op.get("values", {}):
+            before, _, shared = found[op["path"]]
+            found[op["path"]] = (before, list(op["values"]["widths"]), shared)
+    layers = []
+    for path, (before, now, shared) in found.items():
+        match = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
+        split = len(before) - shared
+        layers.append(
+            ExpertWidths(
+                int(match.group(1)) if match else len(layers),
+                now[:split],
+                before[:split],
+                now[split:],
+                before[split:],
+            )
+        )
+    return sorted(layers, key=lambda e: e.layer)
+
+
 def _auto_class(model: nn.Module) -> str:
     arch = type(model).__name__
     return next((auto for suffix, auto in _AUTO_CLASSES if arch.endswith(suffix)), "AutoModel")
@@ -181,6 +252,8 @@ def render(
     layers = report.layers if report is not None else []
     name = source.name if source is not None else (report.source_model if report else None)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    experts = expert_widths(getattr(config, "statprune_ops", None))
+    has_shared = any(e.shared for e in experts)
     values = {
         "title": f"{Path(name).name} (pruned)" if name else "Pruned model",
         "source_line": f"`{Path(name).name}`" if name else "This model",
@@ -199,6 +272,11 @@ def render(
             sum(len(lr.neurons_kept) for lr in layers),
             sum(lr.neurons_total for lr in layers),
         ),
+        "experts": [
+            (e.layer, f"{_joined(e.routed)} of {_of(e.routed_before)}", *([_shared(e)] if has_shared else []))
+            for e in experts
+        ],
+        "shared_note": "; the shared expert runs on every token" if has_shared else "",
         "trust": ", trust_remote_code=True" if compressed else "",
         "calibration": f"`{calibration_data}`" if calibration_data else "Calibration data (not named)",
         "quality": quality or {},

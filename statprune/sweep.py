@@ -647,6 +647,7 @@ class SweepConfig:
     bench: bool = False  # measure every candidate and the dense model (statprune.bench)
     bench_trials: int = 10
     bench_memory: bool = True  # also peak memory (a child process per model on CPU: seconds each)
+    bench_threads: int | None = None  # CPU intra-op threads of the measurement (None: torch's)
     objective: str | None = None  # selection objective (None: latency when measured, else achieved)
     compress_options: dict[str, Any] = field(default_factory=dict)  # CompressionOptions fields
 
@@ -770,6 +771,7 @@ def sweep(
     bench: bool = False,
     bench_trials: int = 10,
     bench_memory: bool = True,
+    bench_threads: int | None = None,
     objective: str | None = None,
     **compress_options: Any,
 ) -> SweepResult:
@@ -786,7 +788,8 @@ def sweep(
     ``budget_kind="latency"`` prices the budgets with latency lookup tables (``statprune.latency``).
     ``bench`` measures every candidate and the dense model (``statprune.bench.benchmark``, at the
     ``bench_batch`` / ``bench_seq_len`` / ``backend`` compression options, ``bench_trials``
-    rounds; ``bench_memory=False`` skips peak memory); ``objective`` (``latency``, ``flops``,
+    rounds; ``bench_memory=False`` skips peak memory; ``bench_threads``: CPU intra-op threads of
+    every backend, default torch's); ``objective`` (``latency``, ``flops``,
     ``params``, ``memory``) is what the selection
     minimizes among the runs meeting ``min_quality`` (default: latency when measured).
     ``log`` receives one progress line per run (None: silent); ``progress`` shows compression bars.
@@ -800,8 +803,8 @@ def sweep(
         eval_batch_size=eval_batch_size, eval_samples=eval_samples, task=task, text_field=text_field,
         pair_field=pair_field, label_field=label_field, min_quality=min_quality, save_best=save_best,
         out=out, overwrite=overwrite, name=name, device=device, dtype=dtype, progress=progress, log=log,
-        bench=bench, bench_trials=bench_trials, bench_memory=bench_memory, objective=objective,
-        **compress_options,
+        bench=bench, bench_trials=bench_trials, bench_memory=bench_memory, bench_threads=bench_threads,
+        objective=objective, **compress_options,
     )
     return run(config, started)
 
@@ -1357,6 +1360,7 @@ def _bench(
             dtype=config.dtype or "float32",
             lm_batches=(batch,),
             memory=config.bench_memory,
+            threads=config.bench_threads,
             generate=False,
             failures=failures,
         )
@@ -1532,10 +1536,8 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
             text += f", weights {row.weight_mb:,.{weight_digits}f} MiB"
         return f"**{text}**" if row is best else text
 
-    threads = bench.get("threads")
     lines = [
         f"Measured ({bench['kind']}, {bench_setting(bench)}"
-        + (f", {threads} thread{'' if threads == 1 else 's'}" if threads else "")
         + f", median of {bench['trials']} interleaved trials; peak memory: {bench['memory_method']}):",
         "",
         f"| keep {_KIND_LABELS[result.budget_kind]} | " + " | ".join(result.methods) + " |",
@@ -1688,8 +1690,12 @@ def _best_json(result: SweepResult, calib_path: Path) -> dict[str, Any]:
 
 
 def bench_setting(bench: dict[str, Any]) -> str:
-    """What ``--bench`` measured, in words: ``batch B x S tokens, BACKEND on DEVICE``."""
-    return f"batch {bench['batch']} x {bench['seq_len']} tokens, {bench['backend']} on {bench['device']}"
+    """What ``--bench`` measured, in words: ``batch B x S tokens, BACKEND on DEVICE[, N threads]``."""
+    threads = bench.get("threads")
+    return (
+        f"batch {bench['batch']} x {bench['seq_len']} tokens, {bench['backend']} on {bench['device']}"
+        + (f", {threads} thread{'' if threads == 1 else 's'}" if threads else "")
+    )
 
 
 def _sweep_json(result: SweepResult, settings: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -1770,6 +1776,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                    help="--bench: timed rounds, each timing every model once (default: %(default)s)")
     s.add_argument("--bench-no-memory", action="store_true",
                    help="--bench: skip peak memory (on CPU it loads each model again in a child process)")
+    s.add_argument("--threads", type=positive_int, default=None, dest="bench_threads",
+                   help="--bench: CPU intra-op threads of every backend (default: torch's, i.e. "
+                        "OMP_NUM_THREADS or one per core; as statprune bench --threads)")
     s.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="with --min-quality: pick the candidate meeting the bar with the lowest "
                         "measured latency, flops, params or peak memory (default: latency with "
@@ -1844,7 +1853,7 @@ def _sweep_from_args(args: argparse.Namespace, budgets, budget_kind: str, log) -
     return sweep(
         args.model, args.data, args.eval_data, budgets=DEFAULT_BUDGETS if budgets is None else budgets,
         methods=args.methods, budget_kind=budget_kind, bench=args.bench, bench_trials=args.bench_trials,
-        bench_memory=not args.bench_no_memory,
+        bench_memory=not args.bench_no_memory, bench_threads=args.bench_threads,
         objective=args.objective, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
         batch_size=args.batch_size, pack=args.pack, eval_samples=args.eval_samples, task=args.task,
         text_field=args.text_field, pair_field=args.pair_field, label_field=args.label_field,

@@ -234,3 +234,83 @@ def test_bad_models_and_lengths_are_refused(folders, tmp_path):
         benchmark([tmp_path / "missing"])
     with pytest.raises(ModelError, match="positions"):
         benchmark([folders["bert"]], seq_len=4096)  # the tiny BERT has 130 positions
+
+
+# --- thread counts: recorded for every backend, and the same for both ------------------------
+
+
+def test_onnxruntime_runs_and_records_torchs_thread_count_by_default(folders, monkeypatch):
+    """Without ``threads`` onnxruntime would pick its own default (one per physical core, unlike
+    torch's OMP_NUM_THREADS); its sessions get torch's count and the rows record it."""
+    import statprune.export
+
+    sessions, make = [], statprune.export.onnx_session
+    monkeypatch.setattr(
+        statprune.export, "onnx_session", lambda *a, **k: sessions.append(make(*a, **k)) or sessions[-1]
+    )
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rows = benchmark([folders["pruned"]], batches=(1,), backend="onnxruntime", memory=False, **FAST)
+    finally:
+        torch.set_num_threads(previous)
+    assert [r.threads for r in rows] == [2]
+    # the last session is the timed one (the export checks its graph in one of its own first)
+    assert sessions[-1].get_session_options().intra_op_num_threads == 2
+    assert "onnxruntime on cpu, 2 threads" in format_table(rows)
+
+
+def _sweep_assets(root):
+    model_dir, calib, data = root / "tinybert", root / "calib.txt", root / "eval.jsonl"
+    build_tiny_model("bert").save_pretrained(model_dir)
+    TOKENIZER.save_pretrained(model_dir)
+    calib.write_text("\n".join(tiny_texts(40)) + "\n")
+    data.write_text("\n".join(json.dumps({"text": t, "label": 0}) for t in tiny_texts(8, seed=1)) + "\n")
+    return model_dir, calib, data
+
+
+def test_sweep_threads_option_reaches_the_measurement_and_is_shown(tmp_path):
+    from statprune.sweep import add_sweep_parser, run_sweep
+
+    model_dir, calib, data = _sweep_assets(tmp_path)
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser(prog="statprune")
+    add_sweep_parser(parser.add_subparsers(dest="command", required=True))
+    argv = [
+        "sweep",
+        model_dir,
+        "--data",
+        calib,
+        "--eval",
+        data,
+        "--out",
+        out,
+        "--budgets",
+        "0.7",
+        "--methods",
+        "magnitude",
+        "--samples",
+        "20",
+        "--seq-len",
+        "8",
+        "--bench",
+        "--bench-trials",
+        "2",
+        "--bench-batch",
+        "2",
+        "--bench-no-memory",
+        "--threads",
+        "2",
+        "--quiet",
+    ]
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert run_sweep(parser.parse_args([str(a) for a in argv])) == 0
+    finally:
+        torch.set_num_threads(previous)
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["bench"]["threads"] == 2
+    assert data["bench_setting"].endswith("torch on cpu, 2 threads")
+    assert "torch on cpu, 2 threads" in (out / "results.md").read_text()
+    assert torch.get_num_threads() == previous

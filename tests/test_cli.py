@@ -241,6 +241,51 @@ def test_empty_existing_output_is_used(bert, calib, tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and leftovers(out) == []
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_info_and_card_show_each_experts_width(family, tmp_path, capsys):
+    """A MoE layer's "neurons kept" lumps its experts together; ``info`` and the model card also
+    give each routed expert's width and the shared expert's (Qwen2-MoE) on its own."""
+    from conftest import _build_tiny_tokenizer, tiny_texts
+    from families import build
+
+    import statprune
+
+    tokenizer = _build_tiny_tokenizer()
+    model = build(family, "ForCausalLM")
+    pruned, report = statprune.compress(
+        model, tokenizer, tiny_texts(100), keep_flops=0.6, seq_len=16, progress=False
+    )
+    out = statprune.save(pruned, tmp_path / "out", tokenizer=tokenizer, report=report)
+    code, info, err = run(capsys, "info", out)
+    assert code == 0, err
+    card = (out / "README.md").read_text()
+    for i, layer in enumerate(pruned.model.layers):
+        experts = layer.mlp.experts
+        routed, shared = experts.widths[: experts.num_experts], experts.widths[experts.num_experts :]
+        assert sum(routed) + sum(shared) == len(report.layers[i].neurons_kept)
+        text = f"routed {', '.join(map(str, routed))} of 32 each"
+        if family == "qwen2_moe":
+            assert len(shared) == 1
+            text += f"; shared {shared[0]} of 16"
+            assert f"| {i} | {', '.join(map(str, routed))} of 32 each | {shared[0]} of 16 |" in card
+        else:
+            assert not shared and f"| {i} | {', '.join(map(str, routed))} of 32 each |\n" in card
+        assert re.search(rf"^\s*{i}\s+{re.escape(text)}$", info, re.M), info
+    assert ("shared" in info) == (family == "qwen2_moe")
+
+
+def test_info_explains_round_to_next_to_a_latency_budgets_aligned_widths(bert, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(capsys, *compress_args(bert[0], calib, out))
+    assert code == 0, err
+    code, info, _ = run(capsys, "info", out)
+    assert code == 0 and "round_to=1" in info and "multiple of 8" not in info  # FLOPs budget: no note
+    report = json.loads((out / "statprune.json").read_text())
+    (out / "statprune.json").write_text(json.dumps({**report, "budget_kind": "latency"}))
+    code, info, _ = run(capsys, "info", out)
+    assert code == 0 and "latency table prices FFN widths off a multiple of 8 higher" in info
+
+
 def test_info_errors(bert, tmp_path, capsys):
     model, _ = bert
     code, out, err = run(capsys, "info", tmp_path / "nope")
