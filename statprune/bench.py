@@ -223,8 +223,10 @@ def module_calls(
         m.weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         device = str(next(model.parameters()).device)
         use_prefill = kind == "prefill" and m.causal
-        call = _prefill_call(m, batch, seq_len, device) if use_prefill else _forward_call(
-            m, batch, seq_len, "torch", device
+        call = (
+            _prefill_call(m, batch, seq_len, device)
+            if use_prefill
+            else _forward_call(m, batch, seq_len, "torch", device)
         )
         entries.append(m)
         calls.append(call)
@@ -721,8 +723,18 @@ def format_table(rows: Sequence[BenchRow]) -> str:
         f"backend {head.backend} on {head.device}{threads}, {head.seq_len} tokens per sequence, "
         f"{head.trials} trials (median / p90)"
     ]
-    header = ["model", "kind", "batch", "params", "median ms", "p90 ms", "throughput", "weights MiB",
-              "peak MiB", "speedup"]
+    header = [
+        "model",
+        "kind",
+        "batch",
+        "params",
+        "median ms",
+        "p90 ms",
+        "throughput",
+        "weights MiB",
+        "peak MiB",
+        "speedup",
+    ]
     table = []
     first: dict[tuple[str, int], BenchRow] = {}
     flagged = False

@@ -373,8 +373,11 @@ def build_report(
     if not raw_rows:
         raise DataError(f"{results_path} holds no sweep rows; rerun the sweep")
     fields = set(SweepRow.__dataclass_fields__)
-    required = [n for n, f in SweepRow.__dataclass_fields__.items() if f.default is MISSING
-                and f.default_factory is MISSING]
+    required = [
+        n
+        for n, f in SweepRow.__dataclass_fields__.items()
+        if f.default is MISSING and f.default_factory is MISSING
+    ]
     missing = sorted({n for r in raw_rows for n in required if n not in r})
     if missing:
         raise DataError(

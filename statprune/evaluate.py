@@ -75,10 +75,23 @@ NEIGHBOR_KS = (1, 10)
 DEFAULT_WORST = 50  # examples listed in ``worst_examples``
 EXIT_BELOW = 3  # exit status of ``eval --fail-below`` when a metric falls below its bar
 # metrics --fail-below may watch (higher is better); the default is the task's agreement measure
-FAIL_METRICS = ("agreement", "accuracy", "cosine_mean", "cosine_min", "neighbor_overlap_at_1",
-                "neighbor_overlap_at_10", "similarity_spearman", "exact_match", "f1")
-DEFAULT_FAIL_METRIC = {"classify": "agreement", "lm": "agreement", "embed": "neighbor_overlap_at_10",
-                       "qa": "agreement"}
+FAIL_METRICS = (
+    "agreement",
+    "accuracy",
+    "cosine_mean",
+    "cosine_min",
+    "neighbor_overlap_at_1",
+    "neighbor_overlap_at_10",
+    "similarity_spearman",
+    "exact_match",
+    "f1",
+)
+DEFAULT_FAIL_METRIC = {
+    "classify": "agreement",
+    "lm": "agreement",
+    "embed": "neighbor_overlap_at_10",
+    "qa": "agreement",
+}
 GOLD_METRICS = ("accuracy", "exact_match", "f1")  # measured without --against
 # the rank correlation of pairwise similarities uses at most this many examples (n(n-1)/2 pairs)
 SPEARMAN_MAX_EXAMPLES = 2000
@@ -176,8 +189,9 @@ class EvalResult(TaskResult):
         if self.kl is not None:
             lines.append(f"mean KL(reference || model): {self.kl:.6f}")
         if self.cosine_mean is not None:
-            lines.append(f"cosine similarity to reference: mean {self.cosine_mean:.6f}   "
-                         f"min {self.cosine_min:.6f}")
+            lines.append(
+                f"cosine similarity to reference: mean {self.cosine_mean:.6f}   min {self.cosine_min:.6f}"
+            )
         if self.neighbor_overlap_at_1 is not None:
             top10 = self.neighbor_overlap_at_10
             top10_text = "n/a (needs 11 examples)" if top10 is None else f"{top10:.4f}"
@@ -186,18 +200,26 @@ class EvalResult(TaskResult):
                 f"top-10 {top10_text}   (cosine, within {self.neighbor_examples:,} examples)"
             )
         if self.similarity_spearman is not None:
-            lines.append(f"rank correlation of pairwise similarities with reference (Spearman): "
-                         f"{self.similarity_spearman:.4f}")
+            lines.append(
+                f"rank correlation of pairwise similarities with reference (Spearman): "
+                f"{self.similarity_spearman:.4f}"
+            )
         if self.per_class:
             lines += ["", _per_class_table(self.per_class)]
         if self.flipped is not None:
-            lines += ["", f"flipped predictions: {self.flipped:,} of {self.n_examples:,}"
-                      + (" (highest KL first):" if self.flipped else "")]
+            lines += [
+                "",
+                f"flipped predictions: {self.flipped:,} of {self.n_examples:,}"
+                + (" (highest KL first):" if self.flipped else ""),
+            ]
             lines += [_describe_worst(e) for e in (self.worst_examples or [])[:5]]
             listed = len(self.worst_examples or [])
             if self.flipped > 5:
-                lines.append("  … all listed in the --json output" if self.flipped <= listed
-                             else f"  … the first {listed} in the --json output")
+                lines.append(
+                    "  … all listed in the --json output"
+                    if self.flipped <= listed
+                    else f"  … the first {listed} in the --json output"
+                )
         elif self.worst_examples:
             lines += worst_lines(self.worst_rule, self.worst_examples)
         return "\n".join(lines)
@@ -213,8 +235,10 @@ def _per_class_table(rows: list[dict[str, Any]], limit: int = 10) -> str:
     for row in rows[:limit]:
         name = str(row["label"])[:30]
         if labelled:
-            lines.append(f"  {name:<30}{row['support']:>9,}{row['accuracy']:>10.4f}"
-                         f"{row['reference_accuracy']:>11.4f}{row['change']:>+10.4f}{row['agreement']:>11.4f}")
+            lines.append(
+                f"  {name:<30}{row['support']:>9,}{row['accuracy']:>10.4f}"
+                f"{row['reference_accuracy']:>11.4f}{row['change']:>+10.4f}{row['agreement']:>11.4f}"
+            )
         else:
             lines.append(f"  {name:<46}{row['support']:>9,}{row['agreement']:>11.4f}")
     if len(rows) > limit:
@@ -235,8 +259,10 @@ def _describe_worst(example: dict[str, Any]) -> str:
     text = text if len(text) <= 70 else text[:69] + "…"
     if "prediction" in example:
         label = "" if example.get("label") is None else f", label {example['label']}"
-        return (f"  #{example['index']}: {example['reference_prediction']} -> {example['prediction']}"
-                f"{label}, KL {example['kl']:.4f}: {text!r}")
+        return (
+            f"  #{example['index']}: {example['reference_prediction']} -> {example['prediction']}"
+            f"{label}, KL {example['kl']:.4f}: {text!r}"
+        )
     if "cosine" in example:
         return f"  #{example['index']}: cosine {example['cosine']:.4f}: {text!r}"
     return f"  tokens {example['begin']}–{example['end']}: mean KL {example['kl']:.4f}: {text!r}"
@@ -494,11 +520,22 @@ def evaluate(
 
         if not all(isinstance(e, QAExample) for e in examples):
             raise DataError("question answering needs QAExample records (statprune.qa_eval.read_squad_jsonl)")
-        return evaluate_qa(model, tokenizer, list(examples), reference=reference, seq_len=seq_len,
-                           batch_size=batch_size, worst=worst)
+        return evaluate_qa(
+            model,
+            tokenizer,
+            list(examples),
+            reference=reference,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            worst=worst,
+        )
     _check_worst(worst)
-    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("window", window),
-                        ("stride", stride)):
+    for name, value in (
+        ("seq_len", seq_len),
+        ("batch_size", batch_size),
+        ("window", window),
+        ("stride", stride),
+    ):
         _check_positive(name, value)
     check_seq_len(model, seq_len)  # one rule for every command (statprune.guards)
     examples = list(examples)
@@ -521,8 +558,9 @@ def evaluate(
         else:
             seq_len = _truncation_length(tokenizer, seq_len)
             evaluate_batches = _evaluate_classify if task == "classify" else _evaluate_embed
-            result = evaluate_batches(model, reference, tokenizer, examples, labels, seq_len, batch_size,
-                                      worst)
+            result = evaluate_batches(
+                model, reference, tokenizer, examples, labels, seq_len, batch_size, worst
+            )
             result.seq_len = seq_len
     result.seconds = time.perf_counter() - start
     return result
@@ -610,9 +648,14 @@ def _evaluate_classify(
         names = _label_names(model.config)
         result.worst_rule = "flipped predictions, highest KL(reference || model) first"
         result.worst_examples = [
-            {**_example_fields(examples[order[i]]), "index": order[i],
-             "reference_prediction": names(int(ref_pred[i])), "prediction": names(int(pred[i])),
-             "label": None if target is None else names(int(target[i])), "kl": float(kl[i])}
+            {
+                **_example_fields(examples[order[i]]),
+                "index": order[i],
+                "reference_prediction": names(int(ref_pred[i])),
+                "prediction": names(int(pred[i])),
+                "label": None if target is None else names(int(target[i])),
+                "kl": float(kl[i]),
+            }
             for i in flips
         ]
     return result
@@ -851,9 +894,7 @@ def _evaluate_lm(model, reference, tokenizer, examples, batch_size, window, stri
 
     ids = tokenizer("\n\n".join(examples), verbose=False)["input_ids"]
     if len(ids) < 2:
-        raise DataError(
-            f"the data holds {len(ids)} token(s); perplexity needs at least 2, provide more text"
-        )
+        raise DataError(f"the data holds {len(ids)} token(s); perplexity needs at least 2, provide more text")
     ids = torch.tensor(ids, dtype=torch.long)
     windows = lm_windows(len(ids), window, stride)
     head = model.get_output_embeddings()
@@ -997,8 +1038,10 @@ def read_labels(
         value = record[field]
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or (
-            isinstance(value, str) and not value.strip()
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, str))
+            or (isinstance(value, str) and not value.strip())
         ):
             raise DataError(
                 f"{where}: label {field!r} is {value!r}; labels must be integer ids or label names"
@@ -1068,8 +1111,17 @@ def evaluate_paths(
         examples = examples[:samples]
         labels = None if labels is None else labels[:samples]
     return evaluate(
-        model, tokenizer, examples, task=task, reference=reference, labels=labels, seq_len=seq_len,
-        batch_size=batch_size, window=window, stride=stride, worst=worst,
+        model,
+        tokenizer,
+        examples,
+        task=task,
+        reference=reference,
+        labels=labels,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        window=window,
+        stride=stride,
+        worst=worst,
     )
 
 
@@ -1129,29 +1181,46 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("model", type=Path, help="Hugging Face model folder (compressed or not)")
     e.add_argument("--data", type=Path, help="evaluation data: .txt, .jsonl, .csv or folder")
     e.add_argument("--against", type=Path, help="the original model folder to compare with")
-    e.add_argument("--task", default="auto", choices=["auto", *TASKS],
-                   help="auto: classify for …ForSequenceClassification, lm for …ForCausalLM, "
-                        "qa for …ForQuestionAnswering (SQuAD-format JSONL: question, context, answers), "
-                        "embed for bare encoders")
+    e.add_argument(
+        "--task",
+        default="auto",
+        choices=["auto", *TASKS],
+        help="auto: classify for …ForSequenceClassification, lm for …ForCausalLM, "
+        "qa for …ForQuestionAnswering (SQuAD-format JSONL: question, context, answers), "
+        "embed for bare encoders",
+    )
     e.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
     e.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
     e.add_argument("--label-field", help="JSONL/CSV field holding the label (default: label, if present)")
     e.add_argument("--seq-len", type=positive_int, default=128, help="max tokens per example")
     e.add_argument("--batch-size", type=positive_int, default=32)
-    e.add_argument("--window", type=positive_int,
-                   help=f"lm: tokens per perplexity window (default: min({DEFAULT_WINDOW}, max positions))")
+    e.add_argument(
+        "--window",
+        type=positive_int,
+        help=f"lm: tokens per perplexity window (default: min({DEFAULT_WINDOW}, max positions))",
+    )
     e.add_argument("--stride", type=positive_int, help="lm: tokens the window moves by (default: --window)")
     e.add_argument("--samples", type=positive_int, help="evaluate the first N examples only")
     e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     e.add_argument("--json", type=Path, metavar="OUT.json", help="also write the results as JSON")
-    e.add_argument("--worst", type=int, default=DEFAULT_WORST, metavar="N",
-                   help="with --against: list the N flipped / most changed examples in the JSON "
-                        "(default: %(default)s)")
-    e.add_argument("--fail-below", type=_fail_below, action="append", metavar="[METRIC=]Q",
-                   help=f"exit with status {EXIT_BELOW} when METRIC < Q (repeatable; default metric: "
-                        "agreement, or neighbor_overlap_at_10 for embeddings; also "
-                        + ", ".join(m for m in FAIL_METRICS if m != "agreement") + ")")
+    e.add_argument(
+        "--worst",
+        type=int,
+        default=DEFAULT_WORST,
+        metavar="N",
+        help="with --against: list the N flipped / most changed examples in the JSON (default: %(default)s)",
+    )
+    e.add_argument(
+        "--fail-below",
+        type=_fail_below,
+        action="append",
+        metavar="[METRIC=]Q",
+        help=f"exit with status {EXIT_BELOW} when METRIC < Q (repeatable; default metric: "
+        "agreement, or neighbor_overlap_at_10 for embeddings; also "
+        + ", ".join(m for m in FAIL_METRICS if m != "agreement")
+        + ")",
+    )
     from statprune.harness import add_harness_arguments
 
     add_harness_arguments(e)  # --lm-eval-tasks: lm-evaluation-harness tasks instead of --data
@@ -1195,13 +1264,26 @@ def run_eval(args: argparse.Namespace) -> int:
         raise DataError(f"--worst must be 0 or more, got {worst}")
     rules = getattr(args, "fail_below", None) or []
     if args.against is None and any(m not in GOLD_METRICS for m, _ in rules):
-        raise DataError("--fail-below compares with the original: add --against ORIGINAL "
-                        "(or watch accuracy alone: --fail-below accuracy=Q)")
+        raise DataError(
+            "--fail-below compares with the original: add --against ORIGINAL "
+            "(or watch accuracy alone: --fail-below accuracy=Q)"
+        )
     result = evaluate_paths(
-        args.model, args.data, against=args.against, task=args.task, text_field=args.text_field,
-        label_field=args.label_field, pair_field=args.pair_field, seq_len=args.seq_len,
-        batch_size=args.batch_size, window=args.window, stride=args.stride, samples=args.samples,
-        device=args.device, dtype=args.dtype, worst=worst,
+        args.model,
+        args.data,
+        against=args.against,
+        task=args.task,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        pair_field=args.pair_field,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        window=args.window,
+        stride=args.stride,
+        samples=args.samples,
+        device=args.device,
+        dtype=args.dtype,
+        worst=worst,
     )
     print(result.summary())
     write_eval_json(args, result.to_dict())

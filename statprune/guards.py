@@ -106,7 +106,6 @@ def option(name: str, value: Any = _NO_VALUE) -> str:
 # ---------------------------------------------------------------------------------- model limits
 
 
-
 def max_positions(model) -> int | None:
     """The longest sequence ``model`` supports: the rows of a learned position table (less the
     padding offset where positions start after the pad id; ``ModelAdapter.max_positions``), else

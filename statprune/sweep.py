@@ -126,6 +126,8 @@ def selection_rule(objective: str | None) -> str:
     if objective is None:
         return SELECTION_RULE
     return SELECTION_RULE.replace("achieved fraction kept", _OBJECTIVE_WORDS[objective])
+
+
 _METRICS = {  # metric -> (higher is better, valid absolute range)
     "accuracy": (True, (0.0, 1.0)),
     "agreement": (True, (0.0, 1.0)),
@@ -291,7 +293,7 @@ class SweepResult:
             f"seq len {self.seq_len}; evaluation: {self.eval_examples} examples from "
             f"`{self.eval_path.name}`, metric {metric_label(self.metric)} ({direction} is better), "
             f"compared with the dense model; budget kind: {self.budget_kind} — "
-            f"\"%\" is {_percent_meaning(self.budget_kind, self.seq_len)}."
+            f'"%" is {_percent_meaning(self.budget_kind, self.seq_len)}.'
         )
 
     def to_rows(self) -> list[dict[str, Any]]:
@@ -550,10 +552,10 @@ def _selection(
         message = f"best: {_describe_row(best)} — {what} with {described}"
         caveat = memory_caveat(best.peak_memory_mb, dense_peak, noise_mb) if objective == "memory" else None
         if caveat:
-            message += (
-                "; its peak memory is "
-                + ("not below the dense model's" if caveat == "above"
-                   else "below the dense model's only by noise")
+            message += "; its peak memory is " + (
+                "not below the dense model's"
+                if caveat == "above"
+                else "below the dense model's only by noise"
             )
     elif closest is not None:
         message = f"no configuration reaches {described}; closest: {_describe_row(closest)}"
@@ -702,9 +704,7 @@ class SweepConfig:
         from statprune.options import make_options
 
         if self.budget_kind not in BUDGET_KINDS:
-            raise OptionsError(
-                f"--budget-kind must be {', '.join(BUDGET_KINDS)}, not {self.budget_kind!r}"
-            )
+            raise OptionsError(f"--budget-kind must be {', '.join(BUDGET_KINDS)}, not {self.budget_kind!r}")
         if self.objective is not None and self.objective not in OBJECTIVES:
             raise OptionsError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.objective in ("latency", "memory") and not self.bench:
@@ -798,13 +798,38 @@ def sweep(
     """
     started = time.perf_counter()
     config = SweepConfig.from_arguments(
-        model_dir, calib_path, eval_path, budgets=budgets, methods=methods, budget_kind=budget_kind,
-        samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size, pack=pack,
-        eval_batch_size=eval_batch_size, eval_samples=eval_samples, task=task, text_field=text_field,
-        pair_field=pair_field, label_field=label_field, min_quality=min_quality, save_best=save_best,
-        out=out, overwrite=overwrite, name=name, device=device, dtype=dtype, progress=progress, log=log,
-        bench=bench, bench_trials=bench_trials, bench_memory=bench_memory, bench_threads=bench_threads,
-        objective=objective, **compress_options,
+        model_dir,
+        calib_path,
+        eval_path,
+        budgets=budgets,
+        methods=methods,
+        budget_kind=budget_kind,
+        samples=samples,
+        seq_len=seq_len,
+        seed=seed,
+        batch_size=batch_size,
+        pack=pack,
+        eval_batch_size=eval_batch_size,
+        eval_samples=eval_samples,
+        task=task,
+        text_field=text_field,
+        pair_field=pair_field,
+        label_field=label_field,
+        min_quality=min_quality,
+        save_best=save_best,
+        out=out,
+        overwrite=overwrite,
+        name=name,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        log=log,
+        bench=bench,
+        bench_trials=bench_trials,
+        bench_memory=bench_memory,
+        bench_threads=bench_threads,
+        objective=objective,
+        **compress_options,
     )
     return run(config, started)
 
@@ -857,8 +882,10 @@ def _read_inputs(config: SweepConfig, resuming: bool = False) -> _Inputs:
     dense = load(model_dir, device=str(target), dtype=torch_dtype)
     task = detect_task(dense) if config.task == "auto" else config.task
     if task == "qa":  # (statprune.qa_eval reads SQuAD-format records, one model at a time)
-        raise DataError("sweep does not score question answering yet: run `statprune eval --task qa` on "
-                        "each compressed model, or pass --task embed")
+        raise DataError(
+            "sweep does not score question answering yet: run `statprune eval --task qa` on "
+            "each compressed model, or pass --task embed"
+        )
     labels = None
     if task == "classify":
         labels = read_labels(eval_path, config.label_field, eval_text_field)
@@ -898,8 +925,16 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     calib_tokens = sum(int(b.inputs["attention_mask"].sum()) for b in inputs.batches)
 
     def run_eval(model, reference):
-        return evaluate(model, tokenizer, inputs.examples, task=inputs.task, reference=reference,
-                        labels=inputs.labels, seq_len=config.seq_len, batch_size=config.eval_batch_size)
+        return evaluate(
+            model,
+            tokenizer,
+            inputs.examples,
+            task=inputs.task,
+            reference=reference,
+            labels=inputs.labels,
+            seq_len=config.seq_len,
+            batch_size=config.eval_batch_size,
+        )
 
     unreachable = _unreachable_budgets(config, dense)  # before the dense evaluation and any analysis
     for method, budget in unreachable:
@@ -947,8 +982,16 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
 
     def run_one(method: str, budget: float):
         return compress(
-            dense, tokenizer, inputs.batches, inplace=False, progress=config.progress, method=method,
-            seq_len=config.seq_len, device=str(target), cache=cache, **{f"keep_{budget_kind}": budget},
+            dense,
+            tokenizer,
+            inputs.batches,
+            inplace=False,
+            progress=config.progress,
+            method=method,
+            seq_len=config.seq_len,
+            device=str(target),
+            cache=cache,
+            **{f"keep_{budget_kind}": budget},
             **config.compress_options,
         )
 
@@ -967,8 +1010,9 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             del model
             _free(target, large)
             continue
-        row = SweepRow(model_name, inputs.task, method, budget_kind, budget, None, metric, None,
-                       float(dense_value), 0.0)
+        row = SweepRow(
+            model_name, inputs.task, method, budget_kind, budget, None, metric, None, float(dense_value), 0.0
+        )
         tic = time.perf_counter()
         try:
             if (method, budget) in unreachable:
@@ -1021,8 +1065,15 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         noise = None if result.bench is None else result.bench.get("memory_noise_mb")
         fell_back = result.dense_row is not None and not _anything_measured(result)
         result.selection = _selection(
-            result.rows, bar, metric, float(dense_value), methods, config.objective, result.dense_row,
-            noise, fell_back,
+            result.rows,
+            bar,
+            metric,
+            float(dense_value),
+            methods,
+            config.objective,
+            result.dense_row,
+            noise,
+            fell_back,
         )
     saved = None
     if config.save_best and result.selection is not None and result.selection.best is not None:
@@ -1039,8 +1090,16 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     _free(target, large)
     result.seconds = round(time.perf_counter() - started, 3)
     if config.out is not None:
-        _write(result, config.out, config.overwrite or previous is not None, saved, tokenizer,
-               calib_path=config.calib_path, settings=_settings(config), resumed=previous is not None)
+        _write(
+            result,
+            config.out,
+            config.overwrite or previous is not None,
+            saved,
+            tokenizer,
+            calib_path=config.calib_path,
+            settings=_settings(config),
+            resumed=previous is not None,
+        )
     if result.selection is not None:
         say(result.selection.message)
     if interrupted:  # the finished work is written; stop as the user asked
@@ -1051,14 +1110,13 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         )
     if result.dense_row is not None and not _anything_measured(result):
         first = next(r for r in [result.dense_row, *result.rows] if r.bench_error)
-        where = "" if config.out is None else (
-            f"; the candidates and their evaluations are in {config.out}/results.json"
+        where = (
+            ""
+            if config.out is None
+            else (f"; the candidates and their evaluations are in {config.out}/results.json")
         )
         broken = _backend_problem(config.bench_setting("backend"))
-        fix = (
-            f"{broken}, then rerun the same command" if broken
-            else "rerun the same command"
-        )
+        fix = f"{broken}, then rerun the same command" if broken else "rerun the same command"
         raise MeasurementError(
             f"--bench measured nothing: {_row_name(first)} failed: {first.bench_error}{where}; "
             f"{fix} to measure them (the evaluations are kept; each candidate is compressed again "
@@ -1097,8 +1155,16 @@ def _anything_measured(result: SweepResult) -> bool:
     return any(r.latency_ms is not None for r in rows)
 
 
-_BENCH_FIELDS = ("latency_ms", "latency_p90_ms", "throughput", "unit", "peak_memory_mb", "latency_fraction",
-                 "weight_mb", "bench_error")
+_BENCH_FIELDS = (
+    "latency_ms",
+    "latency_p90_ms",
+    "throughput",
+    "unit",
+    "peak_memory_mb",
+    "latency_fraction",
+    "weight_mb",
+    "bench_error",
+)
 
 
 def _measured(row: SweepRow, config: SweepConfig) -> bool:
@@ -1138,9 +1204,25 @@ def _settings(config: SweepConfig) -> dict[str, Any]:
         "model_dir": str(config.model_dir.resolve()),
         "calibration": str(config.calib_path.resolve()),
         "evaluation": str(config.eval_path.resolve()),
-        **{k: getattr(config, k) for k in (
-            "budget_kind", "samples", "seq_len", "seed", "batch_size", "pack", "eval_batch_size",
-            "eval_samples", "task", "text_field", "pair_field", "label_field", "device", "dtype")},
+        **{
+            k: getattr(config, k)
+            for k in (
+                "budget_kind",
+                "samples",
+                "seq_len",
+                "seed",
+                "batch_size",
+                "pack",
+                "eval_batch_size",
+                "eval_samples",
+                "task",
+                "text_field",
+                "pair_field",
+                "label_field",
+                "device",
+                "dtype",
+            )
+        },
         "compress_options": _non_default_options(config.compress_options),
     }
     bench = None
@@ -1174,8 +1256,13 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-_SETTING_FLAGS = {"model_dir": "MODEL", "calibration": "--data", "evaluation": "--eval",
-                  "eval_samples": "--eval-samples", "eval_batch_size": "eval_batch_size"}
+_SETTING_FLAGS = {
+    "model_dir": "MODEL",
+    "calibration": "--data",
+    "evaluation": "--eval",
+    "eval_samples": "--eval-samples",
+    "eval_batch_size": "eval_batch_size",
+}
 
 
 def _setting_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -1272,8 +1359,12 @@ def _unreachable_budgets(config: SweepConfig, dense: nn.Module) -> dict[tuple[st
     for method in config.methods:
         try:
             plan = resolve_options(
-                dense, method=method, seq_len=config.seq_len, device=str(next(dense.parameters()).device),
-                **{f"keep_{kind}": 1.0}, **config.compress_options,
+                dense,
+                method=method,
+                seq_len=config.seq_len,
+                device=str(next(dense.parameters()).device),
+                **{f"keep_{kind}": 1.0},
+                **config.compress_options,
             )
         except StatpruneError:
             continue  # the method's own constraints fail its runs one by one
@@ -1283,15 +1374,28 @@ def _unreachable_budgets(config: SweepConfig, dense: nn.Module) -> dict[tuple[st
             from statprune.latency import LatencyCost, latency_table
 
             try:
-                table = latency_table(dense, plan.adapter, shapes, batch=plan.options.bench_batch,
-                                      seq_len=plan.options.latency_seq_len, backend=plan.options.backend)
+                table = latency_table(
+                    dense,
+                    plan.adapter,
+                    shapes,
+                    batch=plan.options.bench_batch,
+                    seq_len=plan.options.latency_seq_len,
+                    backend=plan.options.backend,
+                )
             except StatpruneError:
                 continue  # each run reports it
             cost = LatencyCost(table)
         for budget in config.budgets:
             try:
-                check_reachable(shapes, cost, budget, config.seq_len, plan.options.prune, adds_biases(plan),
-                                name="--budgets" if kind != "latency" else None)
+                check_reachable(
+                    shapes,
+                    cost,
+                    budget,
+                    config.seq_len,
+                    plan.options.prune,
+                    adds_biases(plan),
+                    name="--budgets" if kind != "latency" else None,
+                )
             except BudgetError as exc:
                 found[method, budget] = str(exc)
     if found and len(found) == len(config.methods) * len(config.budgets):
@@ -1336,8 +1440,18 @@ def _bench(
         result.dense_row, result.bench = old_dense, previous.bench  # nothing left to measure
         return False
     dense = SweepRow(
-        result.model, result.task, "dense", result.budget_kind, 1.0, 1.0, result.metric,
-        result.dense_value, result.dense_value, 0.0, flops_kept=1.0, params_kept=1.0,
+        result.model,
+        result.task,
+        "dense",
+        result.budget_kind,
+        1.0,
+        1.0,
+        result.metric,
+        result.dense_value,
+        result.dense_value,
+        0.0,
+        flops_kept=1.0,
+        params_kept=1.0,
     )
     if result.budget_kind == "latency":
         dense.predicted_latency_fraction = 1.0
@@ -1415,8 +1529,9 @@ def _bench(
         "memory_method": head.memory_method if head else "not measured",
         "memory_noise_mb": None if noise is None else round(noise, 2),
         "seconds": round(time.perf_counter() - tic, 3),
-        "max_spread": round(max((r.latency_p90_ms / r.latency_ms for r in rows if r.latency_ms > 0),
-                                default=1.0), 3),
+        "max_spread": round(
+            max((r.latency_p90_ms / r.latency_ms for r in rows if r.latency_ms > 0), default=1.0), 3
+        ),
         "noisy": [r.label for r in shaky],
         "failed": {_row_name(row): row.bench_error for row, _ in models if row.bench_error},
         "warning": None,
@@ -1464,8 +1579,11 @@ def results_markdown(result: SweepResult) -> str:
     predicted = " predicted" if result.budget_kind == "latency" else ""
 
     def table(value_of: Callable[[SweepRow], float | None], dense: float, fmt_metric: str) -> list[str]:
-        rows = [header, rule, "| dense (100%) | " + " | ".join(
-            _fmt(fmt_metric, dense) for _ in result.methods) + " |"]
+        rows = [
+            header,
+            rule,
+            "| dense (100%) | " + " | ".join(_fmt(fmt_metric, dense) for _ in result.methods) + " |",
+        ]
         for budget in result.budgets:
             parts = []
             for method in result.methods:
@@ -1499,8 +1617,11 @@ def results_markdown(result: SweepResult) -> str:
         lines += ["", "Failed runs:", ""]
         lines += [f"- {r.method} at keep {r.budget:g}: {r.error}" for r in failed]
     if result.selection is not None:
-        lines += ["", f"Selection (`--min-quality {result.selection.min_quality}`; rule: "
-                      f"{result.selection.rule}): {result.selection.message}."]
+        lines += [
+            "",
+            f"Selection (`--min-quality {result.selection.min_quality}`; rule: "
+            f"{result.selection.rule}): {result.selection.message}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -1553,8 +1674,11 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
         "forward and the model's own weights (parameters and buffers; MiB = 2^20 bytes).",
     ]
     if noise is not None:
-        lines += ["", f"Peak-memory noise: {noise:,.1f} MiB (two measurements of the dense model "
-                      "in separate processes)."]
+        lines += [
+            "",
+            f"Peak-memory noise: {noise:,.1f} MiB (two measurements of the dense model "
+            "in separate processes).",
+        ]
     share = weight_share(dense.weight_mb, dense.peak_memory_mb)
     if share:
         lines += ["", f"Dense model: {share}; the rest is activations and the runtime's own allocations."]
@@ -1563,11 +1687,14 @@ def _bench_markdown(result: SweepResult, cells: dict, best: SweepRow | None) -> 
         lines += ["", f"‡ {note[0].upper()}{note[1:]}."]
     resumed = bench.get("resumed")
     if resumed:
-        lines += ["", f"Resumed: {', '.join(resumed['measured_again'])} measured in a second session next to "
-                      f"the dense model (dense {_ms(resumed['dense_latency_ms'], digits)} in that session, "
-                      f"{_ms(resumed['first_dense_latency_ms'], digits)} in the first, which the dense row "
-                      "shows); "
-                      "their shares are of their own session's dense latency."]
+        lines += [
+            "",
+            f"Resumed: {', '.join(resumed['measured_again'])} measured in a second session next to "
+            f"the dense model (dense {_ms(resumed['dense_latency_ms'], digits)} in that session, "
+            f"{_ms(resumed['first_dense_latency_ms'], digits)} in the first, which the dense row "
+            "shows); "
+            "their shares are of their own session's dense latency.",
+        ]
     failed = [r for r in (dense, *result.rows) if r is not None and r.bench_error]
     if failed:
         lines += ["", "Not measured (or measured in part):", ""]
@@ -1595,26 +1722,49 @@ def write_latency_plot(result: SweepResult, path: Path) -> None:
         points = sorted(
             (r.latency_ms, r.value)
             for r in result.rows
-            if r.method == method and r.value is not None and r.latency_ms is not None
+            if r.method == method
+            and r.value is not None
+            and r.latency_ms is not None
             and math.isfinite(r.value)
         )
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=6, label=method)
-    ax.plot([dense.latency_ms], [result.dense_value], marker="X", markersize=11, color="black",
-            linestyle="none", label=f"dense ({dense.latency_ms:.1f} ms, {_fmt(metric, result.dense_value)})")
+    ax.plot(
+        [dense.latency_ms],
+        [result.dense_value],
+        marker="X",
+        markersize=11,
+        color="black",
+        linestyle="none",
+        label=f"dense ({dense.latency_ms:.1f} ms, {_fmt(metric, result.dense_value)})",
+    )
     selection = result.selection
     if selection is not None:
         sign = ">=" if result.higher_is_better else "<="
-        ax.axhline(selection.threshold, color="tab:red", linestyle=":", linewidth=1.2,
-                   label=f"bar {sign} {_fmt(metric, selection.threshold)}")
+        ax.axhline(
+            selection.threshold,
+            color="tab:red",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"bar {sign} {_fmt(metric, selection.threshold)}",
+        )
         if selection.best is not None and selection.best.latency_ms is not None:
-            ax.plot([selection.best.latency_ms], [selection.best.value], marker="*", markersize=16,
-                    color="gold", markeredgecolor="black", linestyle="none",
-                    label=f"selected: {selection.best.method} at {selection.best.latency_ms:.1f} ms")
+            ax.plot(
+                [selection.best.latency_ms],
+                [selection.best.value],
+                marker="*",
+                markersize=16,
+                color="gold",
+                markeredgecolor="black",
+                linestyle="none",
+                label=f"selected: {selection.best.method} at {selection.best.latency_ms:.1f} ms",
+            )
     bench = result.bench or {}
-    ax.set_xlabel(f"measured latency, ms ({bench.get('kind', 'forward')}, batch {bench.get('batch')} x "
-                  f"{bench.get('seq_len')} tokens, {bench.get('backend')} on {bench.get('device')})")
+    ax.set_xlabel(
+        f"measured latency, ms ({bench.get('kind', 'forward')}, batch {bench.get('batch')} x "
+        f"{bench.get('seq_len')} tokens, {bench.get('backend')} on {bench.get('device')})"
+    )
     direction = "higher" if result.higher_is_better else "lower"
     ax.set_ylabel(f"{metric_label(metric)} ({direction} is better)")
     title = f"{result.model}: quality against measured latency"
@@ -1636,23 +1786,43 @@ def write_plot(result: SweepResult, path: Path) -> None:
     ax = fig.add_subplot()
     markers = "osD^v<>p"
     for i, method in enumerate(result.methods):
-        points = sorted((r.achieved, r.value) for r in result.rows
-                        if r.method == method and r.value is not None and math.isfinite(r.value))
+        points = sorted(
+            (r.achieved, r.value)
+            for r in result.rows
+            if r.method == method and r.value is not None and math.isfinite(r.value)
+        )
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=6, label=method)
-    ax.axhline(result.dense_value, color="black", linestyle="--", linewidth=1.2,
-               label=f"dense ({_fmt(metric, result.dense_value)})")
+    ax.axhline(
+        result.dense_value,
+        color="black",
+        linestyle="--",
+        linewidth=1.2,
+        label=f"dense ({_fmt(metric, result.dense_value)})",
+    )
     selection = result.selection
     if selection is not None:
         sign = ">=" if result.higher_is_better else "<="
         share = f" ({selection.min_quality} of dense)" if selection.min_quality.endswith("%") else ""
-        ax.axhline(selection.threshold, color="tab:red", linestyle=":", linewidth=1.2,
-                   label=f"bar {sign} {_fmt(metric, selection.threshold)}{share}")
+        ax.axhline(
+            selection.threshold,
+            color="tab:red",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"bar {sign} {_fmt(metric, selection.threshold)}{share}",
+        )
         if selection.best is not None:
-            ax.plot([selection.best.achieved], [selection.best.value], marker="*", markersize=16,
-                    color="gold", markeredgecolor="black", linestyle="none",
-                    label=f"selected: {selection.best.method} at {selection.best.achieved:.1%}")
+            ax.plot(
+                [selection.best.achieved],
+                [selection.best.value],
+                marker="*",
+                markersize=16,
+                color="gold",
+                markeredgecolor="black",
+                linestyle="none",
+                label=f"selected: {selection.best.method} at {selection.best.achieved:.1%}",
+            )
     if metric == "perplexity":
         values = [r.value for r in result.rows if r.value is not None and r.value > 0]
         if values and max(values) / max(min([*values, result.dense_value]), 1e-30) > 10:
@@ -1663,12 +1833,17 @@ def write_plot(result: SweepResult, path: Path) -> None:
     if result.budget_kind == "latency":
         ax.set_xlabel("latency kept (predicted by the lookup tables, fraction of dense)")
     else:
-        ax.set_xlabel(f"{'FLOPs' if result.budget_kind == 'flops' else 'parameters'} kept "
-                      f"(attention+FFN, fraction of dense)")
+        ax.set_xlabel(
+            f"{'FLOPs' if result.budget_kind == 'flops' else 'parameters'} kept "
+            f"(attention+FFN, fraction of dense)"
+        )
     direction = "higher" if result.higher_is_better else "lower"
     ax.set_ylabel(f"{metric_label(metric)} ({direction} is better)")
-    ax.set_title(f"{result.model}: {result.task}, {result.calibration_examples} calibration examples, "
-                 f"seq len {result.seq_len}", fontsize=10)
+    ax.set_title(
+        f"{result.model}: {result.task}, {result.calibration_examples} calibration examples, "
+        f"seq len {result.seq_len}",
+        fontsize=10,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9, loc="best")
     fig.savefig(path)
@@ -1678,13 +1853,21 @@ def _best_json(result: SweepResult, calib_path: Path) -> dict[str, Any]:
     selection = result.selection
     assert selection is not None
     data = selection.to_dict()
-    data.update(model=result.model, metric=result.metric, dense_value=result.dense_value,
-                higher_is_better=result.higher_is_better)
+    data.update(
+        model=result.model,
+        metric=result.metric,
+        dense_value=result.dense_value,
+        higher_is_better=result.higher_is_better,
+    )
     best = selection.best
-    data["command"] = None if best is None else (
-        f"statprune compress {result.model_dir} --data {calib_path} --keep-{best.budget_kind} "
-        f"{best.budget:g} --method {best.method} --samples {result.calibration_examples} "
-        f"--seq-len {result.seq_len} --seed {result.seed} --out OUT"
+    data["command"] = (
+        None
+        if best is None
+        else (
+            f"statprune compress {result.model_dir} --data {calib_path} --keep-{best.budget_kind} "
+            f"{best.budget:g} --method {best.method} --samples {result.calibration_examples} "
+            f"--seq-len {result.seq_len} --seed {result.seed} --out OUT"
+        )
     )
     return data
 
@@ -1692,20 +1875,38 @@ def _best_json(result: SweepResult, calib_path: Path) -> dict[str, Any]:
 def bench_setting(bench: dict[str, Any]) -> str:
     """What ``--bench`` measured, in words: ``batch B x S tokens, BACKEND on DEVICE[, N threads]``."""
     threads = bench.get("threads")
-    return (
-        f"batch {bench['batch']} x {bench['seq_len']} tokens, {bench['backend']} on {bench['device']}"
-        + (f", {threads} thread{'' if threads == 1 else 's'}" if threads else "")
+    return f"batch {bench['batch']} x {bench['seq_len']} tokens, {bench['backend']} on {bench['device']}" + (
+        f", {threads} thread{'' if threads == 1 else 's'}" if threads else ""
     )
 
 
 def _sweep_json(result: SweepResult, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The protocol and settings of a sweep (``statprune report`` reads them)."""
-    keys = ("model", "architecture", "task", "metric", "higher_is_better", "dense_value", "budget_kind",
-            "budgets", "methods", "seq_len", "seed", "calibration_examples", "calibration_tokens",
-            "eval_examples", "seconds")
+    keys = (
+        "model",
+        "architecture",
+        "task",
+        "metric",
+        "higher_is_better",
+        "dense_value",
+        "budget_kind",
+        "budgets",
+        "methods",
+        "seq_len",
+        "seed",
+        "calibration_examples",
+        "calibration_tokens",
+        "eval_examples",
+        "seconds",
+    )
     objective = result.selection.objective if result.selection is not None else None
-    data = {"protocol": result.protocol(), "model_dir": str(result.model_dir.resolve()),
-            **{k: getattr(result, k) for k in keys}, "objective": objective, "bench": result.bench}
+    data = {
+        "protocol": result.protocol(),
+        "model_dir": str(result.model_dir.resolve()),
+        **{k: getattr(result, k) for k in keys},
+        "objective": objective,
+        "bench": result.bench,
+    }
     if result.bench is not None:
         data["bench_setting"] = bench_setting(result.bench)
     if settings is not None:
@@ -1714,12 +1915,24 @@ def _sweep_json(result: SweepResult, settings: dict[str, Any] | None = None) -> 
 
 
 _OWN_OUTPUTS = (
-    "results.json", "results.md", "sweep.json", "plot.png", "plot_latency.png", "best.json", "best"
+    "results.json",
+    "results.md",
+    "sweep.json",
+    "plot.png",
+    "plot_latency.png",
+    "best.json",
+    "best",
 )
 
 
 def _write(
-    result: SweepResult, out: Path, overwrite: bool, saved, tokenizer, calib_path: Path, settings=None,
+    result: SweepResult,
+    out: Path,
+    overwrite: bool,
+    saved,
+    tokenizer,
+    calib_path: Path,
+    settings=None,
     resumed: bool = False,
 ) -> None:
     """Write every output into a temporary folder next to ``out``, then rename it into place.
@@ -1759,57 +1972,112 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     )
     s.add_argument("model", type=Path, help="Hugging Face model folder")
     s.add_argument("--data", type=Path, required=True, help="calibration data: .txt, .jsonl, .csv or folder")
-    s.add_argument("--eval", type=Path, required=True, dest="eval_data",
-                   help="evaluation data (.jsonl/.csv with a label field for classifiers: accuracy)")
-    s.add_argument("--budgets", default=None,
-                   help="fractions to keep, comma-separated (default: "
-                        + ",".join(f"{b:g}" for b in DEFAULT_BUDGETS) + ")")
-    s.add_argument("--budget-kind", default="flops", choices=BUDGET_KINDS,
-                   help="what the budgets keep: attention+FFN flops (default), params, or latency "
-                        "(measured lookup tables; see --bench-batch, --bench-seq-len)")
-    s.add_argument("--keep-latency", type=fraction, default=None, metavar="F",
-                   help="one latency budget: the same as --budget-kind latency --budgets F")
-    s.add_argument("--bench", action="store_true",
-                   help="measure every candidate and the dense model side by side (as statprune bench: "
-                        "latency, throughput, peak memory) at --bench-batch x --bench-seq-len on --backend")
-    s.add_argument("--bench-trials", type=positive_int, default=10,
-                   help="--bench: timed rounds, each timing every model once (default: %(default)s)")
-    s.add_argument("--bench-no-memory", action="store_true",
-                   help="--bench: skip peak memory (on CPU it loads each model again in a child process)")
-    s.add_argument("--threads", type=positive_int, default=None, dest="bench_threads",
-                   help="--bench: CPU intra-op threads of every backend (default: torch's, i.e. "
-                        "OMP_NUM_THREADS or one per core; as statprune bench --threads)")
-    s.add_argument("--objective", choices=OBJECTIVES, default=None,
-                   help="with --min-quality: pick the candidate meeting the bar with the lowest "
-                        "measured latency, flops, params or peak memory (default: latency with "
-                        "--bench, else the smallest achieved fraction)")
-    s.add_argument("--methods", default=",".join(default_sweep_methods()),
-                   help=f"comma-separated, from {','.join(method_names())} (default: %(default)s)")
+    s.add_argument(
+        "--eval",
+        type=Path,
+        required=True,
+        dest="eval_data",
+        help="evaluation data (.jsonl/.csv with a label field for classifiers: accuracy)",
+    )
+    s.add_argument(
+        "--budgets",
+        default=None,
+        help="fractions to keep, comma-separated (default: "
+        + ",".join(f"{b:g}" for b in DEFAULT_BUDGETS)
+        + ")",
+    )
+    s.add_argument(
+        "--budget-kind",
+        default="flops",
+        choices=BUDGET_KINDS,
+        help="what the budgets keep: attention+FFN flops (default), params, or latency "
+        "(measured lookup tables; see --bench-batch, --bench-seq-len)",
+    )
+    s.add_argument(
+        "--keep-latency",
+        type=fraction,
+        default=None,
+        metavar="F",
+        help="one latency budget: the same as --budget-kind latency --budgets F",
+    )
+    s.add_argument(
+        "--bench",
+        action="store_true",
+        help="measure every candidate and the dense model side by side (as statprune bench: "
+        "latency, throughput, peak memory) at --bench-batch x --bench-seq-len on --backend",
+    )
+    s.add_argument(
+        "--bench-trials",
+        type=positive_int,
+        default=10,
+        help="--bench: timed rounds, each timing every model once (default: %(default)s)",
+    )
+    s.add_argument(
+        "--bench-no-memory",
+        action="store_true",
+        help="--bench: skip peak memory (on CPU it loads each model again in a child process)",
+    )
+    s.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        dest="bench_threads",
+        help="--bench: CPU intra-op threads of every backend (default: torch's, i.e. "
+        "OMP_NUM_THREADS or one per core; as statprune bench --threads)",
+    )
+    s.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=None,
+        help="with --min-quality: pick the candidate meeting the bar with the lowest "
+        "measured latency, flops, params or peak memory (default: latency with "
+        "--bench, else the smallest achieved fraction)",
+    )
+    s.add_argument(
+        "--methods",
+        default=",".join(default_sweep_methods()),
+        help=f"comma-separated, from {','.join(method_names())} (default: %(default)s)",
+    )
     s.add_argument("--samples", type=positive_int, default=512, help="calibration examples to draw")
-    s.add_argument("--seq-len", type=positive_int, default=128,
-                   help="max tokens per example (calibration, evaluation and FLOPs accounting)")
+    s.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=128,
+        help="max tokens per example (calibration, evaluation and FLOPs accounting)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=positive_int, default=16, help="calibration batch size")
-    s.add_argument("--pack", action="store_true",
-                   help="calibrate on --seq-len token windows of the joined texts (for LMs)")
+    s.add_argument(
+        "--pack",
+        action="store_true",
+        help="calibrate on --seq-len token windows of the joined texts (for LMs)",
+    )
     s.add_argument("--eval-samples", type=positive_int, help="evaluate on the first N examples only")
-    s.add_argument("--task", default="auto", choices=["auto", "classify", "lm", "embed"],
-                   help="how to evaluate (auto: from the model class)")
+    s.add_argument(
+        "--task",
+        default="auto",
+        choices=["auto", "classify", "lm", "embed"],
+        help="how to evaluate (auto: from the model class)",
+    )
     s.add_argument("--text-field", help="JSONL/CSV field holding the text (default: text)")
     s.add_argument("--pair-field", help="JSONL/CSV field holding the second text of a pair")
     s.add_argument("--label-field", help="JSONL/CSV field holding the label (default: label, if present)")
-    s.add_argument("--min-quality", metavar="Q",
-                   help="the quality bar: among the runs with metric >= Q (<= Q for perplexity), "
-                        "select the best by --objective (the fastest with --bench, else the smallest); "
-                        "Q is absolute (0.80) or a share of the dense quality, at most 100%% (99%%)")
+    s.add_argument(
+        "--min-quality",
+        metavar="Q",
+        help="the quality bar: among the runs with metric >= Q (<= Q for perplexity), "
+        "select the best by --objective (the fastest with --bench, else the smallest); "
+        "Q is absolute (0.80) or a share of the dense quality, at most 100%% (99%%)",
+    )
     s.add_argument("--save-best", action="store_true", help="also save the selected model into OUT/best")
     s.add_argument("--name", help="model name in the results (default: the folder name)")
     s.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--quiet", action="store_true",
-                   help="no progress bars (one line per run is still printed)")
+    s.add_argument(
+        "--quiet", action="store_true", help="no progress bars (one line per run is still printed)"
+    )
     add_option_arguments(s.add_argument_group("compression options (every run)"), for_sweep=True)
     for action in s._actions:  # --bench-batch: its default in the help (--bench-seq-len names its own)
         if action.dest == "bench_batch" and action.help and "default" not in action.help:
@@ -1851,13 +2119,35 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def _sweep_from_args(args: argparse.Namespace, budgets, budget_kind: str, log) -> SweepResult:
     return sweep(
-        args.model, args.data, args.eval_data, budgets=DEFAULT_BUDGETS if budgets is None else budgets,
-        methods=args.methods, budget_kind=budget_kind, bench=args.bench, bench_trials=args.bench_trials,
-        bench_memory=not args.bench_no_memory, bench_threads=args.bench_threads,
-        objective=args.objective, samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-        batch_size=args.batch_size, pack=args.pack, eval_samples=args.eval_samples, task=args.task,
-        text_field=args.text_field, pair_field=args.pair_field, label_field=args.label_field,
-        min_quality=args.min_quality, save_best=args.save_best, out=args.out,
-        overwrite=args.overwrite, name=args.name, device=args.device, dtype=args.dtype,
-        progress=not args.quiet and sys.stderr.isatty(), log=log, **options_from_args(args, for_sweep=True),
+        args.model,
+        args.data,
+        args.eval_data,
+        budgets=DEFAULT_BUDGETS if budgets is None else budgets,
+        methods=args.methods,
+        budget_kind=budget_kind,
+        bench=args.bench,
+        bench_trials=args.bench_trials,
+        bench_memory=not args.bench_no_memory,
+        bench_threads=args.bench_threads,
+        objective=args.objective,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        pack=args.pack,
+        eval_samples=args.eval_samples,
+        task=args.task,
+        text_field=args.text_field,
+        pair_field=args.pair_field,
+        label_field=args.label_field,
+        min_quality=args.min_quality,
+        save_best=args.save_best,
+        out=args.out,
+        overwrite=args.overwrite,
+        name=args.name,
+        device=args.device,
+        dtype=args.dtype,
+        progress=not args.quiet and sys.stderr.isatty(),
+        log=log,
+        **options_from_args(args, for_sweep=True),
     )

@@ -23,9 +23,7 @@ def test_channel_scores_match_their_definitions():
     w = torch.randn(4, 6, dtype=torch.float64)
     w_in = torch.randn(6, 3, dtype=torch.float64)
     stats = _stats(z)
-    torch.testing.assert_close(
-        channel_scores("magnitude", stats, w, w_in), w.norm(dim=0) * w_in.norm(dim=1)
-    )
+    torch.testing.assert_close(channel_scores("magnitude", stats, w, w_in), w.norm(dim=0) * w_in.norm(dim=1))
     torch.testing.assert_close(channel_scores("wanda-sp", stats, w), w.abs().sum(0) * z.norm(dim=0))
     torch.testing.assert_close(channel_scores("flap", stats, w), z.var(dim=0) * (w**2).sum(0))
     with pytest.raises(ValueError, match="unknown baseline"):
@@ -124,5 +122,11 @@ def test_a_new_method_is_one_class():
         unregister("keep-first")
     assert "keep-first" not in method_names()
     with pytest.raises(statprune.StatpruneError, match="unknown method 'keep-first'"):
-        statprune.compress(build_tiny_model("bert"), _build_tiny_tokenizer(), tiny_texts(50), keep_params=0.5,
-                           method="keep-first", progress=False)
+        statprune.compress(
+            build_tiny_model("bert"),
+            _build_tiny_tokenizer(),
+            tiny_texts(50),
+            keep_params=0.5,
+            method="keep-first",
+            progress=False,
+        )

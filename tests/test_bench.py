@@ -122,8 +122,29 @@ def test_weights_are_reported_next_to_the_peak_and_noise_is_measured(folders):
 
 def test_a_pruned_peak_above_the_dense_one_is_flagged_not_silent():
     def row(label, peak, weights, noise):
-        return BenchRow(label, label, "torch", "cpu", "forward", 2, 8, 0, 100, 1.0, 1.1, 2000.0, "seq/s",
-                        peak, "child process", 1.0, 1.0, 3, 1, weight_mb=weights, memory_noise_mb=noise)
+        return BenchRow(
+            label,
+            label,
+            "torch",
+            "cpu",
+            "forward",
+            2,
+            8,
+            0,
+            100,
+            1.0,
+            1.1,
+            2000.0,
+            "seq/s",
+            peak,
+            "child process",
+            1.0,
+            1.0,
+            3,
+            1,
+            weight_mb=weights,
+            memory_noise_mb=noise,
+        )
 
     dense, above = row("dense", 40.0, 4.0, 0.5), row("pruned", 41.0, 2.0, 0.5)
     assert memory_caveat(41.0, 40.0, 0.5) == "above" and memory_caveat(39.8, 40.0, 0.5) == "noise"

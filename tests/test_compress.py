@@ -391,8 +391,13 @@ def test_original_target_fits_the_original_block_output_from_the_pruned_activati
     batches = batches_from_tensors(enc["input_ids"], enc["attention_mask"])
     _, target = _down_proj_io(model, batches)
     pruned, _ = statprune.compress(
-        model, data=batches, keep_params=0.5, prune=("neurons",), progress=False,
-        correction_target="original", gram_dtype="float64",
+        model,
+        data=batches,
+        keep_params=0.5,
+        prune=("neurons",),
+        progress=False,
+        correction_target="original",
+        gram_dtype="float64",
     )
     kept, _ = _down_proj_io(pruned, batches)
     design = torch.cat([kept, torch.ones(kept.shape[0], 1, dtype=kept.dtype)], dim=1)

@@ -204,11 +204,22 @@ def measured_copy(swept, tmp_path, *, throughput=None, peak=None, weights=None, 
 
     def fields(i):
         if i in failed:
-            return {"latency_ms": None, "latency_p90_ms": None, "throughput": None, "peak_memory_mb": None,
-                    "bench_error": failed[i]}
-        return {"latency_ms": 1e3 / throughput[i], "latency_p90_ms": 1.05e3 / throughput[i],
-                "throughput": throughput[i], "unit": "seq/s", "peak_memory_mb": peak.get(i),
-                "weight_mb": weights.get(i), "bench_error": None}
+            return {
+                "latency_ms": None,
+                "latency_p90_ms": None,
+                "throughput": None,
+                "peak_memory_mb": None,
+                "bench_error": failed[i],
+            }
+        return {
+            "latency_ms": 1e3 / throughput[i],
+            "latency_p90_ms": 1.05e3 / throughput[i],
+            "throughput": throughput[i],
+            "unit": "seq/s",
+            "peak_memory_mb": peak.get(i),
+            "weight_mb": weights.get(i),
+            "bench_error": None,
+        }
 
     for i, row in enumerate(rows):
         row.update(fields(i))
@@ -231,8 +242,12 @@ def test_money_has_one_precision_per_column(swept, tmp_path):
     agree, and the reason quotes the same figures."""
     n = len(json.loads((swept.out / "results.json").read_text()))
     throughputs = {-1: 22.5, **{i: 300.0 * (i + 1) for i in range(n)}}
-    report = build_report(measured_copy(swept, tmp_path, throughput=throughputs), price_per_hour=1.0,
-                          requests_per_day=3e5, plots=False)
+    report = build_report(
+        measured_copy(swept, tmp_path, throughput=throughputs),
+        price_per_hour=1.0,
+        requests_per_day=3e5,
+        plots=False,
+    )
     costs = [c.cost_per_million for c in report.candidates]
     assert max(costs) / min(costs) > 10  # magnitudes that ".4g" printed with mixed decimals
     md = render_markdown(report)
@@ -277,8 +292,9 @@ def test_memory_that_shows_no_saving_is_flagged_not_silent(swept, tmp_path):
     html = render_html(report)
     assert '<p id="memory-note" class="warn">‡ Peak memory of' in html
     assert "<th>peak memory (MiB)</th><th>weights (MiB)</th>" in html
-    quiet = build_report(measured_copy(swept, tmp_path / "q", peak={i: 40.0 - i for i in range(-1, n)}),
-                         plots=False)
+    quiet = build_report(
+        measured_copy(swept, tmp_path / "q", peak={i: 40.0 - i for i in range(-1, n)}), plots=False
+    )
     assert not quiet.memory_flagged and "memory-note" not in render_html(quiet)
 
 

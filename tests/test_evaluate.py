@@ -47,8 +47,7 @@ def perturbed(model, scale: float = 0.05, seed: int = 1):
 
 def varied_classifier(family: str = "bert", **overrides):
     """A tiny classifier whose argmax varies across inputs (a random head barely does)."""
-    model = build_tiny_model(family, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
-                             **overrides)
+    model = build_tiny_model(family, id2label=LABELS, label2id={v: k for k, v in LABELS.items()}, **overrides)
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 3][-1]
     tok = _build_tiny_tokenizer()
     with torch.no_grad():  # centre the logits over typical inputs, then sharpen them
@@ -111,8 +110,11 @@ def test_detect_task_of_loaded_folder(tiny_model_dir):
 def test_detect_task_unknown_head_asks_for_task():
     from transformers import BertConfig, BertForMaskedLM
 
-    model = BertForMaskedLM(BertConfig(vocab_size=19, hidden_size=32, num_hidden_layers=1,
-                                       num_attention_heads=4, intermediate_size=64))
+    model = BertForMaskedLM(
+        BertConfig(
+            vocab_size=19, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+    )
     with pytest.raises(ModelError, match="--task embed"):
         detect_task(model)
     result = evaluate(model, _build_tiny_tokenizer(), tiny_texts(4), task="embed", reference=model)
@@ -195,9 +197,17 @@ def test_decoder_classifier(pad_token_id, tok):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=19, num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, num_labels=3,
-                         pad_token_id=pad_token_id, initializer_range=1.0)
+    config = LlamaConfig(
+        vocab_size=19,
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+        pad_token_id=pad_token_id,
+        initializer_range=1.0,
+    )
     model = LlamaForSequenceClassification(config).eval()
     texts = tiny_texts(12, seed=7)
     preds = own_predictions(model, tok, texts)
@@ -218,8 +228,10 @@ def test_accuracy_from_labelled_file(tmp_path, tok, fmt):
     expected = sum(p == y for p, y in zip(preds, labels, strict=True)) / len(texts)
     data = tmp_path / f"data.{fmt}"
     if fmt == "jsonl":  # ids, names, a blank text (skipped in step with its label)
-        rows = [{"text": t, "y": LABELS[y] if i % 2 else y} for i, (t, y) in enumerate(zip(texts, labels,
-                                                                                          strict=True))]
+        rows = [
+            {"text": t, "y": LABELS[y] if i % 2 else y}
+            for i, (t, y) in enumerate(zip(texts, labels, strict=True))
+        ]
         rows.insert(4, {"text": "  ", "y": "pos"})
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
@@ -280,8 +292,11 @@ def test_embed_neighbour_metrics_of_identical_and_perturbed_models(tok):
 
 def brute_force_overlap(emb, ref, k):
     def neighbours(x, i):
-        sims = [(float(torch.nn.functional.cosine_similarity(x[i], x[j], dim=0)), j)
-                for j in range(len(x)) if j != i]
+        sims = [
+            (float(torch.nn.functional.cosine_similarity(x[i], x[j], dim=0)), j)
+            for j in range(len(x))
+            if j != i
+        ]
         return {j for _, j in sorted(sims, reverse=True)[:k]}
 
     return sum(len(neighbours(emb, i) & neighbours(ref, i)) / k for i in range(len(emb))) / len(emb)
@@ -554,14 +569,30 @@ def test_run_eval_writes_json(tmp_path, tiny_model_dir, capsys):
     original = tiny_model_dir("bert", name="original")
     compressed = tiny_model_dir("bert", name="compressed", seed=1)
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": i % 3}) + "\n"
-                            for i, t in enumerate(tiny_texts(12))))
+    data.write_text(
+        "".join(json.dumps({"text": t, "label": i % 3}) + "\n" for i, t in enumerate(tiny_texts(12)))
+    )
     parser = argparse.ArgumentParser(prog="statprune")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "reports" / "eval.json"
-    args = parser.parse_args(["eval", str(compressed), "--data", str(data), "--against", str(original),
-                              "--batch-size", "5", "--samples", "10", "--device", "cpu",
-                              "--json", str(out)])
+    args = parser.parse_args(
+        [
+            "eval",
+            str(compressed),
+            "--data",
+            str(data),
+            "--against",
+            str(original),
+            "--batch-size",
+            "5",
+            "--samples",
+            "10",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert run_eval(args) == 0
     printed = capsys.readouterr().out
     assert "task: classify" in printed and "accuracy:" in printed and "agreement" in printed
@@ -575,8 +606,22 @@ def test_run_eval_writes_json(tmp_path, tiny_model_dir, capsys):
     assert report["perplexity"] is None and report["cosine_mean"] is None
     assert report["against"] == str(original.resolve())
 
-    args = parser.parse_args(["eval", str(original), "--data", str(data), "--against", str(original),
-                              "--task", "embed", "--device", "cpu", "--json", str(out)])
+    args = parser.parse_args(
+        [
+            "eval",
+            str(original),
+            "--data",
+            str(data),
+            "--against",
+            str(original),
+            "--task",
+            "embed",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert run_eval(args) == 0
     report = json.loads(out.read_text())
     assert report["task"] == "embed"
@@ -590,8 +635,24 @@ def test_run_eval_lm(tmp_path, tiny_model_dir, capsys):
     parser = argparse.ArgumentParser()
     add_eval_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "eval.json"
-    args = parser.parse_args(["eval", str(model), "--data", str(data), "--against", str(model),
-                              "--window", "64", "--stride", "16", "--device", "cpu", "--json", str(out)])
+    args = parser.parse_args(
+        [
+            "eval",
+            str(model),
+            "--data",
+            str(data),
+            "--against",
+            str(model),
+            "--window",
+            "64",
+            "--stride",
+            "16",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert run_eval(args) == 0
     report = json.loads(out.read_text())
     assert (report["task"], report["window"], report["stride"]) == ("lm", 64, 16)
@@ -691,8 +752,7 @@ def test_fail_below_exit_status(tmp_path, tok, capsys):
     common = ["--data", data, "--against", original, "--device", "cpu"]
     assert _eval_cli([original, *common, "--fail-below", "1.0"]) == 0
     assert "ok: agreement 1.0000 >= 1" in capsys.readouterr().out
-    status = _eval_cli([other, *common, "--json", out, "--fail-below", "0.999",
-                        "--fail-below", "accuracy=0"])
+    status = _eval_cli([other, *common, "--json", out, "--fail-below", "0.999", "--fail-below", "accuracy=0"])
     printed = capsys.readouterr().out.splitlines()
     report = json.loads(out.read_text())
     assert report["agreement"] < 0.999

@@ -366,6 +366,8 @@ def test_the_memory_table_in_the_docs_is_the_functions():
     assert memory_table() in doc
     olmoe = statistics_memory(2048, 64, 1024)
     assert olmoe["dense"] == 3 * 8 * 65536**2 and olmoe["blockwise"] == 8 * (64 + 2) * 1024**2
+
+
 # ------------------------------------------------------------------- Qwen2-MoE: the shared expert
 
 

@@ -165,8 +165,9 @@ def test_a_folder_naming_a_head_it_does_not_ship_loads_as_the_base_model(tmp_pat
 
     from statprune.persist import HeadlessCheckpointWarning
 
-    config = MPNetConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=50)
+    config = MPNetConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50
+    )
     torch.manual_seed(0)
     encoder = MPNetModel(config).eval()
     encoder.save_pretrained(tmp_path / "st")

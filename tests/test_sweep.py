@@ -31,8 +31,19 @@ from statprune.sweep import (
 )
 
 ROW_KEYS = {
-    "model", "task", "method", "budget_kind", "budget", "achieved", "metric", "value", "dense_value",
-    "seconds", "agreement", "kl", "perplexity_ratio",
+    "model",
+    "task",
+    "method",
+    "budget_kind",
+    "budget",
+    "achieved",
+    "metric",
+    "value",
+    "dense_value",
+    "seconds",
+    "agreement",
+    "kl",
+    "perplexity_ratio",
 }
 BUDGETS = [0.8, 0.5]
 METHODS = ["stat", "magnitude"]
@@ -66,8 +77,18 @@ def swept(assets):
     """The shared sweep through the Python API; ``--min-quality 0`` so every run qualifies."""
     out = assets.root / "out"
     lines: list[str] = []
-    result = sweep(assets.model, assets.calib, assets.eval, budgets=BUDGETS, methods=METHODS, samples=60,
-                   min_quality="0", save_best=True, out=out, log=lines.append)
+    result = sweep(
+        assets.model,
+        assets.calib,
+        assets.eval,
+        budgets=BUDGETS,
+        methods=METHODS,
+        samples=60,
+        min_quality="0",
+        save_best=True,
+        out=out,
+        log=lines.append,
+    )
     return SimpleNamespace(result=result, out=out, lines=lines)
 
 
@@ -110,8 +131,15 @@ def test_progress_line_per_run(swept):
 def test_results_markdown_has_protocol_and_table(swept):
     text = (swept.out / "results.md").read_text()
     protocol = next(line for line in text.splitlines() if line.startswith("Protocol:"))
-    for fragment in ("`tinybert`", "60 of 60 examples", "seq len 128", "24 examples", "accuracy",
-                     "budget kind: flops", "attention+FFN FLOPs"):
+    for fragment in (
+        "`tinybert`",
+        "60 of 60 examples",
+        "seq len 128",
+        "24 examples",
+        "accuracy",
+        "budget kind: flops",
+        "attention+FFN FLOPs",
+    ):
         assert fragment in protocol, fragment
     assert "| keep FLOPs | stat | magnitude |" in text
     assert "| dense (100%) | 1.0000 | 1.0000 |" in text
@@ -154,9 +182,27 @@ def test_none_meets_the_bar_overwrite_and_cli(assets, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    code = cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--budgets", "0.6",
-               "--methods", "stat", "--samples", "60", "--min-quality", "100%", "--out", out,
-               "--overwrite", "--quiet", "--name", "mine")
+    code = cli(
+        assets.model,
+        "--data",
+        assets.calib,
+        "--eval",
+        assets.eval,
+        "--budgets",
+        "0.6",
+        "--methods",
+        "stat",
+        "--samples",
+        "60",
+        "--min-quality",
+        "100%",
+        "--out",
+        out,
+        "--overwrite",
+        "--quiet",
+        "--name",
+        "mine",
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     assert "no configuration reaches accuracy >= 1.0000 (100% of dense 1.0000); closest: stat" in stdout
@@ -169,8 +215,18 @@ def test_none_meets_the_bar_overwrite_and_cli(assets, tmp_path, capsys):
 def test_save_best_recompresses_large_models(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "KEEP_IN_MEMORY_BYTES", 0)
     lines: list[str] = []
-    result = sweep(assets.model, assets.calib, assets.eval, budgets="0.7", methods="flap", samples=60,
-                   min_quality="1%", save_best=True, out=tmp_path / "out", log=lines.append)
+    result = sweep(
+        assets.model,
+        assets.calib,
+        assets.eval,
+        budgets="0.7",
+        methods="flap",
+        samples=60,
+        min_quality="1%",
+        save_best=True,
+        out=tmp_path / "out",
+        log=lines.append,
+    )
     assert any(line.startswith("re-compressing") for line in lines)
     report = statprune.load_report(tmp_path / "out" / "best")
     assert report.flops_kept == pytest.approx(result.rows[0].achieved)
@@ -180,8 +236,17 @@ def test_save_best_recompresses_large_models(assets, tmp_path, monkeypatch):
 def test_unreachable_budget_is_recorded_as_failed(assets, tmp_path, monkeypatch):
     # heads only: the FFN FLOPs alone exceed 20 %, so that run fails while 90 % succeeds
     lines: list[str] = []
-    result = sweep(assets.model, assets.calib, assets.eval, budgets=[0.9, 0.2], methods=["stat"],
-                   samples=60, out=tmp_path / "out", log=lines.append, prune=("heads",))
+    result = sweep(
+        assets.model,
+        assets.calib,
+        assets.eval,
+        budgets=[0.9, 0.2],
+        methods=["stat"],
+        samples=60,
+        out=tmp_path / "out",
+        log=lines.append,
+        prune=("heads",),
+    )
     failed = [r for r in result.rows if r.error]
     assert [r.budget for r in failed] == [0.2] and failed[0].value is None and failed[0].achieved is None
     # the floor from the model's shapes: FFN FLOPs / attention+FFN FLOPs (seq len 128)
@@ -211,8 +276,17 @@ def test_unreachable_budget_is_recorded_as_failed(assets, tmp_path, monkeypatch)
     monkeypatch.setattr(driver, "compress", no_work)
     lines.clear()
     with pytest.raises(BudgetError, match=r"every run is out of reach; --budgets 0\.2 is below"):
-        sweep(assets.model, assets.calib, assets.eval, budgets=[0.2, 0.1], methods=["stat", "magnitude"],
-              samples=60, out=tmp_path / "out2", log=lines.append, prune=("heads",))
+        sweep(
+            assets.model,
+            assets.calib,
+            assets.eval,
+            budgets=[0.2, 0.1],
+            methods=["stat", "magnitude"],
+            samples=60,
+            out=tmp_path / "out2",
+            log=lines.append,
+            prune=("heads",),
+        )
     assert not (tmp_path / "out2").exists() and not any(line.startswith("dense:") for line in lines)
 
 
@@ -250,8 +324,17 @@ def test_bad_arguments_fail_before_any_work(assets, tmp_path, extra, message):
 
 def test_impossible_absolute_bar_is_refused(assets, tmp_path):
     with pytest.raises(BudgetError, match=r"not a possible accuracy \(0\.\.1\); did you mean 80%\?"):
-        sweep(assets.model, assets.calib, assets.eval, budgets=[0.5], methods=["stat"], samples=60,
-              min_quality="80", out=tmp_path / "out", log=None)
+        sweep(
+            assets.model,
+            assets.calib,
+            assets.eval,
+            budgets=[0.5],
+            methods=["stat"],
+            samples=60,
+            min_quality="80",
+            out=tmp_path / "out",
+            log=None,
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -259,8 +342,7 @@ def test_impossible_absolute_bar_is_refused(assets, tmp_path):
 
 
 def make_row(method: str, achieved: float, value: float | None, metric: str = "accuracy") -> SweepRow:
-    return SweepRow("m", "classify", method, "flops", round(achieved, 1), achieved, metric, value,
-                    0.9, 1.0)
+    return SweepRow("m", "classify", method, "flops", round(achieved, 1), achieved, metric, value, 0.9, 1.0)
 
 
 def test_parse_min_quality():
@@ -292,14 +374,29 @@ def test_impossible_bars_are_refused_when_parsed(assets, tmp_path, bar, message,
     assert message in str(info.value) and "\n" not in str(info.value)
     monkeypatch.setattr(sweep_module, "_read_inputs", lambda *a: pytest.fail("the sweep started reading"))
     with pytest.raises(BudgetError, match=re.escape(message)):
-        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", tmp_path / "out",
-            "--min-quality", bar)
+        cli(
+            assets.model,
+            "--data",
+            assets.calib,
+            "--eval",
+            assets.eval,
+            "--out",
+            tmp_path / "out",
+            "--min-quality",
+            bar,
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_select_absolute_prefers_smallest_across_methods():
-    rows = [make_row("stat", 0.8, 0.88), make_row("stat", 0.6, 0.85), make_row("stat", 0.4, 0.70),
-            make_row("flap", 0.5, 0.81), make_row("flap", 0.4, 0.60), make_row("magnitude", 0.3, None)]
+    rows = [
+        make_row("stat", 0.8, 0.88),
+        make_row("stat", 0.6, 0.85),
+        make_row("stat", 0.4, 0.70),
+        make_row("flap", 0.5, 0.81),
+        make_row("flap", 0.4, 0.60),
+        make_row("magnitude", 0.3, None),
+    ]
     best, _ = select_best(rows, parse_min_quality("0.80").threshold(0.9, True), True)
     assert (best.method, best.achieved) == ("flap", 0.5)
     best, _ = select_best(rows, parse_min_quality("0.84").threshold(0.9, True), True)
@@ -319,8 +416,12 @@ def test_select_relative_and_ties():
 
 
 def test_select_perplexity_lower_is_better():
-    rows = [make_row("stat", 0.8, 20.1, "perplexity"), make_row("stat", 0.6, 20.3, "perplexity"),
-            make_row("flap", 0.5, 25.0, "perplexity"), make_row("flap", 0.4, 19.0, "perplexity")]
+    rows = [
+        make_row("stat", 0.8, 20.1, "perplexity"),
+        make_row("stat", 0.6, 20.3, "perplexity"),
+        make_row("flap", 0.5, 25.0, "perplexity"),
+        make_row("flap", 0.4, 19.0, "perplexity"),
+    ]
     threshold = parse_min_quality("99%").threshold(20.0, False)  # at most 20.202
     best, _ = select_best(rows, threshold, False)
     assert (best.method, best.achieved) == ("flap", 0.4)
@@ -331,8 +432,12 @@ def test_select_perplexity_lower_is_better():
 
 
 def test_select_none_meets_reports_closest():
-    rows = [make_row("stat", 0.8, 0.70), make_row("flap", 0.5, 0.75), make_row("flap", 0.4, 0.75),
-            make_row("stat", 0.3, None)]
+    rows = [
+        make_row("stat", 0.8, 0.70),
+        make_row("flap", 0.5, 0.75),
+        make_row("flap", 0.4, 0.75),
+        make_row("stat", 0.3, None),
+    ]
     best, closest = select_best(rows, 0.80, True)
     assert best is None and (closest.method, closest.achieved) == ("flap", 0.4)
     rows = [make_row("stat", 0.8, 30.0, "perplexity"), make_row("flap", 0.5, 25.0, "perplexity")]
@@ -362,9 +467,31 @@ def test_cli_passes_the_shared_compression_options(assets, tmp_path):
     """sweep's --prune, --round-to and --correction-ridge (defined once in statprune.options, like
     compress's) reach every run."""
     out = tmp_path / "out"
-    code = cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--budgets", "0.8",
-               "--methods", "stat", "--samples", "60", "--prune", "neurons", "--round-to", "8",
-               "--correction-ridge", "0.1", "--min-quality", "0", "--save-best", "--out", out, "--quiet")
+    code = cli(
+        assets.model,
+        "--data",
+        assets.calib,
+        "--eval",
+        assets.eval,
+        "--budgets",
+        "0.8",
+        "--methods",
+        "stat",
+        "--samples",
+        "60",
+        "--prune",
+        "neurons",
+        "--round-to",
+        "8",
+        "--correction-ridge",
+        "0.1",
+        "--min-quality",
+        "0",
+        "--save-best",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0
     row = json.loads((out / "results.json").read_text())[0]
     assert row["error"] is None and row["achieved"] <= 0.8
@@ -377,11 +504,29 @@ def test_cli_passes_the_shared_compression_options(assets, tmp_path):
 
 def test_bad_compression_options_fail_before_any_work(assets, tmp_path):
     with pytest.raises(BudgetError, match="layer weighting"):  # an OptionsError
-        sweep(assets.model, assets.calib, assets.eval, budgets=[0.8], methods=["stat"], samples=60,
-              out=tmp_path / "out", log=None, layer_weighting="loudest")
+        sweep(
+            assets.model,
+            assets.calib,
+            assets.eval,
+            budgets=[0.8],
+            methods=["stat"],
+            samples=60,
+            out=tmp_path / "out",
+            log=None,
+            layer_weighting="loudest",
+        )
     with pytest.raises(BudgetError, match="unknown option"):
-        sweep(assets.model, assets.calib, assets.eval, budgets=[0.8], methods=["stat"], samples=60,
-              out=tmp_path / "out", log=None, keep_everything=True)
+        sweep(
+            assets.model,
+            assets.calib,
+            assets.eval,
+            budgets=[0.8],
+            methods=["stat"],
+            samples=60,
+            out=tmp_path / "out",
+            log=None,
+            keep_everything=True,
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -407,9 +552,23 @@ def benched(assets, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STATPRUNE_CACHE", str(cache))
         patch.setattr(latency, "measure_table", synthetic)
-        result = sweep(assets.model, assets.calib, assets.eval, budgets=[0.9, 0.6], methods=METHODS,
-                       samples=60, budget_kind="latency", bench=True, bench_memory=False, bench_trials=2,
-                       bench_batch=2, bench_seq_len=8, min_quality="0", out=out, log=lines.append)
+        result = sweep(
+            assets.model,
+            assets.calib,
+            assets.eval,
+            budgets=[0.9, 0.6],
+            methods=METHODS,
+            samples=60,
+            budget_kind="latency",
+            bench=True,
+            bench_memory=False,
+            bench_trials=2,
+            bench_batch=2,
+            bench_seq_len=8,
+            min_quality="0",
+            out=out,
+            log=lines.append,
+        )
     return SimpleNamespace(result=result, out=out, lines=lines, synthetic=synthetic, cache=cache)
 
 
@@ -461,8 +620,10 @@ def test_objective_picks_the_best_by_its_measure():
         make_measured("flap", 0.4, 0.70, latency=10.0, memory=100.0, params=0.2),  # below the bar
     ]
     threshold = 0.80
-    picks = {obj: select_best(rows, threshold, True, METHODS, obj)[0] for obj in
-             (None, "flops", "latency", "memory", "params")}
+    picks = {
+        obj: select_best(rows, threshold, True, METHODS, obj)[0]
+        for obj in (None, "flops", "latency", "memory", "params")
+    }
     assert picks[None] is rows[0] and picks["flops"] is rows[0]
     assert picks["latency"] is rows[1] and picks["params"] is rows[1]
     assert picks["memory"] is rows[2]
@@ -499,8 +660,18 @@ def test_bench_with_a_missing_onnxruntime_names_the_package(assets, tmp_path, mo
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
     )
     with pytest.raises(StatpruneError, match="needs the onnxruntime package"):
-        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", tmp_path / "out",
-            "--bench", "--backend", "onnxruntime")
+        cli(
+            assets.model,
+            "--data",
+            assets.calib,
+            "--eval",
+            assets.eval,
+            "--out",
+            tmp_path / "out",
+            "--bench",
+            "--backend",
+            "onnxruntime",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -508,9 +679,23 @@ def test_bench_measures_causal_lms_by_prefill(tiny_model_dir, calib_file, tmp_pa
     model = tiny_model_dir("llama", name="lm")
     calib = calib_file(60)
     out = tmp_path / "out"
-    result = sweep(model, calib, calib, budgets=[0.8], methods=["stat"], samples=40, pack=True, seq_len=16,
-                   bench=True, bench_memory=False, bench_trials=2, bench_batch=2, bench_seq_len=8,
-                   out=out, log=None)
+    result = sweep(
+        model,
+        calib,
+        calib,
+        budgets=[0.8],
+        methods=["stat"],
+        samples=40,
+        pack=True,
+        seq_len=16,
+        bench=True,
+        bench_memory=False,
+        bench_trials=2,
+        bench_batch=2,
+        bench_seq_len=8,
+        out=out,
+        log=None,
+    )
     assert result.task == "lm" and result.bench["kind"] == "prefill"
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["dense", "stat"]
@@ -524,8 +709,16 @@ FAST_BENCH = {"bench": True, "bench_trials": 2, "bench_batch": 2, "bench_seq_len
 
 
 def _bench_sweep(assets, out, lines=None, **extra):
-    settings = {"budgets": [0.8, 0.5], "methods": ["magnitude"], "samples": 60, "min_quality": "0",
-                "out": out, "log": None if lines is None else lines.append, **FAST_BENCH, **extra}
+    settings = {
+        "budgets": [0.8, 0.5],
+        "methods": ["magnitude"],
+        "samples": 60,
+        "min_quality": "0",
+        "out": out,
+        "log": None if lines is None else lines.append,
+        **FAST_BENCH,
+        **extra,
+    }
     return sweep(assets.model, assets.calib, assets.eval, **settings)
 
 
@@ -591,6 +784,7 @@ def test_a_model_the_backend_cannot_run_is_recorded_and_nothing_measured_is_an_e
             if pattern in str(path):
                 raise RuntimeError("unsupported operator aten::fancy\nsecond line")
             return real(i, path, *args)
+
         return load
 
     out = tmp_path / "out"
@@ -628,18 +822,42 @@ def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         patch.setattr(bench_module, "time_calls", interrupt)
-        code = cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--budgets", "0.8,0.5",
-                   "--methods", "magnitude", "--samples", "60", "--min-quality", "0", "--out", out,
-                   "--bench", "--bench-trials", "2", "--bench-batch", "2", "--bench-seq-len", "8",
-                   "--bench-no-memory", "--quiet")
+        code = cli(
+            assets.model,
+            "--data",
+            assets.calib,
+            "--eval",
+            assets.eval,
+            "--budgets",
+            "0.8,0.5",
+            "--methods",
+            "magnitude",
+            "--samples",
+            "60",
+            "--min-quality",
+            "0",
+            "--out",
+            out,
+            "--bench",
+            "--bench-trials",
+            "2",
+            "--bench-batch",
+            "2",
+            "--bench-seq-len",
+            "8",
+            "--bench-no-memory",
+            "--quiet",
+        )
     assert code == 130
     # nothing was measured: the selection says it ranked by FLOPs instead of latency, and why
     message = json.loads((out / "best.json").read_text())["message"]
     assert "the smallest model by FLOPs kept, because --bench measured nothing" in message
     assert "rerun the same command" in message
     stderr = capsys.readouterr().err
-    assert "interrupted while measuring; the compressed candidates and their evaluations were written to " \
+    assert (
+        "interrupted while measuring; the compressed candidates and their evaluations were written to "
         f"{out}" in stderr
+    )
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["dense", "magnitude", "magnitude"]
     assert all(r["bench_error"] == "interrupted while measuring (Ctrl-C)" for r in rows)
@@ -691,8 +909,11 @@ def test_objective_memory_ranks_by_weights_when_every_peak_is_within_noise():
     bar = QualityBar(0.5, False, "0.5")
     selection = _selection(rows, bar, "accuracy", 0.9, ["stat"], "memory", dense, noise_mb=4.0)
     assert selection.objective == "weights" and selection.best is rows[2]
-    assert "no candidate's peak memory is below the dense model's by more than the measurement noise" in \
-        selection.message and "model weights" in selection.rule
+    assert (
+        "no candidate's peak memory is below the dense model's by more than the measurement noise"
+        in selection.message
+        and "model weights" in selection.rule
+    )
     # one real saving: ranked by peak memory, and a pick with a peak above dense would say so
     rows = _memory_rows(peaks=[400.0, 503.0, 501.0], weights=[30.0, 20.0, 10.0])
     selection = _selection(rows, bar, "accuracy", 0.9, ["stat"], "memory", dense, noise_mb=4.0)
@@ -716,7 +937,8 @@ def test_a_resume_with_other_settings_names_the_flags_and_values():
     assert sweep_module._setting_changes(old, new) == ["--bench-batch was 8, now 32"]
     new = {"seq_len": 64, "compress_options": {"bench_batch": 8, "prune": ["heads"]}}
     assert sweep_module._setting_changes(old, new) == [
-        "--seq-len was 128, now 64", "--prune was heads,neurons, now heads"
+        "--seq-len was 128, now 64",
+        "--prune was heads,neurons, now heads",
     ]
 
 
@@ -736,8 +958,19 @@ def test_a_latency_budget_below_the_floor_stops_before_any_work(assets, benched,
     lines: list[str] = []
     out = tmp_path / "out"
     with pytest.raises(BudgetError) as info:
-        sweep(assets.model, assets.calib, assets.eval, budgets=[0.01], methods=["magnitude"], samples=60,
-              budget_kind="latency", bench_batch=2, bench_seq_len=8, out=out, log=lines.append)
+        sweep(
+            assets.model,
+            assets.calib,
+            assets.eval,
+            budgets=[0.01],
+            methods=["magnitude"],
+            samples=60,
+            budget_kind="latency",
+            bench_batch=2,
+            bench_seq_len=8,
+            out=out,
+            log=lines.append,
+        )
     message = str(info.value)
     assert "is below what can be reached" in message and "smallest reachable budget" in message
     assert "every run failed" not in message and "\n" not in message

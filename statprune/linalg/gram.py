@@ -145,8 +145,13 @@ class CrossAccumulator:
     model's block output), so the correction can be solved from streamed sums alone.
     """
 
-    def __init__(self, width: int, out_width: int, device: torch.device | str = "cpu",
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        width: int,
+        out_width: int,
+        device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.width, self.out_width = width, out_width
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype

@@ -27,4 +27,3 @@ def register() -> None:
     for name in VLLM_ARCHITECTURES.values():
         if name not in supported:
             ModelRegistry.register_model(name, MODEL_CLASS)
-
