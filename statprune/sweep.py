@@ -1708,6 +1708,53 @@ def _ms(value: float | None, digits: int = 1) -> str:
     return "not measured" if value is None else f"{value:,.{digits}f} ms"
 
 
+def _method_lines(ax: Any, result: SweepResult, x_of: Callable[[SweepRow], float | None]) -> None:
+    """One line per method: quality against ``x_of(row)`` (rows without either are skipped)."""
+    markers = "osD^v<>p"
+    for i, method in enumerate(result.methods):
+        points = sorted(
+            (x_of(r), r.value)
+            for r in result.rows
+            if r.method == method and r.value is not None and x_of(r) is not None and math.isfinite(r.value)
+        )
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=6, label=method)
+
+
+def _mark_selection(
+    ax: Any,
+    result: SweepResult,
+    x_of: Callable[[SweepRow], float | None],
+    x_text: Callable[[SweepRow], str],
+    bar_suffix: str = "",
+) -> None:
+    """The quality bar (dotted) and the selected run (a star at ``x_of``), when there are."""
+    selection = result.selection
+    if selection is None:
+        return
+    sign = ">=" if result.higher_is_better else "<="
+    ax.axhline(
+        selection.threshold,
+        color="tab:red",
+        linestyle=":",
+        linewidth=1.2,
+        label=f"bar {sign} {_fmt(result.metric, selection.threshold)}{bar_suffix}",
+    )
+    best = selection.best
+    if best is not None and x_of(best) is not None:
+        ax.plot(
+            [x_of(best)],
+            [best.value],
+            marker="*",
+            markersize=16,
+            color="gold",
+            markeredgecolor="black",
+            linestyle="none",
+            label=f"selected: {best.method} at {x_text(best)}",
+        )
+
+
 def write_latency_plot(result: SweepResult, path: Path) -> None:
     """Quality against measured latency (``--bench``): a line per method, the dense point, the
     quality bar and the selected run marked."""
@@ -1717,19 +1764,7 @@ def write_latency_plot(result: SweepResult, path: Path) -> None:
     assert dense is not None and dense.latency_ms is not None
     fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
     ax = fig.add_subplot()
-    markers = "osD^v<>p"
-    for i, method in enumerate(result.methods):
-        points = sorted(
-            (r.latency_ms, r.value)
-            for r in result.rows
-            if r.method == method
-            and r.value is not None
-            and r.latency_ms is not None
-            and math.isfinite(r.value)
-        )
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=6, label=method)
+    _method_lines(ax, result, lambda r: r.latency_ms)
     ax.plot(
         [dense.latency_ms],
         [result.dense_value],
@@ -1739,27 +1774,7 @@ def write_latency_plot(result: SweepResult, path: Path) -> None:
         linestyle="none",
         label=f"dense ({dense.latency_ms:.1f} ms, {_fmt(metric, result.dense_value)})",
     )
-    selection = result.selection
-    if selection is not None:
-        sign = ">=" if result.higher_is_better else "<="
-        ax.axhline(
-            selection.threshold,
-            color="tab:red",
-            linestyle=":",
-            linewidth=1.2,
-            label=f"bar {sign} {_fmt(metric, selection.threshold)}",
-        )
-        if selection.best is not None and selection.best.latency_ms is not None:
-            ax.plot(
-                [selection.best.latency_ms],
-                [selection.best.value],
-                marker="*",
-                markersize=16,
-                color="gold",
-                markeredgecolor="black",
-                linestyle="none",
-                label=f"selected: {selection.best.method} at {selection.best.latency_ms:.1f} ms",
-            )
+    _mark_selection(ax, result, lambda r: r.latency_ms, lambda r: f"{r.latency_ms:.1f} ms")
     bench = result.bench or {}
     ax.set_xlabel(
         f"measured latency, ms ({bench.get('kind', 'forward')}, batch {bench.get('batch')} x "
@@ -1784,16 +1799,7 @@ def write_plot(result: SweepResult, path: Path) -> None:
     metric = result.metric
     fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
     ax = fig.add_subplot()
-    markers = "osD^v<>p"
-    for i, method in enumerate(result.methods):
-        points = sorted(
-            (r.achieved, r.value)
-            for r in result.rows
-            if r.method == method and r.value is not None and math.isfinite(r.value)
-        )
-        if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=6, label=method)
+    _method_lines(ax, result, lambda r: r.achieved)
     ax.axhline(
         result.dense_value,
         color="black",
@@ -1802,27 +1808,10 @@ def write_plot(result: SweepResult, path: Path) -> None:
         label=f"dense ({_fmt(metric, result.dense_value)})",
     )
     selection = result.selection
-    if selection is not None:
-        sign = ">=" if result.higher_is_better else "<="
-        share = f" ({selection.min_quality} of dense)" if selection.min_quality.endswith("%") else ""
-        ax.axhline(
-            selection.threshold,
-            color="tab:red",
-            linestyle=":",
-            linewidth=1.2,
-            label=f"bar {sign} {_fmt(metric, selection.threshold)}{share}",
-        )
-        if selection.best is not None:
-            ax.plot(
-                [selection.best.achieved],
-                [selection.best.value],
-                marker="*",
-                markersize=16,
-                color="gold",
-                markeredgecolor="black",
-                linestyle="none",
-                label=f"selected: {selection.best.method} at {selection.best.achieved:.1%}",
-            )
+    share = ""
+    if selection is not None and selection.min_quality.endswith("%"):
+        share = f" ({selection.min_quality} of dense)"
+    _mark_selection(ax, result, lambda r: r.achieved, lambda r: f"{r.achieved:.1%}", share)
     if metric == "perplexity":
         values = [r.value for r in result.rows if r.value is not None and r.value > 0]
         if values and max(values) / max(min([*values, result.dense_value]), 1e-30) > 10:
