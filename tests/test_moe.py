@@ -260,10 +260,14 @@ def test_a_starved_experts_target_statistics_are_zeroed_with_its_gram():
     assert torch.count_nonzero(cross[4:]) == 0 and torch.count_nonzero(cross[:4]) == 12
 
 
-def test_a_killed_run_resumes_to_identical_outputs(tmp_path):
-    """The resumed run converts the experts again before replaying the saved surgery ops."""
-    model = build("olmoe", "ForCausalLM")
-    options = {"keep_params": 0.5}
+@pytest.mark.parametrize(
+    ("family", "options"), [("olmoe", {"keep_params": 0.5}), ("qwen2_moe", {"keep_flops": 0.5})]
+)
+def test_a_killed_run_resumes_to_identical_outputs(tmp_path, family, options):
+    """The resumed run converts the experts again before replaying the saved surgery ops; for
+    Qwen2-MoE it allocates again from the saved curves (their ``shared`` splits) and ends with
+    the same widths and weights."""
+    model = build(family, "ForCausalLM")
     reference, _ = _compress(model, **options)
     with interrupted_after(tmp_path / "ckpt", "prune", 0):
         _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
@@ -594,16 +598,3 @@ def test_qwen2_moe_flops_budget_is_met_when_the_pruning_pass_selects_again(budge
     model = build("qwen2_moe", "ForCausalLM")
     _, report = _compress(model, keep_flops=budget, prune=("neurons",), activations="sequential")
     assert budget - 0.01 <= report.flops_kept <= budget
-
-
-def test_qwen2_moe_killed_run_resumes_with_the_same_split(tmp_path):
-    """The resumed run allocates again from the saved curves (their ``shared`` splits) and
-    ends with the same widths and weights."""
-    model = build("qwen2_moe", "ForCausalLM")
-    options = {"keep_flops": 0.5}
-    reference, _ = _compress(model, **options)
-    with interrupted_after(tmp_path / "ckpt", "prune", 0):
-        _compress(model, checkpoint_dir=tmp_path / "ckpt", **options)
-    resumed, _ = _compress(model, checkpoint_dir=tmp_path / "ckpt", resume=True, **options)
-    assert resumed.config.statprune_ops == reference.config.statprune_ops
-    assert_same_weights(reference, resumed)
