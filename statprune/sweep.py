@@ -651,6 +651,7 @@ class SweepConfig:
     bench_memory: bool = True  # also peak memory (a child process per model on CPU: seconds each)
     bench_threads: int | None = None  # CPU intra-op threads of the measurement (None: torch's)
     objective: str | None = None  # selection objective (None: latency when measured, else achieved)
+    budget_flag: str = "--budgets"  # how the budgets were given, for messages (CLI: or --keep-latency)
     compress_options: dict[str, Any] = field(default_factory=dict)  # CompressionOptions fields
 
     def bench_setting(self, name: str) -> Any:
@@ -936,11 +937,12 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             batch_size=config.eval_batch_size,
         )
 
-    unreachable = _unreachable_budgets(config, dense)  # before the dense evaluation and any analysis
+    # before the dense evaluation and any analysis: too little calibration data, budgets out of reach
+    unreachable = _unreachable_budgets(config, dense, calib_tokens)
     for method, budget in unreachable:
         say(f"{method} at keep {budget:g} {budget_kind} cannot be met; it is skipped")
     dense_result = run_eval(dense, dense if metric == "cosine" else None)
-    dense_value = 1.0 if metric in ("agreement", "cosine") else _metric_value(dense_result, metric)
+    dense_value = 1.0 if metric in ("agreement", "cosine") else float(_metric_value(dense_result, metric))
     model_name = config.name or config.model_dir.resolve().name
     say(
         f"dense: {metric_label(metric)} {_fmt(metric, dense_value)} on {dense_result.n_examples} "
@@ -996,64 +998,76 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         )
 
     total = len(methods) * len(config.budgets)
-    for number, (method, budget) in enumerate(((m, b) for m in methods for b in config.budgets), start=1):
-        head = f"[{number:>{len(str(total))}}/{total}] {method:<9} keep {budget:.2f} {budget_kind}"
-        old = None if previous is None else previous.rows.get((method, budget))
-        if old is not None:  # finished in an earlier run into this --out: not compressed again
-            result.rows.append(old)
-            if scratch is None or old.value is None or _measured(old, config):
-                say(f"{head}: done in the earlier run (kept)")
+    checkpoint = _Checkpoint(config.out, _settings(config), previous)
+    if previous is not None and previous.resumed_partial:
+        say(f"resuming: {previous.resumed_partial} finished runs from {config.out / PARTIAL}")
+    try:
+        for number, (method, budget) in enumerate(((m, b) for m in methods for b in config.budgets), start=1):
+            head = f"[{number:>{len(str(total))}}/{total}] {method:<9} keep {budget:.2f} {budget_kind}"
+            old = None if previous is None else previous.rows.get((method, budget))
+            if old is not None:  # finished in an earlier run into this --out: not compressed again
+                result.rows.append(old)
+                if scratch is None or old.value is None or _measured(old, config):
+                    say(f"{head}: done in the earlier run (kept)")
+                    continue
+                say(f"{head}: done in the earlier run; compressed again to measure it")
+                model, report = run_one(method, budget)
+                candidates.append((old, _save_candidate(scratch, method, budget, model, report, tokenizer)))
+                del model
+                _free(target, large)
                 continue
-            say(f"{head}: done in the earlier run; compressed again to measure it")
-            model, report = run_one(method, budget)
-            candidates.append((old, _save_candidate(scratch, method, budget, model, report, tokenizer)))
+            row = SweepRow(
+                model_name, inputs.task, method, budget_kind, budget, None, metric, None, dense_value, 0.0
+            )
+            tic = time.perf_counter()
+            try:
+                if (method, budget) in unreachable:
+                    raise BudgetError(unreachable[method, budget])
+                model, report = run_one(method, budget)
+            except BudgetError as exc:
+                row.seconds = round(time.perf_counter() - tic, 3)
+                row.error = str(exc)
+                result.rows.append(row)
+                checkpoint.save(row)
+                say(f"{head}: failed: {exc}")
+                continue
+            row.seconds = round(time.perf_counter() - tic, 3)
+            row.flops_kept, row.params_kept = report.flops_kept, report.params_kept
+            row.achieved = _achieved(report, budget_kind)
+            if report.latency is not None:
+                row.predicted_latency_fraction = report.latency["predicted_fraction"]
+            evaluated = run_eval(model, dense)
+            row.value = _metric_value(evaluated, metric)
+            row.agreement, row.kl = evaluated.agreement, evaluated.kl
+            row.perplexity_ratio, row.cosine_min = evaluated.perplexity_ratio, evaluated.cosine_min
+            row.eval_seconds = round(evaluated.seconds, 3)
+            row.change_interval = evaluated.accuracy_change_interval if metric == "accuracy" else None
+            result.rows.append(row)
+            checkpoint.save(row)
+            shown = row.agreement is not None and metric != "agreement"
+            extra = f"  agreement {row.agreement:.4f}" if shown else ""
+            share = "predicted" if budget_kind == "latency" else "kept"  # latency: the lookup tables' figure
+            say(
+                f"{head} -> {row.achieved:.1%} {share}  {metric} {_fmt(metric, row.value)} "
+                f"(dense {_fmt(metric, dense_value)}){extra}  {row.seconds:.1f} s"
+            )
+            if scratch is not None:
+                candidates.append((row, _save_candidate(scratch, method, budget, model, report, tokenizer)))
+            if keep_best and meets(row.value, threshold, higher):
+                contenders = [row] if kept is None else [kept[0], row]
+                if select_best(contenders, threshold, higher, methods)[0] is row:
+                    kept = (row, model.to("cpu"), report)  # the previous one is freed below
             del model
             _free(target, large)
-            continue
-        row = SweepRow(
-            model_name, inputs.task, method, budget_kind, budget, None, metric, None, float(dense_value), 0.0
-        )
-        tic = time.perf_counter()
-        try:
-            if (method, budget) in unreachable:
-                raise BudgetError(unreachable[method, budget])
-            model, report = run_one(method, budget)
-        except BudgetError as exc:
-            row.seconds = round(time.perf_counter() - tic, 3)
-            row.error = str(exc)
-            result.rows.append(row)
-            say(f"{head}: failed: {exc}")
-            continue
-        row.seconds = round(time.perf_counter() - tic, 3)
-        row.flops_kept, row.params_kept = report.flops_kept, report.params_kept
-        row.achieved = _achieved(report, budget_kind)
-        if report.latency is not None:
-            row.predicted_latency_fraction = report.latency["predicted_fraction"]
-        evaluated = run_eval(model, dense)
-        row.value = _metric_value(evaluated, metric)
-        row.agreement, row.kl = evaluated.agreement, evaluated.kl
-        row.perplexity_ratio, row.cosine_min = evaluated.perplexity_ratio, evaluated.cosine_min
-        row.eval_seconds = round(evaluated.seconds, 3)
-        row.change_interval = evaluated.accuracy_change_interval if metric == "accuracy" else None
-        result.rows.append(row)
-        extra = "" if row.agreement is None or metric == "agreement" else f"  agreement {row.agreement:.4f}"
-        share = "predicted" if budget_kind == "latency" else "kept"  # latency: the lookup tables' figure
-        say(
-            f"{head} -> {row.achieved:.1%} {share}  {metric} {_fmt(metric, row.value)} "
-            f"(dense {_fmt(metric, dense_value)}){extra}  {row.seconds:.1f} s"
-        )
+    except KeyboardInterrupt:
         if scratch is not None:
-            candidates.append((row, _save_candidate(scratch, method, budget, model, report, tokenizer)))
-        if keep_best and meets(row.value, threshold, higher):
-            contenders = [row] if kept is None else [kept[0], row]
-            if select_best(contenders, threshold, higher, methods)[0] is row:
-                kept = (row, model.to("cpu"), report)  # the previous one is freed below
-        del model
-        _free(target, large)
+            scratch.cleanup()
+        raise SweepInterrupted(checkpoint.interrupted_message()) from None
 
     if all(r.value is None for r in result.rows):
         if scratch is not None:
             scratch.cleanup()
+        checkpoint.discard()
         raise BudgetError(f"every run failed; first error: {result.rows[0].error}")
     interrupted = False
     if scratch is not None:
@@ -1093,7 +1107,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         _write(
             result,
             config.out,
-            config.overwrite or previous is not None,
+            config.overwrite or previous is not None or checkpoint.written,
             saved,
             tokenizer,
             calib_path=config.calib_path,
@@ -1138,7 +1152,9 @@ def _backend_problem(backend: str) -> str | None:
 
 
 class SweepInterrupted(KeyboardInterrupt):
-    """Ctrl-C while ``sweep --bench`` measured: what was finished is written (the message says where)."""
+    """Ctrl-C during a sweep: the finished runs are saved (the message says where) and the same
+    command resumes them: while compressing or evaluating, in the checkpoint :data:`PARTIAL`;
+    while ``--bench`` measured, in the sweep's outputs."""
 
 
 class MeasurementError(StatpruneError):
@@ -1195,6 +1211,7 @@ class _Previous:
     rows: dict[tuple[str, float], SweepRow]
     dense: SweepRow | None
     bench: dict[str, Any] | None
+    resumed_partial: int = 0  # how many of ``rows`` an interrupted sweep checkpointed
 
 
 def _settings(config: SweepConfig) -> dict[str, Any]:
@@ -1304,10 +1321,28 @@ def _option_default(f) -> Any:
 
 def _previous(config: SweepConfig) -> _Previous | None:
     """The finished runs of an earlier sweep into ``config.out`` with the same settings, to resume
-    it; None when there is none (or ``--overwrite``). An earlier sweep with other settings is an
+    it; None when there is none. ``results.json`` of a completed sweep is ignored under
+    ``--overwrite``; the runs an interrupted sweep checkpointed (:data:`PARTIAL`) are not, since
+    they are this same command's progress. An earlier sweep with other settings is an
     ``OutputError`` naming what differs."""
     out = config.out
-    if out is None or config.overwrite or not (out / "results.json").is_file():
+    if out is None:
+        return None
+    current = _settings(config)
+    previous = None if config.overwrite else _completed(out, current)
+    partial = _read_partial(out, current)
+    if partial is None:
+        return previous
+    if previous is None:
+        return _Previous(partial, None, None, resumed_partial=len(partial))
+    previous.rows.update(partial)
+    previous.resumed_partial = len(partial)
+    return previous
+
+
+def _completed(out: Path, current: dict[str, Any]) -> _Previous | None:
+    """The runs of the completed sweep in ``out`` (``results.json`` and ``sweep.json``)."""
+    if not (out / "results.json").is_file():
         return None
     try:
         meta = json.loads((out / "sweep.json").read_text())
@@ -1317,43 +1352,131 @@ def _previous(config: SweepConfig) -> _Previous | None:
     stored = meta.get("settings") if isinstance(meta, dict) else None
     if not isinstance(stored, dict) or not isinstance(raw, list):
         return None
-    current = _settings(config)
-    if stored.get("runs") != current["runs"]:
-        differ = _setting_changes(stored.get("runs") or {}, current["runs"])
-        raise OutputError(
-            f"--out {out} holds a sweep with other settings ({'; '.join(differ) or 'format'}); rerun "
-            "with the same ones to resume it, or pass --overwrite or choose another folder"
-        )
+    _check_same_runs(out, stored, current, "a sweep", "pass --overwrite or choose another folder")
     same_bench = current["bench"] is not None and stored.get("bench") == current["bench"]
-    fields = set(SweepRow.__dataclass_fields__)
-    rows, dense = {}, None
-    for item in raw:
-        try:
-            row = SweepRow(**{k: v for k, v in item.items() if k in fields})
-        except TypeError:  # not rows of this version: refused as any non-empty folder is
-            return None
-        if row.change_interval is not None:
-            row.change_interval = tuple(row.change_interval)
-        if not same_bench:  # measured otherwise (or not asked for now): measured again
-            for name in _BENCH_FIELDS:
-                setattr(row, name, None)
-        if row.method == "dense":
-            dense = row
-        else:
-            rows[row.method, row.budget] = row
+    rows = _rows_from(raw, keep_bench=same_bench)
+    if rows is None:  # not rows of this version: refused as any non-empty folder is
+        return None
+    dense = rows.pop(("dense", None), None)
     return _Previous(rows, dense if same_bench else None, meta.get("bench") if same_bench else None)
 
 
-def _unreachable_budgets(config: SweepConfig, dense: nn.Module) -> dict[tuple[str, float], str]:
+def _read_partial(out: Path, current: dict[str, Any]) -> dict[tuple[str, float], SweepRow] | None:
+    """The runs an interrupted sweep into ``out`` checkpointed (:data:`PARTIAL`), or None."""
+    try:
+        data = json.loads((out / PARTIAL).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+        return None
+    where = f"delete {out / PARTIAL} to start over, or choose another folder"
+    _check_same_runs(out, data["settings"], current, "an unfinished sweep", where)
+    rows = _rows_from(data.get("rows"), keep_bench=False)
+    if rows is None:
+        return None
+    rows.pop(("dense", None), None)
+    return rows
+
+
+def _check_same_runs(out: Path, stored: dict[str, Any], current: dict[str, Any], what: str, fix: str) -> None:
+    if stored.get("runs") != current["runs"]:
+        differ = _setting_changes(stored.get("runs") or {}, current["runs"])
+        raise OutputError(
+            f"--out {out} holds {what} with other settings ({'; '.join(differ) or 'format'}); rerun "
+            f"with the same ones to resume it, or {fix}"
+        )
+
+
+def _rows_from(raw: Any, keep_bench: bool) -> dict[tuple[str, float | None], SweepRow] | None:
+    """``results.json``-style rows by (method, budget) (the dense row under ``("dense", None)``);
+    without ``keep_bench`` their measurements are dropped (measured again). None: not rows of
+    this version."""
+    if not isinstance(raw, list):
+        return None
+    fields = set(SweepRow.__dataclass_fields__)
+    rows: dict[tuple[str, float | None], SweepRow] = {}
+    for item in raw:
+        try:
+            row = SweepRow(**{k: v for k, v in item.items() if k in fields})
+        except (TypeError, AttributeError):
+            return None
+        if row.change_interval is not None:
+            row.change_interval = tuple(row.change_interval)
+        if not keep_bench:
+            for name in _BENCH_FIELDS:
+                setattr(row, name, None)
+        dense = row.method == "dense"
+        rows["dense" if dense else row.method, None if dense else row.budget] = row
+    return rows
+
+
+PARTIAL = "sweep.partial.json"
+
+
+class _Checkpoint:
+    """The finished runs of a sweep, saved into ``out/``:data:`PARTIAL` after every run (atomically)
+    so that a sweep killed or interrupted while compressing or evaluating resumes where it stopped
+    when the same command is run again; removed when the sweep's outputs are written. ``None``
+    ``out``: nothing is saved."""
+
+    def __init__(self, out: Path | None, settings: dict[str, Any], previous: _Previous | None) -> None:
+        self.out, self.settings = out, settings
+        self.rows: dict[tuple[str, float], SweepRow] = dict(previous.rows) if previous is not None else {}
+        self.written = False
+        self._made_out = False
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.out is None else self.out / PARTIAL
+
+    def save(self, row: SweepRow) -> None:
+        """Record a finished run (its measurements are not kept: ``--bench`` measures after the runs)."""
+        self.rows[row.method, row.budget] = row
+        if self.out is None:
+            return
+        from statprune.atomic import write_text
+
+        if not self.out.exists():
+            self.out.mkdir(parents=True)
+            self._made_out = True
+        data = {"settings": self.settings, "rows": [r.to_dict() for r in self.rows.values()]}
+        write_text(self.path, json.dumps(data, indent=2) + "\n")
+        self.written = True
+
+    def interrupted_message(self) -> str:
+        if self.out is None:
+            return "interrupted; nothing was saved (pass --out to make a sweep resumable)"
+        if not self.written:
+            return "interrupted before any run finished; nothing was written"
+        return (
+            f"interrupted; the {len(self.rows)} finished runs are saved in {self.path}: rerun the same "
+            "command to resume (finished runs are not compressed again)"
+        )
+
+    def discard(self) -> None:
+        """Remove the checkpoint (and ``out`` when it was made only to hold it)."""
+        if self.path is None or not self.path.exists():
+            return
+        self.path.unlink()
+        if self._made_out and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
+def _unreachable_budgets(
+    config: SweepConfig, dense: nn.Module, calib_tokens: int
+) -> dict[tuple[str, float], str]:
     """``(method, budget) -> why`` for the runs whose FLOPs or params budget lies below the
     reachable floor (``allocation.check_reachable``: every unit ``--prune`` allows removed), from
     the model's shapes alone (latency: from the lookup tables measured on this machine, cached per
     model shape, device and backend, which compress then reuses); ``BudgetError`` when no run can
-    be met."""
+    be met, ``DataError`` when the ``calib_tokens`` calibration tokens are too few for any run
+    (``stages.check_enough_tokens``, which every run would raise)."""
+    import warnings
+
     from statprune.allocation import adds_biases, check_reachable
     from statprune.errors import StatpruneError
     from statprune.flops import model_shapes
-    from statprune.pipeline.stages import resolve_options
+    from statprune.pipeline.stages import check_enough_tokens, resolve_options
 
     kind, found = config.budget_kind, {}
     for method in config.methods:
@@ -1369,6 +1492,9 @@ def _unreachable_budgets(config: SweepConfig, dense: nn.Module) -> dict[tuple[st
         except StatpruneError:
             continue  # the method's own constraints fail its runs one by one
         shapes = model_shapes(plan.adapter, dense.base_model)
+        with warnings.catch_warnings():  # the thin-data warning comes with each run
+            warnings.simplefilter("ignore")
+            check_enough_tokens(shapes, calib_tokens, plan)
         cost: Any = kind
         if kind == "latency":  # the measured lookup tables (cached: compress reads them again)
             from statprune.latency import LatencyCost, latency_table
@@ -1394,7 +1520,7 @@ def _unreachable_budgets(config: SweepConfig, dense: nn.Module) -> dict[tuple[st
                     config.seq_len,
                     plan.options.prune,
                     adds_biases(plan),
-                    name="--budgets" if kind != "latency" else None,
+                    name=config.budget_flag,
                 )
             except BudgetError as exc:
                 found[method, budget] = str(exc)
@@ -1905,6 +2031,7 @@ def _sweep_json(result: SweepResult, settings: dict[str, Any] | None = None) -> 
 
 _OWN_OUTPUTS = (
     "results.json",
+    PARTIAL,
     "results.md",
     "sweep.json",
     "plot.png",
@@ -2085,13 +2212,13 @@ def run_sweep(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    budgets, budget_kind = args.budgets, args.budget_kind
+    budgets, budget_kind, flag = args.budgets, args.budget_kind, "--budgets"
     if args.keep_latency is not None:
         if budgets is not None or budget_kind not in ("flops", "latency"):
             raise OptionsError("--keep-latency F is one latency budget; drop --budgets/--budget-kind")
-        budgets, budget_kind = [args.keep_latency], "latency"
+        budgets, budget_kind, flag = [args.keep_latency], "latency", "--keep-latency"
     try:
-        result = _sweep_from_args(args, budgets, budget_kind, log)
+        result = _sweep_from_args(args, budgets, budget_kind, flag, log)
     except SweepInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return 130
@@ -2106,8 +2233,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_from_args(args: argparse.Namespace, budgets, budget_kind: str, log) -> SweepResult:
-    return sweep(
+def _sweep_from_args(args: argparse.Namespace, budgets, budget_kind: str, flag: str, log) -> SweepResult:
+    started = time.perf_counter()
+    config = SweepConfig.from_arguments(
         args.model,
         args.data,
         args.eval_data,
@@ -2138,5 +2266,7 @@ def _sweep_from_args(args: argparse.Namespace, budgets, budget_kind: str, log) -
         dtype=args.dtype,
         progress=not args.quiet and sys.stderr.isatty(),
         log=log,
+        budget_flag=flag,
         **options_from_args(args, for_sweep=True),
     )
+    return run(config, started)

@@ -874,6 +874,128 @@ def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
         _bench_sweep(assets, out, bench_memory=False, dtype="float32", seq_len=64)
 
 
+# ------------------------------------------------- interrupted or killed while compressing / evaluating
+
+
+def _interrupt_evaluation(patch, at: int, error: type[BaseException] = KeyboardInterrupt) -> None:
+    """Make the ``at``-th call of ``evaluate`` (1: the dense model's) raise ``error``."""
+    from statprune import evaluate as evaluate_module
+
+    real, calls = evaluate_module.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            raise error("stopped")
+        return real(*args, **kwargs)
+
+    patch.setattr(evaluate_module, "evaluate", evaluate)
+
+
+def _sweep_argv(assets, out, *extra):
+    return (
+        assets.model,
+        "--data",
+        assets.calib,
+        "--eval",
+        assets.eval,
+        "--budgets",
+        ",".join(map(str, BUDGETS)),
+        "--methods",
+        ",".join(METHODS),
+        "--samples",
+        "60",
+        "--out",
+        out,
+        "--quiet",
+        *extra,
+    )
+
+
+def _values(out: Path) -> dict:
+    return {(r["method"], r["budget"]): r["value"] for r in json.loads((out / "results.json").read_text())}
+
+
+def test_ctrl_c_while_compressing_keeps_the_finished_runs_and_a_rerun_resumes_them(
+    assets, swept, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _interrupt_evaluation(patch, at=4)  # dense, two runs, then Ctrl-C in the third run
+        assert cli(*_sweep_argv(assets, out)) == 130
+    stderr = capsys.readouterr().err
+    partial = out / sweep_module.PARTIAL
+    assert f"interrupted; the 2 finished runs are saved in {partial}: rerun the same command" in stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == [sweep_module.PARTIAL]  # no half-written results
+    saved = json.loads(partial.read_text())["rows"]
+    assert [(r["method"], r["budget"]) for r in saved] == [("stat", 0.8), ("stat", 0.5)]
+
+    assert cli(*_sweep_argv(assets, out)) == 0  # the same command: the two finished runs are kept
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"resuming: 2 finished runs from {partial}"
+    assert sum(line.endswith("done in the earlier run (kept)") for line in lines) == 2
+    assert sum(" -> " in line for line in lines) == 2  # only the magnitude runs were compressed
+    assert not partial.exists()
+    assert _values(out) == _values(swept.out)  # what an uninterrupted sweep finds
+
+
+def test_a_crash_keeps_the_checkpoint_and_other_settings_are_refused(assets, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    common = {"budgets": BUDGETS, "methods": ["magnitude"], "samples": 60, "out": out, "log": None}
+    with monkeypatch.context() as patch:  # not Ctrl-C: anything that ends the process (a bug, OOM)
+        _interrupt_evaluation(patch, at=3, error=MemoryError)
+        with pytest.raises(MemoryError):
+            sweep(assets.model, assets.calib, assets.eval, **common)
+    partial = out / sweep_module.PARTIAL
+    assert [r["budget"] for r in json.loads(partial.read_text())["rows"]] == [0.8]
+    with pytest.raises(OutputError) as info:  # a checkpoint of other settings is never mixed in
+        sweep(assets.model, assets.calib, assets.eval, **common, seq_len=64)
+    message = str(info.value)
+    assert "holds an unfinished sweep with other settings (--seq-len was 128, now 64)" in message
+    assert f"delete {partial} to start over" in message
+    with pytest.raises(OutputError, match="unfinished sweep"):  # --overwrite does not discard it either
+        sweep(assets.model, assets.calib, assets.eval, **common, seq_len=64, overwrite=True)
+    lines: list[str] = []
+    result = sweep(assets.model, assets.calib, assets.eval, **{**common, "log": lines.append})
+    assert sum("done in the earlier run (kept)" in line for line in lines) == 1
+    assert [r.budget for r in result.rows] == BUDGETS and not partial.exists()
+
+
+def test_overwrite_resumes_its_own_checkpoint_not_the_old_results(assets, swept, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(swept.out, out)  # a finished sweep of other settings
+    common = {"budgets": [0.8], "methods": ["magnitude", "stat"], "samples": 60, "out": out, "log": None}
+    with monkeypatch.context() as patch:
+        _interrupt_evaluation(patch, at=3)
+        with pytest.raises(KeyboardInterrupt):
+            sweep(assets.model, assets.calib, assets.eval, **common, seq_len=64, overwrite=True)
+    assert (out / "results.json").read_text() == (swept.out / "results.json").read_text()  # untouched
+    lines: list[str] = []
+    common["log"] = lines.append
+    sweep(assets.model, assets.calib, assets.eval, **common, seq_len=64, overwrite=True)
+    assert sum("done in the earlier run (kept)" in line for line in lines) == 1
+    assert set(_values(out)) == {("magnitude", 0.8), ("stat", 0.8)}
+    assert not (out / "best").exists() and not (out / sweep_module.PARTIAL).exists()
+
+
+def test_a_sweep_where_every_run_fails_leaves_no_checkpoint(assets, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(BudgetError, match="every run failed"):
+        sweep(
+            assets.model,
+            assets.calib,
+            assets.eval,
+            budgets=[0.0001],
+            methods=["magnitude"],
+            samples=60,
+            out=out,
+        )
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ labels, memory, messages
 
 
@@ -973,6 +1095,26 @@ def test_a_latency_budget_below_the_floor_stops_before_any_work(assets, benched,
         )
     message = str(info.value)
     assert "is below what can be reached" in message and "smallest reachable budget" in message
+    assert message.startswith("every run is out of reach; --budgets 0.01 is below")
+    assert re.search(r"give --budgets 0\.\d+ or more", message)  # the flag the sweep was given
     assert "every run failed" not in message and "\n" not in message
     assert not any(line.startswith("dense:") for line in lines)  # the dense model was not evaluated
     assert not out.exists()
+
+
+def test_too_little_calibration_data_stops_before_the_dense_evaluation(assets, tmp_path, monkeypatch):
+    from statprune.errors import DataError
+
+    lines: list[str] = []
+    with pytest.raises(DataError, match=r"calibration data has only \d+ tokens; a meaningful factorization"):
+        sweep(
+            assets.model,
+            assets.calib,
+            assets.eval,
+            budgets=[0.5],
+            methods=["magnitude"],
+            samples=1,
+            out=tmp_path / "out",
+            log=lines.append,
+        )
+    assert lines == []  # neither the dense model nor any run was evaluated

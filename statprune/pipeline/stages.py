@@ -137,10 +137,14 @@ def check_enough_tokens(shapes: list[LayerShape], tokens: int, plan: Plan, stack
     # routed experts (top-k of E, width I each): each sees about tokens * k / E, so it needs I * E / k
     widest = max(max(s.n_heads * s.head_dim, s.ffn_width // s.ffn_active[0]) for s in shapes)
     if tokens < widest:
+        # packing joins lines across their boundaries: natural for a decoder's running text, not
+        # for an encoder, which sees each example on its own
+        more = f"a larger {option('samples')}"
+        if plan.adapter.is_decoder:
+            more += f", or {option('pack', True)} to join short lines into full windows"
         raise DataError(
             f"calibration data has only {tokens} tokens; a meaningful factorization needs at least "
-            f"{widest} (the widest layer) — give more or longer examples (a larger "
-            f"{option('samples')}, or {option('pack', True)} to join short lines into full windows)"
+            f"{widest} (the widest layer) — give more or longer examples ({more})"
         )
     thin = tokens < THIN_TOKENS_PER_UNIT * widest
     if thin and plan.method.warns_thin_data(plan.options):
