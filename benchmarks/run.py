@@ -4,6 +4,7 @@
     python benchmarks/run.py --models minilm-mr    # a subset; rows of other models are kept
     python benchmarks/run.py --models mpnet-mr --methods stat --update   # rerun one method only
     python benchmarks/run.py --quick --out DIR     # CI smoke test: tiny subset on all-MiniLM-L6-v2
+    python benchmarks/run.py --models gemma3 --work W  # resumable: rerun the same after a kill
 
 Every row comes from `statprune.sweep` run here: same calibration data (512 unlabeled examples,
 at most 128 tokens, seed 0), same FLOPs accounting, same evaluation for every method.
@@ -50,12 +51,22 @@ QUICK = Benchmark(
 
 
 def run_one(
-    bench: Benchmark, samples: int, methods: tuple[str, ...], plot_dir: Path, kept: list[dict] | None = None
+    bench: Benchmark,
+    samples: int,
+    methods: tuple[str, ...],
+    plot_dir: Path,
+    kept: list[dict] | None = None,
+    work: Path | None = None,
 ) -> tuple[list, str]:
     """Run the benchmark's sweep; ``kept`` rows (other methods of the same model and protocol,
-    from an earlier run) join the new ones in the table, the plot and the returned rows."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = run_sweep(bench, samples, methods, Path(tmp) / "sweep")
+    from an earlier run) join the new ones in the table, the plot and the returned rows.
+    ``work``: the sweep's folder is ``work/ASSET`` (kept: a killed run resumes there), else a
+    temporary one."""
+    if work is not None:
+        result = run_sweep(bench, samples, methods, work / bench.asset)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run_sweep(bench, samples, methods, Path(tmp) / "sweep")
     if kept:
         fields = SweepRow.__dataclass_fields__
         old = [SweepRow(**{k: v for k, v in r.items() if k in fields}) for r in kept]
@@ -376,6 +387,12 @@ def main() -> None:
         help="rerun only --methods and keep the saved rows of the model's other methods",
     )
     parser.add_argument(
+        "--work",
+        type=Path,
+        help="keep each model's sweep folder in WORK/ASSET: rerunning the same command after a kill or "
+        "Ctrl-C resumes it (finished runs are not redone)",
+    )
+    parser.add_argument(
         "--merge",
         type=Path,
         nargs="*",
@@ -412,7 +429,8 @@ def main() -> None:
         t0 = time.perf_counter()
         mine = [r for r in rows if r["model"] == bench.name]
         kept = [r for r in mine if r["method"] not in methods] if args.update else []
-        new_rows, section = run_one(bench, bench.samples or samples, methods, args.out / "plots", kept)
+        plots = args.out / "plots"
+        new_rows, section = run_one(bench, bench.samples or samples, methods, plots, kept, args.work)
         rows = [r for r in rows if r["model"] != bench.name] + new_rows
         wall = f"{time.perf_counter() - t0:.0f} s"
         if kept:
