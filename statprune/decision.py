@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from statprune.errors import DataError, OptionsError, OutputError
+from statprune.plot_marks import quality_bar, selected_point
 
 __all__ = [
     "Candidate",
@@ -850,25 +851,10 @@ def _plots(report: DecisionReport) -> dict[str, str]:
         label=f"dense ({_fmt(metric, report.dense_value)})",
     )
     if report.threshold is not None:
-        ax.axhline(
-            report.threshold,
-            color="tab:red",
-            linestyle=":",
-            linewidth=1.2,
-            label=f"bar ({_fmt(metric, report.threshold)})",
-        )
+        quality_bar(ax, report.threshold, f"bar ({_fmt(metric, report.threshold)})")
     rec = report.recommended
     if rec is not None:
-        ax.plot(
-            [rec.achieved],
-            [rec.value],
-            marker="*",
-            markersize=17,
-            color="gold",
-            markeredgecolor="black",
-            linestyle="none",
-            label=f"recommended: {rec.name}",
-        )
+        selected_point(ax, rec.achieved, rec.value, f"recommended: {rec.name}")
     achieved = [c.achieved for c in report.candidates if c.achieved is not None and c.value is not None]
     ax.set_xlim(max(0.0, min(achieved, default=0.0) - 0.05), 1.02)
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
@@ -899,15 +885,13 @@ def _latency_figure(report: DecisionReport):
     fig = Figure(figsize=(7.5, 4.6), dpi=110, layout="constrained")
     ax = fig.add_subplot()
     for c in timed:
-        style = (
-            {"marker": "*", "markersize": 16, "color": "gold", "markeredgecolor": "black"}
-            if c.recommended
-            else {"marker": "o", "markersize": 7}
-        )
-        ax.plot([c.latency_ms], [c.value], linestyle="none", **style)
+        if c.recommended:
+            selected_point(ax, c.latency_ms, c.value)
+        else:
+            ax.plot([c.latency_ms], [c.value], linestyle="none", marker="o", markersize=7)
         ax.annotate(c.name, (c.latency_ms, c.value), textcoords="offset points", xytext=(6, 4), fontsize=8)
     if report.threshold is not None:
-        ax.axhline(report.threshold, color="tab:red", linestyle=":", linewidth=1.2, label="bar")
+        quality_bar(ax, report.threshold, "bar")
         ax.legend(fontsize=8)
     # the setting on a wrapped second line: one long label would run past the figure's edge
     setting = textwrap.fill(f"({report.bench_setting})", 90) if report.bench_setting else ""

@@ -1856,29 +1856,16 @@ def _mark_selection(
     bar_suffix: str = "",
 ) -> None:
     """The quality bar (dotted) and the selected run (a star at ``x_of``), when there are."""
+    from statprune.plot_marks import quality_bar, selected_point
+
     selection = result.selection
     if selection is None:
         return
     sign = ">=" if result.higher_is_better else "<="
-    ax.axhline(
-        selection.threshold,
-        color="tab:red",
-        linestyle=":",
-        linewidth=1.2,
-        label=f"bar {sign} {_fmt(result.metric, selection.threshold)}{bar_suffix}",
-    )
+    quality_bar(ax, selection.threshold, f"bar {sign} {_fmt(result.metric, selection.threshold)}{bar_suffix}")
     best = selection.best
     if best is not None and x_of(best) is not None:
-        ax.plot(
-            [x_of(best)],
-            [best.value],
-            marker="*",
-            markersize=16,
-            color="gold",
-            markeredgecolor="black",
-            linestyle="none",
-            label=f"selected: {best.method} at {x_text(best)}",
-        )
+        selected_point(ax, x_of(best), best.value, f"selected: {best.method} at {x_text(best)}")
 
 
 def write_latency_plot(result: SweepResult, path: Path) -> None:

@@ -1,0 +1,19 @@
+"""The marks every statprune plot shares (matplotlib): the quality bar and the selected model,
+drawn alike in ``sweep``'s plots and ``report``'s figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+BAR_STYLE = {"color": "tab:red", "linestyle": ":", "linewidth": 1.2}
+SELECTED_STYLE = {"marker": "*", "markersize": 16, "color": "gold", "markeredgecolor": "black"}
+
+
+def quality_bar(ax: Any, threshold: float, label: str) -> None:
+    """The bar the candidates must meet: a dotted horizontal line at ``threshold``."""
+    ax.axhline(threshold, label=label, **BAR_STYLE)
+
+
+def selected_point(ax: Any, x: float, y: float, label: str | None = None) -> None:
+    """The selected (recommended) model: a gold star at (``x``, ``y``)."""
+    ax.plot([x], [y], linestyle="none", label=label, **SELECTED_STYLE)
