@@ -77,19 +77,21 @@ def swept(assets):
     """The shared sweep through the Python API; ``--min-quality 0`` so every run qualifies."""
     out = assets.root / "out"
     lines: list[str] = []
-    result = sweep(
-        assets.model,
-        assets.calib,
-        assets.eval,
+    result = sweep_on(
+        assets,
         budgets=BUDGETS,
         methods=METHODS,
-        samples=60,
         min_quality="0",
         save_best=True,
         out=out,
         log=lines.append,
     )
     return SimpleNamespace(result=result, out=out, lines=lines)
+
+
+def sweep_on(assets, **settings):
+    """``sweep`` of the shared tiny classifier on its data (60 calibration examples unless given)."""
+    return sweep(assets.model, assets.calib, assets.eval, **{"samples": 60, **settings})
 
 
 def cli(*argv) -> int:
@@ -215,13 +217,10 @@ def test_none_meets_the_bar_overwrite_and_cli(assets, tmp_path, capsys):
 def test_save_best_recompresses_large_models(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "KEEP_IN_MEMORY_BYTES", 0)
     lines: list[str] = []
-    result = sweep(
-        assets.model,
-        assets.calib,
-        assets.eval,
+    result = sweep_on(
+        assets,
         budgets="0.7",
         methods="flap",
-        samples=60,
         min_quality="1%",
         save_best=True,
         out=tmp_path / "out",
@@ -236,13 +235,10 @@ def test_save_best_recompresses_large_models(assets, tmp_path, monkeypatch):
 def test_unreachable_budget_is_recorded_as_failed(assets, tmp_path, monkeypatch):
     # heads only: the FFN FLOPs alone exceed 20 %, so that run fails while 90 % succeeds
     lines: list[str] = []
-    result = sweep(
-        assets.model,
-        assets.calib,
-        assets.eval,
+    result = sweep_on(
+        assets,
         budgets=[0.9, 0.2],
         methods=["stat"],
-        samples=60,
         out=tmp_path / "out",
         log=lines.append,
         prune=("heads",),
@@ -276,13 +272,10 @@ def test_unreachable_budget_is_recorded_as_failed(assets, tmp_path, monkeypatch)
     monkeypatch.setattr(driver, "compress", no_work)
     lines.clear()
     with pytest.raises(BudgetError, match=r"every run is out of reach; --budgets 0\.2 is below"):
-        sweep(
-            assets.model,
-            assets.calib,
-            assets.eval,
+        sweep_on(
+            assets,
             budgets=[0.2, 0.1],
             methods=["stat", "magnitude"],
-            samples=60,
             out=tmp_path / "out2",
             log=lines.append,
             prune=("heads",),
@@ -324,13 +317,10 @@ def test_bad_arguments_fail_before_any_work(assets, tmp_path, extra, message):
 
 def test_impossible_absolute_bar_is_refused(assets, tmp_path):
     with pytest.raises(BudgetError, match=r"not a possible accuracy \(0\.\.1\); did you mean 80%\?"):
-        sweep(
-            assets.model,
-            assets.calib,
-            assets.eval,
+        sweep_on(
+            assets,
             budgets=[0.5],
             methods=["stat"],
-            samples=60,
             min_quality="80",
             out=tmp_path / "out",
             log=None,
@@ -504,25 +494,19 @@ def test_cli_passes_the_shared_compression_options(assets, tmp_path):
 
 def test_bad_compression_options_fail_before_any_work(assets, tmp_path):
     with pytest.raises(BudgetError, match="layer weighting"):  # an OptionsError
-        sweep(
-            assets.model,
-            assets.calib,
-            assets.eval,
+        sweep_on(
+            assets,
             budgets=[0.8],
             methods=["stat"],
-            samples=60,
             out=tmp_path / "out",
             log=None,
             layer_weighting="loudest",
         )
     with pytest.raises(BudgetError, match="unknown option"):
-        sweep(
-            assets.model,
-            assets.calib,
-            assets.eval,
+        sweep_on(
+            assets,
             budgets=[0.8],
             methods=["stat"],
-            samples=60,
             out=tmp_path / "out",
             log=None,
             keep_everything=True,
@@ -552,13 +536,10 @@ def benched(assets, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STATPRUNE_CACHE", str(cache))
         patch.setattr(latency, "measure_table", synthetic)
-        result = sweep(
-            assets.model,
-            assets.calib,
-            assets.eval,
+        result = sweep_on(
+            assets,
             budgets=[0.9, 0.6],
             methods=METHODS,
-            samples=60,
             budget_kind="latency",
             bench=True,
             bench_memory=False,
@@ -712,14 +693,13 @@ def _bench_sweep(assets, out, lines=None, **extra):
     settings = {
         "budgets": [0.8, 0.5],
         "methods": ["magnitude"],
-        "samples": 60,
         "min_quality": "0",
         "out": out,
         "log": None if lines is None else lines.append,
         **FAST_BENCH,
         **extra,
     }
-    return sweep(assets.model, assets.calib, assets.eval, **settings)
+    return sweep_on(assets, **settings)
 
 
 def _dying_python(tmp_path, pattern: str) -> str:
@@ -942,22 +922,22 @@ def test_ctrl_c_while_compressing_keeps_the_finished_runs_and_a_rerun_resumes_th
 
 def test_a_crash_keeps_the_checkpoint_and_other_settings_are_refused(assets, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    common = {"budgets": BUDGETS, "methods": ["magnitude"], "samples": 60, "out": out, "log": None}
+    common = {"budgets": BUDGETS, "methods": ["magnitude"], "out": out, "log": None}
     with monkeypatch.context() as patch:  # not Ctrl-C: anything that ends the process (a bug, OOM)
         _interrupt_evaluation(patch, at=3, error=MemoryError)
         with pytest.raises(MemoryError):
-            sweep(assets.model, assets.calib, assets.eval, **common)
+            sweep_on(assets, **common)
     partial = out / sweep_module.PARTIAL
     assert [r["budget"] for r in json.loads(partial.read_text())["rows"]] == [0.8]
     with pytest.raises(OutputError) as info:  # a checkpoint of other settings is never mixed in
-        sweep(assets.model, assets.calib, assets.eval, **common, seq_len=64)
+        sweep_on(assets, **common, seq_len=64)
     message = str(info.value)
     assert "holds an unfinished sweep with other settings (--seq-len was 128, now 64)" in message
     assert f"delete {partial} to start over" in message
     with pytest.raises(OutputError, match="unfinished sweep"):  # --overwrite does not discard it either
-        sweep(assets.model, assets.calib, assets.eval, **common, seq_len=64, overwrite=True)
+        sweep_on(assets, **common, seq_len=64, overwrite=True)
     lines: list[str] = []
-    result = sweep(assets.model, assets.calib, assets.eval, **{**common, "log": lines.append})
+    result = sweep_on(assets, **{**common, "log": lines.append})
     assert sum("done in the earlier run (kept)" in line for line in lines) == 1
     assert [r.budget for r in result.rows] == BUDGETS and not partial.exists()
 
@@ -967,15 +947,15 @@ def test_overwrite_resumes_its_own_checkpoint_not_the_old_results(assets, swept,
 
     out = tmp_path / "out"
     shutil.copytree(swept.out, out)  # a finished sweep of other settings
-    common = {"budgets": [0.8], "methods": ["magnitude", "stat"], "samples": 60, "out": out, "log": None}
+    common = {"budgets": [0.8], "methods": ["magnitude", "stat"], "out": out, "log": None}
     with monkeypatch.context() as patch:
         _interrupt_evaluation(patch, at=3)
         with pytest.raises(KeyboardInterrupt):
-            sweep(assets.model, assets.calib, assets.eval, **common, seq_len=64, overwrite=True)
+            sweep_on(assets, **common, seq_len=64, overwrite=True)
     assert (out / "results.json").read_text() == (swept.out / "results.json").read_text()  # untouched
     lines: list[str] = []
     common["log"] = lines.append
-    sweep(assets.model, assets.calib, assets.eval, **common, seq_len=64, overwrite=True)
+    sweep_on(assets, **common, seq_len=64, overwrite=True)
     assert sum("done in the earlier run (kept)" in line for line in lines) == 1
     assert set(_values(out)) == {("magnitude", 0.8), ("stat", 0.8)}
     assert not (out / "best").exists() and not (out / sweep_module.PARTIAL).exists()
@@ -984,13 +964,10 @@ def test_overwrite_resumes_its_own_checkpoint_not_the_old_results(assets, swept,
 def test_a_sweep_where_every_run_fails_leaves_no_checkpoint(assets, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BudgetError, match="every run failed"):
-        sweep(
-            assets.model,
-            assets.calib,
-            assets.eval,
+        sweep_on(
+            assets,
             budgets=[0.0001],
             methods=["magnitude"],
-            samples=60,
             out=out,
         )
     assert not out.exists()
@@ -1080,13 +1057,10 @@ def test_a_latency_budget_below_the_floor_stops_before_any_work(assets, benched,
     lines: list[str] = []
     out = tmp_path / "out"
     with pytest.raises(BudgetError) as info:
-        sweep(
-            assets.model,
-            assets.calib,
-            assets.eval,
+        sweep_on(
+            assets,
             budgets=[0.01],
             methods=["magnitude"],
-            samples=60,
             budget_kind="latency",
             bench_batch=2,
             bench_seq_len=8,
@@ -1107,10 +1081,8 @@ def test_too_little_calibration_data_stops_before_the_dense_evaluation(assets, t
 
     lines: list[str] = []
     with pytest.raises(DataError, match=r"calibration data has only \d+ tokens; a meaningful factorization"):
-        sweep(
-            assets.model,
-            assets.calib,
-            assets.eval,
+        sweep_on(
+            assets,
             budgets=[0.5],
             methods=["magnitude"],
             samples=1,
