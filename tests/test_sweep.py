@@ -100,6 +100,11 @@ def cli(*argv) -> int:
     return run_sweep(parser.parse_args(["sweep", *map(str, argv)]))
 
 
+def cli_on(assets, *argv) -> int:
+    """``statprune sweep`` of the shared tiny classifier on its data, with ``argv``."""
+    return cli(assets.model, "--data", assets.calib, "--eval", assets.eval, *argv)
+
+
 # ------------------------------------------------------------------------------------- outputs
 
 
@@ -184,12 +189,8 @@ def test_none_meets_the_bar_overwrite_and_cli(assets, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    code = cli(
-        assets.model,
-        "--data",
-        assets.calib,
-        "--eval",
-        assets.eval,
+    code = cli_on(
+        assets,
         "--budgets",
         "0.6",
         "--methods",
@@ -291,7 +292,7 @@ def test_existing_out_is_refused(assets, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputError, match="exists and is not empty; pass --overwrite"):
-        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", out)
+        cli_on(assets, "--out", out)
     assert (out / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -310,7 +311,7 @@ def test_existing_out_is_refused(assets, tmp_path):
 def test_bad_arguments_fail_before_any_work(assets, tmp_path, extra, message):
     out = tmp_path / "out"
     with pytest.raises(BudgetError) as info:
-        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", out, *extra)
+        cli_on(assets, "--out", out, *extra)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not out.exists()
 
@@ -364,12 +365,8 @@ def test_impossible_bars_are_refused_when_parsed(assets, tmp_path, bar, message,
     assert message in str(info.value) and "\n" not in str(info.value)
     monkeypatch.setattr(sweep_module, "_read_inputs", lambda *a: pytest.fail("the sweep started reading"))
     with pytest.raises(BudgetError, match=re.escape(message)):
-        cli(
-            assets.model,
-            "--data",
-            assets.calib,
-            "--eval",
-            assets.eval,
+        cli_on(
+            assets,
             "--out",
             tmp_path / "out",
             "--min-quality",
@@ -457,12 +454,8 @@ def test_cli_passes_the_shared_compression_options(assets, tmp_path):
     """sweep's --prune, --round-to and --correction-ridge (defined once in statprune.options, like
     compress's) reach every run."""
     out = tmp_path / "out"
-    code = cli(
-        assets.model,
-        "--data",
-        assets.calib,
-        "--eval",
-        assets.eval,
+    code = cli_on(
+        assets,
         "--budgets",
         "0.8",
         "--methods",
@@ -626,7 +619,7 @@ def test_objective_picks_the_best_by_its_measure():
 def test_bench_and_objective_bad_arguments(assets, tmp_path, extra, message):
     out = tmp_path / "out"
     with pytest.raises(BudgetError) as info:  # OptionsError
-        cli(assets.model, "--data", assets.calib, "--eval", assets.eval, "--out", out, *extra)
+        cli_on(assets, "--out", out, *extra)
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not out.exists()
 
@@ -641,12 +634,8 @@ def test_bench_with_a_missing_onnxruntime_names_the_package(assets, tmp_path, mo
         importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
     )
     with pytest.raises(StatpruneError, match="needs the onnxruntime package"):
-        cli(
-            assets.model,
-            "--data",
-            assets.calib,
-            "--eval",
-            assets.eval,
+        cli_on(
+            assets,
             "--out",
             tmp_path / "out",
             "--bench",
@@ -802,12 +791,8 @@ def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         patch.setattr(bench_module, "time_calls", interrupt)
-        code = cli(
-            assets.model,
-            "--data",
-            assets.calib,
-            "--eval",
-            assets.eval,
+        code = cli_on(
+            assets,
             "--budgets",
             "0.8,0.5",
             "--methods",
@@ -872,13 +857,8 @@ def _interrupt_evaluation(patch, at: int, error: type[BaseException] = KeyboardI
     patch.setattr(evaluate_module, "evaluate", evaluate)
 
 
-def _sweep_argv(assets, out, *extra):
+def _sweep_argv(out, *extra):
     return (
-        assets.model,
-        "--data",
-        assets.calib,
-        "--eval",
-        assets.eval,
         "--budgets",
         ",".join(map(str, BUDGETS)),
         "--methods",
@@ -902,7 +882,7 @@ def test_ctrl_c_while_compressing_keeps_the_finished_runs_and_a_rerun_resumes_th
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
         _interrupt_evaluation(patch, at=4)  # dense, two runs, then Ctrl-C in the third run
-        assert cli(*_sweep_argv(assets, out)) == 130
+        assert cli_on(assets, *_sweep_argv(out)) == 130
     stderr = capsys.readouterr().err
     partial = out / sweep_module.PARTIAL
     assert f"interrupted; the 2 finished runs are saved in {partial}: rerun the same command" in stderr
@@ -911,7 +891,7 @@ def test_ctrl_c_while_compressing_keeps_the_finished_runs_and_a_rerun_resumes_th
     saved = json.loads(partial.read_text())["rows"]
     assert [(r["method"], r["budget"]) for r in saved] == [("stat", 0.8), ("stat", 0.5)]
 
-    assert cli(*_sweep_argv(assets, out)) == 0  # the same command: the two finished runs are kept
+    assert cli_on(assets, *_sweep_argv(out)) == 0  # the same command: the two finished runs are kept
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == f"resuming: 2 finished runs from {partial}"
     assert sum(line.endswith("done in the earlier run (kept)") for line in lines) == 2
