@@ -30,15 +30,64 @@ import torch
 
 from statprune.calibration import CalibrationWarning
 from statprune.linalg.blocks import BlockDiagonalGram
-from statprune.linalg.gram import GramAccumulator
+from statprune.linalg.gram import CrossStats, GramAccumulator
 from statprune.linalg.interpolative import InterpolativeDecomposition
+
+
+class ExpertCrossAccumulator:
+    """``ZᵀΔ`` of the routed experts (correction toward the original model), filled expert by
+    expert: expert e's rows (``widths[e]`` × ``out_width``, from ``sum(widths[:e])`` in the
+    concatenated order) are ``Σ over the tokens routed to e of w_e z_e Δᵀ``, which is what the
+    dense ``z~ᵀ Δ`` holds there (``z~`` is zero elsewhere), without the N × sum(widths) ``z~``.
+
+    :meth:`finish` gives the same :class:`~statprune.linalg.gram.CrossStats` as a
+    :class:`~statprune.linalg.gram.CrossAccumulator` fed the dense rows: ``cross`` (m × d,
+    float64), the column sums of Δ and the token count.
+    """
+
+    def __init__(
+        self, widths: tuple[int, ...], out_width: int, device: torch.device | str, dtype: torch.dtype
+    ) -> None:
+        self.width, self.out_width = sum(widths), out_width
+        self.offsets = [sum(widths[:e]) for e in range(len(widths))]
+        self.device, self.compute_dtype = torch.device(device), dtype
+        self._cross = torch.zeros(self.width, out_width, dtype=torch.float64, device=self.device)
+        self._total = torch.zeros(out_width, dtype=torch.float64, device=self.device)
+        self._count = 0
+
+    def add_shifts(self, shift: torch.Tensor) -> None:
+        """Count the shifts Δ (n, d) of one call's tokens (their column sums and number)."""
+        y = shift.to(device=self.device, dtype=self.compute_dtype)
+        sums = y.sum(dim=0, dtype=torch.float64)
+        if not torch.isfinite(sums).all():
+            raise FloatingPointError("targets contain NaN or Inf")
+        self._total += sums
+        self._count += shift.shape[0]
+
+    def add_expert(self, expert: int, rows: torch.Tensor, shift: torch.Tensor) -> None:
+        """Add expert ``expert``'s weighted rows (n_e, w_e) and its tokens' shifts (n_e, d)."""
+        if rows.shape[0] == 0 or rows.shape[1] == 0:
+            return
+        start = self.offsets[expert]
+        z = rows.to(device=self.device, dtype=self.compute_dtype)
+        y = shift.to(device=self.device, dtype=self.compute_dtype)
+        self._cross[start : start + rows.shape[1]] += (z.T @ y).double()
+
+    def zero(self, rows: torch.Tensor) -> None:
+        """Zero the rows ``rows`` (indices into the concatenation)."""
+        self._cross[rows.to(self.device)] = 0.0
+
+    def finish(self) -> CrossStats:
+        return CrossStats(cross=self._cross, total=self._total, count=self._count)
 
 
 class ExpertGramAccumulator:
     """Block-diagonal Gram of the routed experts' weighted activations (see the module doc).
 
     ``widths``: each expert's neuron count; ``name`` names the layer in the warning. Fed by
-    :meth:`add_call` with the experts module's call arguments; :meth:`finish` gives a
+    :meth:`add_call` with the experts module's call arguments, expert by expert (the module's
+    ``routed_activations``: each expert's rows on its own tokens only, never the dense
+    N × sum(widths) ``z~``); :meth:`finish` gives a
     :class:`~statprune.linalg.blocks.BlockDiagonalGram` (one w × w block per expert, never the
     dense ``sum(widths)`` square) over all ``count`` real tokens, with the blocks of starved
     experts zeroed; ``pinned`` then lists their neurons (indices into the concatenation).
@@ -47,6 +96,10 @@ class ExpertGramAccumulator:
     cannot stand for a mean that each expert contributes only on its own tokens, and centering
     the block-diagonal Gram by the means of all tokens would couple the experts (and lose
     positive semi-definiteness).
+
+    With ``correction_target original``, :meth:`track_targets` adds an
+    :class:`ExpertCrossAccumulator` (``targets``) that :meth:`add_call` fills from the same
+    rows when given the shifts Δ.
     """
 
     def __init__(
@@ -54,38 +107,50 @@ class ExpertGramAccumulator:
     ) -> None:
         self.widths, self.name = tuple(int(w) for w in widths), name
         self.width = sum(self.widths)
-        self.device = torch.device(device)
+        self.device, self.dtype = torch.device(device), dtype
         self.blocks = [GramAccumulator(w, device, dtype) for w in self.widths]
         self.tokens = [0] * len(self.widths)  # routed real tokens per expert
         self._count = 0
         self._finished: BlockDiagonalGram | None = None
         self.pinned = torch.zeros(0, dtype=torch.long)
-        self.targets = None  # a CrossAccumulator of ZᵀΔ (correction toward the original model)
+        self.targets: ExpertCrossAccumulator | None = None  # ZᵀΔ (correction toward the original model)
 
     @property
     def count(self) -> int:
         return self._count
 
-    def add_call(self, module: torch.nn.Module, args: tuple, mask: torch.Tensor) -> torch.Tensor:
-        """Add one call of the experts module (``args``: hidden states (N, H), top-k indices and
-        weights) restricted to the real tokens ``mask`` (N,); returns those tokens' ``z~`` rows."""
-        z, routed = module.activations(*args)
-        z, routed = z[mask], routed[mask]
-        self.add_routed(z, routed)
-        return z
+    def track_targets(self, out_width: int) -> ExpertCrossAccumulator:
+        """Start accumulating ``ZᵀΔ`` for shifts Δ of width ``out_width`` (see :meth:`add_call`)."""
+        self.targets = ExpertCrossAccumulator(self.widths, out_width, self.device, self.dtype)
+        return self.targets
 
-    def add_routed(self, z: torch.Tensor, routed: torch.Tensor) -> None:
-        """Add ``z~`` rows (n, sum(widths)) and which experts each token was routed to (n, E)."""
+    def add_call(
+        self,
+        module: torch.nn.Module,
+        args: tuple,
+        mask: torch.Tensor,
+        shift: torch.Tensor | None = None,
+    ) -> None:
+        """Add one call of the experts module (``args``: hidden states (N, H), top-k indices and
+        weights (N, k), for Qwen2-MoE the shared expert's gate (N, 1)) restricted to the real
+        tokens ``mask`` (N,) bool, one expert at a time: the largest activation tensor held is
+        one expert's rows on its routed real tokens (n_e × w_e). ``shift`` (n real tokens, d):
+        the shifts Δ of those tokens (in order) for ``targets``, which needs them."""
         if self._finished is not None:
             raise RuntimeError("this accumulator is finished; start a new one")
-        self._count += z.shape[0]
-        start = 0
-        for e, (acc, width) in enumerate(zip(self.blocks, self.widths, strict=True)):
-            rows = routed[:, e]
-            self.tokens[e] += int(rows.sum())
-            if width:
-                acc.add_batch(z[rows, start : start + width])
-            start += width
+        if (shift is None) != (self.targets is None):
+            raise ValueError("give the shifts exactly when the target statistics are tracked")
+        args = tuple(a[mask] if isinstance(a, torch.Tensor) else a for a in args)
+        self._count += args[0].shape[0]
+        if shift is not None:
+            self.targets.add_shifts(shift)
+        for e, tokens, rows in module.routed_activations(*args):
+            self.tokens[e] += tokens.numel()
+            if self.widths[e]:
+                self.blocks[e].add_batch(rows)
+                if shift is not None:
+                    self.targets.add_expert(e, rows, shift[tokens.to(shift.device)])
+            del tokens, rows  # before the next expert's rows are computed
 
     def starved(self) -> list[int]:
         """Experts with fewer routed tokens than neurons."""
@@ -93,7 +158,8 @@ class ExpertGramAccumulator:
 
     def finish(self) -> BlockDiagonalGram:
         """The experts' Grams as one :class:`~statprune.linalg.blocks.BlockDiagonalGram` (memory
-        ``8 Σ widths²`` bytes, never ``8 (Σ widths)²``), starved experts' blocks zeroed."""
+        ``8 Σ widths²`` bytes, never ``8 (Σ widths)²``), starved experts' blocks zeroed (and
+        their rows of ``targets``: nothing to refit on them)."""
         if self._finished is not None:
             return self._finished
         starved, pinned, blocks, start = set(self.starved()), [], [], 0
@@ -113,8 +179,8 @@ class ExpertGramAccumulator:
                 stacklevel=2,
             )
         self.pinned = torch.tensor(pinned, dtype=torch.long)
-        if self.targets is not None and pinned:  # nothing to refit on them
-            self.targets.finish().cross[self.pinned] = 0.0
+        if self.targets is not None and pinned:
+            self.targets.zero(self.pinned)
         self.blocks = []  # the result holds the blocks now
         total = torch.zeros(self.width, dtype=torch.float64, device=self.device)
         self._finished = BlockDiagonalGram(blocks=tuple(blocks), total=total, count=self._count)
