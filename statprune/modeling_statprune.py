@@ -152,8 +152,9 @@ class StatprunedExperts(nn.Module):
         (N, E + shared) bool: which tokens each expert got (a shared expert: all)."""
         n = hidden_states.shape[0]
         weights = self.routing(top_k_index, top_k_weights, n)
-        experts = torch.arange(self.num_experts, device=top_k_index.device)
-        routed = (top_k_index.unsqueeze(-1) == experts).any(1)
+        known = (top_k_index >= 0) & (top_k_index < self.num_experts)
+        routed = torch.zeros(n, self.num_experts + 1, dtype=torch.bool, device=top_k_index.device)
+        routed = routed.scatter_(1, torch.where(known, top_k_index, self.num_experts), True)[:, :-1]
         if self.shared:
             weights = torch.cat([weights, shared_weights.reshape(n, self.shared).to(weights.dtype)], 1)
             routed = torch.cat([routed, routed.new_ones(n, self.shared)], 1)
