@@ -10,14 +10,17 @@ runs in its own process and prints one JSON line:
 - ``largest_tensor_bytes``: the largest tensor any op returns during ``add_call`` (one batch,
   recorded by a ``TorchDispatchMode``);
 - ``peak_rss_growth_bytes``: the process's peak resident memory (``ru_maxrss``) over its
-  resident memory just before the first batch, so it includes the Gram blocks and row buffers;
+  resident memory just before the first batch: the row buffers and every temporary (the Gram
+  blocks are allocated, zero-filled, before it);
 - ``seconds``: wall time of the accumulation and ``finish``.
 
-Modes: ``sparse`` (statprune: expert by expert) and ``dense`` (the former dense ``z~`` rows, the
-reference implementation in ``tests/test_moe.py``). Usage::
+Modes: ``sparse`` (statprune: expert by expert, ``EXPERT_BLOCK_ROWS`` buffered rows per expert)
+and ``dense`` (the former code: dense ``z~`` rows, the reference implementation in
+``tests/test_moe.py``, 4096 buffered rows per expert). 16 batches of 4096 tokens route about
+4096 rows to each expert (so the 4096-row buffers fill). Usage::
 
     OMP_NUM_THREADS=1 python scripts/moe_statistics_memory.py            # both modes
-    python scripts/moe_statistics_memory.py --mode sparse --block-rows 4096
+    python scripts/moe_statistics_memory.py --mode sparse --block-rows 4096  # one change alone
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
 
     from statprune.modeling_statprune import StatprunedExperts
-    from statprune.moe import ExpertGramAccumulator
+    from statprune.moe import EXPERT_BLOCK_ROWS, ExpertGramAccumulator
 
     torch.manual_seed(0)
     widths = (args.width,) * args.experts
@@ -79,9 +82,11 @@ def measure(args: argparse.Namespace) -> dict:
     else:
         add_call = ExpertGramAccumulator.add_call
 
+    if args.block_rows is None:  # the former code buffered 4096 rows per expert
+        args.block_rows = 4096 if args.mode == "dense" else EXPERT_BLOCK_ROWS
+
     def new_accumulator():
-        extra = {} if args.block_rows is None else {"block_rows": args.block_rows}
-        return ExpertGramAccumulator(widths, "cpu", torch.float32, "synthetic", **extra)
+        return ExpertGramAccumulator(widths, "cpu", torch.float32, "synthetic", args.block_rows)
 
     with torch.no_grad():
         acc = new_accumulator()
@@ -118,9 +123,12 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per calibration batch")
-    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=16)
     parser.add_argument(
-        "--block-rows", type=int, default=None, help="rows each expert buffers (default: statprune's)"
+        "--block-rows",
+        type=int,
+        default=None,
+        help="rows each expert buffers (default: 4096 for dense, as the former code; statprune's for sparse)",
     )
     args = parser.parse_args()
     if args.mode:

@@ -234,40 +234,50 @@ PUBLIC_MOE_CONFIGS = {
 }
 
 
-def statistics_memory(hidden: int, experts: int, width: int, block_rows: int = 4096) -> dict[str, int]:
-    """Bytes of one MoE layer's neuron statistics for ``experts`` experts of ``width`` neurons
-    and hidden size ``hidden`` (Gram and cross statistics in float64, rows in float32).
+def statistics_memory(
+    hidden: int, experts: int, width: int, top_k: int, block_rows: int = EXPERT_BLOCK_ROWS
+) -> dict[str, int]:
+    """Bytes of one MoE layer's neuron statistics for ``experts`` experts of ``width`` neurons,
+    ``top_k`` experts per token and hidden size ``hidden`` (Gram and cross statistics in float64,
+    rows in float32).
 
     ``dense``: the former peak, the (E·I)² Gram plus the two temporaries of its column-scaled copy
     in ``select_columns`` (``g * outer(s, s)``: 3 × 8 (E·I)²); ``blockwise``: the E blocks plus
-    one block's two such temporaries (8 E·I² + 2 × 8 I²); ``buffers``: the rows each expert's Gram
-    accumulator buffers before an update (4 E·I·max(block_rows, I), ``GramAccumulator``), the
-    same before and after; ``cross``: ``ZᵀΔ`` (8 E·I·H), only with ``correction_target
-    original``, the same before and after (each expert's I × H rows are needed for its refit);
-    ``rows_per_1k_tokens``: the routing-weighted activations ``z~`` of a batch that the experts
-    module hands the accumulator (4 × 1000 × E·I per thousand tokens of the batch), unchanged.
+    one block's two such temporaries (8 E·I² + 2 × 8 I²); ``buffers_before``/``buffers``: the
+    rows each expert's Gram accumulator buffers before an update, ``4 E·I·max(rows, I)`` for the
+    former 4096 rows and for ``block_rows`` (``EXPERT_BLOCK_ROWS``); ``cross``: ``ZᵀΔ``
+    (8 E·I·H), only with ``correction_target original``, unchanged (each expert's I × H rows are
+    needed for its refit); ``rows_per_1k_tokens``: the former routing-weighted activations ``z~``
+    of a batch, dense (4 × 1000 × E·I per thousand tokens of the batch);
+    ``expert_rows_per_1k_tokens``: what replaced it, the rows of the one expert being added
+    (``ExpertGramAccumulator.add_call``) on its routed tokens, 4 × 1000 × (k/E) × I per thousand
+    batch tokens under balanced routing (at most 4 × 1000 × I, if one expert got every token).
     """
     m = experts * width
     return {
         "dense": 3 * 8 * m * m,
         "blockwise": 8 * experts * width * width + 2 * 8 * width * width,
+        "buffers_before": 4 * m * max(4096, width),
         "buffers": 4 * m * max(block_rows, width),
         "cross": 8 * m * hidden,
         "rows_per_1k_tokens": 4 * 1000 * m,
+        "expert_rows_per_1k_tokens": 4 * 1000 * top_k * width // experts,
     }
 
 
 def memory_table(configs: dict[str, tuple[int, ...]] = PUBLIC_MOE_CONFIGS) -> str:
     """The Markdown table of :func:`statistics_memory` per layer for ``configs`` (docs/MOE.md),
-    in GB (10⁹ bytes)."""
-    keys = ("dense", "blockwise", "buffers", "cross", "rows_per_1k_tokens")
+    in GB (10⁹ bytes), the last column in MB (10⁶ bytes)."""
+    keys = ("dense", "blockwise", "buffers_before", "buffers", "cross", "rows_per_1k_tokens")
     lines = [
-        "| model | H | E | I | layers | Gram peak before | Gram peak after | row buffers "
-        "| ZᵀΔ (original target) | z~ per 1k batch tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | H | E | I | k | layers | Gram peak before | Gram peak after | row buffers before "
+        "| row buffers after | ZᵀΔ (original target) | z~ per 1k batch tokens before "
+        "| one expert's rows per 1k batch tokens after (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, (hidden, experts, width, _top_k, layers) in configs.items():
-        mem = statistics_memory(hidden, experts, width)
-        cells = [name, hidden, experts, width, layers, *(f"{mem[k] / 1e9:.3g}" for k in keys)]
+    for name, (hidden, experts, width, top_k, layers) in configs.items():
+        mem = statistics_memory(hidden, experts, width, top_k)
+        cells = [name, hidden, experts, width, top_k, layers, *(f"{mem[k] / 1e9:.3g}" for k in keys)]
+        cells.append(f"{mem['expert_rows_per_1k_tokens'] / 1e6:.3g}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

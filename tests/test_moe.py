@@ -368,12 +368,17 @@ def test_no_statistic_of_the_dense_experts_size_is_allocated(target, monkeypatch
 def test_the_memory_table_in_the_docs_is_the_functions():
     from pathlib import Path
 
-    from statprune.moe import memory_table, statistics_memory
+    from statprune.moe import EXPERT_BLOCK_ROWS, memory_table, statistics_memory
 
     doc = (Path(__file__).parent.parent / "docs" / "MOE.md").read_text()
     assert memory_table() in doc
-    olmoe = statistics_memory(2048, 64, 1024)
+    olmoe = statistics_memory(2048, 64, 1024, 8)
     assert olmoe["dense"] == 3 * 8 * 65536**2 and olmoe["blockwise"] == 8 * (64 + 2) * 1024**2
+    assert olmoe["rows_per_1k_tokens"] == 4 * 1000 * 65536  # z~: every expert's neurons
+    assert olmoe["expert_rows_per_1k_tokens"] == 4 * 1000 * 8 // 64 * 1024  # one expert's k/E share
+    assert olmoe["buffers"] == 4 * 65536 * max(EXPERT_BLOCK_ROWS, 1024) < olmoe["buffers_before"]
+    acc = ExpertGramAccumulator((32, 2048), "cpu", torch.float32)  # what the buffers formula assumes
+    assert [b.block_rows for b in acc.blocks] == [EXPERT_BLOCK_ROWS, 2048]
 
 
 # ------------------------------------------- statistics expert by expert, never the dense z~ (N × Σ widths)
