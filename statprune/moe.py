@@ -150,7 +150,8 @@ class ExpertGramAccumulator:
             raise RuntimeError("this accumulator is finished; start a new one")
         if (shift is None) != (self.targets is None):
             raise ValueError("give the shifts exactly when the target statistics are tracked")
-        args = tuple(a[mask] if isinstance(a, torch.Tensor) else a for a in args)
+        n = mask.shape[0]
+        args = tuple(a[mask] if isinstance(a, torch.Tensor) and a.shape[:1] == (n,) else a for a in args)
         self._count += args[0].shape[0]
         if shift is not None:
             self.targets.add_shifts(shift)

@@ -159,8 +159,8 @@ def collect_with_targets(
         def after(module, args, output):
             seen[f"{current['pass']}:{name}"] = rows(output)
             if current["pass"] == "pruned" and hasattr(acc, "add_call"):
-                # routed experts: the shift is known once the block has run; their rows are computed
-                # again here, expert by expert, for the Gram and ZᵀΔ together (no dense z~ kept)
+                # routed experts: the shift is known once the block has run, so their rows are
+                # computed here, expert by expert, for the Gram and ZᵀΔ together (no dense z~)
                 shift = seen[f"original:{name}"] - seen[f"pruned:{name}"]
                 acc.add_call(module, args, current["mask"], shift)
 
