@@ -11,6 +11,7 @@ installed: it must import nothing but torch and transformers.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -151,32 +152,36 @@ class StatprunedExperts(nn.Module):
         (N, E + shared) bool: which tokens each expert got (a shared expert: all)."""
         n = hidden_states.shape[0]
         weights = self.routing(top_k_index, top_k_weights, n)
-        experts = torch.arange(self.num_experts, device=top_k_index.device)
-        routed = (top_k_index.unsqueeze(-1) == experts).any(1)
+        known = (top_k_index >= 0) & (top_k_index < self.num_experts)
+        routed = torch.zeros(n, self.num_experts + 1, dtype=torch.bool, device=top_k_index.device)
+        routed = routed.scatter_(1, torch.where(known, top_k_index, self.num_experts), True)[:, :-1]
         if self.shared:
             weights = torch.cat([weights, shared_weights.reshape(n, self.shared).to(weights.dtype)], 1)
             routed = torch.cat([routed, routed.new_ones(n, self.shared)], 1)
         return weights, routed
 
-    def activations(
+    def routed_activations(
         self,
         hidden_states: torch.Tensor,
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
         shared_weights: torch.Tensor | None = None,
         *args: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every expert's neuron activations times its routing weight, (N, sum(widths)), zero for
-        the tokens not routed to it; and which tokens each expert got, (N, E + shared) bool."""
-        n = hidden_states.shape[0]
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Each expert's neuron activations on its own tokens times its routing weight, one
+        expert at a time (called like :meth:`forward`).
+
+        Yields ``(e, tokens, rows)`` for every expert in order (the routed ones, then the
+        shared): ``tokens`` (n_e,) the indices (ascending) of the tokens routed to ``e`` (a
+        shared expert: all N), ``rows`` (n_e, widths[e]) their ``w_e(x) z_e(x)``. Nothing of
+        N × sum(widths) is built: the statistics of the routed experts (``statprune.moe``) stream
+        from these records, and hold one expert's rows at a time.
+        """
         weights, routed = self._weights(hidden_states, top_k_index, top_k_weights, shared_weights)
-        out = hidden_states.new_zeros(n, sum(self.widths))
         for e, rows in enumerate(self._slices()):
             tokens = torch.nonzero(routed[:, e]).flatten()
-            if rows.stop > rows.start and tokens.numel():
-                z = self._neurons(hidden_states[tokens], rows)
-                out[tokens, rows] = z * weights[tokens, e, None].to(z.dtype)
-        return out, routed
+            z = self._neurons(hidden_states[tokens], rows)
+            yield e, tokens, z * weights[tokens, e, None].to(z.dtype)
 
     def forward(
         self,

@@ -115,21 +115,43 @@ def test_an_expert_without_routed_tokens_keeps_its_neurons_with_a_warning():
     assert report.params_kept <= 0.6
 
 
+def _three_experts():
+    """Experts of 4, 4 and 2 neurons on 6 tokens of width 3, top-2: expert 0 gets every token,
+    expert 1 the first 3 (fewer than its 4 neurons), expert 2 the last 3."""
+    torch.manual_seed(0)
+    module = StatprunedExperts(3, [4, 4, 2], "silu")
+    index = torch.tensor([[0, 1]] * 3 + [[0, 2]] * 3)
+    weights = torch.rand(6, 2, dtype=torch.float32)
+    return module, (torch.randn(6, 3), index, weights)
+
+
 def test_an_expert_with_fewer_tokens_than_neurons_keeps_them_all():
     """The threshold is the expert's width: below it its Gram is rank-deficient."""
-    acc = ExpertGramAccumulator((4, 4), "cpu", torch.float64, "layer 7")
-    z = torch.randn(6, 8)
-    routed = torch.zeros(6, 2, dtype=torch.bool)
-    routed[:, 0] = True
-    routed[:3, 1] = True  # expert 1: 3 tokens for 4 neurons
-    z[3:, 4:] = 0
-    acc.add_routed(z, routed)
+    module, args = _three_experts()
+    acc = ExpertGramAccumulator((4, 4, 2), "cpu", torch.float64, "layer 7")
+    with torch.no_grad():
+        acc.add_call(module, args, torch.ones(6, dtype=torch.bool))
     with pytest.warns(
         CalibrationWarning, match="layer 7 expert 1 was routed only 3 calibration tokens for its 4"
     ):
         stats = acc.finish()
-    assert acc.pinned.tolist() == [4, 5, 6, 7]
-    assert torch.count_nonzero(stats.gram[4:]) == 0 and torch.count_nonzero(stats.total[4:]) == 0
+    assert acc.tokens == [6, 3, 3] and acc.pinned.tolist() == [4, 5, 6, 7]
+    assert torch.count_nonzero(stats.gram[4:8]) == 0 and torch.count_nonzero(stats.gram[8:, 8:]) == 4
+
+
+def test_a_starved_experts_target_statistics_are_zeroed_with_its_gram():
+    """Else the refit toward the original model would solve its zero Gram rows against nonzero
+    ``ZᵀΔ`` rows (a division by the ridge)."""
+    module, args = _three_experts()
+    acc = ExpertGramAccumulator((4, 4, 2), "cpu", torch.float64, "layer 2")
+    acc.track_targets(5)
+    with torch.no_grad():
+        acc.add_call(module, args, torch.ones(6, dtype=torch.bool), torch.randn(6, 5))
+    with pytest.warns(CalibrationWarning, match="layer 2 expert 1"):
+        acc.finish()
+    cross = acc.targets.finish().cross
+    assert torch.count_nonzero(cross[4:8]) == 0
+    assert torch.count_nonzero(cross[:4]) == 20 and torch.count_nonzero(cross[8:]) == 10
 
 
 @pytest.mark.parametrize("family", MOE)
@@ -242,24 +264,6 @@ def test_a_starved_expert_is_left_as_it_was_when_correcting_toward_the_original_
     assert torch.linalg.vector_norm(logits - reference) / torch.linalg.vector_norm(reference) < 0.5
 
 
-def test_a_starved_experts_target_statistics_are_zeroed_with_its_gram():
-    """Else the refit toward the original model would solve its zero Gram rows against nonzero
-    ``ZᵀΔ`` rows (a division by the ridge)."""
-    from statprune.linalg import CrossAccumulator
-
-    acc = ExpertGramAccumulator((4, 4), "cpu", torch.float64, "layer 2")
-    acc.targets = CrossAccumulator(8, 3, "cpu", torch.float64)
-    z, routed = torch.randn(6, 8), torch.ones(6, 2, dtype=torch.bool)
-    routed[2:, 1] = False  # expert 1: 2 tokens for 4 neurons
-    z[2:, 4:] = 0
-    acc.add_routed(z, routed)
-    acc.targets.add_batch(z, torch.randn(6, 3))
-    with pytest.warns(CalibrationWarning, match="layer 2 expert 1"):
-        acc.finish()
-    cross = acc.targets.finish().cross
-    assert torch.count_nonzero(cross[4:]) == 0 and torch.count_nonzero(cross[:4]) == 12
-
-
 @pytest.mark.parametrize(
     ("family", "options"), [("olmoe", {"keep_params": 0.5}), ("qwen2_moe", {"keep_flops": 0.5})]
 )
@@ -364,12 +368,153 @@ def test_no_statistic_of_the_dense_experts_size_is_allocated(target, monkeypatch
 def test_the_memory_table_in_the_docs_is_the_functions():
     from pathlib import Path
 
-    from statprune.moe import memory_table, statistics_memory
+    from statprune.moe import EXPERT_BLOCK_ROWS, memory_table, statistics_memory
 
     doc = (Path(__file__).parent.parent / "docs" / "MOE.md").read_text()
     assert memory_table() in doc
-    olmoe = statistics_memory(2048, 64, 1024)
+    olmoe = statistics_memory(2048, 64, 1024, 8)
     assert olmoe["dense"] == 3 * 8 * 65536**2 and olmoe["blockwise"] == 8 * (64 + 2) * 1024**2
+    assert olmoe["rows_per_1k_tokens"] == 4 * 1000 * 65536  # z~: every expert's neurons
+    assert olmoe["expert_rows_per_1k_tokens"] == 4 * 1000 * 8 // 64 * 1024  # one expert's k/E share
+    assert olmoe["buffers"] == 4 * 65536 * max(EXPERT_BLOCK_ROWS, 1024) < olmoe["buffers_before"]
+    acc = ExpertGramAccumulator((32, 2048), "cpu", torch.float32)  # what the buffers formula assumes
+    assert [b.block_rows for b in acc.blocks] == [EXPERT_BLOCK_ROWS, 2048]
+
+
+# ------------------------------------------- statistics expert by expert, never the dense z~ (N × Σ widths)
+
+
+def _dense_z(module, hidden, index, weights, shared=None):
+    """Reference (the former ``StatprunedExperts.activations``): ``z~`` built dense, (N, Σ widths),
+    zero for the experts a token was not routed to; and which experts each token got (N, E + shared)."""
+    w, routed = module._weights(hidden, index, weights, shared)
+    out = hidden.new_zeros(hidden.shape[0], sum(module.widths))
+    for e, rows in enumerate(module._slices()):
+        tokens = torch.nonzero(routed[:, e]).flatten()
+        if rows.stop > rows.start and tokens.numel():
+            z = module._neurons(hidden[tokens], rows)
+            out[tokens, rows] = z * w[tokens, e, None].to(z.dtype)
+    return out, routed
+
+
+def _dense_add_call(self, module, args, mask, shift=None):
+    """Reference (the former ``ExpertGramAccumulator.add_call`` and ``CrossAccumulator``): each
+    expert's columns sliced out of the real tokens' dense ``z~``, ``ZᵀΔ`` one product of those rows."""
+    z, routed = _dense_z(module, *args)
+    z, routed = z[mask], routed[mask]
+    self._count += z.shape[0]
+    start = 0
+    for e, (acc, width) in enumerate(zip(self.blocks, self.widths, strict=True)):
+        self.tokens[e] += int(routed[:, e].sum())
+        if width:
+            acc.add_batch(z[routed[:, e], start : start + width])
+        start += width
+    if shift is not None:
+        self.targets.add_shifts(shift)
+        self.targets._cross += (z.to(self.dtype).T @ shift.to(self.dtype)).double()
+
+
+def test_expert_by_expert_statistics_are_the_dense_rows_statistics():
+    """Qwen2-MoE's experts (routed and the gated shared one) on 200 tokens of which about 150 are real:
+    the same Gram blocks, token counts and ``ZᵀΔ`` as from the dense ``z~`` (float64)."""
+    model = build("qwen2_moe", "ForCausalLM").double()
+    adapter_for(model.config).prepare(model.base_model)
+    block = model.model.layers[0].mlp
+    torch.manual_seed(1)
+    x, mask, shift = torch.randn(200, 32, dtype=torch.float64), torch.rand(200) < 0.75, None
+    with torch.no_grad():
+        _, weights, index = block.gate(x)
+        args = (x, index, weights, torch.sigmoid(block.shared_expert_gate(x)))
+        shift = torch.randn(int(mask.sum()), 32, dtype=torch.float64)
+        results = []
+        for add_call in (ExpertGramAccumulator.add_call, _dense_add_call):
+            acc = ExpertGramAccumulator(tuple(block.experts.widths), "cpu", torch.float64, "layer 0")
+            acc.track_targets(32)
+            add_call(acc, block.experts, args, mask, shift)
+            results.append((acc, acc.finish(), acc.targets.finish()))
+    (sparse, gram, cross), (dense, dense_gram, dense_cross) = results
+    assert sparse.count == dense.count == int(mask.sum()) and sparse.tokens == dense.tokens
+    assert sparse.tokens[4] == sparse.count and not sparse.starved()  # shared: every real token
+    for a, b in zip(gram.blocks, dense_gram.blocks, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cross.cross, dense_cross.cross, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cross.total, shift.sum(0), rtol=0, atol=1e-12)
+    assert cross.count == dense_cross.count == sparse.count
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("mixtral", {"keep_flops": 0.6}),
+        ("olmoe", {"keep_params": 0.5, "prune": ("neurons",), "activations": "original"}),
+        ("qwen2_moe", {"keep_flops": 0.5, "activations": "sequential", "correction_target": "original"}),
+        ("qwen3_moe", {"keep_flops": 0.5, "activations": "sequential", "correction_target": "original"}),
+        ("olmoe", {"keep_flops": 0.6, "method": "flap"}),
+    ],
+)
+def test_expert_by_expert_statistics_give_the_dense_rows_results(family, options, monkeypatch):
+    """Same kept neurons and weights (float64 model and statistics, to 1e-10) as the former
+    dense ``z~`` rows gave, on padded calibration batches (only real tokens count)."""
+    model = build(family, "ForCausalLM").double()
+    options = {**options, "gram_dtype": "float64"}
+    sparse, report = _compress(model, **options)
+    with monkeypatch.context() as patch:
+        patch.setattr(ExpertGramAccumulator, "add_call", _dense_add_call)
+        dense, dense_report = _compress(model, **options)
+    assert [r.neurons_kept for r in report.layers] == [r.neurons_kept for r in dense_report.layers]
+    assert [e.widths for e in _experts(sparse)] == [e.widths for e in _experts(dense)]
+    for (name, a), b in zip(sparse.state_dict().items(), dense.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("target", ["activations", "original"])
+def test_a_starved_expert_gets_the_dense_rows_results(target, monkeypatch):
+    model = build("mixtral", "ForCausalLM").double()
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(_starve(2, first=2))
+    options = {"keep_params": 0.6, "prune": ("neurons",), "gram_dtype": "float64"}
+    options["correction_target"] = target
+    with pytest.warns(CalibrationWarning, match="expert 2 was routed only 8 calibration tokens"):
+        sparse, _ = _compress(model, **options)
+    with monkeypatch.context() as patch, pytest.warns(CalibrationWarning):
+        patch.setattr(ExpertGramAccumulator, "add_call", _dense_add_call)
+        dense, _ = _compress(model, **options)
+    assert [e.widths[2] for e in _experts(sparse)] == [32, 32]
+    for (name, a), b in zip(sparse.state_dict().items(), dense.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
+class RowsOfWidth(TorchDispatchMode):
+    """Records the shapes of the tensors that ops return with a dimension of ``width`` and at
+    least ``rows`` × ``width`` elements (``z~`` of a batch: real tokens × Σ widths)."""
+
+    def __init__(self, width: int, rows: int) -> None:
+        super().__init__()
+        self.width, self.rows, self.found = width, rows, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and self.width in t.shape and t.numel() >= self.rows * self.width:
+                self.found.add(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("target", ["activations", "original"])
+@pytest.mark.parametrize(("family", "width"), [("mixtral", 4 * 32), ("qwen2_moe", 4 * 32 + 16)])
+def test_no_tensor_of_the_batch_tokens_times_all_neurons_is_allocated(family, width, target, monkeypatch):
+    """In a whole compression, nothing of 40 or more rows × Σ widths (every calibration batch has
+    at least 16 × 5 real tokens; the hidden size, 32, is under 40: ``ZᵀΔ`` and the weights, Σ widths
+    × 32, do not count); the former dense rows are found."""
+    model = build(family, "ForCausalLM")
+    options = {"keep_flops": 0.6, "correction_target": target, "activations": "sequential"}
+    with RowsOfWidth(width, 40) as probe:
+        _compress(model, **options)
+    assert not probe.found, probe.found
+    monkeypatch.setattr(ExpertGramAccumulator, "add_call", _dense_add_call)
+    with RowsOfWidth(width, 40) as probe:
+        _compress(model, **options)
+    assert any(shape[1] == width and shape[0] >= 80 for shape in probe.found), probe.found
 
 
 # ------------------------------------------------------------------- Qwen2-MoE: the shared expert

@@ -136,13 +136,14 @@ def collect_with_targets(
     blocks = {name: block for name, block in blocks.items() if block[1] is not None}
     dtype = getattr(torch, options.gram_dtype)
     out_path = {"heads": attn.o, "neurons": ffn.output}
-    shifts = {
-        name: CrossAccumulator(acc.width, layer.get_submodule(out_path[name]).weight.shape[0], device, dtype)
-        for name, (_, acc) in blocks.items()
-    }
+    shifts = {}
+    for name, (_, acc) in blocks.items():
+        out_width = layer.get_submodule(out_path[name]).weight.shape[0]
+        if hasattr(acc, "track_targets"):  # routed experts: ZᵀΔ filled expert by expert (statprune.moe)
+            shifts[name] = acc.track_targets(out_width)
+        else:
+            shifts[name] = CrossAccumulator(acc.width, out_width, device, dtype)
     stats.head_targets, stats.neuron_targets = shifts.get("heads"), shifts.get("neurons")
-    if hasattr(stats.neurons, "targets"):  # routed experts: starved ones keep their neurons as they are
-        stats.neurons.targets = stats.neuron_targets
     current: dict = {}
     seen: dict[str, torch.Tensor] = {}  # this batch's block inputs and outputs, per pass
 
@@ -151,14 +152,17 @@ def collect_with_targets(
 
     def block_hooks(name: str, acc: GramAccumulator):
         def before(module, args):
-            if current["pass"] == "pruned" and hasattr(acc, "add_call"):  # routed experts
-                seen[f"in:{name}"] = acc.add_call(module, args, current["mask"])
-            elif current["pass"] == "pruned":
+            if current["pass"] == "pruned" and not hasattr(acc, "add_call"):
                 seen[f"in:{name}"] = rows(args[0])
                 acc.add_batch(seen[f"in:{name}"])
 
         def after(module, args, output):
             seen[f"{current['pass']}:{name}"] = rows(output)
+            if current["pass"] == "pruned" and hasattr(acc, "add_call"):
+                # routed experts: the shift is known once the block has run, so their rows are
+                # computed here, expert by expert, for the Gram and ZᵀΔ together (no dense z~)
+                shift = seen[f"original:{name}"] - seen[f"pruned:{name}"]
+                acc.add_call(module, args, current["mask"], shift)
 
         return before, after
 
@@ -178,7 +182,8 @@ def collect_with_targets(
             stats.add_token_energy(rows(hidden))
             outputs.append(finite(layer_output(layer(hidden, *args, **kwargs))))
             for name, acc in shifts.items():  # how far the block's output must move
-                acc.add_batch(seen[f"in:{name}"], seen[f"original:{name}"] - seen[f"pruned:{name}"])
+                if f"in:{name}" in seen:  # (routed experts: added by their hook)
+                    acc.add_batch(seen[f"in:{name}"], seen[f"original:{name}"] - seen[f"pruned:{name}"])
             seen.clear()
     return stats, outputs, original_outputs
 
