@@ -270,14 +270,18 @@ def serve_arguments(description: str, prompts: int, prompt_tokens: int, out: Pat
     return parser
 
 
-def serve_folder(model: Path, keep_params: float, samples: int) -> Path:
+def serve_folder(model: Path, keep_params: float, samples: int, uniform: bool = False) -> Path:
     """Where the serving checks keep ``model`` compressed to ``keep_params`` (shared by all engines)."""
-    return SERVE_CACHE / "serve-vllm" / f"{model.name}-p{round(keep_params * 100)}-s{samples}"
+    name = f"{model.name}-p{round(keep_params * 100)}-s{samples}" + ("-uniform" if uniform else "")
+    return SERVE_CACHE / "serve-vllm" / name
 
 
-def serve_compress(source: Path, out: Path, keep_params: float, samples: int) -> float | None:
-    """Compress ``source`` into ``out`` with the CLI (default options, packed WSJ calibration) unless
-    it is there; returns the seconds taken (None: cached)."""
+def serve_compress(
+    source: Path, out: Path, keep_params: float, samples: int, uniform: bool = False
+) -> float | None:
+    """Compress ``source`` into ``out`` with the CLI (default options, packed WSJ calibration;
+    ``uniform``: ``--uniform``, the stock architecture) unless it is there; returns the seconds
+    taken (None: cached)."""
     import os
     import subprocess
     import time
@@ -287,7 +291,9 @@ def serve_compress(source: Path, out: Path, keep_params: float, samples: int) ->
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "statprune.cli", "compress", str(source)]
     cmd += ["--data", str(SERVE_CACHE / "corpora" / "wsj-calib.txt"), "--pack", "--samples", str(samples)]
-    cmd += ["--keep-params", str(keep_params), "--out", str(out), "--quiet"]
+    cmd += ["--keep-params", str(keep_params), "--out", str(out), "--quiet"] + (
+        ["--uniform"] if uniform else []
+    )
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     return time.perf_counter() - start
 

