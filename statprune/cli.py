@@ -6,7 +6,9 @@ User errors print one ``error: …`` line and exit 1; Ctrl-C exits 130 leaving n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -208,15 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(), _sigterm_as_interrupt():
             warnings.simplefilter("always")
-            try:
-                with cli_option_names():  # messages name --flags, not the API's keywords
-                    return commands[args.command](args)
-            finally:  # each message once, though a sweep meets it at every budget
-                ours = (str(w.message) for w in caught if w.category.__module__.startswith("statprune"))
-                for message in dict.fromkeys(ours):
-                    print(f"warning: {message}", file=sys.stderr)
+            warnings.showwarning = _warn_once(set())
+            with cli_option_names():  # messages name --flags, not the API's keywords
+                return commands[args.command](args)
     except StatpruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -230,6 +228,39 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or ``kill``'s stop) handled as Ctrl-C while a command runs: the
+    same clean-up, message and exit status (a sweep keeps its finished runs)."""
+
+    def interrupt(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _warn_once(shown: set[str]):
+    """A ``warnings.showwarning`` that prints statprune's warnings as ``warning: …`` lines when
+    they happen, each message once (a sweep meets the same one at every budget), and drops the
+    libraries' warnings."""
+
+    def show(message, category, _filename, _lineno, _file=None, _line=None) -> None:
+        text = str(message)
+        if category.__module__.startswith("statprune") and text not in shown:
+            shown.add(text)
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+
+    return show
 
 
 def _device_out_of_memory() -> type[BaseException]:

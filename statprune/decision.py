@@ -300,6 +300,13 @@ def _bench_rows(path: Path, batch: int | None) -> tuple[dict[str, dict], str]:
     return picked, setting
 
 
+def _older_than(measurements: Path, folder: Path) -> bool:
+    """Whether the file ``measurements`` was written before the newest file of ``folder`` (it
+    then measured an earlier model saved there)."""
+    newest = max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0)
+    return measurements.stat().st_mtime < newest
+
+
 def _interval(metric: str, value: float | None, n: int | None) -> tuple[float, float] | None:
     from statprune.evaluate import wilson_interval
 
@@ -536,7 +543,15 @@ def build_report(
             saved = _weight_bytes(best_dir)
             if saved is not None:
                 cand.size_bytes, cand.size_measured = saved, True
-            _attach(cand, measurements.get(str(best_dir.resolve())))
+            measured = measurements.get(str(best_dir.resolve()))
+            if measured is not None and _older_than(bench_path, best_dir):
+                report.warnings.append(
+                    f"{bench_path.name} is older than {best_dir.name}/ (a later sweep saved another model "
+                    f"there): its measurements of {best_dir.name}/ are not shown; measure it again with "
+                    f"`statprune bench {model_dir} {best_dir} --json {bench_path}`"
+                )
+                measured = None
+            _attach(cand, measured)
         if (
             cand.size_bytes is None
             and dense_bytes is not None

@@ -1059,61 +1059,62 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
                     kept = (row, model.to("cpu"), report)  # the previous one is freed below
             del model
             _free(target, large)
-    except KeyboardInterrupt:
+
+        if all(r.value is None for r in result.rows):
+            if scratch is not None:
+                scratch.cleanup()
+            checkpoint.discard()
+            raise BudgetError(f"every run failed; first error: {result.rows[0].error}")
+        interrupted = False
+        if scratch is not None:
+            try:
+                interrupted = _bench(config, result, candidates, str(target.type), say, previous)
+            finally:
+                scratch.cleanup()
+        if bar is not None:
+            noise = None if result.bench is None else result.bench.get("memory_noise_mb")
+            fell_back = result.dense_row is not None and not _anything_measured(result)
+            result.selection = _selection(
+                result.rows,
+                bar,
+                metric,
+                float(dense_value),
+                methods,
+                config.objective,
+                result.dense_row,
+                noise,
+                fell_back,
+            )
+        saved = None
+        if config.save_best and result.selection is not None and result.selection.best is not None:
+            best = result.selection.best
+            if kept is not None and kept[0] is best:
+                saved = (kept[1], kept[2])
+            else:
+                what = f"{best.method}, keep {best.budget:g} {budget_kind}"
+                say(f"re-compressing the best configuration ({what})")
+                saved = run_one(best.method, best.budget)
+            saved[1].source_model = str(config.model_dir.resolve())
+            result.selection.saved = "best"
+            result.selection.saved_achieved = _achieved(saved[1], budget_kind)
+        kept = None
+        _free(target, large)
+        result.seconds = round(time.perf_counter() - started, 3)
+        if config.out is not None:
+            _write(
+                result,
+                config.out,
+                config.overwrite or previous is not None or checkpoint.written,
+                saved,
+                tokenizer,
+                calib_path=config.calib_path,
+                settings=_settings(config),
+                resumed=previous is not None,
+            )
+    except KeyboardInterrupt:  # compressing, evaluating or writing: the checkpoint is intact
         if scratch is not None:
             scratch.cleanup()
         raise SweepInterrupted(checkpoint.interrupted_message()) from None
-
-    if all(r.value is None for r in result.rows):
-        if scratch is not None:
-            scratch.cleanup()
-        checkpoint.discard()
-        raise BudgetError(f"every run failed; first error: {result.rows[0].error}")
-    interrupted = False
-    if scratch is not None:
-        try:
-            interrupted = _bench(config, result, candidates, str(target.type), say, previous)
-        finally:
-            scratch.cleanup()
-    if bar is not None:
-        noise = None if result.bench is None else result.bench.get("memory_noise_mb")
-        fell_back = result.dense_row is not None and not _anything_measured(result)
-        result.selection = _selection(
-            result.rows,
-            bar,
-            metric,
-            float(dense_value),
-            methods,
-            config.objective,
-            result.dense_row,
-            noise,
-            fell_back,
-        )
-    saved = None
-    if config.save_best and result.selection is not None and result.selection.best is not None:
-        best = result.selection.best
-        if kept is not None and kept[0] is best:
-            saved = (kept[1], kept[2])
-        else:
-            say(f"re-compressing the best configuration ({best.method}, keep {best.budget:g} {budget_kind})")
-            saved = run_one(best.method, best.budget)
-        saved[1].source_model = str(config.model_dir.resolve())
-        result.selection.saved = "best"
-        result.selection.saved_achieved = _achieved(saved[1], budget_kind)
-    kept = None
-    _free(target, large)
-    result.seconds = round(time.perf_counter() - started, 3)
-    if config.out is not None:
-        _write(
-            result,
-            config.out,
-            config.overwrite or previous is not None or checkpoint.written,
-            saved,
-            tokenizer,
-            calib_path=config.calib_path,
-            settings=_settings(config),
-            resumed=previous is not None,
-        )
     if result.selection is not None:
         say(result.selection.message)
     if interrupted:  # the finished work is written; stop as the user asked
@@ -1446,11 +1447,12 @@ class _Checkpoint:
     def interrupted_message(self) -> str:
         if self.out is None:
             return "interrupted; nothing was saved (pass --out to make a sweep resumable)"
-        if not self.written:
+        if not self.path.exists():
             return "interrupted before any run finished; nothing was written"
+        n = len(self.rows)
         return (
-            f"interrupted; the {len(self.rows)} finished runs are saved in {self.path}: rerun the same "
-            "command to resume (finished runs are not compressed again)"
+            f"interrupted; the {n} finished run{'s are' if n != 1 else ' is'} saved in {self.path}: rerun "
+            "the same command to resume (finished runs are not compressed again)"
         )
 
     def discard(self) -> None:

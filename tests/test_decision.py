@@ -191,6 +191,24 @@ def test_cost_per_million_requests_from_measured_throughput(swept, tmp_path):
     assert build_report(swept.out, bench=bench, bench_batch=1, plots=False).recommended.latency_ms == 5.0
 
 
+def test_a_bench_file_older_than_best_is_not_shown_for_it(swept, tmp_path):
+    """A later sweep saved another model into best/: the measurements of the earlier one are not
+    put on it (the dense model's still are)."""
+    import os
+
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(swept.out, sweep_dir)
+    best_dir = sweep_dir / "best"
+    bench = bench_file(sweep_dir / "bench.json", {swept.model: (40.0, 200.0), best_dir: (25.0, 320.0)})
+    assert build_report(sweep_dir, plots=False).recommended.latency_ms == 25.0  # measured after best/
+    newer = bench.stat().st_mtime + 60
+    weights = next(best_dir.glob("*.safetensors"))
+    os.utime(weights, (newer, newer))  # best/ rewritten after the measurement
+    report = build_report(sweep_dir, plots=False)
+    assert report.recommended.latency_ms is None and report.candidates[0].latency_ms == 40.0
+    assert any("bench.json is older than best/" in w and "statprune bench" in w for w in report.warnings)
+
+
 def measured_copy(swept, tmp_path, *, throughput=None, peak=None, weights=None, failed=None, noise=None):
     """A copy of the shared sweep as if ``sweep --bench`` had measured it: per row (in results.json
     order) ``throughput`` (seq/s), ``peak`` and ``weights`` (MiB); the dense model gets index -1.
