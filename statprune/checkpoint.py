@@ -24,10 +24,51 @@ from torch import nn
 from statprune.atomic import atomic_file, write_text
 from statprune.errors import OutputError
 
+# a file larger than this is identified by its size and three samples of this many bytes
+_SAMPLE = 1 << 20
 
-def fingerprint(config_json: str, options: dict, batches) -> str:
-    """Identity of a compression job: same model config, options and calibration tokens."""
+
+def file_digest(path: str | Path) -> str:
+    """Identity of a file's or a folder's contents (SHA-256, hex): small files whole; a file over
+    3 MiB by its size and its first, middle and last MiB (weights fine-tuned again differ there
+    too, and a 14 GB checkpoint is not read through); a folder by its files' relative names and
+    digests (hidden files skipped). Same path, other contents: another digest."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        relative = file.relative_to(path) if file != path else Path(file.name)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        size = file.stat().st_size
+        digest.update(f"{relative.as_posix()}\0{size}\0".encode())
+        with file.open("rb") as f:
+            if size <= 3 * _SAMPLE:
+                digest.update(f.read())
+                continue
+            for offset in (0, (size - _SAMPLE) // 2, size - _SAMPLE):
+                f.seek(offset)
+                digest.update(f.read(_SAMPLE))
+    return digest.hexdigest()
+
+
+def weights_digest(model: nn.Module, values: int = 4096) -> str:
+    """Identity of a model's weights (SHA-256, hex): every tensor's name, shape and dtype, and its
+    first and last ``values`` entries (a model fine-tuned again differs there)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        for part in (flat[:values], flat[-values:]):
+            digest.update(part.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(config_json: str, options: dict, batches, weights: str = "") -> str:
+    """Identity of a compression job: same model config and weights (:func:`weights_digest`),
+    options and calibration tokens."""
     digest = hashlib.sha256(config_json.encode())
+    digest.update(weights.encode())
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     for batch in batches:
         for key in sorted(batch.inputs):

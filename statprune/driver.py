@@ -19,7 +19,7 @@ from torch import nn
 
 from statprune.allocation import adds_biases, check_reachable
 from statprune.argtypes import resolve_device
-from statprune.calibration import CalibrationBatch, count_tokens
+from statprune.calibration import CalibrationBatch
 from statprune.flops import model_shapes
 from statprune.guards import check_calibration, check_seq_len, record_fallback
 from statprune.options import (
@@ -123,7 +123,8 @@ def compress(
         shapes = model_shapes(plan.adapter, model.base_model)
         keep_stats = keep_stats and stats_bytes(shapes) <= KEEP_STATS_BYTES
         job = Job(plan, model, batches, shapes, checkpoint, device if offload else None, keep_stats)
-        stages.check_enough_tokens(shapes, count_tokens(batches), plan)
+        given = isinstance(data, list | tuple) and all(isinstance(x, CalibrationBatch) for x in data)
+        stages.check_enough_tokens(shapes, batches, plan, requested=None if given else samples)
         check_calibration(batches, shapes, model)
         if plan.budget_kind == "latency":
             with timed(timings, "latency table"):

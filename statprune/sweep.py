@@ -938,7 +938,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         )
 
     # before the dense evaluation and any analysis: too little calibration data, budgets out of reach
-    unreachable = _unreachable_budgets(config, dense, calib_tokens)
+    unreachable = _unreachable_budgets(config, dense, inputs.batches)
     for method, budget in unreachable:
         say(f"{method} at keep {budget:g} {budget_kind} cannot be met; it is skipped")
     dense_result = run_eval(dense, dense if metric == "cosine" else None)
@@ -1101,7 +1101,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         _free(target, large)
         result.seconds = round(time.perf_counter() - started, 3)
         if config.out is not None:
-            _write(
+            dropped = _write(
                 result,
                 config.out,
                 config.overwrite or previous is not None or checkpoint.written,
@@ -1111,6 +1111,11 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
                 settings=_settings(config),
                 resumed=previous is not None,
             )
+            if dropped:
+                say(
+                    f"removed {', '.join(dropped)} (made from the earlier results): run `statprune report "
+                    f"{config.out}` again"
+                )
     except KeyboardInterrupt:  # compressing, evaluating or writing: the checkpoint is intact
         if scratch is not None:
             scratch.cleanup()
@@ -1222,6 +1227,8 @@ def _settings(config: SweepConfig) -> dict[str, Any]:
         "model_dir": str(config.model_dir.resolve()),
         "calibration": str(config.calib_path.resolve()),
         "evaluation": str(config.eval_path.resolve()),
+        # same paths, other contents (a file edited, a model fine-tuned again): not the same runs
+        **{f"{name}_digest": _digest(getattr(config, field)) for name, (field, _) in _INPUTS.items()},
         **{
             k: getattr(config, k)
             for k in (
@@ -1249,6 +1256,34 @@ def _settings(config: SweepConfig) -> dict[str, Any]:
         bench.update(trials=config.bench_trials, memory=config.bench_memory)
     # through JSON, so that what is compared is what sweep.json stores (tuples as lists, paths as text)
     return json.loads(json.dumps({"runs": runs, "bench": bench}, sort_keys=True, default=str))
+
+
+# each input: its SweepConfig field and how the CLI names it
+_INPUTS = {
+    "model": ("model_dir", "MODEL"),
+    "calibration": ("calib_path", "--data"),
+    "evaluation": ("eval_path", "--eval"),
+}
+
+
+def _digest(path: Path) -> str | None:
+    """:func:`statprune.checkpoint.file_digest` of an input, remembered while it is unchanged
+    (size and modification time), since every checkpoint of a sweep compares it; None when it
+    cannot be read (the reading itself reports that)."""
+    from statprune.checkpoint import file_digest
+
+    try:
+        path = Path(path).resolve()
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    except OSError:
+        return None
+    if stamp not in _DIGESTS:
+        _DIGESTS[stamp] = file_digest(path)
+    return _DIGESTS[stamp]
+
+
+_DIGESTS: dict[tuple, str] = {}
 
 
 def _non_default_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -1300,6 +1335,13 @@ def _setting_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for name in sorted(set(old) | set(new)):
         if name == "compress_options":
             continue
+        if name.endswith("_digest"):
+            if name in old and old[name] != new.get(name):
+                what = {"model": "MODEL", "calibration": "--data", "evaluation": "--eval"}[
+                    name[: -len("_digest")]
+                ]
+                changes.append(f"the contents of {what} changed since then")
+            continue
         if old.get(name) != new.get(name):
             changes.append(f"{flag(name)} was {shown(old.get(name))}, now {shown(new.get(name))}")
     before, after = old.get("compress_options") or {}, new.get("compress_options") or {}
@@ -1330,10 +1372,11 @@ def _previous(config: SweepConfig) -> _Previous | None:
     if out is None:
         return None
     current = _settings(config)
-    previous = None if config.overwrite else _completed(out, current)
-    partial = _read_partial(out, current)
+    partial = _read_partial(out, current, config.overwrite)
     if partial is None:
-        return previous
+        return None if config.overwrite else _completed(out, current)
+    # the checkpoint is newer than any completed sweep there: that one's runs join only if they match
+    previous = None if config.overwrite else _completed(out, current, strict=False)
     if previous is None:
         return _Previous(partial, None, None, resumed_partial=len(partial))
     previous.rows.update(partial)
@@ -1341,8 +1384,9 @@ def _previous(config: SweepConfig) -> _Previous | None:
     return previous
 
 
-def _completed(out: Path, current: dict[str, Any]) -> _Previous | None:
-    """The runs of the completed sweep in ``out`` (``results.json`` and ``sweep.json``)."""
+def _completed(out: Path, current: dict[str, Any], strict: bool = True) -> _Previous | None:
+    """The runs of the completed sweep in ``out`` (``results.json`` and ``sweep.json``); one of
+    other settings is an ``OutputError`` (not ``strict``: None)."""
     if not (out / "results.json").is_file():
         return None
     try:
@@ -1353,6 +1397,8 @@ def _completed(out: Path, current: dict[str, Any]) -> _Previous | None:
     stored = meta.get("settings") if isinstance(meta, dict) else None
     if not isinstance(stored, dict) or not isinstance(raw, list):
         return None
+    if not strict and not _same_runs(stored, current):
+        return None
     _check_same_runs(out, stored, current, "a sweep", "pass --overwrite or choose another folder")
     same_bench = current["bench"] is not None and stored.get("bench") == current["bench"]
     rows = _rows_from(raw, keep_bench=same_bench)
@@ -1362,15 +1408,20 @@ def _completed(out: Path, current: dict[str, Any]) -> _Previous | None:
     return _Previous(rows, dense if same_bench else None, meta.get("bench") if same_bench else None)
 
 
-def _read_partial(out: Path, current: dict[str, Any]) -> dict[tuple[str, float], SweepRow] | None:
-    """The runs an interrupted sweep into ``out`` checkpointed (:data:`PARTIAL`), or None."""
+def _read_partial(
+    out: Path, current: dict[str, Any], overwrite: bool = False
+) -> dict[tuple[str, float], SweepRow] | None:
+    """The runs an interrupted sweep into ``out`` checkpointed (:data:`PARTIAL`), or None. One of
+    other settings is an ``OutputError`` (``overwrite``: ignored, and replaced by this sweep's)."""
     try:
         data = json.loads((out / PARTIAL).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
         return None
-    where = f"delete {out / PARTIAL} to start over, or choose another folder"
+    if overwrite and not _same_runs(data["settings"], current):
+        return None
+    where = f"pass --overwrite (or delete {out / PARTIAL}) to start over, or choose another folder"
     _check_same_runs(out, data["settings"], current, "an unfinished sweep", where)
     rows = _rows_from(data.get("rows"), keep_bench=False)
     if rows is None:
@@ -1379,8 +1430,17 @@ def _read_partial(out: Path, current: dict[str, Any]) -> dict[tuple[str, float],
     return rows
 
 
+def _same_runs(stored: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether two sweeps' ``runs`` settings match (input digests only where both have them:
+    sweeps written before they were recorded are compared by path)."""
+    old, new = stored.get("runs") or {}, dict(current["runs"])
+    for name in [n for n in new if n.endswith("_digest") and n not in old]:
+        del new[name]
+    return old == new
+
+
 def _check_same_runs(out: Path, stored: dict[str, Any], current: dict[str, Any], what: str, fix: str) -> None:
-    if stored.get("runs") != current["runs"]:
+    if not _same_runs(stored, current):
         differ = _setting_changes(stored.get("runs") or {}, current["runs"])
         raise OutputError(
             f"--out {out} holds {what} with other settings ({'; '.join(differ) or 'format'}); rerun "
@@ -1465,14 +1525,14 @@ class _Checkpoint:
 
 
 def _unreachable_budgets(
-    config: SweepConfig, dense: nn.Module, calib_tokens: int
+    config: SweepConfig, dense: nn.Module, batches: list
 ) -> dict[tuple[str, float], str]:
     """``(method, budget) -> why`` for the runs whose FLOPs or params budget lies below the
     reachable floor (``allocation.check_reachable``: every unit ``--prune`` allows removed), from
     the model's shapes alone (latency: from the lookup tables measured on this machine, cached per
     model shape, device and backend, which compress then reuses); ``BudgetError`` when no run can
-    be met, ``DataError`` when the ``calib_tokens`` calibration tokens are too few for any run
-    (``stages.check_enough_tokens``, which every run would raise)."""
+    be met, ``DataError`` when the calibration ``batches`` hold too few tokens for a method that
+    reads them (``stages.check_enough_tokens``, which its runs would raise)."""
     import warnings
 
     from statprune.allocation import adds_biases, check_reachable
@@ -1496,7 +1556,7 @@ def _unreachable_budgets(
         shapes = model_shapes(plan.adapter, dense.base_model)
         with warnings.catch_warnings():  # the thin-data warning comes with each run
             warnings.simplefilter("ignore")
-            check_enough_tokens(shapes, calib_tokens, plan)
+            check_enough_tokens(shapes, batches, plan, requested=config.samples)
         cost: Any = kind
         if kind == "latency":  # the measured lookup tables (cached: compress reads them again)
             from statprune.latency import LatencyCost, latency_table
@@ -2030,6 +2090,10 @@ _OWN_OUTPUTS = (
 )
 
 
+# what `statprune report` writes from a sweep's results by default: stale once they change
+_DERIVED = ("report.html", "report.md")
+
+
 def _write(
     result: SweepResult,
     out: Path,
@@ -2039,19 +2103,23 @@ def _write(
     calib_path: Path,
     settings=None,
     resumed: bool = False,
-) -> None:
+) -> list[str]:
     """Write every output into a temporary folder next to ``out``, then rename it into place.
-    ``resumed``: ``out`` holds the earlier run; files the sweep does not write (a report, a
-    ``bench.json``) are carried over."""
+    ``resumed``: ``out`` holds the earlier run; files the sweep does not write (a ``bench.json``,
+    the user's own) are carried over, except the report made from the earlier results
+    (:data:`_DERIVED`), which is dropped. Returns the names dropped."""
     import shutil
 
     from statprune.atomic import atomic_folder
     from statprune.persist import save
 
     out = out.resolve()
+    dropped = []
     with atomic_folder(out) as tmp:
         for item in sorted(out.iterdir()) if resumed and out.is_dir() else ():
-            if item.name not in _OWN_OUTPUTS:
+            if item.name in _DERIVED:
+                dropped.append(item.name)
+            elif item.name not in _OWN_OUTPUTS:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / "results.json").write_text(json.dumps(result.to_rows(), indent=2) + "\n")
         (tmp / "results.md").write_text(results_markdown(result))
@@ -2065,6 +2133,7 @@ def _write(
             model, report = saved
             save(model, tmp / "best", tokenizer=tokenizer, report=report)
         _check_out(out, overwrite, result.model_dir)  # still free after the (long) sweep?
+    return dropped
 
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:

@@ -128,6 +128,22 @@ def test_checkpoint_of_another_job_is_refused(tmp_path):
         )
 
 
+def test_a_checkpoint_of_other_weights_is_refused(tmp_path):
+    """Same config, options and data, weights fine-tuned again: not the same job."""
+    import torch
+
+    texts, ckpt = tiny_texts(300), tmp_path / "ckpt"
+    model = build_tiny_model("llama")
+    with interrupted_after(ckpt, "analyse", 0):
+        statprune.compress(model, TOKENIZER, texts, keep_flops=0.5, progress=False, checkpoint_dir=ckpt)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    with pytest.raises(OutputError, match="different model"):
+        statprune.compress(
+            model, TOKENIZER, texts, keep_flops=0.5, progress=False, checkpoint_dir=ckpt, resume=True
+        )
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     model = build_tiny_model("llama")
     texts = tiny_texts(300)

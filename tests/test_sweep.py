@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +18,7 @@ from conftest import _build_tiny_tokenizer, build_tiny_model, tiny_texts
 
 import statprune
 from statprune import sweep as sweep_module
+from statprune.calibration import CalibrationWarning
 from statprune.errors import BudgetError, OutputError
 from statprune.sweep import (
     SweepRow,
@@ -827,10 +829,12 @@ def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
     assert [r["method"] for r in rows] == ["dense", "magnitude", "magnitude"]
     assert all(r["bench_error"] == "interrupted while measuring (Ctrl-C)" for r in rows)
     assert all(r["value"] is not None for r in rows)
-    (out / "report.html").write_text("mine")  # not the sweep's own: kept by the rerun
+    (out / "notes.txt").write_text("mine")  # not the sweep's own: kept by the rerun
+    (out / "report.html").write_text("made from the earlier results")  # `statprune report`'s: stale
     lines: list[str] = []
     _bench_sweep(assets, out, lines, bench_memory=False, dtype="float32")  # the CLI's settings, by the API
-    assert (out / "report.html").read_text() == "mine"
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "report.html").exists()
+    assert f"removed report.html (made from the earlier results): run `statprune report {out}` again" in lines
     assert sum("compressed again to measure it" in line for line in lines) == 2
     resumed = json.loads((out / "results.json").read_text())
     assert all(r["latency_ms"] > 0 and r["bench_error"] is None for r in resumed)
@@ -913,13 +917,49 @@ def test_a_crash_keeps_the_checkpoint_and_other_settings_are_refused(assets, tmp
         sweep_on(assets, **common, seq_len=64)
     message = str(info.value)
     assert "holds an unfinished sweep with other settings (--seq-len was 128, now 64)" in message
-    assert f"delete {partial} to start over" in message
-    with pytest.raises(OutputError, match="unfinished sweep"):  # --overwrite does not discard it either
-        sweep_on(assets, **common, seq_len=64, overwrite=True)
+    assert f"pass --overwrite (or delete {partial}) to start over" in message
     lines: list[str] = []
-    result = sweep_on(assets, **{**common, "log": lines.append})
+    result = sweep_on(assets, **{**common, "log": lines.append})  # the same settings: resumed
     assert sum("done in the earlier run (kept)" in line for line in lines) == 1
     assert [r.budget for r in result.rows] == BUDGETS and not partial.exists()
+
+
+def test_overwrite_starts_over_from_a_checkpoint_of_other_settings(assets, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    common = {"budgets": BUDGETS, "methods": ["magnitude"], "out": out, "log": None}
+    with monkeypatch.context() as patch:
+        _interrupt_evaluation(patch, at=3)
+        with pytest.raises(KeyboardInterrupt):
+            sweep_on(assets, **common)
+    lines: list[str] = []
+    sweep_on(assets, **{**common, "log": lines.append}, seq_len=64, overwrite=True)
+    assert not any("earlier run" in line for line in lines) and sum(" -> " in line for line in lines) == 2
+    assert json.loads((out / "sweep.json").read_text())["settings"]["runs"]["seq_len"] == 64
+
+
+def test_inputs_changed_in_place_are_not_mixed_with_the_earlier_runs(assets, tmp_path, monkeypatch):
+    """Same paths, other contents (an edited evaluation file, a model saved again): the earlier
+    runs do not count, and the message says which input changed."""
+    import shutil
+
+    data, model = tmp_path / "eval.jsonl", tmp_path / "model"
+    shutil.copy(assets.eval, data)
+    shutil.copytree(assets.model, model)
+    out = tmp_path / "out"
+    common = {"budgets": BUDGETS, "methods": ["magnitude"], "out": out, "log": None}
+    with monkeypatch.context() as patch:
+        _interrupt_evaluation(patch, at=3)
+        with pytest.raises(KeyboardInterrupt):
+            sweep(model, assets.calib, data, samples=60, **common)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same records, in another order
+    with pytest.raises(OutputError, match=r"other settings \(the contents of --eval changed since then\)"):
+        sweep(model, assets.calib, data, samples=60, **common)
+    shutil.copy(assets.eval, data)  # back as it was: resumed
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))  # the last weights changed
+    with pytest.raises(OutputError, match=r"\(the contents of MODEL changed since then\)"):
+        sweep(model, assets.calib, data, samples=60, **common)
 
 
 def test_overwrite_resumes_its_own_checkpoint_not_the_old_results(assets, swept, tmp_path, monkeypatch):
@@ -1056,17 +1096,31 @@ def test_a_latency_budget_below_the_floor_stops_before_any_work(assets, benched,
     assert not out.exists()
 
 
-def test_too_little_calibration_data_stops_before_the_dense_evaluation(assets, tmp_path, monkeypatch):
+def test_too_little_calibration_data_stops_before_the_dense_evaluation(assets, tmp_path):
     from statprune.errors import DataError
 
     lines: list[str] = []
-    with pytest.raises(DataError, match=r"calibration data has only \d+ tokens; a meaningful factorization"):
-        sweep_on(
-            assets,
-            budgets=[0.5],
-            methods=["magnitude"],
-            samples=1,
-            out=tmp_path / "out",
-            log=lines.append,
-        )
+    with pytest.raises(DataError) as info:
+        sweep_on(assets, budgets=[0.5], methods=["stat"], samples=1, out=tmp_path / "out", log=lines.append)
     assert lines == []  # neither the dense model nor any run was evaluated
+    message = str(info.value)
+    assert re.match(
+        r"calibration data has only \d+ tokens; a meaningful factorization needs at least", message
+    )
+    wanted = int(
+        re.search(r"samples=(\d+) \(\d+ tokens per example\)", message).group(1)
+    )  # the API's spelling
+    assert "--pack" not in message  # an encoder's examples are not joined into windows
+    # the number it names is enough: no error, no thin-data warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        sweep_on(assets, budgets=[0.5], methods=["stat"], samples=wanted, out=tmp_path / "out2", log=None)
+    # a file that holds fewer examples than asked for: more data, not a larger --samples
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(assets.calib.read_text().splitlines()[:2]) + "\n")
+    with pytest.raises(
+        DataError, match="the data gave only 2 examples: give a larger file or longer examples"
+    ):
+        sweep(assets.model, small, assets.eval, budgets=[0.5], methods=["stat"], samples=60, log=None)
+    # a method that reads the weights only needs no calibration tokens
+    sweep_on(assets, budgets=[0.5], methods=["magnitude"], samples=1, log=None)

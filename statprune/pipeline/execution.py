@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from statprune.calibration import CalibrationBatch
-from statprune.checkpoint import Checkpoint, PassState, fingerprint
+from statprune.checkpoint import Checkpoint, PassState, fingerprint, weights_digest
 from statprune.flops import LayerShape
 from statprune.modeling_statprune import apply_ops
 from statprune.options import CompressionOptions
@@ -82,7 +82,7 @@ def open_checkpoint(
     """The checkpoint of this job (model config, resolved options, calibration tokens), or None."""
     if folder is None:
         return None
-    job = fingerprint(model.config.to_json_string(), asdict(options), batches)
+    job = fingerprint(model.config.to_json_string(), asdict(options), batches, weights_digest(model))
     return Checkpoint(folder, job, resume)
 
 

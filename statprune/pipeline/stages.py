@@ -132,27 +132,48 @@ def prepare_calibration(
     return batches
 
 
-def check_enough_tokens(shapes: list[LayerShape], tokens: int, plan: Plan, stacklevel: int = 3) -> None:
-    """Too few tokens is a ``DataError``; few enough that the exact corrections overfit, a warning."""
+def check_enough_tokens(
+    shapes: list[LayerShape],
+    batches: Sequence[CalibrationBatch],
+    plan: Plan,
+    stacklevel: int = 3,
+    requested: int | None = None,
+) -> None:
+    """Too few calibration tokens is a ``DataError``; few enough that the exact corrections
+    overfit (under ``THIN_TOKENS_PER_UNIT`` per unit of the widest layer), a warning. Both name
+    the ``--samples`` that reaches it at these examples' mean length, or, when the data gave fewer
+    examples than the ``requested`` count (it is exhausted), ask for more data. Methods that read
+    weights only need no calibration tokens."""
+    if not plan.method.uses_activations:
+        return
+    tokens = count_tokens(batches)
+    examples = sum(int(b.inputs["input_ids"].shape[0]) for b in batches)
     # routed experts (top-k of E, width I each): each sees about tokens * k / E, so it needs I * E / k
     widest = max(max(s.n_heads * s.head_dim, s.ffn_width // s.ffn_active[0]) for s in shapes)
+    per_example = tokens / max(examples, 1)
+
+    def reach(target: int) -> str:
+        exhausted = requested is not None and examples < requested
+        if exhausted or per_example <= 0:
+            return f"the data gave only {examples} examples: give a larger file or longer examples"
+        return f"{option('samples', math.ceil(target / per_example))} ({per_example:.0f} tokens per example)"
+
     if tokens < widest:
+        pack = f", or {option('pack', True)} to join short lines into full windows"
         # packing joins lines across their boundaries: natural for a decoder's running text, not
         # for an encoder, which sees each example on its own
-        more = f"a larger {option('samples')}"
-        if plan.adapter.is_decoder:
-            more += f", or {option('pack', True)} to join short lines into full windows"
         raise DataError(
             f"calibration data has only {tokens} tokens; a meaningful factorization needs at least "
-            f"{widest} (the widest layer) — give more or longer examples ({more})"
+            f"{widest} (the widest layer), and {THIN_TOKENS_PER_UNIT * widest} for corrections that do not "
+            f"overfit — {reach(THIN_TOKENS_PER_UNIT * widest)}{pack if plan.adapter.is_decoder else ''}"
         )
     thin = tokens < THIN_TOKENS_PER_UNIT * widest
     if thin and plan.method.warns_thin_data(plan.options):
         warnings.warn(
             CalibrationWarning(
                 f"only {tokens} calibration tokens for {widest}-wide layers: the corrections may "
-                f"overfit them; give more data (≥ {THIN_TOKENS_PER_UNIT * widest} tokens) or damp "
-                "them with --correction-ridge 0.1"
+                f"overfit them; give more data (≥ {THIN_TOKENS_PER_UNIT * widest} tokens: "
+                f"{reach(THIN_TOKENS_PER_UNIT * widest)}) or damp them with --correction-ridge 0.1"
             ),
             stacklevel=stacklevel,
         )
