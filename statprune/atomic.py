@@ -9,20 +9,24 @@ checkpoint file) is written through one of the two context managers here:
         model.save_pretrained(tmp)
 
 The temporary path lies in the target's own directory (so the final ``os.replace`` is a rename
-on one filesystem), is named ``.NAME.tmp-XXXX``, gets the permissions of an ordinary file or
-folder (``mkstemp``/``mkdtemp`` make them private), is ``fsync``-ed before the rename and its
-directory after it. On any exception, ``KeyboardInterrupt`` included, the temporary path and the
-parent folders made for the output are removed, an existing output is left as it was, and I/O
-errors (a full disk, a missing permission) become a one-line :class:`OutputError`.
+on one filesystem), is named ``.NAME.tmp-HOST-PID-XXXX``, gets the permissions of an ordinary
+file or folder (``mkstemp``/``mkdtemp`` make them private), is ``fsync``-ed before the rename and
+its directory after it. On any exception, ``KeyboardInterrupt`` included, the temporary path and
+the parent folders made for the output are removed, an existing output is left as it was, and I/O
+errors (a full disk, a missing permission) become a one-line :class:`OutputError`. A process
+killed outright (``kill -9``, the out-of-memory killer) cannot clean up: the next write of the
+same output removes what it left (:func:`clean_stale`, by the dead process id in the names).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +101,44 @@ def _remove(tmp: Path | None, created: list[Path]) -> None:
             break
 
 
+def _owner() -> str:
+    """``HOST-PID`` of this process (HOST: 6 hex digits of the host name's hash), in the names of
+    its temporary paths, so that a later run can tell those a killed process left."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+    return f"{host}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove the temporary paths beside ``target`` that a process of this host left when it was
+    killed (``kill -9``, out of memory) while writing ``target``; returns them. A kill between
+    the two renames of :func:`replace_folder` left the previous output only in its
+    ``.NAME.old-*`` folder: it is put back first. Paths of live processes, of other hosts (a
+    shared filesystem) or named otherwise are left alone."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-([0-9a-f]{{6}})-(\d+)-")
+    host = _owner().split("-")[0]
+    removed = []
+    for entry in sorted(target.parent.iterdir()) if target.parent.is_dir() else ():
+        match = pattern.match(entry.name)
+        if match is None or match.group(2) != host or _alive(int(match.group(3))):
+            continue
+        kept = entry / "old"
+        if match.group(1) == "old" and kept.exists() and not os.path.lexists(target):
+            os.rename(kept, target)
+        _remove(entry, [])
+        removed.append(entry)
+    return removed
+
+
 def replace_folder(tmp: Path, out: Path) -> None:
     """Move the finished folder ``tmp`` to ``out``, replacing an existing ``out``.
 
@@ -106,7 +148,7 @@ def replace_folder(tmp: Path, out: Path) -> None:
     if not out.exists():
         os.rename(tmp, out)
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{_owner()}-", dir=out.parent))
     moved = False
     try:
         os.rename(out, trash / "old")
@@ -126,7 +168,8 @@ def _staged(target: Path) -> Iterator[Path]:
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        clean_stale(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner()}-", dir=target.parent))
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; outputs are ordinary
         yield tmp
     except BaseException as exc:

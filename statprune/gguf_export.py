@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from statprune.atomic import atomic_file
 from statprune.errors import ModelError, OutputError, StatpruneError
 
 ARCH = "deci"
@@ -321,10 +320,7 @@ def export_gguf(
     n_vocab = int(model.model.embed_tokens.weight.shape[0])
     tokens, types = _vocab(tokenizer_json, n_vocab, gguf)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out) as tmp:  # a .NAME.tmp-* folder beside out, renamed when complete
         writer = gguf.GGUFWriter(tmp, ARCH)
         writer.add_name(folder.resolve().name)
         writer.add_context_length(int(config.max_position_embeddings))
@@ -365,10 +361,6 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return {
         "path": str(out),
         "architecture": ARCH,

@@ -69,3 +69,43 @@ def test_folder_replaces_an_existing_one_only_when_complete(tmp_path):
     with atomic_folder(out) as tmp:
         (tmp / "new.txt").write_text("done")
     assert _names(out) == ["new.txt"] and _names(tmp_path) == ["out"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_killed_writers_temporary_paths_are_removed_by_the_next_write(tmp_path):
+    """``kill -9`` mid-write leaves ``.NAME.tmp-*`` (and, between the two renames of a folder
+    replacement, the previous output only inside ``.NAME.old-*``): the next write of that output
+    puts the previous output back first, then removes them; others' paths stay."""
+    from statprune.atomic import _owner
+
+    host, dead = _owner().split("-")[0], _dead_pid()
+    out = tmp_path / "out"
+    stale_tmp = tmp_path / f".out.tmp-{host}-{dead}-abcd"
+    (stale_tmp / "sub").mkdir(parents=True)
+    stale_old = tmp_path / f".out.old-{host}-{dead}-efgh"
+    (stale_old / "old").mkdir(parents=True)
+    (stale_old / "old" / "model.safetensors").write_text("previous output")
+    live = tmp_path / f".out.tmp-{_owner()}-ijkl"  # this (live) process's
+    other_host = tmp_path / f".out.tmp-000000-{dead}-mnop"  # another machine on a shared disk
+    unrelated = tmp_path / f".other.tmp-{host}-{dead}-qrst"
+    for path in (live, other_host, unrelated):
+        path.mkdir()
+
+    from statprune.atomic import clean_stale
+
+    assert sorted(clean_stale(out)) == sorted([stale_tmp, stale_old])
+    assert (out / "model.safetensors").read_text() == "previous output"  # put back
+    assert live.exists() and other_host.exists() and unrelated.exists()
+
+    stale_tmp.mkdir()  # and a real write does it too
+    with atomic_folder(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not stale_tmp.exists() and (out / "new.txt").read_text() == "new"
