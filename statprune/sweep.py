@@ -544,12 +544,14 @@ def _selection(
     if best is not None:
         closest = None  # only reported when nothing meets the bar
         what = smallest[objective]
+        why = ""
         if fell_back:
             kind = {"flops": "FLOPs kept", "params": "parameters kept"}.get(
                 best.budget_kind, "latency predicted by the lookup tables"
             )
-            what += f" by {kind}, because --bench measured nothing (rerun the same command to measure)"
-        message = f"best: {_describe_row(best)} — {what} with {described}"
+            what += f" by {kind}"
+            why = " (--bench measured nothing, so not by latency: rerun the same command to measure)"
+        message = f"best: {_describe_row(best)} — {what} with {described}{why}"
         caveat = memory_caveat(best.peak_memory_mb, dense_peak, noise_mb) if objective == "memory" else None
         if caveat:
             message += "; its peak memory is " + (

@@ -818,7 +818,10 @@ def test_ctrl_c_while_measuring_keeps_the_finished_work_and_a_rerun_resumes(
     assert code == 130
     # nothing was measured: the selection says it ranked by FLOPs instead of latency, and why
     message = json.loads((out / "best.json").read_text())["message"]
-    assert "the smallest model by FLOPs kept, because --bench measured nothing" in message
+    assert "the smallest model by FLOPs kept with accuracy >= " in message
+    assert message.endswith(
+        "(--bench measured nothing, so not by latency: rerun the same command to measure)"
+    )
     assert "rerun the same command" in message
     stderr = capsys.readouterr().err
     assert (
