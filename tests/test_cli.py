@@ -756,7 +756,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_during_compression(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_during_compression(tmp_path, stop):
+    """Ctrl-C, and SIGTERM (a scheduler's stop) handled the same way: a clean interrupt."""
     from conftest import _build_tiny_tokenizer, tiny_texts
 
     net = build_tiny_model(
@@ -805,7 +807,7 @@ def test_ctrl_c_during_compression(tmp_path):
     try:
         assert started.wait(120), "compression never started: " + "".join(lines)
         assert proc.poll() is None
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         code = proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
