@@ -943,13 +943,15 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     unreachable = _unreachable_budgets(config, dense, inputs.batches)
     for method, budget in unreachable:
         say(f"{method} at keep {budget:g} {budget_kind} cannot be met; it is skipped")
-    dense_result = run_eval(dense, dense if metric == "cosine" else None)
-    dense_value = 1.0 if metric in ("agreement", "cosine") else float(_metric_value(dense_result, metric))
+    if previous is not None and previous.dense_eval is not None:  # same inputs: same dense result
+        dense_value, eval_examples = previous.dense_eval
+        when = "evaluated in the earlier run"
+    else:
+        dense_result = run_eval(dense, dense if metric == "cosine" else None)
+        dense_value = 1.0 if metric in ("agreement", "cosine") else float(_metric_value(dense_result, metric))
+        eval_examples, when = dense_result.n_examples, f"{dense_result.seconds:.1f} s"
     model_name = config.name or config.model_dir.resolve().name
-    say(
-        f"dense: {metric_label(metric)} {_fmt(metric, dense_value)} on {dense_result.n_examples} "
-        f"examples ({dense_result.seconds:.1f} s)"
-    )
+    say(f"dense: {metric_label(metric)} {_fmt(metric, dense_value)} on {eval_examples} examples ({when})")
 
     result = SweepResult(
         model=model_name,
@@ -970,7 +972,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         calibration_packed=config.pack,
         calibration_tokens=calib_tokens,
         eval_path=config.eval_path,
-        eval_examples=dense_result.n_examples,
+        eval_examples=eval_examples,
         out=config.out,
     )
     dense_bytes = _param_bytes(dense)
@@ -1000,7 +1002,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         )
 
     total = len(methods) * len(config.budgets)
-    checkpoint = _Checkpoint(config.out, _settings(config), previous)
+    checkpoint = _Checkpoint(config.out, _settings(config), previous, (dense_value, eval_examples))
     if previous is not None and previous.resumed_partial:
         say(f"resuming: {previous.resumed_partial} finished runs from {config.out / PARTIAL}")
     try:
@@ -1220,6 +1222,7 @@ class _Previous:
     dense: SweepRow | None
     bench: dict[str, Any] | None
     resumed_partial: int = 0  # how many of ``rows`` an interrupted sweep checkpointed
+    dense_eval: tuple[float, int] | None = None  # the dense model's value and evaluation examples
 
 
 def _settings(config: SweepConfig) -> dict[str, Any]:
@@ -1374,13 +1377,14 @@ def _previous(config: SweepConfig) -> _Previous | None:
     if out is None:
         return None
     current = _settings(config)
-    partial = _read_partial(out, current, config.overwrite)
-    if partial is None:
+    found = _read_partial(out, current, config.overwrite)
+    if found is None:
         return None if config.overwrite else _completed(out, current)
+    partial, dense_eval = found
     # the checkpoint is newer than any completed sweep there: that one's runs join only if they match
     previous = None if config.overwrite else _completed(out, current, strict=False)
     if previous is None:
-        return _Previous(partial, None, None, resumed_partial=len(partial))
+        return _Previous(partial, None, None, resumed_partial=len(partial), dense_eval=dense_eval)
     previous.rows.update(partial)
     previous.resumed_partial = len(partial)
     return previous
@@ -1407,14 +1411,27 @@ def _completed(out: Path, current: dict[str, Any], strict: bool = True) -> _Prev
     if rows is None:  # not rows of this version: refused as any non-empty folder is
         return None
     dense = rows.pop(("dense", None), None)
-    return _Previous(rows, dense if same_bench else None, meta.get("bench") if same_bench else None)
+    return _Previous(
+        rows,
+        dense if same_bench else None,
+        meta.get("bench") if same_bench else None,
+        dense_eval=_dense_eval(meta.get("dense_value"), meta.get("eval_examples")),
+    )
+
+
+def _dense_eval(value: Any, examples: Any) -> tuple[float, int] | None:
+    """The dense model's evaluation an earlier run recorded, when it is a well-formed one (the
+    inputs' digests in the settings vouch that it still holds)."""
+    ok = isinstance(value, int | float) and isinstance(examples, int) and not isinstance(value, bool)
+    return (float(value), examples) if ok and math.isfinite(value) else None
 
 
 def _read_partial(
     out: Path, current: dict[str, Any], overwrite: bool = False
-) -> dict[tuple[str, float], SweepRow] | None:
-    """The runs an interrupted sweep into ``out`` checkpointed (:data:`PARTIAL`), or None. One of
-    other settings is an ``OutputError`` (``overwrite``: ignored, and replaced by this sweep's)."""
+) -> tuple[dict[tuple[str, float], SweepRow], tuple[float, int] | None] | None:
+    """The runs an interrupted sweep into ``out`` checkpointed (:data:`PARTIAL`) and its dense
+    evaluation, or None. One of other settings is an ``OutputError`` (``overwrite``: ignored, and
+    replaced by this sweep's)."""
     try:
         data = json.loads((out / PARTIAL).read_text())
     except (OSError, ValueError):
@@ -1429,7 +1446,8 @@ def _read_partial(
     if rows is None:
         return None
     rows.pop(("dense", None), None)
-    return rows
+    dense = data.get("dense") if isinstance(data.get("dense"), dict) else {}
+    return rows, _dense_eval(dense.get("value"), dense.get("examples"))
 
 
 def _same_runs(stored: dict[str, Any], current: dict[str, Any]) -> bool:
@@ -1482,8 +1500,14 @@ class _Checkpoint:
     when the same command is run again; removed when the sweep's outputs are written. ``None``
     ``out``: nothing is saved."""
 
-    def __init__(self, out: Path | None, settings: dict[str, Any], previous: _Previous | None) -> None:
-        self.out, self.settings = out, settings
+    def __init__(
+        self,
+        out: Path | None,
+        settings: dict[str, Any],
+        previous: _Previous | None,
+        dense_eval: tuple[float, int],
+    ) -> None:
+        self.out, self.settings, self.dense_eval = out, settings, dense_eval
         self.rows: dict[tuple[str, float], SweepRow] = dict(previous.rows) if previous is not None else {}
         self.written = False
         self._made_out = False
@@ -1502,7 +1526,12 @@ class _Checkpoint:
         if not self.out.exists():
             self.out.mkdir(parents=True)
             self._made_out = True
-        data = {"settings": self.settings, "rows": [r.to_dict() for r in self.rows.values()]}
+        value, examples = self.dense_eval
+        data = {
+            "settings": self.settings,
+            "dense": {"value": value, "examples": examples},  # not evaluated again on resuming
+            "rows": [r.to_dict() for r in self.rows.values()],
+        }
         write_text(self.path, json.dumps(data, indent=2) + "\n")
         self.written = True
 

@@ -900,6 +900,7 @@ def test_ctrl_c_while_compressing_keeps_the_finished_runs_and_a_rerun_resumes_th
 
     assert cli_on(assets, *_sweep_argv(out)) == 0  # the same command: the two finished runs are kept
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "dense: accuracy 1.0000 on 24 examples (evaluated in the earlier run)"  # same inputs
     assert lines[1] == f"resuming: 2 finished runs from {partial}"
     assert sum(line.endswith("done in the earlier run (kept)") for line in lines) == 2
     assert sum(" -> " in line for line in lines) == 2  # only the magnitude runs were compressed
