@@ -1342,10 +1342,9 @@ def _setting_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             continue
         if name.endswith("_digest"):
             if name in old and old[name] != new.get(name):
-                what = {"model": "MODEL", "calibration": "--data", "evaluation": "--eval"}[
-                    name[: -len("_digest")]
-                ]
-                changes.append(f"the contents of {what} changed since then")
+                changes.append(
+                    f"the contents of {_INPUTS[name.removesuffix('_digest')][1]} changed since then"
+                )
             continue
         if old.get(name) != new.get(name):
             changes.append(f"{flag(name)} was {shown(old.get(name))}, now {shown(new.get(name))}")
@@ -1368,11 +1367,11 @@ def _option_default(f) -> Any:
 
 
 def _previous(config: SweepConfig) -> _Previous | None:
-    """The finished runs of an earlier sweep into ``config.out`` with the same settings, to resume
-    it; None when there is none. ``results.json`` of a completed sweep is ignored under
-    ``--overwrite``; the runs an interrupted sweep checkpointed (:data:`PARTIAL`) are not, since
-    they are this same command's progress. An earlier sweep with other settings is an
-    ``OutputError`` naming what differs."""
+    """The finished runs of an earlier sweep into ``config.out`` with the same settings (inputs
+    compared by content), to resume it; None when there is none. An earlier sweep with other
+    settings is an ``OutputError`` naming what differs, or, under ``--overwrite``, ignored (and
+    replaced). A checkpoint (:data:`PARTIAL`) with the same settings is resumed under
+    ``--overwrite`` too: it is this same command's progress."""
     out = config.out
     if out is None:
         return None
