@@ -787,7 +787,10 @@ def sweep(
     examples are ``seq_len``-token windows of the joined texts (see ``pack_examples``).
     ``min_quality`` (``0.80`` or ``99%``) selects the smallest run meeting it (see
     :data:`SELECTION_RULE`); ``save_best`` also saves that model into ``out/best``. With ``out``
-    the results are written there atomically.
+    the results are written there atomically, every finished run is checkpointed into
+    ``out/sweep.partial.json`` meanwhile, and a rerun with the same settings and inputs (compared
+    by content) resumes: finished runs and the dense evaluation are not redone; Ctrl-C raises
+    :class:`SweepInterrupted` after the checkpoint.
     ``budget_kind="latency"`` prices the budgets with latency lookup tables (``statprune.latency``).
     ``bench`` measures every candidate and the dense model (``statprune.bench.benchmark``, at the
     ``bench_batch`` / ``bench_seq_len`` / ``backend`` compression options, ``bench_trials``
