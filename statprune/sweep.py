@@ -990,7 +990,7 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     candidates: list[tuple[SweepRow, Path]] = []
 
     def run_one(method: str, budget: float):
-        return compress(
+        model, report = compress(
             dense,
             tokenizer,
             inputs.batches,
@@ -1003,6 +1003,8 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             **{f"keep_{budget_kind}": budget},
             **config.compress_options,
         )
+        report.source_model = str(config.model_dir.resolve())
+        return model, report
 
     total = len(methods) * len(config.budgets)
     checkpoint = _Checkpoint(config.out, _settings(config), previous, (dense_value, eval_examples))
@@ -1068,16 +1070,11 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             _free(target, large)
 
         if all(r.value is None for r in result.rows):
-            if scratch is not None:
-                scratch.cleanup()
             checkpoint.discard()
             raise BudgetError(f"every run failed; first error: {result.rows[0].error}")
         interrupted = False
         if scratch is not None:
-            try:
-                interrupted = _bench(config, result, candidates, str(target.type), say, previous)
-            finally:
-                scratch.cleanup()
+            interrupted = _bench(config, result, candidates, str(target.type), say, previous)
         if bar is not None:
             noise = None if result.bench is None else result.bench.get("memory_noise_mb")
             fell_back = result.dense_row is not None and not _anything_measured(result)
@@ -1095,15 +1092,19 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
         saved = None
         if config.save_best and result.selection is not None and result.selection.best is not None:
             best = result.selection.best
+            measured = {(row.method, row.budget): folder for row, folder in candidates}
             if kept is not None and kept[0] is best:
                 saved = (kept[1], kept[2])
+            elif (best.method, best.budget) in measured:  # --bench saved it: copied, not compressed again
+                saved = measured[best.method, best.budget]
             else:
                 what = f"{best.method}, keep {best.budget:g} {budget_kind}"
                 say(f"re-compressing the best configuration ({what})")
                 saved = run_one(best.method, best.budget)
-            saved[1].source_model = str(config.model_dir.resolve())
             result.selection.saved = "best"
-            result.selection.saved_achieved = _achieved(saved[1], budget_kind)
+            result.selection.saved_achieved = (
+                best.achieved if isinstance(saved, Path) else _achieved(saved[1], budget_kind)
+            )
         kept = None
         _free(target, large)
         result.seconds = round(time.perf_counter() - started, 3)
@@ -1124,9 +1125,10 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
                     f"{config.out}` again"
                 )
     except KeyboardInterrupt:  # compressing, evaluating or writing: the checkpoint is intact
+        raise SweepInterrupted(checkpoint.interrupted_message()) from None
+    finally:
         if scratch is not None:
             scratch.cleanup()
-        raise SweepInterrupted(checkpoint.interrupted_message()) from None
     if result.selection is not None:
         say(result.selection.message)
     if interrupted:  # the finished work is written; stop as the user asked
@@ -2162,7 +2164,9 @@ def _write(
             write_latency_plot(result, tmp / "plot_latency.png")
         if result.selection is not None:
             (tmp / "best.json").write_text(json.dumps(_best_json(result, calib_path), indent=2) + "\n")
-        if saved is not None:
+        if isinstance(saved, Path):  # the candidate --bench measured, saved the same way
+            shutil.copytree(saved, tmp / "best")
+        elif saved is not None:
             model, report = saved
             save(model, tmp / "best", tokenizer=tokenizer, report=report)
         _check_out(out, overwrite, result.model_dir)  # still free after the (long) sweep?

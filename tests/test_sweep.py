@@ -235,6 +235,26 @@ def test_save_best_recompresses_large_models(assets, tmp_path, monkeypatch):
     statprune.load(tmp_path / "out" / "best")
 
 
+def test_save_best_with_bench_copies_the_measured_candidate(assets, tmp_path, monkeypatch):
+    """--bench saved every candidate to measure it: the best one is copied into best/, not
+    compressed again (minutes to hours for an LLM)."""
+    from statprune import driver
+
+    monkeypatch.setattr(sweep_module, "KEEP_IN_MEMORY_BYTES", 0)  # as for a large model
+    calls: list[str] = []
+    real = driver.compress
+    monkeypatch.setattr(driver, "compress", lambda *a, **k: calls.append(k["method"]) or real(*a, **k))
+    out, lines = tmp_path / "out", []
+    result = _bench_sweep(assets, out, lines, bench_memory=False, save_best=True)
+    assert len(calls) == 2 and not any(line.startswith("re-compressing") for line in lines)
+    best = result.selection.best
+    report = statprune.load_report(out / "best")
+    assert report.flops_kept == pytest.approx(best.achieved) and report.source_model == str(
+        assets.model.resolve()
+    )
+    statprune.load(out / "best")
+
+
 def test_unreachable_budget_is_recorded_as_failed(assets, tmp_path, monkeypatch):
     # heads only: the FFN FLOPs alone exceed 20 %, so that run fails while 90 % succeeds
     lines: list[str] = []
