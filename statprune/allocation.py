@@ -377,9 +377,15 @@ def floor_error(
     if kind == "latency" and floor_cost is not None and dense_cost is not None:
         where = f" at batch {key['batch']} x {key['seq_len']} tokens" if key and "batch" in key else ""
         where += f" on {key['device']}" if key and key.get("device") else ""
+        table = getattr(model, "table", None)
+        cached = (
+            f"; cached in {table.path}: delete it to measure again if this machine's load has changed"
+            if getattr(table, "source", None) == "cache" and getattr(table, "path", None)
+            else ""
+        )
         text += (
             f" ({floor_cost:.1f} of {dense_cost:.1f} ms by the lookup tables{where}: embeddings, "
-            "task head and each layer's norms and residuals)"
+            f"task head and each layer's norms and residuals{cached})"
         )
     if reserve > 0:
         text += f", and bias compensation adds {share(reserve)} (a bias for each pruned block without one)"

@@ -235,6 +235,12 @@ def test_impossible_budgets_fail_before_any_calibration(monkeypatch):
         r"tokens on cpu: embeddings",
     ):
         statprune.compress(bert, tokenizer, texts, keep_latency=0.05, **kwargs)
+    # a second time the table comes from the cache: the message names the file to delete
+    with pytest.raises(BudgetError) as info:
+        statprune.compress(bert, tokenizer, texts, keep_latency=0.05, **kwargs)
+    assert re.search(
+        r"; cached in \S+\.json: delete it to measure again if this machine's load", str(info.value)
+    )
 
 
 def test_flops_accounting_prices_blocks_as_before():
