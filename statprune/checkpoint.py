@@ -24,15 +24,19 @@ from torch import nn
 from statprune.atomic import atomic_file, write_text
 from statprune.errors import OutputError
 
-# a file larger than this is identified by its size and three samples of this many bytes
+# a file up to this size is hashed whole; a larger one by its size and _SAMPLES evenly spread
+# samples of _SAMPLE bytes (64 MiB read, however large: a 14 GB checkpoint is not read through)
+_WHOLE = 256 << 20
 _SAMPLE = 1 << 20
+_SAMPLES = 64
 
 
 def file_digest(path: str | Path) -> str:
-    """Identity of a file's or a folder's contents (SHA-256, hex): small files whole; a file over
-    3 MiB by its size and its first, middle and last MiB (weights fine-tuned again differ there
-    too, and a 14 GB checkpoint is not read through); a folder by its files' relative names and
-    digests (hidden files skipped). Same path, other contents: another digest."""
+    """Identity of a file's or a folder's contents (SHA-256, hex): files up to 256 MiB (text
+    data, tokenizers, configs, small models) whole; a larger file by its size and 64 evenly
+    spread 1 MiB samples (weights fine-tuned again differ in every one); a folder by its files'
+    relative names and digests (hidden files skipped). Same path, other contents: another
+    digest."""
     path = Path(path)
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -43,11 +47,13 @@ def file_digest(path: str | Path) -> str:
         size = file.stat().st_size
         digest.update(f"{relative.as_posix()}\0{size}\0".encode())
         with file.open("rb") as f:
-            if size <= 3 * _SAMPLE:
-                digest.update(f.read())
+            if size <= _WHOLE:
+                for chunk in iter(lambda: f.read(_SAMPLE), b""):
+                    digest.update(chunk)
                 continue
-            for offset in (0, (size - _SAMPLE) // 2, size - _SAMPLE):
-                f.seek(offset)
+            step = (size - _SAMPLE) // (_SAMPLES - 1)
+            for i in range(_SAMPLES):
+                f.seek(i * step)
                 digest.update(f.read(_SAMPLE))
     return digest.hexdigest()
 

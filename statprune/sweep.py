@@ -1009,7 +1009,11 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
     total = len(methods) * len(config.budgets)
     checkpoint = _Checkpoint(config.out, _settings(config), previous, (dense_value, eval_examples))
     if previous is not None and previous.resumed_partial:
-        say(f"resuming: {previous.resumed_partial} finished runs from {config.out / PARTIAL}")
+        n = previous.resumed_partial
+        say(
+            f"resuming: {n} finished run{'s' if n != 1 else ''} from {config.out / PARTIAL} (delete it to "
+            "start over)"
+        )
     try:
         for number, (method, budget) in enumerate(((m, b) for m in methods for b in config.budgets), start=1):
             head = f"[{number:>{len(str(total))}}/{total}] {method:<9} keep {budget:.2f} {budget_kind}"
@@ -1090,9 +1094,18 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
                 fell_back,
             )
         saved = None
-        if config.save_best and result.selection is not None and result.selection.best is not None:
-            best = result.selection.best
+        best = None if result.selection is None else result.selection.best
+        # a resumed sweep's best/ is never lost: kept when it is still the selection, or when no
+        # other is saved in its place (then only kept, not the selection's)
+        held = None if previous is None else previous.held_best
+        if best is not None and held == (best.method, best.budget):
+            saved = config.out.resolve() / "best"
+            result.selection.saved, result.selection.saved_achieved = "best", best.achieved
+        elif config.save_best and best is not None:
             measured = {(row.method, row.budget): folder for row, folder in candidates}
+            if held is not None:
+                was = f"{held[0]} at keep {held[1]:g}"
+                say(f"best/ now holds {best.method} at keep {best.budget:g} (it held {was})")
             if kept is not None and kept[0] is best:
                 saved = (kept[1], kept[2])
             elif (best.method, best.budget) in measured:  # --bench saved it: copied, not compressed again
@@ -1104,6 +1117,13 @@ def run(config: SweepConfig, started: float | None = None) -> SweepResult:
             result.selection.saved = "best"
             result.selection.saved_achieved = (
                 best.achieved if isinstance(saved, Path) else _achieved(saved[1], budget_kind)
+            )
+        elif held is not None:
+            saved = config.out.resolve() / "best"
+            now = "not the selection now" if best is not None else "no run was selected now"
+            say(
+                f"kept best/ from the earlier run ({held[0]} at keep {held[1]:g}; {now}): pass "
+                "--save-best to replace it with the selection"
             )
         kept = None
         _free(target, large)
@@ -1228,6 +1248,7 @@ class _Previous:
     bench: dict[str, Any] | None
     resumed_partial: int = 0  # how many of ``rows`` an interrupted sweep checkpointed
     dense_eval: tuple[float, int] | None = None  # the dense model's value and evaluation examples
+    held_best: tuple[str, float] | None = None  # (method, budget) in best/ of that same-settings sweep
 
 
 def _settings(config: SweepConfig) -> dict[str, Any]:
@@ -1420,6 +1441,7 @@ def _completed(out: Path, current: dict[str, Any], strict: bool = True) -> _Prev
         dense if same_bench else None,
         meta.get("bench") if same_bench else None,
         dense_eval=_dense_eval(meta.get("dense_value"), meta.get("eval_examples")),
+        held_best=_held_best(out),
     )
 
 
@@ -2140,9 +2162,11 @@ def _write(
     resumed: bool = False,
 ) -> list[str]:
     """Write every output into a temporary folder next to ``out``, then rename it into place.
-    ``resumed``: ``out`` holds the earlier run; files the sweep does not write (a ``bench.json``,
-    the user's own) are carried over, except the report made from the earlier results
-    (:data:`_DERIVED`), which is dropped. Returns the names dropped."""
+    ``saved``: the model for ``best/`` (model and report), or a folder to copy there (with its
+    files' times, so a ``bench.json`` of it stays valid). ``resumed``: ``out`` holds the earlier
+    run; files the sweep does not write (a ``bench.json``, the user's own) are carried over, and so
+    is the report made from the earlier results (:data:`_DERIVED`) unless the results or the
+    selection changed, in which case it is dropped. Returns the names dropped."""
     import shutil
 
     from statprune.atomic import atomic_folder
@@ -2151,11 +2175,6 @@ def _write(
     out = out.resolve()
     dropped = []
     with atomic_folder(out) as tmp:
-        for item in sorted(out.iterdir()) if resumed and out.is_dir() else ():
-            if item.name in _DERIVED:
-                dropped.append(item.name)
-            elif item.name not in _OWN_OUTPUTS:
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         (tmp / "results.json").write_text(json.dumps(result.to_rows(), indent=2) + "\n")
         (tmp / "results.md").write_text(results_markdown(result))
         (tmp / "sweep.json").write_text(json.dumps(_sweep_json(result, settings), indent=2) + "\n")
@@ -2169,8 +2188,30 @@ def _write(
         elif saved is not None:
             model, report = saved
             save(model, tmp / "best", tokenizer=tokenizer, report=report)
+        same = all(_same_file(out / name, tmp / name) for name in ("results.json", "best.json"))
+        for item in sorted(out.iterdir()) if resumed and out.is_dir() else ():
+            if item.name in _DERIVED and not same:
+                dropped.append(item.name)
+            elif item.name not in _OWN_OUTPUTS:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         _check_out(out, overwrite, result.model_dir)  # still free after the (long) sweep?
     return dropped
+
+
+def _held_best(out: Path) -> tuple[str, float] | None:
+    """(method, budget) of the model an earlier sweep saved into ``out/best`` (its report), or None."""
+    try:
+        report = json.loads((out / "best" / "statprune.json").read_text())
+        return str(report["options"]["method"]), float(report["budget"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Both missing, or both present with the same bytes."""
+    if a.is_file() != b.is_file():
+        return False
+    return not a.is_file() or a.read_bytes() == b.read_bytes()
 
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
@@ -2316,6 +2357,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         result = _sweep_from_args(args, budgets, budget_kind, flag, log)
     except SweepInterrupted as exc:
         print(str(exc), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second signal while the first was being handled
+        partial = Path(args.out) / PARTIAL
+        saved = f"; the finished runs are saved in {partial}: rerun the same command to resume"
+        print("interrupted" + (saved if partial.is_file() else "; nothing was written"), file=sys.stderr)
         return 130
     out = Path(args.out).resolve()
     timed = result.dense_row is not None and result.dense_row.latency_ms is not None

@@ -255,6 +255,36 @@ def test_save_best_with_bench_copies_the_measured_candidate(assets, tmp_path, mo
     statprune.load(out / "best")
 
 
+def test_a_rerun_never_loses_best_and_an_identical_one_redoes_nothing(assets, swept, tmp_path, monkeypatch):
+    """best/ stays when it is still the selection (not compressed again, its files untouched, the
+    report kept), and stays when a rerun selects another model without --save-best; --save-best
+    replaces it, saying so."""
+    import shutil
+
+    from statprune import driver
+
+    out = tmp_path / "out"
+    shutil.copytree(swept.out, out)
+    (out / "report.html").write_text("made from these results")
+    weights = next((out / "best").glob("*.safetensors"))
+    stamp = weights.stat().st_mtime_ns
+    calls: list[str] = []
+    real = driver.compress
+    monkeypatch.setattr(driver, "compress", lambda *a, **k: calls.append(k["method"]) or real(*a, **k))
+    common = {"budgets": BUDGETS, "methods": METHODS, "min_quality": "0", "out": out}
+    lines: list[str] = []
+    sweep_on(assets, **common, save_best=True, log=lines.append)  # the very same command again
+    assert calls == [] and not any("re-compressing" in line for line in lines)
+    assert weights.stat().st_mtime_ns == stamp and (out / "report.html").exists()
+    held = statprune.load_report(out / "best")
+    # another bar without --save-best: another selection, best/ kept and said so
+    lines.clear()
+    sweep_on(assets, **{**common, "min_quality": "100%"}, log=lines.append)
+    assert any(line.startswith("kept best/ from the earlier run (") for line in lines), lines
+    assert statprune.load_report(out / "best").budget == held.budget
+    assert not (out / "report.html").exists()  # the selection changed: the report is stale
+
+
 def test_unreachable_budget_is_recorded_as_failed(assets, tmp_path, monkeypatch):
     # heads only: the FFN FLOPs alone exceed 20 %, so that run fails while 90 % succeeds
     lines: list[str] = []
@@ -921,11 +951,28 @@ def test_ctrl_c_while_compressing_keeps_the_finished_runs_and_a_rerun_resumes_th
     assert cli_on(assets, *_sweep_argv(out)) == 0  # the same command: the two finished runs are kept
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "dense: accuracy 1.0000 on 24 examples (evaluated in the earlier run)"  # same inputs
-    assert lines[1] == f"resuming: 2 finished runs from {partial}"
+    assert lines[1] == f"resuming: 2 finished runs from {partial} (delete it to start over)"
     assert sum(line.endswith("done in the earlier run (kept)") for line in lines) == 2
     assert sum(" -> " in line for line in lines) == 2  # only the magnitude runs were compressed
     assert not partial.exists()
     assert _values(out) == _values(swept.out)  # what an uninterrupted sweep finds
+
+
+def test_a_second_signal_while_the_first_is_handled_still_names_the_checkpoint(
+    assets, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+
+    def interrupted_twice(*_args, **_kwargs):
+        out.mkdir()
+        (out / sweep_module.PARTIAL).write_text("{}")  # the first signal's checkpoint is there
+        raise KeyboardInterrupt  # not SweepInterrupted: the second signal struck first
+
+    monkeypatch.setattr(sweep_module, "_sweep_from_args", interrupted_twice)
+    assert cli_on(assets, *_sweep_argv(out)) == 130
+    assert (
+        f"interrupted; the finished runs are saved in {out / sweep_module.PARTIAL}" in capsys.readouterr().err
+    )
 
 
 def test_a_crash_keeps_the_checkpoint_and_other_settings_are_refused(assets, tmp_path, monkeypatch):
