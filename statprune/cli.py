@@ -110,7 +110,7 @@ def _compress(args: argparse.Namespace) -> int:
             raise OptionsError("--uniform sets the allocation itself; drop --allocation")
         fields["allocation"] = "uniform"
     CompressionOptions(**fields).validate()
-    if args.quiet:  # also transformers' own bars ("Loading weights", "Writing model shards")
+    if args.quiet or not sys.stderr.isatty():  # also transformers' bars ("Loading weights", …); not in logs
         transformers.utils.logging.disable_progress_bar()
     resolve_device(args.device)
     check_model_dir(args.model)

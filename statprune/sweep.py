@@ -2340,7 +2340,7 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
 def run_sweep(args: argparse.Namespace) -> int:
     """The ``sweep`` command: run it, print a line per run and where the results are."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.quiet:
+    if args.quiet or not sys.stderr.isatty():  # transformers' own bars: not in a log file
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
