@@ -156,7 +156,8 @@ def check_enough_tokens(
         exhausted = requested is not None and examples < requested
         if exhausted or per_example <= 0:
             return f"the data gave only {examples} examples: give a larger file or longer examples"
-        return f"{option('samples', math.ceil(target / per_example))} ({per_example:.0f} tokens per example)"
+        samples = option("samples", math.ceil(target / per_example))
+        return f"give {samples} ({per_example:.0f} tokens per example)"
 
     if tokens < widest:
         pack = f", or {option('pack', True)} to join short lines into full windows"
@@ -172,8 +173,8 @@ def check_enough_tokens(
         warnings.warn(
             CalibrationWarning(
                 f"only {tokens} calibration tokens for {widest}-wide layers: the corrections may "
-                f"overfit them; give more data (≥ {THIN_TOKENS_PER_UNIT * widest} tokens: "
-                f"{reach(THIN_TOKENS_PER_UNIT * widest)}) or damp them with --correction-ridge 0.1"
+                f"overfit them; for ≥ {THIN_TOKENS_PER_UNIT * widest} tokens "
+                f"{reach(THIN_TOKENS_PER_UNIT * widest)}, or damp them with --correction-ridge 0.1"
             ),
             stacklevel=stacklevel,
         )
