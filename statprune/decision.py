@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from statprune.errors import DataError, OptionsError, OutputError
-from statprune.plot_marks import quality_bar, selected_point
+from statprune.plot_marks import dense_line, quality_bar, selected_point
 
 __all__ = [
     "Candidate",
@@ -858,13 +858,7 @@ def _plots(report: DecisionReport) -> dict[str, str]:
                 [p[2][1] - y for y, p in zip(ys, points, strict=True)],
             ]
         ax.errorbar(xs, ys, yerr=err, marker="osD^v<>p"[i % 8], capsize=3, linewidth=1.6, label=method)
-    ax.axhline(
-        report.dense_value,
-        color="black",
-        linestyle="--",
-        linewidth=1.1,
-        label=f"dense ({_fmt(metric, report.dense_value)})",
-    )
+    dense_line(ax, report.dense_value, f"dense ({_fmt(metric, report.dense_value)})")
     if report.threshold is not None:
         quality_bar(ax, report.threshold, f"bar ({_fmt(metric, report.threshold)})")
     rec = report.recommended

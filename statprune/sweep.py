@@ -2028,17 +2028,13 @@ def write_plot(result: SweepResult, path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
+    from statprune.plot_marks import dense_line
+
     metric = result.metric
     fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
     ax = fig.add_subplot()
     _method_lines(ax, result, lambda r: r.achieved)
-    ax.axhline(
-        result.dense_value,
-        color="black",
-        linestyle="--",
-        linewidth=1.2,
-        label=f"dense ({_fmt(metric, result.dense_value)})",
-    )
+    dense_line(ax, result.dense_value, f"dense ({_fmt(metric, result.dense_value)})")
     selection = result.selection
     share = ""
     if selection is not None and selection.min_quality.endswith("%"):
